@@ -1,0 +1,87 @@
+"""The KV pool: one page-major tensor per worker.
+
+A page holds all layers' K and V for `page_size` tokens, so a page is one
+contiguous block of memory and a page id is a transfer descriptor id:
+
+    pool[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]
+
+Index 0 of the third axis is K, index 1 is V. Keys are stored after RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.errors import ConfigError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ConfigError("dtype", f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise ConfigError("dtype", f"unsupported dtype {dtype}")
+
+
+@dataclass(frozen=True)
+class PageGeometry:
+    """Shape of one KV page; two workers exchange pages only if theirs are equal."""
+
+    page_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def page_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, 2, self.page_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def bytes_per_token(self) -> int:
+        elem_bytes = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * elem_bytes
+
+    @property
+    def bytes_per_page(self) -> int:
+        return self.bytes_per_token * self.page_size
+
+
+class KVPool:
+    """Owns the page-major KV tensor `[num_pages, num_layers, 2, page_size, kv_heads, head_dim]`.
+
+    The tensor is allocated once and never reallocated: the transfer layer
+    registers its memory at startup and peers address it by page id.
+    """
+
+    def __init__(self, geometry: PageGeometry, num_pages: int, device: torch.device | str = "cpu"):
+        if num_pages < 1:
+            raise ConfigError("num_pages", f"must be >= 1, got {num_pages}")
+        self.geometry = geometry
+        self.num_pages = num_pages
+        self.tensor = torch.zeros(
+            (num_pages, *geometry.page_shape), dtype=geometry.dtype, device=device
+        )
+
+    @staticmethod
+    def num_pages_for_budget(geometry: PageGeometry, memory_bytes: int) -> int:
+        """How many pages fit in `memory_bytes` (at least one)."""
+        return max(1, memory_bytes // geometry.bytes_per_page)
+
+    def layer_view(self, layer: int) -> torch.Tensor:
+        """Strided view `[num_pages, 2, page_size, kv_heads, head_dim]` of one layer."""
+        return self.tensor[:, layer]
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
