@@ -1,0 +1,100 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PrefillJob(_message.Message):
+    __slots__ = ("request_id", "attempt", "token_ids", "sampling", "priority", "dest_worker_id", "dest_page_ids", "num_cached_tokens", "lease_deadline_unix_ns", "publish_time_unix_ns", "trace_id")
+    class SamplingParams(_message.Message):
+        __slots__ = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop_token_ids")
+        TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+        TOP_P_FIELD_NUMBER: _ClassVar[int]
+        TOP_K_FIELD_NUMBER: _ClassVar[int]
+        SEED_FIELD_NUMBER: _ClassVar[int]
+        MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+        STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+        temperature: float
+        top_p: float
+        top_k: int
+        seed: int
+        max_tokens: int
+        stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+        def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    DEST_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DEST_PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_DEADLINE_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    attempt: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: PrefillJob.SamplingParams
+    priority: str
+    dest_worker_id: str
+    dest_page_ids: _containers.RepeatedScalarFieldContainer[int]
+    num_cached_tokens: int
+    lease_deadline_unix_ns: int
+    publish_time_unix_ns: int
+    trace_id: str
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[PrefillJob.SamplingParams, _Mapping]] = ..., priority: _Optional[str] = ..., dest_worker_id: _Optional[str] = ..., dest_page_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., lease_deadline_unix_ns: _Optional[int] = ..., publish_time_unix_ns: _Optional[int] = ..., trace_id: _Optional[str] = ...) -> None: ...
+
+class KVReady(_message.Message):
+    __slots__ = ("request_id", "attempt", "first_token", "prefill_worker_id", "dequeue_time_unix_ns", "prefill_start_unix_ns", "prefill_end_unix_ns")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DEQUEUE_TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_START_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_END_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    attempt: int
+    first_token: int
+    prefill_worker_id: str
+    dequeue_time_unix_ns: int
+    prefill_start_unix_ns: int
+    prefill_end_unix_ns: int
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., first_token: _Optional[int] = ..., prefill_worker_id: _Optional[str] = ..., dequeue_time_unix_ns: _Optional[int] = ..., prefill_start_unix_ns: _Optional[int] = ..., prefill_end_unix_ns: _Optional[int] = ...) -> None: ...
+
+class WorkerStats(_message.Message):
+    __slots__ = ("worker_id", "role", "tokens_per_s", "queue_depth", "num_kv_pages_used", "num_kv_pages_free", "num_kv_pages_quarantined", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "num_local_prefills", "num_remote_prefills", "num_rejects", "timestamp_unix_ns")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_PAGES_USED_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_PAGES_FREE_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_PAGES_QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    ITL_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    ITL_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REMOTE_PREFILLS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REJECTS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    role: str
+    tokens_per_s: float
+    queue_depth: int
+    num_kv_pages_used: int
+    num_kv_pages_free: int
+    num_kv_pages_quarantined: int
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+    num_local_prefills: int
+    num_remote_prefills: int
+    num_rejects: int
+    timestamp_unix_ns: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., num_kv_pages_used: _Optional[int] = ..., num_kv_pages_free: _Optional[int] = ..., num_kv_pages_quarantined: _Optional[int] = ..., ttft_p50_ms: _Optional[float] = ..., ttft_p99_ms: _Optional[float] = ..., itl_p50_ms: _Optional[float] = ..., itl_p99_ms: _Optional[float] = ..., num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_rejects: _Optional[int] = ..., timestamp_unix_ns: _Optional[int] = ...) -> None: ...
