@@ -1,0 +1,106 @@
+"""Typed, validated configuration. All defaults live here; configs are frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from splitserve.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The inference engine of one worker.
+
+    KV pool size: `num_pages` when set, else as many pages as fit in
+    `kv_cache_memory_mb`. Defaults suit SmolLM2-135M on a CPU: fp32 KV is 45 KiB
+    per token, so 512 MiB holds ~11.6k tokens.
+    """
+
+    model: str | None = None  # GGUF file or HF directory; None = embedded SmolLM2
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    page_size: int = 16
+    num_pages: int | None = None
+    kv_cache_memory_mb: int = 512
+    max_num_seqs: int = 64
+    # Tokens per step (decode tokens + prefill chunks). On 2 CPU cores a 256-token
+    # step takes ~0.3 s with SmolLM2, which bounds how long a prefill chunk delays
+    # the running sequences' next token.
+    max_num_batched_tokens: int = 256
+    max_model_len: int | None = None  # None = the model's context length
+    enable_prefix_cache: bool = True
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    cpu_threads: int | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "page_size", "max_num_seqs", "max_num_batched_tokens",
+                  "kv_cache_memory_mb")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ConfigError("num_pages", f"must be >= 1, got {self.num_pages}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("max_model_len", f"must be >= 1, got {self.max_model_len}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError("cpu_threads", f"must be >= 1, got {self.cpu_threads}")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 1:
+            raise ConfigError(name, f"must be >= 1, got {value}")
+
+
+T = typing.TypeVar("T")
+
+
+def from_mapping(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Build a frozen config dataclass from a parsed YAML mapping, checking names and types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or cls.__name__, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown setting (known: {sorted(fields)})")
+    values = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        errors = []
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(path, "; ".join(errors))
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(path, f"must be one of {list(typing.get_args(hint))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, prefix=f"{path}.")  # type: ignore[arg-type]
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(path, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1]
+        return tuple(_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
+            raise ConfigError(path, f"expected {hint.__name__}, got {value!r}")
+        return value
+    raise ConfigError(path, f"unsupported setting type {hint}")

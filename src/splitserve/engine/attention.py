@@ -1,0 +1,116 @@
+"""Attention over KV pages, bound to one step's batch.
+
+`BatchAttention` implements the model's `PagedAttention` protocol: for each layer
+it stores the step's new K/V into their pages (by slot mapping) and attends each
+query token over its sequence's pages. Sequences with a single new token (decode)
+are attended in one padded batch; sequences with a prefill chunk one by one with a
+causal mask offset by their cached context.
+
+The torch path below runs anywhere; on CUDA the Triton kernels can take over
+through `AttentionKernels` (see `engine/attention_backend.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from splitserve.engine.kv_pool import KVPool
+
+
+@dataclass
+class BatchLayout:
+    """Where each sequence's tokens sit in the flat batch of T tokens.
+
+    slot_mapping int64 `[T]`: page_id·page_size + offset for each new token.
+    decode_rows int64 `[B_d]`: rows of the single-token sequences; their
+    block tables int64 `[B_d, max_pages]` and KV lengths int64 `[B_d]`.
+    prefill: (first row, number of rows, KV length, page ids) per chunked sequence.
+    """
+
+    slot_mapping: torch.Tensor
+    decode_rows: torch.Tensor
+    decode_block_tables: torch.Tensor
+    decode_seq_lens: torch.Tensor
+    prefill: list[tuple[int, int, int, torch.Tensor]]
+
+
+class TorchPagedAttention:
+    """Plain-torch paged attention; KV math in fp32."""
+
+    def __init__(self, pool: KVPool, scale: float) -> None:
+        self.pool = pool
+        self.page_size = pool.geometry.page_size
+        self.scale = scale
+
+    def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        kv = self.pool.layer_view(layer)
+        pages, offsets = slots // self.page_size, slots % self.page_size
+        kv[pages, 0, offsets] = k.to(kv.dtype)
+        kv[pages, 1, offsets] = v.to(kv.dtype)
+
+    def decode(
+        self, layer: int, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor
+    ) -> torch.Tensor:
+        """q `[B, H, D]` (one token per sequence, already stored) → `[B, H, D]`."""
+        kv = self.pool.layer_view(layer)[block_tables]  # [B, P, 2, page, KVH, D]
+        num_seqs, num_pages = block_tables.shape
+        num_kv_heads, head_dim = kv.shape[-2], kv.shape[-1]
+        kv = kv.view(num_seqs, num_pages, 2, self.page_size, num_kv_heads, head_dim)
+        k = kv[:, :, 0].reshape(num_seqs, -1, num_kv_heads, head_dim).float()
+        v = kv[:, :, 1].reshape(num_seqs, -1, num_kv_heads, head_dim).float()
+        group = q.shape[1] // num_kv_heads
+        q4 = q.float().view(num_seqs, num_kv_heads, group, head_dim)
+        scores = torch.matmul(q4, k.permute(0, 2, 3, 1)) * self.scale  # [B, KVH, G, L]
+        positions = torch.arange(k.shape[1])
+        masked = positions[None, :] >= seq_lens[:, None]
+        scores.masked_fill_(masked[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, v.transpose(1, 2))  # [B, KVH, G, D]
+        return out.reshape(num_seqs, -1, head_dim).to(q.dtype)
+
+    def prefill(
+        self, layer: int, q: torch.Tensor, seq_len: int, page_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """q `[n, H, D]`: the last n tokens of a sequence with `seq_len` tokens stored."""
+        num_new = q.shape[0]
+        kv = self.pool.layer_view(layer)[page_ids]  # [P, 2, page, KVH, D]
+        k = kv[:, 0].reshape(-1, *kv.shape[-2:])[:seq_len]
+        v = kv[:, 1].reshape(-1, *kv.shape[-2:])[:seq_len]
+        q_t, k_t, v_t = (x.transpose(0, 1).float() for x in (q, k, v))
+        if seq_len == num_new:
+            mask = None
+        else:
+            rows = torch.arange(seq_len - num_new, seq_len)[:, None]
+            mask = torch.arange(seq_len)[None, :] <= rows
+        out = F.scaled_dot_product_attention(
+            q_t, k_t, v_t, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+            enable_gqa=True,
+        )
+        return out.transpose(0, 1).to(q.dtype)
+
+
+class BatchAttention:
+    """One step's attention: the callable the model invokes per layer."""
+
+    def __init__(self, backend: TorchPagedAttention, layout: BatchLayout) -> None:
+        self.backend = backend
+        self.layout = layout
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        lay = self.layout
+        self.backend.store_kv(layer, k, v, lay.slot_mapping)
+        out = torch.empty_like(q)
+        if lay.decode_rows.numel():
+            out[lay.decode_rows] = self.backend.decode(
+                layer, q[lay.decode_rows], lay.decode_block_tables, lay.decode_seq_lens
+            )
+        for start, num_new, seq_len, page_ids in lay.prefill:
+            out[start : start + num_new] = self.backend.prefill(
+                layer, q[start : start + num_new], seq_len, page_ids
+            )
+        return out

@@ -1,0 +1,162 @@
+"""The inference engine: one step is schedule → run → postprocess.
+
+Single-threaded by design: callers (the CLI, a daemon's loop) own the thread that
+calls `step()`; nothing here blocks on I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterator, Sequence as Seq
+
+import torch
+
+from splitserve.config.schema import EngineConfig
+from splitserve.engine.attention import TorchPagedAttention
+from splitserve.engine.errors import CapacityExceeded, DuplicateRequest, InvalidRequest
+from splitserve.engine.kv_pool import KVPool, PageGeometry, dtype_from_name
+from splitserve.engine.output import OutputTracker, RequestOutput
+from splitserve.engine.page_allocator import PageAllocator
+from splitserve.engine.runner import ModelRunner
+from splitserve.engine.sampling import SamplingParams
+from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.sequence import Sequence
+from splitserve.model.loader import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        if config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
+        self.config = config
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        mc = loaded.config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        self.geometry = PageGeometry(config.page_size, mc.num_layers, mc.num_kv_heads,
+                                     mc.head_dim, dtype_from_name(config.dtype))
+        num_pages = config.num_pages or KVPool.num_pages_for_budget(
+            self.geometry, config.kv_cache_memory_mb << 20)
+        self.pool = KVPool(self.geometry, num_pages)
+        self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_cache)
+        self.scheduler = Scheduler(self.allocator, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.runner = ModelRunner(loaded.model, TorchPagedAttention(self.pool, mc.head_dim**-0.5))
+        self._trackers: dict[str, OutputTracker] = {}
+        self.num_steps = 0
+        log.info("engine ready: model %s (%s), %d pages of %d tokens (%.0f MiB KV)",
+                 loaded.source, loaded.fingerprint, num_pages, config.page_size,
+                 self.pool.nbytes / 2**20)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        from pathlib import Path
+
+        loaded = load_model(config.model, dtype_from_name(config.dtype),
+                            Path(config.cache_dir) if config.cache_dir else None)
+        return cls(loaded, config)
+
+    # --- requests -------------------------------------------------------------------
+    def validate(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest / CapacityExceeded for a request that must not be admitted."""
+        if len(prompt_token_ids) == 0:
+            raise InvalidRequest("prompt", "prompt is empty")
+        vocab = self.loaded.config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest("prompt_token_ids",
+                                 f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        params.validate(vocab)
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequest(
+                "max_tokens", f"prompt ({len(prompt_token_ids)} tokens) + max_tokens "
+                f"({params.max_tokens}) = {total} exceeds the context length "
+                f"({self.max_model_len})")
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams
+    ) -> Sequence:
+        if request_id in self._trackers:
+            raise DuplicateRequest(request_id)
+        self.validate(prompt_token_ids, params)
+        num_pages = -(-(len(prompt_token_ids) + params.max_tokens) // self.config.page_size)
+        if num_pages > self.allocator.num_pages:
+            raise CapacityExceeded(request_id, f"request needs {num_pages} KV pages, this "
+                                   f"worker has {self.allocator.num_pages}")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
+                       torch.Generator().manual_seed(seed), time.monotonic())
+        self._trackers[request_id] = OutputTracker(seq, self.tokenizer)
+        self.scheduler.add(seq)
+        log.debug("request %s admitted: %d prompt tokens", request_id, len(prompt_token_ids))
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        tracker = self._trackers.pop(request_id, None)
+        if tracker is None:
+            return None
+        self.scheduler.finish(tracker.seq)
+        return tracker.abort()
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # --- the step -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        self.allocator.release_quarantined(time.monotonic())
+        plan = self.scheduler.schedule()
+        for seq in plan.preempted:
+            log.info("request %s preempted (pool full); it will be recomputed", seq.request_id)
+        if not plan.scheduled:
+            return []
+        sampled = self.runner.run(plan.scheduled)
+        self.scheduler.update(plan.scheduled)
+        self.num_steps += 1
+        return self._postprocess(plan.scheduled, sampled)
+
+    def _postprocess(self, scheduled, sampled) -> list[RequestOutput]:  # type: ignore[no-untyped-def]
+        outputs = []
+        now = time.monotonic()
+        for item, token_id in zip(scheduled, sampled):
+            if token_id is None:
+                continue
+            seq = item.seq
+            seq.token_ids.append(token_id)
+            if seq.first_token_s is None:
+                seq.first_token_s = now
+            out = self._trackers[seq.request_id].append(token_id)
+            if out.finished:
+                self.scheduler.finish(seq)
+                del self._trackers[seq.request_id]
+            outputs.append(out)
+        return outputs
+
+    # --- conveniences -----------------------------------------------------------------
+    def generate(
+        self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]
+    ) -> list[list[int]]:
+        """Run prompts to completion together; return each one's output token ids."""
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else params
+        seqs = [self.add_request(f"gen-{id(self)}-{i}", p, sp)
+                for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
+        while self.has_unfinished:
+            self.step()
+        return [s.output_token_ids for s in seqs]
+
+    def stream(self, request_id: str, prompt_token_ids: Seq[int],
+               params: SamplingParams) -> Iterator[RequestOutput]:
+        """Run one request alone (with anything else queued) and yield its chunks."""
+        self.add_request(request_id, prompt_token_ids, params)
+        while True:
+            for out in self.step():
+                if out.request_id == request_id:
+                    yield out
+                    if out.finished:
+                        return

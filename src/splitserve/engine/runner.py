@@ -1,0 +1,80 @@
+"""Runs one scheduled step through the model: build the flat batch, forward, sample."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+
+from splitserve.engine.attention import BatchAttention, BatchLayout, TorchPagedAttention
+from splitserve.engine.sampler import sample
+from splitserve.engine.scheduler import ScheduledSequence
+from splitserve.model.llama import LlamaModel
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, attention: TorchPagedAttention) -> None:
+        self.model = model
+        self.attention = attention
+        self.page_size = attention.page_size
+        self.device = model.embed_tokens.weight.device
+
+    def run(self, scheduled: Seq[ScheduledSequence]) -> list[int | None]:
+        """Compute the scheduled tokens; return a sampled token for each sequence
+        whose step completes it, None for a prefill chunk that does not."""
+        input_ids, positions, layout, sample_rows = self._prepare(scheduled)
+        hidden = self.model(input_ids, positions, BatchAttention(self.attention, layout))
+        completing = [s for s in scheduled if s.completes]
+        results: list[int | None] = [None] * len(scheduled)
+        if not completing:
+            return results
+        logits = self.model.compute_logits(hidden[sample_rows])
+        tokens = sample(logits, [s.seq.params for s in completing],
+                        [s.seq.generator for s in completing])
+        it = iter(tokens)
+        for i, s in enumerate(scheduled):
+            if s.completes:
+                results[i] = next(it)
+        return results
+
+    def _prepare(
+        self, scheduled: Seq[ScheduledSequence]
+    ) -> tuple[torch.Tensor, torch.Tensor, BatchLayout, torch.Tensor]:
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefill: list[tuple[int, int, int, torch.Tensor]] = []
+        sample_rows: list[int] = []
+        ps = self.page_size
+        for s in scheduled:
+            seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
+            row = len(ids)
+            ids += seq.token_ids[start : start + n]
+            pos += range(start, start + n)
+            slots += [seq.page_ids[p // ps] * ps + p % ps for p in range(start, start + n)]
+            seq_len = start + n
+            num_pages = -(-seq_len // ps)
+            if n == 1:
+                decode_rows.append(row)
+                decode_tables.append(seq.page_ids[:num_pages])
+                decode_lens.append(seq_len)
+            else:
+                prefill.append((row, n, seq_len, torch.tensor(seq.page_ids[:num_pages])))
+            if s.completes:
+                sample_rows.append(row + n - 1)
+        max_pages = max((len(t) for t in decode_tables), default=0)
+        table = torch.zeros((len(decode_tables), max_pages), dtype=torch.long)
+        for i, t in enumerate(decode_tables):
+            table[i, : len(t)] = torch.tensor(t)
+        layout = BatchLayout(
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long),
+            decode_block_tables=table,
+            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long),
+            prefill=prefill,
+        )
+        return (torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long),
+                layout, torch.tensor(sample_rows, dtype=torch.long))

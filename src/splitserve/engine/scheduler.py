@@ -1,0 +1,167 @@
+"""Continuous batching with chunked prefill, a prefix cache and preemption.
+
+Each step the scheduler hands the runner a list of (sequence, number of new tokens)
+under a token budget:
+1. running sequences first, in admission order: one token for a sequence in
+   decode, a chunk of the remaining prompt for one still in prefill;
+2. then waiting sequences, oldest first, while the budget, `max_num_seqs` and
+   free pages allow; a waiting sequence first takes whatever prefix the cache holds.
+When a running sequence needs a page and none is free, the most recently admitted
+running sequence is preempted: its pages are freed (full ones stay in the prefix
+cache) and it goes back to the front of the waiting queue, to be recomputed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from splitserve.engine.page_allocator import PageAllocator, page_hashes
+from splitserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """After this step every token has K/V, so the step samples a new token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ) -> None:
+        self.allocator = allocator
+        self.page_size = allocator.page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self._reserve_pages(seq, num_new, out):
+                continue
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.page_ids:
+                self._take_cached_prefix(seq)
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_pages = self._num_pages_needed(seq, num_new)
+            if not self.allocator.can_allocate(num_pages):
+                break
+            seq.page_ids += self.allocator.allocate(num_pages)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        return out
+
+    def update(self, scheduled: Seq[ScheduledSequence]) -> None:
+        """After the runner computed a step: advance counters, publish full pages."""
+        for item in scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            self._publish_full_pages(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and free its pages."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.page_ids)
+        seq.page_ids = []
+        seq.status = SequenceStatus.FINISHED
+
+    # --- internals ----------------------------------------------------------------
+    def _num_pages_needed(self, seq: Sequence, num_new: int) -> int:
+        total = -(-(seq.num_computed_tokens + num_new) // self.page_size)
+        return max(0, total - len(seq.page_ids))
+
+    def _reserve_pages(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
+        num_pages = self._num_pages_needed(seq, num_new)
+        while not self.allocator.can_allocate(num_pages):
+            victim = self.running[-1]
+            self._preempt(victim)
+            out.preempted.append(victim)
+            out.scheduled = [s for s in out.scheduled if s.seq is not victim]
+            if victim is seq:
+                return False
+        seq.page_ids += self.allocator.allocate(num_pages)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.page_ids)
+        seq.page_ids = []
+        seq.num_computed_tokens = 0
+        seq.num_cached_pages_published = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        self._extend_hashes(seq, seq.num_tokens)
+        # At least one token must be computed: it yields the logits to sample from.
+        max_pages = (seq.num_tokens - 1) // self.page_size
+        page_ids = self.allocator.match_prefix(seq.page_hashes[:max_pages])
+        seq.page_ids = page_ids
+        seq.num_computed_tokens = len(page_ids) * self.page_size
+        seq.num_cached_pages_published = len(page_ids)
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = seq.num_computed_tokens
+
+    def _publish_full_pages(self, seq: Sequence) -> None:
+        num_full = seq.num_computed_tokens // self.page_size
+        if num_full <= seq.num_cached_pages_published:
+            return
+        self._extend_hashes(seq, num_full * self.page_size)
+        start = seq.num_cached_pages_published
+        self.allocator.cache_pages(seq.page_ids[start:num_full], seq.page_hashes[start:num_full])
+        seq.num_cached_pages_published = num_full
+
+    def _extend_hashes(self, seq: Sequence, num_tokens: int) -> None:
+        num_full = num_tokens // self.page_size
+        have = len(seq.page_hashes)
+        if num_full > have:
+            # Hashes chain from the start, so recompute over the prefix (cheap: ~1 µs/page).
+            seq.page_hashes = page_hashes(seq.token_ids[: num_full * self.page_size],
+                                          self.page_size)

