@@ -78,3 +78,11 @@ def as_page_ids(name: str, page_ids: PageIds, num_pages: int, device: torch.devi
 def bits_view(t: torch.Tensor) -> torch.Tensor:
     """Same memory as an integer tensor of equal element size, for bit-exact copies."""
     return t.view(_BITS_DTYPES[t.element_size()])
+
+
+def check_page_tensor(name: str, pages: torch.Tensor) -> None:
+    """A pool or staging tensor `[n, num_layers, 2, page_size, num_kv_heads, head_dim]`."""
+    check_ndim(name, pages, 6, "[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]")
+    if pages.shape[2] != 2:
+        raise KernelArgumentError(name, f"axis 2 must be 2 (K, V), got {pages.shape[2]}")
+    check_pages_contiguous(name, pages)
