@@ -1,0 +1,150 @@
+"""Connect to the broker and stay connected.
+
+Daemons must outlive broker restarts: the client reconnects forever, waiting
+`initial_s * 2**n` (capped at `max_s`, +-20% jitter so a fleet does not reconnect in
+lockstep) between attempts. Subscriptions are replayed by the client on reconnect;
+JetStream requests in flight during the outage time out and are retried by the
+callers (publish_job, JobConsumer.fetch, the registry heartbeat).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from splitserve.queue.errors import BrokerUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReconnectBackoff:
+    """Delay before reconnect attempt n (0-based): min(max_s, initial_s * 2**n) +-jitter."""
+
+    initial_s: float = 0.1
+    max_s: float = 2.0
+    jitter: float = 0.2
+
+    def delay_s(self, attempt: int) -> float:
+        base = min(self.max_s, self.initial_s * (2 ** min(attempt, 30)))
+        return base * random.uniform(1.0 - self.jitter, 1.0 + self.jitter)
+
+
+class BrokerConnection:
+    """One NATS connection with its JetStream context and a connected flag.
+
+    `is_connected` is what a daemon reports in its status; `wait_connected()` lets a
+    loop park until the broker is back instead of spinning on errors.
+    """
+
+    def __init__(self, nc: Client, name: str) -> None:
+        self.nc = nc
+        self.name = name
+        self.js: JetStreamContext = nc.jetstream()
+        self._connected = asyncio.Event()
+        self._disconnected_at: float | None = None
+        self._closing = False
+        self.num_reconnects = 0
+
+    @property
+    def is_connected(self) -> bool:
+        return self.nc.is_connected
+
+    @property
+    def is_closed(self) -> bool:
+        return self.nc.is_closed
+
+    async def wait_connected(self, timeout_s: float | None = None) -> bool:
+        """True once connected; False if `timeout_s` passed first."""
+        if self.nc.is_connected:
+            return True
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        self._closing = True
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+    async def _on_disconnected(self) -> None:
+        self._connected.clear()
+        if self._closing:
+            return
+        if self._disconnected_at is None:
+            self._disconnected_at = time.monotonic()
+            logger.warning("nats connection %s: disconnected from broker", self.name)
+
+    async def _on_reconnected(self) -> None:
+        self.num_reconnects += 1
+        down_s = 0.0 if self._disconnected_at is None else time.monotonic() - self._disconnected_at
+        self._disconnected_at = None
+        self._connected.set()
+        logger.warning("nats connection %s: reconnected to %s after %.2fs", self.name,
+                       self.nc.connected_url.netloc if self.nc.connected_url else "?", down_s)
+
+    async def _on_error(self, err: Exception) -> None:
+        # While the broker is down every attempt fails; one line per attempt at
+        # DEBUG, the disconnect itself is logged once at WARNING.
+        logger.debug("nats connection %s: %s: %s", self.name, type(err).__name__, err)
+
+    async def _on_closed(self) -> None:
+        self._connected.clear()
+        logger.info("nats connection %s: closed", self.name)
+
+
+async def connect(
+    servers: str | Sequence[str],
+    *,
+    name: str = "splitserve",
+    backoff: ReconnectBackoff = ReconnectBackoff(),
+    connect_timeout_s: float | None = 30.0,
+) -> BrokerConnection:
+    """Connect, retrying until `connect_timeout_s` (None: forever), and reconnect
+    forever after that. Raises BrokerUnavailable if the first connect times out."""
+    server_list = [servers] if isinstance(servers, str) else list(servers)
+    nc = Client()
+    conn = BrokerConnection(nc, name)
+
+    def choose_server(pool: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+        # `reconnects` counts failed attempts on that server since it last worked.
+        server = min(pool, key=lambda s: s.reconnects)
+        return server, backoff.delay_s(server.reconnects)
+
+    start = time.monotonic()
+    try:
+        await asyncio.wait_for(
+            nc.connect(
+                servers=server_list,
+                name=name,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                # Between attempts of the *first* connect; the handler paces reconnects.
+                reconnect_time_wait=backoff.initial_s,  # type: ignore[arg-type]
+                reconnect_to_server_handler=choose_server,
+                connect_timeout=2,
+                disconnected_cb=conn._on_disconnected,
+                reconnected_cb=conn._on_reconnected,
+                error_cb=conn._on_error,
+                closed_cb=conn._on_closed,
+            ),
+            connect_timeout_s,
+        )
+    except TimeoutError:
+        await nc.close()
+        raise BrokerUnavailable(server_list, time.monotonic() - start) from None
+    conn._connected.set()
+    logger.info("nats connection %s: connected to %s", name,
+                nc.connected_url.netloc if nc.connected_url else server_list)
+    return conn
+

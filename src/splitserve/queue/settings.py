@@ -1,0 +1,85 @@
+"""Settings of the prefill stream, its consumers and the KV buckets.
+
+Defaults are what a single box or a small cluster wants; the daemons' typed config
+builds these with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitserve.errors import ConfigError
+from splitserve.queue.subjects import validate_priority
+
+DEFAULT_PRIORITIES = ("high", "normal", "low")
+
+
+@dataclass(frozen=True)
+class PrefillQueueSettings:
+    """`SPLITSERVE_PREFILL` and its durable pull consumers.
+
+    - duplicate_window_s: a re-publish of the same `<request_id>:<attempt>` within
+      this window is stored once (2 min covers any publish retry loop).
+    - max_age_s: jobs nobody took are dropped; leases are seconds long, so a job
+      older than 15 min can only be terminated as expired anyway.
+    - ack_wait_s: a job not acked, nak-ed or heartbeated (`in_progress`) for this
+      long is redelivered; prefill workers heartbeat long prompts.
+    - max_deliver: after this many deliveries a job is dropped (a poison job must
+      not cycle through every worker forever).
+    - direct_inactive_threshold_s: a direct consumer nobody pulled from for this
+      long (its worker is gone) is deleted by the server; None keeps it forever.
+    """
+
+    priorities: tuple[str, ...] = DEFAULT_PRIORITIES
+    duplicate_window_s: float = 120.0
+    max_age_s: float = 900.0
+    max_msgs: int = -1
+    max_bytes: int = -1
+    ack_wait_s: float = 30.0
+    max_deliver: int = 5
+    max_ack_pending: int = 1024
+    direct_inactive_threshold_s: float | None = 3600.0
+
+    def __post_init__(self) -> None:
+        if not self.priorities:
+            raise ConfigError("queue.priorities", "at least one priority class is needed")
+        if len(set(self.priorities)) != len(self.priorities):
+            raise ConfigError("queue.priorities", f"duplicates in {self.priorities}")
+        for priority in self.priorities:
+            validate_priority(priority)
+        if self.duplicate_window_s <= 0:
+            raise ConfigError("queue.duplicate_window_s", "must be > 0")
+        if self.max_age_s < self.duplicate_window_s:
+            raise ConfigError("queue.max_age_s",
+                              f"{self.max_age_s} is below duplicate_window_s "
+                              f"{self.duplicate_window_s}")
+        if self.ack_wait_s <= 0:
+            raise ConfigError("queue.ack_wait_s", "must be > 0")
+        if self.max_deliver < 1:
+            raise ConfigError("queue.max_deliver", "must be >= 1")
+        if self.max_ack_pending < 1:
+            raise ConfigError("queue.max_ack_pending", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class BucketSettings:
+    """`splitserve-workers` and `splitserve-policy`.
+
+    - worker_ttl_s: a worker whose heartbeat stopped disappears after this long;
+      the registry heartbeats every worker_ttl_s / 3.
+    - worker_marker_ttl_s: how long the server-written expiry marker stays, so a
+      watcher that reconnects within it still learns a worker expired.
+    - policy_history: past policy revisions kept for inspection and rollback.
+    """
+
+    worker_ttl_s: float = 15.0
+    worker_marker_ttl_s: float = 60.0
+    policy_history: int = 5
+
+    def __post_init__(self) -> None:
+        if self.worker_ttl_s < 1.0:
+            raise ConfigError("buckets.worker_ttl_s", "must be >= 1 s (server TTL granularity)")
+        if self.worker_marker_ttl_s < 1.0:
+            raise ConfigError("buckets.worker_marker_ttl_s", "must be >= 1 s")
+        if not 1 <= self.policy_history <= 64:
+            raise ConfigError("buckets.policy_history", "must be in [1, 64]")

@@ -1,0 +1,1 @@
+from nats_fixtures import nats_conn, nats_server  # noqa: F401
