@@ -13,6 +13,9 @@ from splitserve.kernels._checks import (
 from splitserve.kernels.errors import KernelArgumentError
 
 ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# int32 is the documented layout; int64 (what torch indexing produces) is accepted too
+# so callers need no conversion kernel per step.
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def check_paged_attention_args(
@@ -29,8 +32,8 @@ def check_paged_attention_args(
     check_ndim("seq_lens", seq_lens, 1, "[num_seqs]")
     check_dtype("q", q, ATTENTION_DTYPES)
     check_dtype("kv_layer", kv_layer, ATTENTION_DTYPES)
-    check_dtype("block_tables", block_tables, (torch.int32,))
-    check_dtype("seq_lens", seq_lens, (torch.int32,))
+    check_dtype("block_tables", block_tables, INDEX_DTYPES)
+    check_dtype("seq_lens", seq_lens, INDEX_DTYPES)
     check_same_device([("q", q), ("kv_layer", kv_layer), ("block_tables", block_tables),
                        ("seq_lens", seq_lens)])
     check_last_dim_contiguous("kv_layer", kv_layer)

@@ -10,8 +10,8 @@ H100's 132 SMs; splitting a 32k context 33 ways fills them.
 Layouts:
     q          [B, num_heads, head_dim]
     kv_layer   [num_pages, 2, page_size, num_kv_heads, head_dim]  (any strides)
-    block_tables int32 [B, max_pages_per_seq]
-    seq_lens   int32 [B], KV tokens per sequence incl. the current one
+    block_tables int32 (or int64) [B, max_pages_per_seq]
+    seq_lens   int32 (or int64) [B], KV tokens per sequence incl. the current one
     out        [B, num_heads, head_dim], dtype of q
 """
 

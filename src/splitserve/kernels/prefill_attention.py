@@ -8,9 +8,9 @@ attends causally to positions `0..that position`.
 Layouts:
     q             [T, num_heads, head_dim], T = cu_query_lens[-1]
     kv_layer      [num_pages, 2, page_size, num_kv_heads, head_dim]  (any strides)
-    cu_query_lens int32 [B + 1]
-    seq_lens      int32 [B]
-    block_tables  int32 [B, max_pages_per_seq]
+    cu_query_lens int32 (or int64) [B + 1]
+    seq_lens      int32 (or int64) [B]
+    block_tables  int32 (or int64) [B, max_pages_per_seq]
     out           [T, num_heads, head_dim], dtype of q
 
 The grid is sized without reading the lengths back to the host: query tile j of
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve.kernels._attention_checks import check_paged_attention_args
+from splitserve.kernels._attention_checks import INDEX_DTYPES, check_paged_attention_args
 from splitserve.kernels._checks import check_dtype, check_ndim, check_same_device
 from splitserve.kernels.backend import interpreter_enabled, next_power_of_2
 from splitserve.kernels.errors import KernelArgumentError
@@ -133,7 +133,7 @@ def paged_prefill_attention(
     """Causal attention of a varlen batch of new tokens over paged KV; returns `[T, H, D]`."""
     check_paged_attention_args(q, kv_layer, block_tables, seq_lens, query_ndim=3)
     check_ndim("cu_query_lens", cu_query_lens, 1, "[num_seqs + 1]")
-    check_dtype("cu_query_lens", cu_query_lens, (torch.int32,))
+    check_dtype("cu_query_lens", cu_query_lens, INDEX_DTYPES)
     check_same_device([("q", q), ("cu_query_lens", cu_query_lens)])
     num_seqs = seq_lens.shape[0]
     if cu_query_lens.shape[0] != num_seqs + 1:
