@@ -10,7 +10,8 @@ from test_queue_work import make_job
 
 from splitserve.queue.broker import NatsServer
 from splitserve.queue.connection import BrokerConnection
-from splitserve.queue.settings import PrefillQueueSettings
+from splitserve.queue.registry import WorkerRegistry
+from splitserve.queue.settings import BucketSettings, PrefillQueueSettings
 from splitserve.queue.streams import ensure_prefill_queue, shared_consumer_config
 from splitserve.queue.subjects import STREAM_PREFILL
 from splitserve.queue.work_queue import JobConsumer, publish_job
@@ -86,3 +87,17 @@ async def test_publish_during_an_outage_completes_once_the_broker_is_back(
     assert await collect(consumer, 1, within_s=5.0) == {"req-late": 1}
     assert await consumer.fetch(max_jobs=8, timeout_s=1.5) == []
     await consumer.close()
+
+
+async def test_registry_heartbeat_resumes_after_a_broker_restart(
+        nats_server: NatsServer, nats_conn: BrokerConnection) -> None:
+    registry = await WorkerRegistry.open(nats_conn.js, BucketSettings(worker_ttl_s=1.0))
+    await registry.register("decode-0", b"d0")
+    await asyncio.to_thread(nats_server.stop)
+    await asyncio.sleep(0.5)  # heartbeats fail meanwhile, without killing the task
+    await asyncio.to_thread(nats_server.start)
+    assert await nats_conn.wait_connected(timeout_s=5.0)
+    # Three TTLs after the restart the entry is still there only if heartbeats resumed.
+    await asyncio.sleep(3.0)
+    assert await registry.get("decode-0") == b"d0"
+    await registry.close()

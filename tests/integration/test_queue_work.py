@@ -64,6 +64,9 @@ async def test_publish_pull_ack_roundtrip(nats_conn: BrokerConnection, high: Job
     assert got.sampling.HasField("seed") and got.sampling.seed == 0
     assert list(got.sampling.stop_token_ids) == [2, 32000]
     assert (delivery.num_delivered, delivery.stream_seq) == (1, 1)
+    now_ns = job.lease_deadline_unix_ns - 3 * 10**9
+    assert delivery.lease_remaining_s(margin_s=0.5, now_unix_ns=now_ns) == pytest.approx(2.5)
+    assert delivery.lease_remaining_s(margin_s=4.0, now_unix_ns=now_ns) < 0
 
     assert await delivery.ack()
     assert await num_stored(nats_conn) == 0  # work-queue retention: acked jobs leave

@@ -119,6 +119,12 @@ class JobDelivery:
     def request_id(self) -> str:
         return self.job.request_id
 
+    def lease_remaining_s(self, margin_s: float, now_unix_ns: int | None = None) -> float:
+        """Seconds left to post transfers: the lease deadline minus the clock-skew
+        margin. At or below 0 the fence invariant forbids any write; term the job."""
+        now_ns = time.time_ns() if now_unix_ns is None else now_unix_ns
+        return (self.job.lease_deadline_unix_ns - now_ns) / 1e9 - margin_s
+
     async def in_progress(self) -> bool:
         """Reset the AckWait timer (heartbeat while a long prompt is prefilled)."""
         return await self._settle("in_progress", self.msg.in_progress())
