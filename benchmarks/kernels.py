@@ -37,11 +37,11 @@ import torch
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before splitserve.kernels is imported
 
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
+import torch.nn.functional as F
+import triton
 
-from splitserve.kernels import pack_pages, paged_decode_attention, unpack_pages  # noqa: E402
-from splitserve.kernels.decode_attention import default_num_splits  # noqa: E402
+from splitserve.kernels import pack_pages, paged_decode_attention, unpack_pages
+from splitserve.kernels.decode_attention import default_num_splits
 
 
 @dataclass(frozen=True)

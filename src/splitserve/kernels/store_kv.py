@@ -18,8 +18,8 @@ from splitserve.kernels._checks import (
     check_ndim,
     check_same_device,
 )
-from splitserve.kernels.errors import KernelArgumentError
 from splitserve.kernels.backend import next_power_of_2
+from splitserve.kernels.errors import KernelArgumentError
 
 
 @triton.jit
