@@ -92,7 +92,8 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
                        torch.Generator().manual_seed(seed), time.monotonic())
-        self._trackers[request_id] = OutputTracker(seq, self.tokenizer)
+        self._trackers[request_id] = OutputTracker(seq, self.tokenizer,
+                                                   self.loaded.config.eos_token_ids)
         self.scheduler.add(seq)
         log.debug("request %s admitted: %d prompt tokens", request_id, len(prompt_token_ids))
         return seq

@@ -29,15 +29,16 @@ class OutputTracker:
     until they can no longer start a stop string, so a stop string is never streamed.
     """
 
-    def __init__(self, seq: Sequence, tokenizer: Tokenizer | None) -> None:
+    def __init__(
+        self, seq: Sequence, tokenizer: Tokenizer | None, eos_token_ids: tuple[int, ...]
+    ) -> None:
         self.seq = seq
         self._detok = IncrementalDetokenizer(tokenizer) if tokenizer else None
         self._text = ""
         self._num_emitted = 0
         stops = seq.params.stop
         self._holdback = max((len(s) for s in stops), default=1) - 1
-        self._eos = set() if seq.params.ignore_eos else set(tokenizer.eos_token_ids if tokenizer
-                                                            else ())
+        self._eos = set() if seq.params.ignore_eos else set(eos_token_ids)
         self._stop_ids = set(seq.params.stop_token_ids)
 
     def append(self, token_id: int) -> RequestOutput:

@@ -22,8 +22,7 @@ class ModelRunner:
     def run(self, scheduled: Seq[ScheduledSequence]) -> list[int | None]:
         """Compute the scheduled tokens; return a sampled token for each sequence
         whose step completes it, None for a prefill chunk that does not."""
-        input_ids, positions, layout, sample_rows = self._prepare(scheduled)
-        hidden = self.model(input_ids, positions, BatchAttention(self.attention, layout))
+        hidden, sample_rows = self.forward(scheduled)
         completing = [s for s in scheduled if s.completes]
         results: list[int | None] = [None] * len(scheduled)
         if not completing:
@@ -36,6 +35,12 @@ class ModelRunner:
             if s.completes:
                 results[i] = next(it)
         return results
+
+    def forward(self, scheduled: Seq[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states `[T, hidden]` of the step's tokens and the rows to sample from."""
+        input_ids, positions, layout, sample_rows = self._prepare(scheduled)
+        hidden = self.model(input_ids, positions, BatchAttention(self.attention, layout))
+        return hidden, sample_rows
 
     def _prepare(
         self, scheduled: Seq[ScheduledSequence]

@@ -77,13 +77,15 @@ class Scheduler:
                 continue
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # After a preemption the pool is full: admitting now would only thrash.
+        while (self.waiting and budget > 0 and not out.preempted
+               and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            if not seq.page_ids:
-                self._take_cached_prefix(seq)
+            self._take_cached_prefix(seq)
             num_new = min(seq.num_uncomputed_tokens, budget)
             num_pages = self._num_pages_needed(seq, num_new)
             if not self.allocator.can_allocate(num_pages):
+                self._release_pages(seq)  # cached pages must not sit idle in the queue
                 break
             seq.page_ids += self.allocator.allocate(num_pages)
             self.waiting.popleft()
@@ -129,14 +131,17 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.allocator.free(seq.page_ids)
-        seq.page_ids = []
-        seq.num_computed_tokens = 0
-        seq.num_cached_pages_published = 0
+        self._release_pages(seq)
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _release_pages(self, seq: Sequence) -> None:
+        self.allocator.free(seq.page_ids)
+        seq.page_ids = []
+        seq.num_computed_tokens = 0
+        seq.num_cached_pages_published = 0
 
     def _take_cached_prefix(self, seq: Sequence) -> None:
         self._extend_hashes(seq, seq.num_tokens)

@@ -35,7 +35,7 @@ _CACHE_FORMAT = 1
 @dataclass
 class LoadedModel:
     model: LlamaModel
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None only for test models built without one
     config: ModelConfig
     fingerprint: str
     source: str
