@@ -54,6 +54,13 @@ def transfer_live_peer() -> Iterator[PeerProcess]:
 
 
 @pytest.fixture
+def transfer_fresh_peer() -> Iterator[PeerProcess]:
+    peer = PeerProcess(replace(SPEC, worker_id="decode-fresh"))
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture
 def transfer_writer() -> Iterator[TransferAgent]:
     pool = KVPool(SPEC.geometry, WRITER_PAGES)
     _random_bits(pool, seed=7)
@@ -65,9 +72,9 @@ def transfer_writer() -> Iterator[TransferAgent]:
 
 @pytest.mark.timeout(60)
 def test_pages_arrive_bit_exact_before_notification(
-    transfer_writer: TransferAgent, transfer_live_peer: PeerProcess
+    transfer_writer: TransferAgent, transfer_fresh_peer: PeerProcess
 ) -> None:
-    peer_id = transfer_writer.connect(transfer_live_peer.descriptor)
+    peer_id = transfer_writer.connect(transfer_fresh_peer.descriptor)
     expected = torch.full(
         (SPEC.num_pages, *SPEC.geometry.page_shape), SENTINEL, dtype=torch.bfloat16
     )
@@ -81,7 +88,7 @@ def test_pages_arrive_bit_exact_before_notification(
         transfer_writer.write_pages(peer_id, local_ids, remote_ids, message, f"req-{round_index}")
         expected[remote_ids] = transfer_writer.pool.tensor[local_ids]
 
-        note = transfer_live_peer.next_notification()
+        note = transfer_fresh_peer.next_notification()
         assert note.message == message
         assert note.peer_id == transfer_writer.worker_id
         assert note.pool_at_notification is not None
@@ -89,6 +96,21 @@ def test_pages_arrive_bit_exact_before_notification(
         # pages never addressed still hold the sentinel.
         assert torch.equal(_bits(note.pool_at_notification), _bits(expected))
     assert transfer_writer.counters.num_failures == 0
+
+
+@pytest.mark.timeout(60)
+def test_empty_notification_writes_data_silently(
+    transfer_writer: TransferAgent, transfer_live_peer: PeerProcess
+) -> None:
+    peer_id = transfer_writer.connect(transfer_live_peer.descriptor)
+    transfer_writer.write_pages(peer_id, [10, 11], [40, 41], b"", "req-part-1")
+    assert not transfer_live_peer.has_message(0.3)
+    transfer_writer.write_pages(peer_id, [12], [42], b"KVReady:parts", "req-part-2")
+    note = transfer_live_peer.next_notification()
+    assert note.message == b"KVReady:parts" and note.pool_at_notification is not None
+    assert torch.equal(
+        _bits(note.pool_at_notification[40:43]), _bits(transfer_writer.pool.tensor[10:13])
+    )
 
 
 @pytest.mark.timeout(60)

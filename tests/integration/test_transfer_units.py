@@ -20,6 +20,7 @@ from splitserve.transfer import (
     TransferCounters,
     check_compatible,
     coalesce_page_runs,
+    format_page_ids,
     layout_from_descriptor,
     validate_page_ids,
 )
@@ -90,6 +91,18 @@ def test_validate_page_ids_accepts_numpy_and_tensors() -> None:
     )
     assert (local, remote) == ([3, 4], [0, 7])
     assert all(type(i) is int for i in local + remote)
+
+
+@pytest.mark.parametrize(
+    ("page_ids", "text"),
+    [([], ""), ([4], "4"), ([0, 1, 2, 7, 9, 10], "0-2,7,9-10"), ([5, 4], "5,4")],
+)
+def test_format_page_ids(page_ids: list[int], text: str) -> None:
+    assert format_page_ids(page_ids) == text
+
+
+def test_format_page_ids_truncates() -> None:
+    assert format_page_ids(list(range(0, 40, 2)), max_ranges=3) == "0,2,4,...(20 pages)"
 
 
 def test_run_rows_address_pages_by_id() -> None:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from splitserve.transfer.agent import TransferAgent
-from splitserve.transfer.coalesce import PageRun, coalesce_page_runs, validate_page_ids
+from splitserve.transfer.coalesce import (
+    PageRun,
+    coalesce_page_runs,
+    format_page_ids,
+    validate_page_ids,
+)
 from splitserve.transfer.counters import LatencyStats, TransferCounters
 from splitserve.transfer.descriptor import (
     TRANSFER_PROTOCOL_VERSION,
@@ -37,6 +42,7 @@ __all__ = [
     "build_descriptor",
     "check_compatible",
     "coalesce_page_runs",
+    "format_page_ids",
     "layout_from_descriptor",
     "validate_page_ids",
 ]

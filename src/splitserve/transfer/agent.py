@@ -11,8 +11,9 @@ Life cycle:
    descriptors are the coalesced page runs, with the notification attached; NIXL
    delivers the notification after the data.
 4. Receive: the receiver polls `poll_notifications` / awaits `wait_notifications`.
-   Polling also drives UCX progress (connection setup from new writers), so a
-   receiving worker must keep a waiter running.
+   Polling also drives UCX progress: connection setup from new writers, and the
+   flush that completes a writer's notified write (a writer's completion waits for
+   the receiver's next poll), so a receiving worker must keep a waiter running.
 5. Failure: a failed or timed-out write releases its handle, counts a failure,
    drops the peer (reconnect from a fresh descriptor) and raises `TransferFailed`;
    other peers are unaffected.
@@ -35,7 +36,7 @@ from nixl_cu12._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t, ni
 
 from splitserve.engine.kv_pool import KVPool
 from splitserve.rpc.worker_pb2 import WorkerDescriptor
-from splitserve.transfer.coalesce import coalesce_page_runs, validate_page_ids
+from splitserve.transfer.coalesce import coalesce_page_runs, format_page_ids, validate_page_ids
 from splitserve.transfer.counters import TransferCounters
 from splitserve.transfer.descriptor import (
     PoolLayout,
@@ -44,7 +45,7 @@ from splitserve.transfer.descriptor import (
     layout_from_descriptor,
 )
 from splitserve.transfer.errors import InvalidDescriptor, TransferError, TransferFailed, UnknownPeer
-from splitserve.transfer.polling import Backoff
+from splitserve.transfer.polling import MAX_DELAY_S, Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ NIXL_ERRORS: tuple[type[BaseException], ...] = tuple(
 )
 
 DEFAULT_TIMEOUT_S = 5.0
+_SPIN_S = 0.0002  # yield without sleeping this long after a post (see polling.py)
 
 
 @dataclass(frozen=True)
@@ -190,12 +192,16 @@ class TransferAgent:
     ) -> None:
         """Write local pages into the peer's pages (pairwise) and attach `notification`.
 
-        Returns once the write is complete on our side. Raises `InvalidPageIds`
-        (nothing posted), `UnknownPeer`, or `TransferFailed`.
+        One descriptor per contiguous run of page ids. The peer receives
+        `notification` after the data; an empty one sends none (for all but the last
+        part of a multi-part write). With a notification, completion takes a round
+        trip through the peer's next poll (NIXL flushes before notifying).
+        Returns once the write is complete. Raises `InvalidPageIds` (nothing
+        posted), `UnknownPeer`, or `TransferFailed`.
         """
         inflight = self._post(peer_id, local_page_ids, remote_page_ids, notification, request_id,
                               timeout_s)
-        backoff = Backoff(min_delay_s=0.00002, max_delay_s=0.001)
+        backoff = Backoff(min_delay_s=0.00005, max_delay_s=0.001, spin_s=_SPIN_S)
         while not self._advance(inflight):
             backoff.sleep(inflight.deadline_s - time.monotonic())
 
@@ -215,7 +221,7 @@ class TransferAgent:
         """
         inflight = self._post(peer_id, local_page_ids, remote_page_ids, notification, request_id,
                               timeout_s)
-        backoff = Backoff()
+        backoff = Backoff(spin_s=_SPIN_S)
         while not self._advance(inflight):
             await backoff.sleep_async(inflight.deadline_s - time.monotonic())
 
@@ -265,7 +271,7 @@ class TransferAgent:
             self._fail(inflight, f"post: {exc!r}")
         logger.debug(
             "request %s: posted %d pages in %d descriptors to %s, remote pages %s",
-            request_id, len(local_ids), len(runs), peer_id, remote_ids,
+            request_id, len(local_ids), len(runs), peer_id, format_page_ids(remote_ids),
         )
         return inflight
 
@@ -307,7 +313,7 @@ class TransferAgent:
         self.counters.num_failures += 1
         logger.warning(
             "request %s: transfer to %s failed, dropping peer; remote pages %s: %s",
-            request_id, peer_id, page_ids, reason,
+            request_id, peer_id, format_page_ids(page_ids), reason,
         )
         # Any failure makes the connection suspect; the caller reconnects from the
         # peer's current descriptor, which also covers a restarted peer.
@@ -324,13 +330,17 @@ class TransferAgent:
         self.counters.num_notifications += len(notes)
         return notes
 
-    async def wait_notifications(self, timeout_s: float | None = None) -> list[tuple[str, bytes]]:
-        """Await the next notifications, polling with backoff (0.2 ms to 5 ms).
+    async def wait_notifications(
+        self, timeout_s: float | None = None, max_delay_s: float = MAX_DELAY_S
+    ) -> list[tuple[str, bytes]]:
+        """Await the next notifications, polling with backoff from 0.2 ms to `max_delay_s`.
 
         Returns `[]` if none arrived within `timeout_s` (None: wait indefinitely).
+        Writers' completions also wait on these polls (UCX progress happens here),
+        so `max_delay_s` trades idle CPU for writer-side and notification latency.
         """
         deadline_s = None if timeout_s is None else time.monotonic() + timeout_s
-        backoff = Backoff()
+        backoff = Backoff(max_delay_s=max_delay_s)
         while True:
             notes = self.poll_notifications()
             if notes:

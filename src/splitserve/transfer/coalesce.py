@@ -73,3 +73,19 @@ def validate_page_ids(
         dups = sorted(i for i, n in Counter(remote).items() if n > 1)
         raise InvalidPageIds(request_id, f"remote ids addressed twice: {dups[:8]}", remote)
     return local, remote
+
+
+def format_page_ids(page_ids: Sequence[int], max_ranges: int = 16) -> str:
+    """Compact page ids for logs: `[0, 1, 2, 7, 9, 10]` is `"0-2,7,9-10"`."""
+    ranges: list[str] = []
+    index = 0
+    while index < len(page_ids):
+        end = index
+        while end + 1 < len(page_ids) and page_ids[end + 1] == page_ids[end] + 1:
+            end += 1
+        first, last = page_ids[index], page_ids[end]
+        ranges.append(str(first) if first == last else f"{first}-{last}")
+        index = end + 1
+    if len(ranges) > max_ranges:
+        return ",".join(ranges[:max_ranges]) + f",...({len(page_ids)} pages)"
+    return ",".join(ranges)
