@@ -1,0 +1,51 @@
+"""Typed config parsing, sampler filters and incremental detokenization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.config.schema import EngineConfig, from_mapping
+from splitserve.engine.sampler import sample
+from splitserve.engine.sampling import SamplingParams
+from splitserve.errors import ConfigError
+from splitserve.model.tokenizer import IncrementalDetokenizer
+
+
+def test_engine_config_from_mapping_checks_names_types_and_ranges() -> None:
+    cfg = from_mapping(EngineConfig, {"page_size": 32, "dtype": "bfloat16", "num_pages": 10})
+    assert (cfg.page_size, cfg.dtype, cfg.num_pages) == (32, "bfloat16", 10)
+    with pytest.raises(ConfigError, match="page_sise: unknown setting"):
+        from_mapping(EngineConfig, {"page_sise": 16})
+    with pytest.raises(ConfigError, match="page_size: expected int, got '16'"):
+        from_mapping(EngineConfig, {"page_size": "16"})
+    with pytest.raises(ConfigError, match="dtype: must be one of"):
+        from_mapping(EngineConfig, {"dtype": "fp8"})
+    with pytest.raises(ConfigError, match="max_num_seqs: must be >= 1, got 0"):
+        from_mapping(EngineConfig, {"max_num_seqs": 0})
+    with pytest.raises(ConfigError, match="enable_prefix_cache: expected bool"):
+        from_mapping(EngineConfig, {"enable_prefix_cache": 1})
+
+
+def test_top_k_and_top_p_only_sample_allowed_tokens() -> None:
+    logits = torch.tensor([[0.0, 5.0, 4.0, 3.0, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    top2 = SamplingParams(temperature=1.0, top_k=2)
+    assert {sample(logits, [top2], [gen])[0] for _ in range(200)} == {1, 2}
+    # probs ≈ [.005 .70 .26 .03 .00]: top_p 0.8 keeps tokens 1 and 2
+    nucleus = SamplingParams(temperature=1.0, top_p=0.8)
+    assert {sample(logits, [nucleus], [gen])[0] for _ in range(200)} == {1, 2}
+    tiny_p = SamplingParams(temperature=1.0, top_p=0.01)
+    assert {sample(logits, [tiny_p], [gen])[0] for _ in range(50)} == {1}
+    greedy = SamplingParams(temperature=0.0)
+    assert sample(logits, [greedy], [gen]) == [1]
+
+
+def test_incremental_detokenizer_never_splits_a_character(smollm) -> None:
+    tok = smollm.tokenizer
+    text = "naïve 東京 🚀 done"
+    ids = tok.encode(text)
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.push(i) for i in ids]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
