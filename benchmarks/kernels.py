@@ -91,7 +91,8 @@ class Timer:
         for _ in range(self.iters):
             if self.flush is not None:
                 self.flush.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn()
                 end.record()
@@ -185,7 +186,8 @@ def bench_pages(shape: AttentionShape, page_size: int, num_layers: int, num_page
         gbps = num_bytes / (ms * 1e-3) / 1e9
         results.append({
             "op": op, "model": shape.name, "num_layers": num_layers, "page_size": page_size,
-            "page_bytes": page_bytes, "num_pages": num_pages, "dtype": str(dtype).removeprefix("torch."),
+            "page_bytes": page_bytes, "num_pages": num_pages,
+            "dtype": str(dtype).removeprefix("torch."),
             "bytes": num_bytes, "kernel_ms": ms, "kernel_gbps": gbps, "copy_gbps": baseline,
             "fraction_of_copy": gbps / baseline,
         })
@@ -243,7 +245,8 @@ def run(sweep: Sweep, device: torch.device, dtype: torch.dtype) -> dict[str, obj
 def _print_table(result: dict[str, object]) -> None:
     print(f"machine: {result['machine']}")
     for case in result["decode"]:  # type: ignore[union-attr]
-        print(f"decode {case['model']:>20} page {case['page_size']:>2} ctx {case['context_len']:>5} "
+        print(f"decode {case['model']:>20} page {case['page_size']:>2} "
+              f"ctx {case['context_len']:>5} "
               f"B {case['batch_size']:>3} splits {case['num_splits']:>2}: "
               f"{case['kernel_gbps']:8.3g} GB/s = {case['fraction_of_copy']:.3g} of copy, "
               f"{case['speedup_vs_sdpa']:.3g}x SDPA")

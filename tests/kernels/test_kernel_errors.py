@@ -56,15 +56,20 @@ def test_error_is_a_splitserve_error_with_the_argument():
     ({"q": torch.zeros(2, 4)}, "q", r"expected 3 dims"),
     ({"q": torch.zeros(2, 4, 16, dtype=torch.int32)}, "q", r"dtype torch.int32 not supported"),
     ({"kv_layer": torch.zeros(5, 3, 4, 2, 16)}, "kv_layer", r"axis 1 must be 2 \(K, V\), got 3"),
-    ({"kv_layer": torch.zeros(5, 2, 4, 2, 8)}, "kv_layer", r"head_dim 8 differs from q's head_dim 16"),
-    ({"kv_layer": torch.zeros(5, 2, 4, 3, 16)}, "q", r"num_heads 4 is not a multiple of num_kv_heads 3"),
+    ({"kv_layer": torch.zeros(5, 2, 4, 2, 8)}, "kv_layer",
+     r"head_dim 8 differs from q's head_dim 16"),
+    ({"kv_layer": torch.zeros(5, 2, 4, 3, 16)}, "q",
+     r"num_heads 4 is not a multiple of num_kv_heads 3"),
     ({"kv_layer": torch.zeros(5, 2, 4, 2, 16).transpose(3, 4).contiguous().transpose(3, 4)},
      "kv_layer", r"last dim must have stride 1"),
     ({"block_tables": torch.zeros(2, 3)}, "block_tables", r"dtype torch.float32 not supported"),
-    ({"block_tables": torch.zeros(3, 3, dtype=torch.int32), "seq_lens": torch.ones(3, dtype=torch.int32)},
+    ({"block_tables": torch.zeros(3, 3, dtype=torch.int32),
+      "seq_lens": torch.ones(3, dtype=torch.int32)},
      "block_tables", r"has 3 rows for a batch of 2"),
-    ({"seq_lens": torch.ones(3, dtype=torch.int32)}, "seq_lens", r"has 3 entries but block_tables has 2 rows"),
-    ({"seq_lens": torch.ones(2, dtype=torch.int32, device="meta")}, "seq_lens", r"is on meta but q is on cpu"),
+    ({"seq_lens": torch.ones(3, dtype=torch.int32)}, "seq_lens",
+     r"has 3 entries but block_tables has 2 rows"),
+    ({"seq_lens": torch.ones(2, dtype=torch.int32, device="meta")}, "seq_lens",
+     r"is on meta but q is on cpu"),
     ({"num_splits": 0}, "num_splits", r"must be >= 1, got 0"),
 ])
 def test_decode_attention_errors(overrides, argument, message):
@@ -103,6 +108,8 @@ def test_page_copy_errors():
     pool = _pages(n=6)
     with _raises("page_ids", r"page ids must lie in \[0, 6\); got min 0, max 6"):
         pack_pages(pool, [0, 6])
+    with _raises("page_ids", r"expected a 1-D tensor, got shape \(1, 2\)"):
+        pack_pages(pool, torch.tensor([[0, 1]]))
     with _raises("page_ids", r"expected int32 or int64 ids"):
         pack_pages(pool, torch.tensor([0.0]))
     with _raises("out", r"has 3 pages for 2 page ids"):
@@ -164,5 +171,6 @@ def test_head_split_merge_errors():
         split_page_heads(_pages(n=8, heads=6)[::2], 2)
     with _raises("shards", r"need at least one shard"):
         merge_page_heads([])
-    with _raises("shards[1]", r"shape \(4, 2, 2, 16, 3, 8\) torch.bfloat16 differs from shards\[0\]'s"):
+    with _raises("shards[1]",
+                 r"shape \(4, 2, 2, 16, 3, 8\) torch.bfloat16 differs from shards\[0\]'s"):
         merge_page_heads([_pages(heads=2), _pages(heads=3)])

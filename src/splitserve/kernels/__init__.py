@@ -10,9 +10,11 @@ wrappers and their torch equivalents are:
 
     paged_decode_attention(q, kv_layer, block_tables, seq_lens, scale, num_splits=None) -> out
         q [B, H, D]; kv_layer = pool[:, layer] [num_pages, 2, page_size, Hkv, D];
-        block_tables int32|int64 [B, max_pages]; seq_lens int32|int64 [B] (incl. the current token)
+        block_tables int32|int64 [B, max_pages];
+        seq_lens int32|int64 [B] (incl. the current token)
     paged_prefill_attention(q, kv_layer, cu_query_lens, seq_lens, block_tables, scale) -> out
-        q [T, H, D]; cu_query_lens int32|int64 [B + 1]; seq_lens int32|int64 [B] incl. the new tokens
+        q [T, H, D]; cu_query_lens int32|int64 [B + 1];
+        seq_lens int32|int64 [B] incl. the new tokens
     store_kv(k, v, kv_layer, slot_mapping) -> None
         k, v [T, Hkv, D] in the pool's dtype; slot_mapping int64 [T], negative = skip
 

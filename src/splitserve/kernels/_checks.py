@@ -21,7 +21,8 @@ _BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def check_ndim(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
     if t.dim() != ndim:
-        raise KernelArgumentError(name, f"expected {ndim} dims {layout}, got shape {tuple(t.shape)}")
+        raise KernelArgumentError(
+            name, f"expected {ndim} dims {layout}, got shape {tuple(t.shape)}")
 
 
 def check_dtype(name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype]) -> None:
@@ -30,9 +31,9 @@ def check_dtype(name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype]) -> No
         raise KernelArgumentError(name, f"dtype {t.dtype} not supported; expected one of {allowed}")
 
 
-def check_same_device(names_and_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
-    first_name, first = names_and_tensors[0]
-    for name, t in names_and_tensors[1:]:
+def check_same_device(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+    first_name, first = named_tensors[0]
+    for name, t in named_tensors[1:]:
         if t.device != first.device:
             raise KernelArgumentError(
                 name, f"is on {t.device} but {first_name} is on {first.device}"
@@ -60,7 +61,8 @@ def as_page_ids(name: str, page_ids: PageIds, num_pages: int, device: torch.devi
     """Page ids as a 1-D int64 tensor on `device`, bounds-checked unless already on a GPU."""
     if isinstance(page_ids, torch.Tensor):
         if page_ids.dim() != 1:
-            raise KernelArgumentError(name, f"expected a 1-D tensor, got shape {tuple(page_ids.shape)}")
+            raise KernelArgumentError(
+                name, f"expected a 1-D tensor, got shape {tuple(page_ids.shape)}")
         if page_ids.dtype not in (torch.int32, torch.int64):
             raise KernelArgumentError(name, f"expected int32 or int64 ids, got {page_ids.dtype}")
         ids = page_ids

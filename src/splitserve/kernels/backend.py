@@ -44,7 +44,8 @@ def num_compute_units(device: torch.device) -> int:
     automatic split-KV heuristic split short test contexts too.
     """
     if device.type == "cuda":
-        return _cuda_num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_num_sms(index)
     return 4
 
 

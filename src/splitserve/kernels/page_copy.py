@@ -75,7 +75,8 @@ def _check_same_page_format(src_name: str, src: torch.Tensor, dst_name: str,
     check_pages_contiguous(dst_name, dst)
 
 
-def pack_pages(pool: torch.Tensor, page_ids: PageIds, out: torch.Tensor | None = None) -> torch.Tensor:
+def pack_pages(pool: torch.Tensor, page_ids: PageIds,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Gather `pool[page_ids]` into a dense staging tensor `[n, *page_shape]`."""
     ids = as_page_ids("page_ids", page_ids, pool.shape[0], pool.device)
     if out is None:
@@ -110,7 +111,8 @@ def copy_pages(pool: torch.Tensor, src_page_ids: PageIds, dst_page_ids: PageIds)
     _launch_copy(pool, pool, src_ids, dst_ids, src_ids.shape[0])
 
 
-def ref_pack_pages(pool: torch.Tensor, page_ids: PageIds, out: torch.Tensor | None = None) -> torch.Tensor:
+def ref_pack_pages(pool: torch.Tensor, page_ids: PageIds,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     ids = torch.as_tensor(page_ids, dtype=torch.int64, device=pool.device)
     if out is None:
         return pool[ids].clone()

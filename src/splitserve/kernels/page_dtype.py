@@ -72,7 +72,7 @@ def _convert_pages_kernel(
                             + layer * SrcScales_stride_layer + kv * SrcScales_stride_kv)
     dst_scale = 1.0
     if DST_FORMAT == 2:
-        amax = 0.0
+        amax: tl.float32 = 0.0  # an fp32 value, not a constant, carried through the loop
         for start in range(0, slab_numel, BLOCK_SIZE):
             offs = start + tl.arange(0, BLOCK_SIZE)
             x = _load_slab_chunk(src_base, offs, offs < slab_numel, src_scale, SRC_FORMAT)
@@ -161,7 +161,8 @@ def convert_pages_dtype(
     num_src = src.shape[0] if src_ids is None else src_ids.shape[0]
     num_dst = dst.shape[0] if dst_ids is None else dst_ids.shape[0]
     if num_src != num_dst:
-        raise KernelArgumentError("dst_page_ids", f"{num_dst} destination pages for {num_src} source pages")
+        raise KernelArgumentError(
+            "dst_page_ids", f"{num_dst} destination pages for {num_src} source pages")
     src_fmt, dst_fmt = _FORMATS[src.dtype], _FORMATS[dst.dtype]
     dummy_scales = torch.empty((1, 1, 1), dtype=torch.float32, device=src.device)
     src_scales = _check_scales("src_scales", src_scales, src) if src_fmt == _FP8 else dummy_scales

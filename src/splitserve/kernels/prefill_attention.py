@@ -51,9 +51,10 @@ def _paged_prefill_kernel(
     head = tl.program_id(1)
     kv_head = head // GROUP_SIZE
 
-    # Largest sequence whose first tile id is <= pid.
-    lo = 0
-    hi = num_seqs
+    # Largest sequence whose first tile id is <= pid. Annotated so the loop-carried
+    # bounds are int32 from the start even when num_seqs == 1 is specialized to a constant.
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if tl.load(CuQueryLens_ptr + mid) // BLOCK_M + mid <= pid:

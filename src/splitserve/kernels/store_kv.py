@@ -62,7 +62,8 @@ def _check_store_kv_args(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tenso
     for name, t in (("k", k), ("v", v)):
         if t.dtype != kv_layer.dtype:
             # Copies are bitwise; a silent cast would hide a model/pool dtype mismatch.
-            raise KernelArgumentError(name, f"dtype {t.dtype} differs from kv_layer's {kv_layer.dtype}")
+            raise KernelArgumentError(
+                name, f"dtype {t.dtype} differs from kv_layer's {kv_layer.dtype}")
         if tuple(t.shape[1:]) != tuple(kv_layer.shape[3:]):
             raise KernelArgumentError(
                 name, f"per-token shape {tuple(t.shape[1:])} differs from the pool's "
