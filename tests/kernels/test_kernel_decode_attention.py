@@ -26,6 +26,7 @@ CASES = {
     "b1-gqa1-d64-fp32-one-token": ([1], 4, 4, 64, 16, torch.float32, None, 0),
     "b1-gqa8-d128-bf16-7splits": ([300], 8, 1, 128, 16, torch.bfloat16, 7, 0),
     "b1-gqa3-d64-fp32-auto-splits": ([700], 6, 2, 64, 64, torch.float32, None, 0),
+    "b1-gqa8-d128-fp32-long-auto-splits": ([2011], 8, 1, 128, 16, torch.float32, None, 0),
     "b33-gqa3-d64-fp32-page5-1split": (_BATCH_33, 3, 1, 64, 5, torch.float32, 1, 0),
     "b33-gqa8-d128-bf16-3splits": (_BATCH_33, 8, 1, 128, 16, torch.bfloat16, 3, 0),
     "b3-gqa1-d40-fp32-empty-splits": ([2, 1, 150], 2, 2, 40, 16, torch.float32, 8, 0),

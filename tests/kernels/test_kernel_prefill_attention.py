@@ -26,6 +26,7 @@ CASES = {
     "b3-gqa3-d64-bf16-mixed": ([5, 70, 1], [5, 100, 40], 6, 2, 64, 16, torch.bfloat16, 0),
     "b33-gqa3-d128-fp32-page5": (_Q33, _S33, 3, 1, 128, 5, torch.float32, 0),
     "b2-gqa8-d64-fp32-prefix-hit": ([20, 33], [84, 97], 8, 1, 64, 16, torch.float32, 4),
+    "b1-gqa3-d64-bf16-long-context": ([100], [1000], 3, 1, 64, 64, torch.bfloat16, 0),
     "b2-gqa1-d40-fp32-odd": ([13, 66], [13, 66], 2, 2, 40, 7, torch.float32, 1),
 }
 
