@@ -26,9 +26,13 @@ pool `[num_pages, num_layers, 2, page_size, Hkv, D]` or on staging tensors:
 last page into an owned page), `resize_pages`, `convert_pages_dtype`,
 `split_page_heads`, `merge_page_heads`.
 
-On CPU the kernels run only under `TRITON_INTERPRET=1` (set before this package is
-first imported), which is for tests: about 1 ms per program instance.
+On CPU the kernels run only under `TRITON_INTERPRET=1`, which is for tests (about
+1 ms per program instance) and must be set before `triton` is first imported in the
+process: importing this package imports triton, so the engine should import it
+lazily, only when the triton backend is selected.
 """
+
+from __future__ import annotations
 
 from splitserve.kernels.backend import interpreter_enabled, triton_available
 from splitserve.kernels.decode_attention import (
