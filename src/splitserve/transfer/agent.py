@@ -25,14 +25,13 @@ just serialized).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn, Self
 
-from nixl_cu12._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t, nixl_xfer_handle
+from nixl_cu12._api import nixl_xfer_handle
 
 from splitserve.engine.kv_pool import KVPool
 from splitserve.rpc.worker_pb2 import WorkerDescriptor
@@ -45,17 +44,10 @@ from splitserve.transfer.descriptor import (
     layout_from_descriptor,
 )
 from splitserve.transfer.errors import InvalidDescriptor, TransferError, TransferFailed, UnknownPeer
+from splitserve.transfer.nixl_agent import NIXL_ERRORS, new_nixl_agent
 from splitserve.transfer.polling import MAX_DELAY_S, Backoff
 
 logger = logging.getLogger(__name__)
-
-# Every exception the NIXL bindings raise (nixlRemoteDisconnectError, nixlBackendError, ...);
-# they share no base class beyond Exception.
-NIXL_ERRORS: tuple[type[BaseException], ...] = tuple(
-    value
-    for name, value in vars(importlib.import_module("nixl_cu12._bindings")).items()
-    if name.startswith("nixl") and isinstance(value, type) and issubclass(value, Exception)
-)
 
 DEFAULT_TIMEOUT_S = 5.0
 _SPIN_S = 0.0002  # yield without sleeping this long after a post (see polling.py)
@@ -102,17 +94,15 @@ class TransferAgent:
         self.pool = pool
         self.counters = TransferCounters()
         self._layout = PoolLayout.of_pool(pool)
-        config = nixl_agent_config(
-            enable_prog_thread=False,  # it spins a core; see polling.py
-            backends=["UCX"],
-            sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
-        )
-        self._nixl = nixl_agent(worker_id, config)
+        self._nixl = new_nixl_agent(worker_id)
         if "UCX" not in self._nixl.backends:
             raise TransferError(f"worker {worker_id}: NIXL has no UCX backend")
         # Registration happens once, for the whole pool: pages are then addressed
         # by offset and no transfer pays a registration.
-        self._registration = self._nixl.register_memory(pool.tensor, backends=["UCX"])
+        try:
+            self._registration = self._nixl.register_memory(pool.tensor, backends=["UCX"])
+        except NIXL_ERRORS as exc:
+            raise TransferError(f"worker {worker_id}: registering the KV pool failed: {exc!r}")
         self._peers: dict[str, _Peer] = {}
         self._closed = False
         self.descriptor = build_descriptor(
