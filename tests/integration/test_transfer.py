@@ -19,6 +19,7 @@ import torch
 from transfer_peer import SENTINEL, PeerProcess, PeerSpec
 
 from splitserve.engine.kv_pool import KVPool
+from splitserve.rpc.worker_pb2 import WorkerDescriptor
 from splitserve.transfer import (
     DescriptorMismatch,
     InvalidPageIds,
@@ -181,6 +182,24 @@ def test_connect_is_cached_per_peer(
         assert transfer_writer.connect(transfer_live_peer.descriptor) == SPEC.worker_id
     assert len(loads) == 1
     assert transfer_writer.peer_ids == [SPEC.worker_id]
+
+    # A role flip keeps the connection; another agent (a restart) replaces it.
+    flipped = WorkerDescriptor()
+    flipped.CopyFrom(transfer_live_peer.descriptor)
+    flipped.role = "prefill"
+    transfer_writer.connect(flipped)
+    assert len(loads) == 1
+    transfer_writer.write_pages(SPEC.worker_id, [0], [0], b"after-flip", "req-flip")
+    assert transfer_live_peer.next_notification().message == b"after-flip"
+
+    restarted = WorkerDescriptor()
+    restarted.CopyFrom(transfer_live_peer.descriptor)
+    restarted.num_pages -= 1
+    restarted.pool_regions[0].num_bytes -= SPEC.geometry.bytes_per_page
+    transfer_writer.connect(restarted)
+    assert len(loads) == 2
+    transfer_writer.connect(transfer_live_peer.descriptor)
+    assert len(loads) == 3
 
 
 @pytest.mark.timeout(60)

@@ -133,9 +133,12 @@ class TransferAgent:
         peer_id = descriptor.worker_id
         cached = self._peers.get(peer_id)
         if cached is not None:
-            if cached.descriptor == descriptor:
+            if _transport_fields(cached.descriptor) == _transport_fields(descriptor):
+                # Same agent and pool (role or gRPC address may have changed): keep
+                # the connection, and any writes in flight on it.
+                self._peers[peer_id] = _Peer(peer_id, _copy(descriptor), cached.layout)
                 return peer_id
-            logger.info("peer %s: descriptor changed, reconnecting", peer_id)
+            logger.info("peer %s: agent or pool changed (restart?), reconnecting", peer_id)
             self.disconnect(peer_id)
         if peer_id == self.worker_id:
             raise InvalidDescriptor(peer_id, "a worker does not connect to itself")
@@ -375,3 +378,11 @@ def _copy(descriptor: WorkerDescriptor) -> WorkerDescriptor:
     copy = WorkerDescriptor()
     copy.CopyFrom(descriptor)
     return copy
+
+
+def _transport_fields(descriptor: WorkerDescriptor) -> WorkerDescriptor:
+    """The descriptor without the fields a daemon may change on a live agent."""
+    view = _copy(descriptor)
+    view.ClearField("role")
+    view.ClearField("grpc_address")
+    return view
