@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
+import os
 
-import pytest
 import torch
 
-from splitserve.config.schema import EngineConfig
-from splitserve.engine.llm_engine import Engine
-from splitserve.model.config import ModelConfig
-from splitserve.model.loader import LoadedModel, build_model, default_model_path, load_model
+# Triton decides compiled vs interpreted once, at its first import in the process:
+# without a GPU the kernel tests (and the engine's triton backend test) need the
+# interpreter, so set it before anything can import triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from collections.abc import Callable  # noqa: E402
+from dataclasses import replace
+
+import pytest  # noqa: E402
+
+from splitserve.config.schema import EngineConfig  # noqa: E402
+from splitserve.engine.llm_engine import Engine  # noqa: E402
+from splitserve.model.config import ModelConfig  # noqa: E402
+from splitserve.model.loader import (  # noqa: E402
+    LoadedModel,
+    build_model,
+    default_model_path,
+    load_model,
+)
 
 TINY = ModelConfig(
     vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=6,

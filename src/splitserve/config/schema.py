@@ -32,7 +32,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 256
     max_model_len: int | None = None  # None = the model's context length
     enable_prefix_cache: bool = True
+    # auto: Triton kernels on CUDA, plain torch on CPU
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_threads: int | None = None
     cache_dir: str | None = None
 

@@ -54,37 +54,39 @@ class TorchPagedAttention:
     def decode(
         self, layer: int, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor
     ) -> torch.Tensor:
-        """q `[B, H, D]` (one token per sequence, already stored) → `[B, H, D]`."""
-        kv = self.pool.layer_view(layer)[block_tables]  # [B, P, 2, page, KVH, D]
-        num_seqs, num_pages = block_tables.shape
+        """q `[B, H, D]` (one token per sequence, already stored) → `[B, H, D]`.
+
+        K and V are gathered separately (`kv[pages, 0]` is one contiguous copy) and
+        handed to SDPA as transposed views: on 2 CPU cores this is ~1.9× faster than
+        gathering both together and transposing for matmul (16 seqs × 640 tokens,
+        SmolLM2 geometry: 59 vs 114 ms over 30 layers).
+        """
+        kv = self.pool.layer_view(layer)
+        num_seqs = block_tables.shape[0]
         num_kv_heads, head_dim = kv.shape[-2], kv.shape[-1]
-        kv = kv.view(num_seqs, num_pages, 2, self.page_size, num_kv_heads, head_dim)
-        k = kv[:, :, 0].reshape(num_seqs, -1, num_kv_heads, head_dim).float()
-        v = kv[:, :, 1].reshape(num_seqs, -1, num_kv_heads, head_dim).float()
-        group = q.shape[1] // num_kv_heads
-        q4 = q.float().view(num_seqs, num_kv_heads, group, head_dim)
-        scores = torch.matmul(q4, k.permute(0, 2, 3, 1)) * self.scale  # [B, KVH, G, L]
-        positions = torch.arange(k.shape[1])
-        masked = positions[None, :] >= seq_lens[:, None]
-        scores.masked_fill_(masked[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, v.transpose(1, 2))  # [B, KVH, G, D]
-        return out.reshape(num_seqs, -1, head_dim).to(q.dtype)
+        k = kv[block_tables, 0].view(num_seqs, -1, num_kv_heads, head_dim)
+        v = kv[block_tables, 1].view(num_seqs, -1, num_kv_heads, head_dim)
+        valid = torch.arange(k.shape[1], device=k.device)[None, :] < seq_lens[:, None]
+        out = F.scaled_dot_product_attention(
+            q.float()[:, :, None, :], k.transpose(1, 2).float(), v.transpose(1, 2).float(),
+            attn_mask=valid[:, None, None, :], scale=self.scale, enable_gqa=True,
+        )
+        return out[:, :, 0].to(q.dtype)
 
     def prefill(
         self, layer: int, q: torch.Tensor, seq_len: int, page_ids: torch.Tensor
     ) -> torch.Tensor:
         """q `[n, H, D]`: the last n tokens of a sequence with `seq_len` tokens stored."""
         num_new = q.shape[0]
-        kv = self.pool.layer_view(layer)[page_ids]  # [P, 2, page, KVH, D]
-        k = kv[:, 0].reshape(-1, *kv.shape[-2:])[:seq_len]
-        v = kv[:, 1].reshape(-1, *kv.shape[-2:])[:seq_len]
+        kv = self.pool.layer_view(layer)
+        k = kv[page_ids, 0].flatten(0, 1)[:seq_len]  # [L, KVH, D]
+        v = kv[page_ids, 1].flatten(0, 1)[:seq_len]
         q_t, k_t, v_t = (x.transpose(0, 1).float() for x in (q, k, v))
         if seq_len == num_new:
             mask = None
         else:
-            rows = torch.arange(seq_len - num_new, seq_len)[:, None]
-            mask = torch.arange(seq_len)[None, :] <= rows
+            rows = torch.arange(seq_len - num_new, seq_len, device=q.device)[:, None]
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= rows
         out = F.scaled_dot_product_attention(
             q_t, k_t, v_t, attn_mask=mask, is_causal=mask is None, scale=self.scale,
             enable_gqa=True,

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence as Seq
 import torch
 
 from splitserve.config.schema import EngineConfig
-from splitserve.engine.attention import TorchPagedAttention
+from splitserve.engine.attention_backend import make_attention
 from splitserve.engine.errors import CapacityExceeded, DuplicateRequest, InvalidRequest
 from splitserve.engine.kv_pool import KVPool, PageGeometry, dtype_from_name
 from splitserve.engine.output import OutputTracker, RequestOutput
@@ -42,23 +42,28 @@ class Engine:
                                      mc.head_dim, dtype_from_name(config.dtype))
         num_pages = config.num_pages or KVPool.num_pages_for_budget(
             self.geometry, config.kv_cache_memory_mb << 20)
-        self.pool = KVPool(self.geometry, num_pages)
+        device = loaded.model.embed_tokens.weight.device
+        self.pool = KVPool(self.geometry, num_pages, device)
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        self.runner = ModelRunner(loaded.model, TorchPagedAttention(self.pool, mc.head_dim**-0.5))
+        attention = make_attention(config.attention_backend, self.pool, mc.head_dim**-0.5)
+        self.runner = ModelRunner(loaded.model, attention)
         self._trackers: dict[str, OutputTracker] = {}
         self.num_steps = 0
-        log.info("engine ready: model %s (%s), %d pages of %d tokens (%.0f MiB KV)",
-                 loaded.source, loaded.fingerprint, num_pages, config.page_size,
-                 self.pool.nbytes / 2**20)
+        log.info("engine ready: model %s (%s) on %s, %s attention, %d pages of %d tokens "
+                 "(%.0f MiB KV)", loaded.source, loaded.fingerprint, device,
+                 type(attention).__name__, num_pages, config.page_size, self.pool.nbytes / 2**20)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
         from pathlib import Path
 
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         loaded = load_model(config.model, dtype_from_name(config.dtype),
-                            Path(config.cache_dir) if config.cache_dir else None)
+                            Path(config.cache_dir) if config.cache_dir else None, device)
         return cls(loaded, config)
 
     # --- requests -------------------------------------------------------------------

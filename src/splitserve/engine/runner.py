@@ -74,12 +74,14 @@ class ModelRunner:
         table = torch.zeros((len(decode_tables), max_pages), dtype=torch.long)
         for i, t in enumerate(decode_tables):
             table[i, : len(t)] = torch.tensor(t)
+        dev = self.device
         layout = BatchLayout(
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
-            decode_rows=torch.tensor(decode_rows, dtype=torch.long),
-            decode_block_tables=table,
-            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long),
-            prefill=prefill,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
+            decode_block_tables=table.to(dev),
+            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),
+            prefill=[(r, n, L, p.to(dev)) for r, n, L, p in prefill],
         )
-        return (torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long),
-                layout, torch.tensor(sample_rows, dtype=torch.long))
+        return (torch.tensor(ids, dtype=torch.long, device=dev),
+                torch.tensor(pos, dtype=torch.long, device=dev),
+                layout, torch.tensor(sample_rows, dtype=torch.long, device=dev))

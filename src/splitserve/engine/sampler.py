@@ -22,7 +22,7 @@ def sample(
     tokens = logits.argmax(dim=-1).tolist()
     for row, (p, gen) in enumerate(zip(params, generators)):
         if not p.greedy:
-            tokens[row] = _sample_row(logits[row], p, gen)
+            tokens[row] = _sample_row(logits[row].cpu(), p, gen)  # generators live on the CPU
     return tokens
 
 
