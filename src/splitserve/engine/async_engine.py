@@ -1,0 +1,180 @@
+"""The engine on its own thread, driven from asyncio.
+
+The engine is single-threaded. `AsyncEngine` owns one thread that alternates
+between (1) running the commands callers queued (add a request, abort one, insert
+a remotely prefilled sequence...) and (2) one `Engine.step()`. Outputs go back to
+each request's asyncio queue with `call_soon_threadsafe`. torch releases the GIL
+inside its kernels, so the event loop (gRPC, NATS, NIXL polling) stays responsive
+while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence as Seq
+from typing import Any, TypeVar
+
+from splitserve.engine.llm_engine import Engine
+from splitserve.engine.output import RequestOutput
+from splitserve.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_IDLE_WAIT_S = 0.05  # idle thread wakes this often to release quarantined pages
+
+
+class EngineStopped(RuntimeError):
+    """The engine thread is not running (never started, stopped, or crashed)."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.step_listeners: list[Callable[[list[RequestOutput]], None]] = []
+        self.error: BaseException | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._running = False
+        self._commands.put(lambda: None)  # wake the thread
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def is_running(self) -> bool:
+        return self._running and self._thread is not None and self._thread.is_alive()
+
+    # --- commands --------------------------------------------------------------------
+    def call(self, fn: Callable[[Engine], T]) -> asyncio.Future[T]:
+        """Run `fn(engine)` on the engine thread between two steps."""
+        if not self.is_running or self._loop is None:
+            raise EngineStopped("engine is not running")
+        loop = self._loop
+        fut: asyncio.Future[T] = loop.create_future()
+
+        def command() -> None:
+            try:
+                result = fn(self.engine)
+            except BaseException as exc:  # handed to the awaiting caller
+                loop.call_soon_threadsafe(_set_exception, fut, exc)
+            else:
+                loop.call_soon_threadsafe(_set_result, fut, result)
+
+        self._commands.put(command)
+        return fut
+
+    def open_stream(self, request_id: str) -> asyncio.Queue[RequestOutput | BaseException]:
+        """Register where `request_id`'s outputs go; call before the request is added."""
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        return stream
+
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Add a request (validation errors raise here) and yield its outputs.
+
+        Leaving the iteration early (the client went away) aborts the request.
+        """
+        stream = self.open_stream(request_id)
+        try:
+            await self.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
+            async for out in self.iterate(request_id, stream):
+                yield out
+        finally:
+            self.close_stream(request_id)
+
+    async def iterate(
+        self, request_id: str, stream: asyncio.Queue[RequestOutput | BaseException]
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield a stream's outputs until its request finishes; abort it if abandoned."""
+        finished = False
+        try:
+            while True:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    finished = True
+                    raise EngineStopped(f"engine failed: {out!r}") from out
+                yield out
+                if out.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished and self.is_running:
+                self.call(lambda e: e.abort(request_id))
+
+    # --- the thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._running:
+                self._drain_commands(block=not self.engine.has_unfinished)
+                if self.engine.has_unfinished:
+                    outputs = self.engine.step()
+                    if outputs:
+                        self._dispatch(outputs)
+        except BaseException as exc:
+            self.error = exc
+            log.exception("engine thread crashed")
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._fail_all, exc)
+        finally:
+            self._running = False
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(exc)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=_IDLE_WAIT_S) if block else \
+                self._commands.get_nowait()
+        except queue.Empty:
+            self.engine.allocator.release_quarantined(time.monotonic())
+            return
+        command()
+        while True:
+            try:
+                self._commands.get_nowait()()
+            except queue.Empty:
+                return
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+        for listener in self.step_listeners:
+            listener(outputs)
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
