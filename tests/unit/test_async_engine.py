@@ -49,7 +49,7 @@ async def test_abandoned_stream_aborts_and_frees_pages(tiny_engine) -> None:
     engine = AsyncEngine(tiny_engine())
     await engine.start()
     try:
-        stream = engine.generate("long", list(range(40)), SamplingParams(max_tokens=500,
+        stream = engine.generate("long", list(range(40)), SamplingParams(max_tokens=400,
                                                                          temperature=0))
         async for _ in stream:
             break
