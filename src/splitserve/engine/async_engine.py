@@ -61,8 +61,12 @@ class AsyncEngine:
         return self._running and self._thread is not None and self._thread.is_alive()
 
     # --- commands --------------------------------------------------------------------
-    def call(self, fn: Callable[[Engine], T]) -> asyncio.Future[T]:
-        """Run `fn(engine)` on the engine thread between two steps."""
+    def call(self, fn: Callable[[Engine], T], dispatch: bool = False) -> asyncio.Future[T]:
+        """Run `fn(engine)` on the engine thread between two steps.
+
+        With `dispatch`, a RequestOutput that `fn` returns also goes to its request's
+        stream, ahead of anything a later step produces for it.
+        """
         if not self.is_running or self._loop is None:
             raise EngineStopped("engine is not running")
         loop = self._loop
@@ -71,6 +75,8 @@ class AsyncEngine:
         def command() -> None:
             try:
                 result = fn(self.engine)
+                if dispatch and isinstance(result, RequestOutput):
+                    self._dispatch([result])
             except BaseException as exc:  # handed to the awaiting caller
                 loop.call_soon_threadsafe(_set_exception, fut, exc)
             else:

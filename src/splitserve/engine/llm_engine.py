@@ -19,6 +19,7 @@ from splitserve.engine.errors import CapacityExceeded, DuplicateRequest, Invalid
 from splitserve.engine.kv_pool import KVPool, PageGeometry, dtype_from_name
 from splitserve.engine.output import OutputTracker, RequestOutput
 from splitserve.engine.page_allocator import PageAllocator
+from splitserve.engine.remote_prefill import LandingPlan, RemotePrefills
 from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.scheduler import Scheduler
@@ -49,7 +50,10 @@ class Engine:
                                    config.max_num_batched_tokens)
         attention = make_attention(config.attention_backend, self.pool, mc.head_dim**-0.5)
         self.runner = ModelRunner(loaded.model, attention)
+        self.remote = RemotePrefills(self.allocator, self.scheduler, self._copy_page)
+        self.scheduler.release_hook = self.remote.release_landing
         self._trackers: dict[str, OutputTracker] = {}
+        self._held: dict[str, Sequence] = {}  # finished prefills whose pages await transfer
         self.num_steps = 0
         log.info("engine ready: model %s (%s) on %s, %s attention, %d pages of %d tokens "
                  "(%.0f MiB KV)", loaded.source, loaded.fingerprint, device,
@@ -85,9 +89,20 @@ class Engine:
                 f"({self.max_model_len})")
 
     def add_request(
+        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
+        hold_pages: bool = False,
+    ) -> Sequence:
+        """Queue a request. With `hold_pages` its pages outlive it until `release_held`."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params)
+        seq.hold_pages = hold_pages
+        self.scheduler.add(seq)
+        log.debug("request %s admitted: %d prompt tokens", request_id, len(prompt_token_ids))
+        return seq
+
+    def _new_sequence(
         self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams
     ) -> Sequence:
-        if request_id in self._trackers:
+        if request_id in self._trackers or request_id in self._held:
             raise DuplicateRequest(request_id)
         self.validate(prompt_token_ids, params)
         num_pages = -(-(len(prompt_token_ids) + params.max_tokens) // self.config.page_size)
@@ -99,15 +114,49 @@ class Engine:
                        torch.Generator().manual_seed(seed), time.monotonic())
         self._trackers[request_id] = OutputTracker(seq, self.tokenizer,
                                                    self.loaded.config.eos_token_ids)
-        self.scheduler.add(seq)
-        log.debug("request %s admitted: %d prompt tokens", request_id, len(prompt_token_ids))
         return seq
+
+    # --- remote prefill (see remote_prefill.py) ------------------------------------------
+    def reserve_remote(
+        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
+        attempt: int, release_at: float,
+    ) -> LandingPlan | None:
+        """Landing pages for a remote prefill, or None if the pool has no room now."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params)
+        plan = self.remote.reserve(seq, attempt, release_at)
+        if plan is None:
+            del self._trackers[request_id]
+        return plan
+
+    def accept_remote(self, request_id: str, attempt: int, first_token: int
+                      ) -> RequestOutput | None:
+        """The prompt's KV has landed: start decoding after `first_token`. None if stale."""
+        vocab = self.loaded.config.vocab_size
+        if not 0 <= first_token < vocab or self.remote.plan(request_id) is None:
+            return None
+        seq = self.remote.accept(request_id, attempt)
+        if seq is None:
+            return None
+        return self._append_token(seq, first_token, time.monotonic())
+
+    def fallback_remote(self, request_id: str) -> bool:
+        """No KVReady in time: prefill locally instead (the landing pages stay fenced)."""
+        return self.remote.fallback(request_id) is not None
+
+    def held_pages(self, request_id: str) -> list[int]:
+        return list(self._held[request_id].page_ids)
+
+    def release_held(self, request_id: str) -> None:
+        seq = self._held.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.release_pages(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         tracker = self._trackers.pop(request_id, None)
         if tracker is None:
             return None
-        self.scheduler.finish(tracker.seq)
+        if self.remote.abort(request_id) is None:
+            self.scheduler.finish(tracker.seq)
         return tracker.abort()
 
     @property
@@ -128,21 +177,24 @@ class Engine:
         return self._postprocess(plan.scheduled, sampled)
 
     def _postprocess(self, scheduled, sampled) -> list[RequestOutput]:  # type: ignore[no-untyped-def]
-        outputs = []
         now = time.monotonic()
-        for item, token_id in zip(scheduled, sampled):
-            if token_id is None:
-                continue
-            seq = item.seq
-            seq.token_ids.append(token_id)
-            if seq.first_token_s is None:
-                seq.first_token_s = now
-            out = self._trackers[seq.request_id].append(token_id)
-            if out.finished:
-                self.scheduler.finish(seq)
-                del self._trackers[seq.request_id]
-            outputs.append(out)
-        return outputs
+        return [self._append_token(item.seq, token_id, now)
+                for item, token_id in zip(scheduled, sampled) if token_id is not None]
+
+    def _append_token(self, seq: Sequence, token_id: int, now: float) -> RequestOutput:
+        seq.token_ids.append(token_id)
+        if seq.first_token_s is None:
+            seq.first_token_s = now
+        out = self._trackers[seq.request_id].append(token_id)
+        if out.finished:
+            self.scheduler.finish(seq, keep_pages=seq.hold_pages)
+            if seq.hold_pages:
+                self._held[seq.request_id] = seq
+            del self._trackers[seq.request_id]
+        return out
+
+    def _copy_page(self, src: int, dst: int) -> None:
+        self.pool.tensor[dst].copy_(self.pool.tensor[src])
 
     # --- conveniences -----------------------------------------------------------------
     def generate(

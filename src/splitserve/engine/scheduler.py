@@ -14,6 +14,7 @@ cache) and it goes back to the front of the waiting queue, to be recomputed.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -56,6 +57,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Called before a sequence's pages are freed; pages it removes from
+        # `seq.page_ids` are not freed (remote prefill quarantines landing pages).
+        self.release_hook: Callable[[Sequence], None] | None = None
 
     @property
     def has_work(self) -> bool:
@@ -81,11 +85,11 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            self._take_cached_prefix(seq)
+            self.take_cached_prefix(seq)
             num_new = min(seq.num_uncomputed_tokens, budget)
             num_pages = self._num_pages_needed(seq, num_new)
             if not self.allocator.can_allocate(num_pages):
-                self._release_pages(seq)  # cached pages must not sit idle in the queue
+                self.release_pages(seq)  # cached pages must not sit idle in the queue
                 break
             seq.page_ids += self.allocator.allocate(num_pages)
             self.waiting.popleft()
@@ -102,14 +106,15 @@ class Scheduler:
             seq.num_computed_tokens += item.num_new_tokens
             self._publish_full_pages(seq)
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence and free its pages."""
+    def finish(self, seq: Sequence, keep_pages: bool = False) -> None:
+        """Remove a finished or aborted sequence and free its pages (unless kept,
+        for a prefill whose pages still have to be transferred)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.allocator.free(seq.page_ids)
-        seq.page_ids = []
+        if not keep_pages:
+            self.release_pages(seq)
         seq.status = SequenceStatus.FINISHED
 
     # --- internals ----------------------------------------------------------------
@@ -131,19 +136,21 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self._release_pages(seq)
+        self.release_pages(seq)
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _release_pages(self, seq: Sequence) -> None:
+    def release_pages(self, seq: Sequence) -> None:
+        if self.release_hook is not None:
+            self.release_hook(seq)
         self.allocator.free(seq.page_ids)
         seq.page_ids = []
         seq.num_computed_tokens = 0
         seq.num_cached_pages_published = 0
 
-    def _take_cached_prefix(self, seq: Sequence) -> None:
+    def take_cached_prefix(self, seq: Sequence) -> None:
         self._extend_hashes(seq, seq.num_tokens)
         # At least one token must be computed: it yields the logits to sample from.
         max_pages = (seq.num_tokens - 1) // self.page_size

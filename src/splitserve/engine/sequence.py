@@ -44,6 +44,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_cached_pages_published: int = 0
     num_preemptions: int = 0
+    hold_pages: bool = False  # keep pages after finishing (prefill for transfer)
     finish_reason: FinishReason | None = None
     first_token_s: float | None = None
 

@@ -1,0 +1,143 @@
+"""Sequences whose prompt is prefilled by another worker, on both sides of the transfer.
+
+Decode side (the fence invariant, ARCHITECTURE.md):
+1. `reserve`: the sequence takes its cached prefix pages and fresh *landing pages*
+   for the rest of the prompt; it is not scheduled yet.
+2. `accept` (KVReady of the current attempt): the prompt's last, partially filled
+   landing page is copied into a page the sequence owns, so generated tokens never
+   go into a page a late write could still reach; the sequence joins the running batch.
+3. Whenever the sequence lets go of an attempt's landing pages (finish, abort,
+   fallback), they are quarantined until the lease deadline plus the skew margin,
+   never freed, and they are never published to the prefix cache.
+`fallback` gives up on the remote attempt and queues the sequence for local prefill.
+
+Prefill side: `hold` runs a prompt in this engine and keeps its pages after the
+first token is sampled, until `release` (after the transfer completed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from splitserve.engine.page_allocator import PageAllocator
+from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class LandingPlan:
+    """Where a remote prefill must write: pages for tokens [num_cached_tokens, prompt_len)."""
+
+    request_id: str
+    attempt: int
+    num_cached_tokens: int
+    landing_page_ids: list[int]
+    release_at: float  # monotonic time after which the landing pages may be reused
+
+
+@dataclass
+class _Remote:
+    seq: Sequence
+    plan: LandingPlan
+
+
+@dataclass
+class RemotePrefills:
+    allocator: PageAllocator
+    scheduler: Scheduler
+    copy_page: object  # Callable[[int, int], None]: copy all layers of one page to another
+    _pending: dict[str, _Remote] = field(default_factory=dict)
+    # landing pages still held by running sequences: request id → (page ids, release time)
+    _held_landing: dict[str, tuple[list[int], float]] = field(default_factory=dict)
+    num_accepted: int = 0
+    num_fallbacks: int = 0
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
+    def is_pending(self, request_id: str) -> bool:
+        return request_id in self._pending
+
+    def reserve(self, seq: Sequence, attempt: int, release_at: float) -> LandingPlan | None:
+        """Cached prefix + landing pages for `seq`, or None when the pool cannot hold them."""
+        ps = self.allocator.page_size
+        self.scheduler.take_cached_prefix(seq)
+        num_cached = seq.num_computed_tokens
+        num_landing = -(-seq.num_prompt_tokens // ps) - len(seq.page_ids)
+        if not self.allocator.can_allocate(num_landing):
+            self.scheduler.release_pages(seq)
+            return None
+        landing = self.allocator.allocate(num_landing)
+        seq.page_ids += landing
+        # Landing pages never enter the prefix cache (a late write may still reach them).
+        seq.num_cached_pages_published = len(seq.page_ids)
+        plan = LandingPlan(seq.request_id, attempt, num_cached, landing, release_at)
+        self._pending[seq.request_id] = _Remote(seq, plan)
+        return plan
+
+    def plan(self, request_id: str) -> LandingPlan | None:
+        remote = self._pending.get(request_id)
+        return remote.plan if remote else None
+
+    def accept(self, request_id: str, attempt: int) -> Sequence | None:
+        """KVReady arrived: move the sequence into the running batch. None if stale."""
+        remote = self._pending.get(request_id)
+        if remote is None or remote.plan.attempt != attempt:
+            return None
+        del self._pending[request_id]
+        seq, plan = remote.seq, remote.plan
+        ps = self.allocator.page_size
+        landing = list(plan.landing_page_ids)
+        if seq.num_prompt_tokens % ps and landing:
+            # Fence: the partial last page gets an owned copy before tokens are appended.
+            [owned] = self.allocator.allocate(1)
+            self.copy_page(landing[-1], owned)  # type: ignore[operator]
+            seq.page_ids[-1] = owned
+        self._held_landing[request_id] = (landing, plan.release_at)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
+        self.num_accepted += 1
+        return seq
+
+    def fallback(self, request_id: str) -> Sequence | None:
+        """Give up on the remote attempt: quarantine its pages, queue a local prefill."""
+        seq = self._drop_pending(request_id)
+        if seq is None:
+            return None
+        seq.status = SequenceStatus.WAITING
+        self.scheduler.waiting.appendleft(seq)
+        self.num_fallbacks += 1
+        return seq
+
+    def abort(self, request_id: str) -> Sequence | None:
+        return self._drop_pending(request_id)
+
+    def release_landing(self, seq: Sequence) -> None:
+        """When an accepted sequence lets go of its pages (finish, abort, preemption):
+        its landing pages go to quarantine until the lease has surely expired."""
+        landing, release_at = self._held_landing.pop(seq.request_id, ([], 0.0))
+        if landing:
+            self.allocator.quarantine(landing, release_at)
+            landing_set = set(landing)
+            seq.page_ids = [p for p in seq.page_ids if p not in landing_set]
+
+    def _drop_pending(self, request_id: str) -> Sequence | None:
+        remote = self._pending.pop(request_id, None)
+        if remote is None:
+            return None
+        seq, plan = remote.seq, remote.plan
+        landing_set = set(plan.landing_page_ids)
+        self.allocator.quarantine(plan.landing_page_ids, plan.release_at)
+        self.allocator.free([p for p in seq.page_ids if p not in landing_set])
+        seq.page_ids = []
+        seq.num_computed_tokens = 0
+        seq.num_cached_pages_published = 0
+        return seq
+
+
+def monotonic_deadline(unix_deadline_s: float, margin_s: float) -> float:
+    """Convert a unix-time lease deadline (+ margin) to this process's monotonic clock."""
+    return time.monotonic() + (unix_deadline_s + margin_s - time.time())

@@ -1,0 +1,154 @@
+"""Remote prefill in the engine: landing pages, accept, fallback and the fence invariant.
+
+A second engine plays the prefill worker; its pages are copied into the decode
+engine's landing pages by id (what a NIXL write does between processes; the real
+transfer is tested in tests/integration).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from splitserve.engine.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0)
+FAR = 1e12  # a release time that is never reached in a test
+
+
+def remote_prefill(prefill, decode, request_id, prompt, plan) -> int:
+    """Run the prompt on `prefill`, copy its pages into `plan`'s landing pages."""
+    prefill.add_request(request_id, prompt, SamplingParams(max_tokens=1, temperature=0),
+                        hold_pages=True)
+    outs = []
+    while prefill.has_unfinished:
+        outs += prefill.step()
+    first_token = outs[-1].new_token_ids[0]
+    ps = prefill.config.page_size
+    src = prefill.held_pages(request_id)[plan.num_cached_tokens // ps: -(-len(prompt) // ps)]
+    assert len(src) == len(plan.landing_page_ids)
+    decode.pool.tensor[plan.landing_page_ids] = prefill.pool.tensor[src]
+    prefill.release_held(request_id)
+    return first_token
+
+
+def run_to_end(engine, request_id) -> list[int]:
+    tokens = []
+    while engine.has_unfinished:
+        tokens += [t for o in engine.step() if o.request_id == request_id
+                   for t in o.new_token_ids]
+    return tokens
+
+
+@pytest.mark.parametrize("prompt_len", [13, 16, 1])  # partial last page, exact pages, tiny
+def test_remote_prefill_equals_local(tiny_engine, prompt_len) -> None:
+    prompt = [(7 * i + 3) % 500 for i in range(prompt_len)]
+    [expected] = tiny_engine().generate([prompt], GREEDY)
+    decode, prefill = tiny_engine(), tiny_engine()
+    plan = decode.reserve_remote("r", prompt, GREEDY, attempt=1, release_at=FAR)
+    assert plan is not None and plan.num_cached_tokens == 0
+    assert len(plan.landing_page_ids) == -(-prompt_len // 4)
+    first = remote_prefill(prefill, decode, "r", prompt, plan)
+    out = decode.accept_remote("r", 1, first)
+    assert out is not None and out.new_token_ids == [first]
+    assert [first] + run_to_end(decode, "r") == expected
+    assert prefill.allocator.num_used_pages == 0  # released after the "transfer"
+    # landing pages are quarantined, not free, until the lease has expired
+    assert decode.allocator.num_quarantined_pages == len(plan.landing_page_ids)
+    assert decode.allocator.num_used_pages == 0
+
+
+def test_prefix_cache_hit_sends_only_the_tail(tiny_engine) -> None:
+    shared = list(range(200, 224))  # 6 full pages
+    decode, prefill = tiny_engine(), tiny_engine()
+    decode.generate([shared + [1, 2]], GREEDY)
+    prompt = shared + [5, 6, 7, 8, 9]
+    [expected] = tiny_engine().generate([prompt], GREEDY)
+    plan = decode.reserve_remote("r", prompt, GREEDY, attempt=1, release_at=FAR)
+    assert plan.num_cached_tokens == 24 and len(plan.landing_page_ids) == 2
+    first = remote_prefill(prefill, decode, "r", prompt, plan)
+    decode.accept_remote("r", 1, first)
+    assert [first] + run_to_end(decode, "r") == expected
+
+
+def test_late_write_to_the_partial_landing_page_cannot_corrupt(tiny_engine) -> None:
+    prompt = list(range(30, 43))  # 13 tokens: the 4th landing page is partial
+    [expected] = tiny_engine().generate([prompt], GREEDY)
+    decode, prefill = tiny_engine(), tiny_engine()
+    plan = decode.reserve_remote("r", prompt, GREEDY, attempt=1, release_at=FAR)
+    first = remote_prefill(prefill, decode, "r", prompt, plan)
+    decode.accept_remote("r", 1, first)
+    tokens = [first] + [t for o in decode.step() for t in o.new_token_ids]
+    decode.pool.tensor[plan.landing_page_ids[-1]] = float("nan")  # a duplicate write lands
+    assert tokens + run_to_end(decode, "r") == expected
+
+
+def test_stale_or_duplicate_kv_ready_is_ignored(tiny_engine) -> None:
+    decode = tiny_engine()
+    plan = decode.reserve_remote("r", [1, 2, 3], GREEDY, attempt=2, release_at=FAR)
+    assert plan is not None
+    assert decode.accept_remote("r", 1, 5) is None  # old attempt
+    assert decode.accept_remote("other", 2, 5) is None  # unknown request
+    assert decode.accept_remote("r", 2, 10**9) is None  # corrupt token id
+    assert decode.accept_remote("r", 2, 5) is not None
+    assert decode.accept_remote("r", 2, 5) is None  # duplicate
+
+
+def test_fallback_recomputes_locally_and_fences_old_landing_pages(tiny_engine) -> None:
+    prompt = list(range(60, 77))
+    [expected] = tiny_engine().generate([prompt], GREEDY)
+    decode = tiny_engine(num_pages=16)
+    release_at = time.monotonic() + 0.3
+    plan = decode.reserve_remote("r", prompt, GREEDY, attempt=1, release_at=release_at)
+    assert decode.fallback_remote("r")
+    assert decode.allocator.num_quarantined_pages == len(plan.landing_page_ids)
+    zombie = list(plan.landing_page_ids)
+    tokens = []
+    while decode.has_unfinished:
+        # a zombie prefill writes garbage into the old landing pages the whole time
+        decode.pool.tensor[zombie] = float("nan")
+        assert not set(zombie) & {p for s in decode.scheduler.running for p in s.page_ids}
+        tokens += [t for o in decode.step() for t in o.new_token_ids]
+    assert tokens == expected
+    assert decode.accept_remote("r", 1, 3) is None  # its KVReady arrives too late
+    assert decode.allocator.num_quarantined_pages == len(zombie)
+    time.sleep(max(0.0, release_at - time.monotonic()))
+    decode.allocator.release_quarantined(time.monotonic())
+    assert decode.allocator.num_free_pages == 16
+
+
+def test_reserve_without_room_returns_none_and_leaks_nothing(tiny_engine) -> None:
+    decode = tiny_engine(num_pages=8)
+    decode.add_request("big", list(range(20)), SamplingParams(max_tokens=4, temperature=0))
+    decode.step()
+    other = list(range(300, 320))  # no prefix in common with "big"
+    assert decode.reserve_remote("r", other, GREEDY, 1, FAR) is None
+    run_to_end(decode, "big")
+    assert decode.allocator.num_used_pages == 0
+    assert decode.reserve_remote("r", other, GREEDY, 1, FAR) is not None
+
+
+def test_abort_while_waiting_for_kv_quarantines_landing_pages(tiny_engine) -> None:
+    decode = tiny_engine()
+    plan = decode.reserve_remote("r", list(range(9)), GREEDY, 1, FAR)
+    out = decode.abort("r")
+    assert out.finish_reason.value == "abort"
+    assert decode.allocator.num_quarantined_pages == len(plan.landing_page_ids)
+    assert decode.allocator.num_used_pages == 0
+
+
+def test_preempted_remote_sequence_keeps_fence(tiny_engine) -> None:
+    decode, prefill = tiny_engine(num_pages=12), tiny_engine()
+    prompt = list(range(9))
+    plan = decode.reserve_remote("r", prompt, SamplingParams(max_tokens=30, temperature=0),
+                                 1, FAR)
+    first = remote_prefill(prefill, decode, "r", prompt, plan)
+    decode.accept_remote("r", 1, first)
+    decode.add_request("hog", list(range(100, 120)), SamplingParams(max_tokens=8,
+                                                                     temperature=0))
+    while decode.has_unfinished:
+        decode.step()
+    assert decode.allocator.num_quarantined_pages == len(plan.landing_page_ids)
+    assert torch.isfinite(decode.pool.tensor).all()
