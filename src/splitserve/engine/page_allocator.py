@@ -131,6 +131,17 @@ class PageAllocator:
         self.num_cache_hits += len(page_ids) * self.page_size
         return page_ids
 
+    def count_cached_prefix(self, hashes: Sequence[bytes]) -> int:
+        """How many leading pages of `hashes` the cache holds (takes no references)."""
+        if not self.enable_prefix_cache:
+            return 0
+        count = 0
+        for h in hashes:
+            if h not in self._page_of_hash:
+                break
+            count += 1
+        return count
+
     def cache_pages(self, page_ids: Sequence[int], hashes: Sequence[bytes]) -> None:
         """Publish full, computed pages under their hashes (first writer wins)."""
         if not self.enable_prefix_cache:

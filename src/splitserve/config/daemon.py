@@ -1,0 +1,125 @@
+"""Typed configs of the daemons and of `splitserve up`, loaded from YAML."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from splitserve.config.schema import EngineConfig, from_mapping
+from splitserve.errors import ConfigError
+from splitserve.routing.offload import RoutingConfig
+
+
+@dataclass(frozen=True)
+class LeaseConfig:
+    """Remote-prefill leases (the fence invariant).
+
+    A job's lease is `base_s + per_token_ms · prompt tokens`: long enough for the
+    queue wait and the prefill, short enough that a lost job is retried quickly.
+    A decode worker reuses landing pages only after deadline + skew_margin_s; a
+    prefill worker posts no transfer after deadline − skew_margin_s.
+    """
+
+    base_s: float = 5.0
+    per_token_ms: float = 5.0
+    skew_margin_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.base_s <= 0 or self.per_token_ms < 0 or self.skew_margin_s < 0:
+            raise ConfigError("lease", "base_s must be > 0, per_token_ms and skew_margin_s >= 0")
+
+
+@dataclass(frozen=True)
+class PrefillRoleConfig:
+    max_batch_jobs: int = 8
+    batch_window_ms: float = 5.0  # wait this long for more jobs once one arrived
+    nak_delay_s: float = 0.5  # retryable failure: redeliver after this
+    transfer_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_jobs < 1:
+            raise ConfigError("prefill.max_batch_jobs", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One worker daemon (`splitserve decode|prefill --config F`)."""
+
+    role: Literal["decode", "prefill"] = "decode"
+    worker_id: str = ""  # "" → <role>-<hostname>-<pid>
+    grpc_address: str = "127.0.0.1:50051"
+    nats_url: str = "nats://127.0.0.1:4222"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
+    prefill: PrefillRoleConfig = field(default_factory=PrefillRoleConfig)
+    cpu_threads: int | None = None
+    cpu_affinity: tuple[int, ...] | None = None
+    drain_grace_s: float = 30.0
+    stats_interval_s: float = 1.0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def resolved_worker_id(self) -> str:
+        if self.worker_id:
+            return self.worker_id
+        host = socket.gethostname().split(".")[0].replace("_", "-")
+        return f"{self.role}-{host}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """`splitserve up`: a NATS server and workers on this machine."""
+
+    state_dir: str = "state"
+    nats_port: int = 4222
+    num_prefill_workers: int = 1
+    num_decode_workers: int = 1
+    base_grpc_port: int = 50051  # decode workers first, then prefill workers
+    worker: WorkerConfig = field(default_factory=WorkerConfig)  # template for every worker
+    pin_cores: bool = False  # worker i on core i mod cpu_count, one torch thread each
+    ready_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        if self.num_decode_workers < 1:
+            raise ConfigError("num_decode_workers", "at least one decode worker is needed")
+        if self.num_prefill_workers < 0:
+            raise ConfigError("num_prefill_workers", "must be >= 0")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read config: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "the top level must be a mapping")
+    return data
+
+
+def load_worker_config(path: str | Path, role: str | None = None) -> WorkerConfig:
+    data = load_yaml(path)
+    config = from_mapping(WorkerConfig, data)
+    if role is not None and data.get("role", role) != role:
+        raise ConfigError("role", f"config says {data['role']!r} but this is the {role} daemon")
+    return replace(config, role=role) if role else config  # type: ignore[arg-type]
+
+
+def load_cluster_config(path: str | Path) -> ClusterConfig:
+    return from_mapping(ClusterConfig, load_yaml(path))
+
+
+def config_hash(path: str | Path) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    except OSError:
+        return ""

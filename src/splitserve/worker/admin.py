@@ -1,0 +1,99 @@
+"""The Admin service's view of a worker of either role."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from splitserve.control.backend import (
+    DRAINING,
+    SERVING,
+    StatusCounters,
+    WorkerInfo,
+    WorkerStatus,
+)
+from splitserve.control.tracker import RequestTracker
+from splitserve.rpc.worker_pb2 import WorkerDescriptor
+from splitserve.worker.core import WorkerCore
+
+log = logging.getLogger(__name__)
+
+
+class WorkerAdminBackend:
+    """`control.backend.AdminBackend` for a worker daemon (decode or prefill role)."""
+
+    def __init__(self, core: WorkerCore, config_hash: str, role_service: object) -> None:
+        self.core = core
+        self.config_hash = config_hash
+        self.role_service = role_service  # DecodeService or PrefillService
+        self.tracker = RequestTracker()
+        self._draining = False
+
+    def is_draining(self) -> bool:
+        return self._draining
+
+    async def status(self) -> WorkerStatus:
+        core = self.core
+        engine = core.engine
+        assert engine is not None
+        alloc = engine.allocator
+        c = core.counters
+        transfers = core.agent.counters if core.agent is not None else None
+        in_flight = getattr(self.role_service, "num_in_flight", 0)
+        return WorkerStatus(
+            role=core.role, worker_id=core.worker_id, config_hash=self.config_hash,
+            state=DRAINING if self._draining else SERVING,
+            num_pages_used=alloc.num_used_pages, num_pages_free=alloc.num_free_pages,
+            num_pages_quarantined=alloc.num_quarantined_pages, num_pages_total=alloc.num_pages,
+            num_waiting=len(engine.scheduler.waiting) + engine.remote.num_pending,
+            num_running=len(engine.scheduler.running),
+            num_in_flight=max(self.tracker.num_in_flight, in_flight),
+            uptime_s=time.monotonic() - core.started_s,
+            counters=StatusCounters(
+                num_local_prefills=c.num_local_prefills,
+                num_remote_prefills=c.num_remote_prefills,
+                num_transfers=transfers.num_transfers if transfers else 0,
+                num_transfer_failures=transfers.num_failures if transfers else 0,
+                num_fallbacks=c.num_fallbacks,
+                num_rejects=c.num_rejects + self.tracker.num_rejects,
+                num_requests_finished=c.num_finished,
+            ),
+            model_fingerprint=engine.loaded.fingerprint,
+        )
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        registry = self.core.registry
+        if registry is None:
+            return []
+        workers = []
+        for worker_id, data in sorted((await registry.list()).items()):
+            try:
+                d = WorkerDescriptor.FromString(data)
+            except Exception:  # a foreign or corrupt entry must not break the listing
+                log.warning("registry entry %s is not a WorkerDescriptor", worker_id)
+                continue
+            workers.append(WorkerInfo(
+                worker_id=worker_id, role=d.role, grpc_address=d.grpc_address,
+                num_pages=d.num_pages, page_size=d.geometry.page_size, dtype=d.dtype,
+                model_fingerprint=d.model_fingerprint))
+        return workers
+
+    async def drain(self, grace_s: float) -> str:
+        self._draining = True
+        drain = getattr(self.role_service, "drain", None)
+        if drain is not None:
+            await drain()
+        deadline = time.monotonic() + grace_s
+        await self.tracker.wait_idle(grace_s)
+        while getattr(self.role_service, "num_in_flight", 0) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return DRAINING
+
+    async def resume(self) -> str:
+        self._draining = False
+        resume = getattr(self.role_service, "resume", None)
+        if resume is not None:
+            resume()
+        return SERVING
+

@@ -1,0 +1,140 @@
+"""What every worker has, whatever its role: engine, transfer agent, broker, registry.
+
+The role (decode or prefill) is a separate object using this core, so a drained
+worker can later switch roles without a second code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from splitserve.config.daemon import WorkerConfig
+from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.llm_engine import Engine
+from splitserve.queue.connection import BrokerConnection, connect
+from splitserve.queue.registry import WorkerRegistry
+from splitserve.queue.settings import BucketSettings, PrefillQueueSettings
+from splitserve.queue.stats import publish_stats
+from splitserve.queue.streams import ensure_messaging
+from splitserve.rpc.jobs_pb2 import WorkerStats
+from splitserve.rpc.worker_pb2 import WorkerDescriptor
+from splitserve.transfer.agent import TransferAgent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerCounters:
+    num_local_prefills: int = 0
+    num_remote_prefills: int = 0  # decode: accepted KVReady; prefill: jobs transferred
+    num_fallbacks: int = 0
+    num_rejects: int = 0
+    num_finished: int = 0
+    num_expired_jobs: int = 0
+    num_stale_notifications: int = 0
+    ttft_ms: list[float] = field(default_factory=list)  # last window, for stats
+
+
+def apply_cpu_settings(config: WorkerConfig) -> None:
+    """Pin the process and size torch's thread pool (one core per worker in benchmarks)."""
+    if config.cpu_affinity:
+        os.sched_setaffinity(0, set(config.cpu_affinity))
+    threads = config.cpu_threads or config.engine.cpu_threads or (
+        len(config.cpu_affinity) if config.cpu_affinity else None)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+class WorkerCore:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.worker_id = config.resolved_worker_id()
+        self.role = config.role
+        self.counters = WorkerCounters()
+        self.started_s = time.monotonic()
+        self.queue_settings = PrefillQueueSettings()
+        self.bucket_settings = BucketSettings()
+        self.engine: Engine | None = None
+        self.async_engine: AsyncEngine | None = None
+        self.agent: TransferAgent | None = None
+        self.broker: BrokerConnection | None = None
+        self.registry: WorkerRegistry | None = None
+        self._stats_task: asyncio.Task[None] | None = None
+
+    async def start_engine(self) -> AsyncEngine:
+        apply_cpu_settings(self.config)
+        engine_config = self.config.engine
+        if self.config.cpu_threads:
+            engine_config = replace(engine_config, cpu_threads=self.config.cpu_threads)
+        self.engine = await asyncio.to_thread(Engine.from_config, engine_config)
+        self.async_engine = AsyncEngine(self.engine)
+        await self.async_engine.start()
+        return self.async_engine
+
+    async def start_messaging(self, grpc_address: str) -> None:
+        """Register the pool with NIXL, connect to NATS, publish our descriptor."""
+        assert self.engine is not None
+        self.agent = TransferAgent(self.worker_id, self.engine.pool,
+                                   self.engine.loaded.fingerprint, self.role, grpc_address)
+        self.broker = await connect(self.config.nats_url, name=self.worker_id)
+        await ensure_messaging(self.broker.js, self.queue_settings, self.bucket_settings)
+        self.registry = await WorkerRegistry.open(self.broker.js, self.bucket_settings)
+        await self.registry.register(self.worker_id, self.agent.descriptor.SerializeToString())
+        self._stats_task = asyncio.create_task(self._publish_stats_forever())
+        log.info("worker %s (%s) registered; gRPC on %s", self.worker_id, self.role,
+                 grpc_address)
+
+    async def peer_descriptor(self, worker_id: str) -> WorkerDescriptor | None:
+        assert self.registry is not None
+        data = await self.registry.get(worker_id)
+        return None if data is None else WorkerDescriptor.FromString(data)
+
+    async def stop(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+        if self.registry is not None:
+            try:
+                await self.registry.deregister(self.worker_id)
+                await self.registry.close()
+            except Exception as exc:  # the broker may be gone; the TTL cleans up
+                log.warning("worker %s: deregistration failed: %r", self.worker_id, exc)
+        if self.broker is not None:
+            await self.broker.close()
+        if self.async_engine is not None:
+            await self.async_engine.stop()
+        if self.agent is not None:
+            self.agent.close()
+
+    def stats(self) -> WorkerStats:
+        assert self.engine is not None
+        alloc = self.engine.allocator
+        ttft = sorted(self.counters.ttft_ms)
+        self.counters.ttft_ms = []
+        return WorkerStats(
+            worker_id=self.worker_id, role=self.role,
+            queue_depth=len(self.engine.scheduler.waiting),
+            num_kv_pages_used=alloc.num_used_pages, num_kv_pages_free=alloc.num_free_pages,
+            num_kv_pages_quarantined=alloc.num_quarantined_pages,
+            ttft_p50_ms=_percentile(ttft, 0.5), ttft_p99_ms=_percentile(ttft, 0.99),
+            num_local_prefills=self.counters.num_local_prefills,
+            num_remote_prefills=self.counters.num_remote_prefills,
+            num_rejects=self.counters.num_rejects, timestamp_unix_ns=time.time_ns(),
+        )
+
+    async def _publish_stats_forever(self) -> None:
+        assert self.broker is not None
+        while True:
+            await asyncio.sleep(self.config.stats_interval_s)
+            await publish_stats(self.broker.nc, self.stats())
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
