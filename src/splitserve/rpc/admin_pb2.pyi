@@ -1,0 +1,124 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ServingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SERVING_STATE_UNSPECIFIED: _ClassVar[ServingState]
+    SERVING_STATE_SERVING: _ClassVar[ServingState]
+    SERVING_STATE_DRAINING: _ClassVar[ServingState]
+SERVING_STATE_UNSPECIFIED: ServingState
+SERVING_STATE_SERVING: ServingState
+SERVING_STATE_DRAINING: ServingState
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("role", "worker_id", "config_hash", "state", "num_pages_used", "num_pages_free", "num_pages_quarantined", "num_pages_total", "num_waiting", "num_running", "num_in_flight", "counters", "config_reload_error", "uptime_s", "model_fingerprint")
+    class Counters(_message.Message):
+        __slots__ = ("num_local_prefills", "num_remote_prefills", "num_transfers", "num_transfer_failures", "num_fallbacks", "num_rejects", "num_requests_finished")
+        NUM_LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
+        NUM_REMOTE_PREFILLS_FIELD_NUMBER: _ClassVar[int]
+        NUM_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+        NUM_TRANSFER_FAILURES_FIELD_NUMBER: _ClassVar[int]
+        NUM_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+        NUM_REJECTS_FIELD_NUMBER: _ClassVar[int]
+        NUM_REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
+        num_local_prefills: int
+        num_remote_prefills: int
+        num_transfers: int
+        num_transfer_failures: int
+        num_fallbacks: int
+        num_rejects: int
+        num_requests_finished: int
+        def __init__(self, num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_transfers: _Optional[int] = ..., num_transfer_failures: _Optional[int] = ..., num_fallbacks: _Optional[int] = ..., num_rejects: _Optional[int] = ..., num_requests_finished: _Optional[int] = ...) -> None: ...
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_USED_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_FREE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_RELOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    worker_id: str
+    config_hash: str
+    state: ServingState
+    num_pages_used: int
+    num_pages_free: int
+    num_pages_quarantined: int
+    num_pages_total: int
+    num_waiting: int
+    num_running: int
+    num_in_flight: int
+    counters: GetStatusResponse.Counters
+    config_reload_error: str
+    uptime_s: float
+    model_fingerprint: str
+    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., state: _Optional[_Union[ServingState, str]] = ..., num_pages_used: _Optional[int] = ..., num_pages_free: _Optional[int] = ..., num_pages_quarantined: _Optional[int] = ..., num_pages_total: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., counters: _Optional[_Union[GetStatusResponse.Counters, _Mapping]] = ..., config_reload_error: _Optional[str] = ..., uptime_s: _Optional[float] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class ListWorkersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerEntry(_message.Message):
+    __slots__ = ("worker_id", "role", "grpc_address", "num_pages", "page_size", "dtype", "model_fingerprint")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    role: str
+    grpc_address: str
+    num_pages: int
+    page_size: int
+    dtype: str
+    model_fingerprint: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., grpc_address: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., dtype: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class ListWorkersResponse(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerEntry]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerEntry, _Mapping]]] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("grace_s",)
+    GRACE_S_FIELD_NUMBER: _ClassVar[int]
+    grace_s: float
+    def __init__(self, grace_s: _Optional[float] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("state", "num_in_flight")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    state: ServingState
+    num_in_flight: int
+    def __init__(self, state: _Optional[_Union[ServingState, str]] = ..., num_in_flight: _Optional[int] = ...) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResumeResponse(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: ServingState
+    def __init__(self, state: _Optional[_Union[ServingState, str]] = ...) -> None: ...
