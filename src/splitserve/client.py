@@ -1,0 +1,194 @@
+"""Client side of the control plane: what `splitserve generate --target` and
+`splitserve admin` call. Imports no torch, so the CLI starts fast.
+
+Failures surface as `RpcFailed` with the status code name and a one-line message
+(`UNAVAILABLE: cannot connect to 10.0.0.5:50051 within 5s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from splitserve.errors import SplitserveError
+from splitserve.rpc import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_CALL_TIMEOUT_S = 30.0
+MAX_MESSAGE_BYTES = 8 << 20  # as the server: a large prompt reaches its validation
+
+
+class RpcFailed(SplitserveError):
+    """A call to a splitserve daemon failed; `code` is the gRPC status code name."""
+
+    def __init__(self, target: str, code: str, details: str) -> None:
+        details = " ".join((details or "").split()) or "(no details)"
+        super().__init__(f"{code}: {details}")
+        self.target = target
+        self.code = code
+        self.details = details
+
+
+@contextlib.asynccontextmanager
+async def connect(target: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+                  ) -> AsyncIterator[grpc.aio.Channel]:
+    """An insecure channel to `target` (host:port), ready, or RpcFailed(UNAVAILABLE)."""
+    channel = grpc.aio.insecure_channel(target, options=[
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ])
+    try:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout_s)
+        except TimeoutError:
+            raise RpcFailed(target, "UNAVAILABLE",
+                            f"cannot connect to {target} within {timeout_s:g}s") from None
+        yield channel
+    finally:
+        await channel.close()
+
+
+def generate_request(
+    text: str | None = None,
+    token_ids: Sequence[int] = (),
+    *,
+    chat: bool = False,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    priority: str = "",
+    request_id: str = "",
+) -> generation_pb2.GenerateRequest:
+    """A GenerateRequest; None leaves a field absent (the server's default applies)."""
+    req = generation_pb2.GenerateRequest(
+        token_ids=token_ids, chat=chat, top_k=top_k, stop=stop, stop_token_ids=stop_token_ids,
+        ignore_eos=ignore_eos, priority=priority, request_id=request_id)
+    if text is not None:
+        req.text = text
+    if max_tokens is not None:
+        req.max_tokens = max_tokens
+    if temperature is not None:
+        req.temperature = temperature
+    if top_p is not None:
+        req.top_p = top_p
+    if seed is not None:
+        req.seed = seed
+    return req
+
+
+async def stream_generate(
+    target: str,
+    request: generation_pb2.GenerateRequest,
+    *,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    timeout_s: float | None = None,
+) -> AsyncIterator[generation_pb2.GenerateChunk]:
+    """Yield the chunks of one Generate call; leaving early cancels the request."""
+    async with connect(target, connect_timeout_s) as channel:
+        call = generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=timeout_s)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise RpcFailed(target, exc.code().name, exc.details() or "") from None
+        finally:
+            call.cancel()  # no-op when the call already ended
+
+
+async def _unary(target: str, method: str, request: Message, connect_timeout_s: float,
+                 timeout_s: float) -> Any:
+    async with connect(target, connect_timeout_s) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        try:
+            return await getattr(stub, method)(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise RpcFailed(target, exc.code().name, exc.details() or "") from None
+
+
+async def admin_status(target: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                       timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> admin_pb2.GetStatusResponse:
+    resp: admin_pb2.GetStatusResponse = await _unary(
+        target, "GetStatus", admin_pb2.GetStatusRequest(), connect_timeout_s, timeout_s)
+    return resp
+
+
+async def admin_workers(target: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                        timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+                        ) -> admin_pb2.ListWorkersResponse:
+    resp: admin_pb2.ListWorkersResponse = await _unary(
+        target, "ListWorkers", admin_pb2.ListWorkersRequest(), connect_timeout_s, timeout_s)
+    return resp
+
+
+async def admin_drain(target: str, grace_s: float, *,
+                      connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+                      ) -> admin_pb2.DrainResponse:
+    """Drain; the call may take up to `grace_s`, so its deadline allows for that."""
+    resp: admin_pb2.DrainResponse = await _unary(
+        target, "Drain", admin_pb2.DrainRequest(grace_s=grace_s), connect_timeout_s,
+        grace_s + DEFAULT_CALL_TIMEOUT_S)
+    return resp
+
+
+async def admin_resume(target: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                       timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> admin_pb2.ResumeResponse:
+    resp: admin_pb2.ResumeResponse = await _unary(
+        target, "Resume", admin_pb2.ResumeRequest(), connect_timeout_s, timeout_s)
+    return resp
+
+
+# --- rendering (CLI output) ----------------------------------------------------------
+def to_json(message: Message) -> str:
+    """Proto3 JSON with the .proto field names and zero values included."""
+    return json_format.MessageToJson(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+def state_name(state: int) -> str:
+    return admin_pb2.ServingState.Name(state).removeprefix("SERVING_STATE_")
+
+
+def status_rows(status: admin_pb2.GetStatusResponse) -> list[tuple[str, str]]:
+    c = status.counters
+    return [
+        ("worker", f"{status.worker_id} ({status.role})"),
+        ("state", state_name(status.state)),
+        ("uptime", f"{status.uptime_s:.1f} s"),
+        ("model", status.model_fingerprint or "-"),
+        ("config hash", status.config_hash or "-"),
+        ("config reload error", status.config_reload_error or "none"),
+        ("KV pages", (f"{status.num_pages_used} used, {status.num_pages_free} free, "
+                      f"{status.num_pages_quarantined} quarantined, "
+                      f"{status.num_pages_total} total")),
+        ("requests", (f"{status.num_in_flight} in flight, {status.num_running} running, "
+                      f"{status.num_waiting} waiting")),
+        ("prefills", (f"{c.num_local_prefills} local, {c.num_remote_prefills} remote, "
+                      f"{c.num_fallbacks} fallbacks")),
+        ("transfers", f"{c.num_transfers} ({c.num_transfer_failures} failed)"),
+        ("finished", str(c.num_requests_finished)),
+        ("rejected", str(c.num_rejects)),
+    ]
+
+
+def worker_rows(workers: admin_pb2.ListWorkersResponse) -> list[tuple[str, ...]]:
+    header = ("WORKER", "ROLE", "ADDRESS", "PAGES", "PAGE SIZE", "DTYPE", "MODEL")
+    return [header] + [(w.worker_id, w.role, w.grpc_address or "-", str(w.num_pages),
+                        str(w.page_size), w.dtype, w.model_fingerprint)
+                       for w in workers.workers]
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
+                     for r in rows)

@@ -1,0 +1,111 @@
+"""`splitserve.v1.Admin` over an `AdminBackend`."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import NoReturn
+
+import grpc
+
+from splitserve.control.backend import DRAINING, SERVING, AdminBackend, WorkerInfo, WorkerStatus
+from splitserve.control.health import HealthStatus
+from splitserve.control.status import status_for
+from splitserve.engine.errors import InvalidRequest
+from splitserve.rpc import admin_pb2 as pb
+from splitserve.rpc import admin_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_GRACE_S = 3600.0
+
+_STATES = {SERVING: pb.SERVING_STATE_SERVING, DRAINING: pb.SERVING_STATE_DRAINING}
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    """Drain and Resume also flip the health service (when given one)."""
+
+    def __init__(self, backend: AdminBackend, health: HealthStatus | None = None) -> None:
+        self.backend = backend
+        self.health = health
+
+    async def GetStatus(self, request: pb.GetStatusRequest,
+                        context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
+        try:
+            return status_to_proto(await self.backend.status())
+        except Exception as exc:  # noqa: BLE001 - every failure gets a deliberate code
+            await _abort(context, exc)
+
+    async def ListWorkers(self, request: pb.ListWorkersRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ListWorkersResponse:
+        try:
+            workers = await self.backend.list_workers()
+        except Exception as exc:  # noqa: BLE001 - every failure gets a deliberate code
+            await _abort(context, exc)
+        return pb.ListWorkersResponse(workers=[worker_to_proto(w) for w in workers])
+
+    async def Drain(self, request: pb.DrainRequest,
+                    context: grpc.aio.ServicerContext) -> pb.DrainResponse:
+        try:
+            grace_s = request.grace_s
+            if not math.isfinite(grace_s) or not 0 <= grace_s <= MAX_GRACE_S:
+                raise InvalidRequest("grace_s", f"grace_s must be in [0, {MAX_GRACE_S:g}], "
+                                     f"got {grace_s}")
+            state = await drain(self.backend, self.health, grace_s)
+        except Exception as exc:  # noqa: BLE001 - every failure gets a deliberate code
+            await _abort(context, exc)
+        return pb.DrainResponse(state=_STATES[state],
+                                num_in_flight=self.backend.tracker.num_in_flight)
+
+    async def Resume(self, request: pb.ResumeRequest,
+                     context: grpc.aio.ServicerContext) -> pb.ResumeResponse:
+        try:
+            state = await resume(self.backend, self.health)
+        except Exception as exc:  # noqa: BLE001 - every failure gets a deliberate code
+            await _abort(context, exc)
+        return pb.ResumeResponse(state=_STATES[state])
+
+
+async def drain(backend: AdminBackend, health: HealthStatus | None, grace_s: float) -> str:
+    """Health first (so balancers stop routing at once), then the backend's drain."""
+    if health is not None:
+        health.set_serving(False)
+    return await backend.drain(grace_s)
+
+
+async def resume(backend: AdminBackend, health: HealthStatus | None) -> str:
+    state = await backend.resume()
+    if health is not None:
+        health.set_serving(state == SERVING)
+    return state
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+    status = status_for(exc)
+    log.info("admin call failed: %s %s", status.code.name, status.message)
+    await context.abort(status.code, status.message, status.trailing_metadata())
+    raise AssertionError("context.abort returned")  # it always raises
+
+
+def status_to_proto(status: WorkerStatus) -> pb.GetStatusResponse:
+    c = status.counters
+    return pb.GetStatusResponse(
+        role=status.role, worker_id=status.worker_id, config_hash=status.config_hash,
+        state=_STATES[status.state], num_pages_used=status.num_pages_used,
+        num_pages_free=status.num_pages_free, num_pages_quarantined=status.num_pages_quarantined,
+        num_pages_total=status.num_pages_total, num_waiting=status.num_waiting,
+        num_running=status.num_running, num_in_flight=status.num_in_flight,
+        counters=pb.GetStatusResponse.Counters(
+            num_local_prefills=c.num_local_prefills, num_remote_prefills=c.num_remote_prefills,
+            num_transfers=c.num_transfers, num_transfer_failures=c.num_transfer_failures,
+            num_fallbacks=c.num_fallbacks, num_rejects=c.num_rejects,
+            num_requests_finished=c.num_requests_finished),
+        config_reload_error=status.config_reload_error, uptime_s=status.uptime_s,
+        model_fingerprint=status.model_fingerprint)
+
+
+def worker_to_proto(info: WorkerInfo) -> pb.WorkerEntry:
+    return pb.WorkerEntry(worker_id=info.worker_id, role=info.role,
+                          grpc_address=info.grpc_address, num_pages=info.num_pages,
+                          page_size=info.page_size, dtype=info.dtype,
+                          model_fingerprint=info.model_fingerprint)

@@ -1,0 +1,83 @@
+"""What the Admin service needs from a daemon: plain data and a small protocol.
+
+Daemons implement `AdminBackend` (see `LocalAdminBackend` for a worker whose
+engine runs in-process); `AdminServicer` turns it into the `splitserve.v1.Admin`
+service. Nothing here knows about protobuf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from splitserve.control.tracker import RequestTracker
+
+SERVING = "SERVING"
+DRAINING = "DRAINING"
+
+
+@dataclass(frozen=True)
+class StatusCounters:
+    """Cumulative since the daemon started."""
+
+    num_local_prefills: int = 0
+    num_remote_prefills: int = 0
+    num_transfers: int = 0
+    num_transfer_failures: int = 0
+    num_fallbacks: int = 0  # remote prefills redone locally or as a new attempt
+    num_rejects: int = 0  # RESOURCE_EXHAUSTED answers
+    num_requests_finished: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    role: str  # "prefill" or "decode"
+    worker_id: str
+    config_hash: str
+    state: str  # SERVING or DRAINING
+    num_pages_used: int
+    num_pages_free: int
+    num_pages_quarantined: int
+    num_pages_total: int
+    num_waiting: int  # admitted, not yet scheduled (queue depth)
+    num_running: int
+    num_in_flight: int  # Generate calls open on this server
+    uptime_s: float
+    counters: StatusCounters = field(default_factory=StatusCounters)
+    config_reload_error: str = ""  # why the last reload was refused; "" if it applied
+    model_fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    role: str
+    grpc_address: str
+    num_pages: int
+    page_size: int  # tokens per page
+    dtype: str  # KV dtype
+    model_fingerprint: str
+
+
+class AdminBackend(Protocol):
+    """A daemon as the Admin service sees it.
+
+    `tracker` counts the server's Generate calls; `is_draining()` is asked on
+    every Generate call, so it must be cheap and must not block.
+    """
+
+    tracker: RequestTracker
+
+    def is_draining(self) -> bool: ...
+
+    async def status(self) -> WorkerStatus: ...
+
+    async def list_workers(self) -> list[WorkerInfo]: ...
+
+    async def drain(self, grace_s: float) -> str:
+        """Stop admitting requests, wait up to `grace_s` for in-flight ones; the new state."""
+        ...
+
+    async def resume(self) -> str:
+        """Admit requests again; the new state."""
+        ...

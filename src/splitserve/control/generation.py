@@ -1,0 +1,81 @@
+"""`splitserve.v1.Generation` over any `GenerationService`.
+
+Life cycle of one Generate call:
+1. Take the caller's request id or assign one; send it as initial metadata, so
+   the client knows it even when the call fails.
+2. Draining → UNAVAILABLE at once (the client retries on another worker).
+3. Convert the proto (wire-level checks) and open the service's stream; typed
+   errors raised before or while streaming become status codes (`status.py`).
+4. Write each chunk as it comes. If the client cancels (or its deadline passes),
+   grpc cancels this task: the service's stream is closed on the way out, which
+   aborts the request in the engine and frees its KV pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import cast
+
+import grpc
+
+from splitserve.control.convert import chunk_to_proto, request_from_proto
+from splitserve.control.errors import Draining
+from splitserve.control.status import REQUEST_ID_KEY, status_for
+from splitserve.control.tracker import RequestTracker
+from splitserve.rpc import generation_pb2 as pb
+from splitserve.rpc import generation_pb2_grpc as pb_grpc
+from splitserve.worker.ingress import GenerationChunk, GenerationService, new_request_id
+
+log = logging.getLogger(__name__)
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, service: GenerationService, is_draining: Callable[[], bool], *,
+                 tracker: RequestTracker | None = None) -> None:
+        self.service = service
+        self.is_draining = is_draining
+        self.tracker = tracker or RequestTracker()
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> None:
+        request_id = request.request_id or new_request_id()
+        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        with self.tracker.track():
+            try:
+                await self._generate(request, request_id, context)
+            except asyncio.CancelledError:
+                log.info("request %s: cancelled by the client", request_id)
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure gets a deliberate code
+                status = status_for(exc, request_id)
+                if status.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.tracker.record_reject()
+                log.info("request %s: %s %s", request_id, status.code.name, status.message)
+                await context.abort(status.code, status.message,
+                                    status.trailing_metadata(request_id))
+
+    async def _generate(self, request: pb.GenerateRequest, request_id: str,
+                        context: grpc.aio.ServicerContext) -> None:
+        if self.is_draining():
+            raise Draining(request_id)
+        # The protocol's `async def generate` reads as a coroutine to a type checker;
+        # implementations are async generators. Accept both.
+        result: object = self.service.generate(request_from_proto(request, request_id))
+        if inspect.isawaitable(result):
+            result = await result
+        stream = cast(AsyncIterator[GenerationChunk], result)
+        num_chunks = 0
+        try:
+            async for chunk in stream:
+                await context.write(chunk_to_proto(chunk))
+                num_chunks += 1
+        finally:
+            # Leaving early (cancel, write failure) closes the service's stream now,
+            # not at garbage collection, so the request is aborted at once.
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        log.debug("request %s: done after %d chunks", request_id, num_chunks)

@@ -1,0 +1,126 @@
+"""`AdminBackend` for a worker whose whole engine runs in this process (no broker)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from splitserve.control.backend import (
+    DRAINING,
+    SERVING,
+    StatusCounters,
+    WorkerInfo,
+    WorkerStatus,
+)
+from splitserve.control.tracker import RequestTracker
+from splitserve.engine.async_engine import AsyncEngine, EngineStopped
+from splitserve.engine.llm_engine import Engine
+from splitserve.engine.output import RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _EngineSnapshot:
+    num_pages_used: int
+    num_pages_free: int
+    num_pages_quarantined: int
+    num_pages_total: int
+    num_waiting: int
+    num_running: int
+
+
+def _snapshot(engine: Engine) -> _EngineSnapshot:
+    allocator, scheduler = engine.allocator, engine.scheduler
+    return _EngineSnapshot(allocator.num_used_pages, allocator.num_free_pages,
+                           allocator.num_quarantined_pages, allocator.num_pages,
+                           len(scheduler.waiting), len(scheduler.running))
+
+
+def config_hash(engine: Engine) -> str:
+    """Short, stable identity of the engine config (frozen dataclass repr)."""
+    return hashlib.sha256(repr(engine.config).encode()).hexdigest()[:16]
+
+
+class LocalAdminBackend:
+    """Status from the in-process engine; drain waits for this server's Generate calls.
+
+    Every prefill is local here, so `num_local_prefills` counts requests that got
+    their first token. Set `grpc_address` once the server is bound (it is only
+    reported by ListWorkers).
+    """
+
+    def __init__(self, engine: AsyncEngine, *, worker_id: str | None = None,
+                 role: str = "decode", grpc_address: str = "",
+                 config_hash_value: str | None = None) -> None:
+        self.engine = engine
+        self.worker_id = worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
+        self.role = role
+        self.grpc_address = grpc_address
+        self.config_hash = config_hash_value or config_hash(engine.engine)
+        self.tracker = RequestTracker()
+        self._draining = False
+        self._started_s = time.monotonic()
+        self._num_first_tokens = 0
+        self._num_finished = 0
+        engine.step_listeners.append(self._on_step)
+
+    def is_draining(self) -> bool:
+        return self._draining
+
+    def _on_step(self, outputs: list[RequestOutput]) -> None:
+        # Runs on the event loop thread (AsyncEngine delivers outputs there).
+        for out in outputs:
+            if out.new_token_ids and out.num_output_tokens == len(out.new_token_ids):
+                self._num_first_tokens += 1
+            if out.finished:
+                self._num_finished += 1
+
+    async def _engine_snapshot(self) -> _EngineSnapshot:
+        try:
+            return await self.engine.call(_snapshot)
+        except EngineStopped:
+            # The engine thread is gone, so reading its state here races with nothing.
+            return _snapshot(self.engine.engine)
+
+    async def status(self) -> WorkerStatus:
+        snap = await self._engine_snapshot()
+        counters = StatusCounters(num_local_prefills=self._num_first_tokens,
+                                  num_rejects=self.tracker.num_rejects,
+                                  num_requests_finished=self._num_finished)
+        return WorkerStatus(
+            role=self.role, worker_id=self.worker_id, config_hash=self.config_hash,
+            state=DRAINING if self._draining else SERVING,
+            num_pages_used=snap.num_pages_used, num_pages_free=snap.num_pages_free,
+            num_pages_quarantined=snap.num_pages_quarantined,
+            num_pages_total=snap.num_pages_total, num_waiting=snap.num_waiting,
+            num_running=snap.num_running, num_in_flight=self.tracker.num_in_flight,
+            uptime_s=time.monotonic() - self._started_s, counters=counters,
+            model_fingerprint=self.engine.engine.loaded.fingerprint)
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        engine = self.engine.engine
+        return [WorkerInfo(self.worker_id, self.role, self.grpc_address,
+                           engine.allocator.num_pages, engine.config.page_size,
+                           engine.config.dtype, engine.loaded.fingerprint)]
+
+    async def drain(self, grace_s: float) -> str:
+        if not self._draining:
+            log.info("worker %s draining: %d requests in flight, grace %.1fs", self.worker_id,
+                     self.tracker.num_in_flight, grace_s)
+        self._draining = True
+        if await self.tracker.wait_idle(grace_s):
+            log.info("worker %s drained", self.worker_id)
+        else:
+            log.warning("worker %s: grace of %.1fs ran out with %d requests in flight",
+                        self.worker_id, grace_s, self.tracker.num_in_flight)
+        return DRAINING if self._draining else SERVING
+
+    async def resume(self) -> str:
+        if self._draining:
+            log.info("worker %s resumes serving", self.worker_id)
+        self._draining = False
+        return SERVING
