@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
     for noisy in ("nats", "NIXL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -47,6 +48,7 @@ async def serve(config: WorkerConfig, cfg_hash: str = "") -> None:
     admin = WorkerAdminBackend(core, cfg_hash, role)
     server = await start_grpc_server(
         config.grpc_address, role if isinstance(role, DecodeService) else None, admin)
+    server.set_serving(False)  # until the broker and the registry are reached
     try:
         await core.start_messaging(server.address)
         await role.start()
@@ -55,8 +57,7 @@ async def serve(config: WorkerConfig, cfg_hash: str = "") -> None:
                  server.address, config.nats_url)
         await stop.wait()
         log.info("worker %s: draining (grace %.0f s)", core.worker_id, config.drain_grace_s)
-        server.set_serving(False)
-        await admin.drain(config.drain_grace_s)
+        await server.drain(config.drain_grace_s)  # health NOT_SERVING, in-flight finish
     finally:
         await role.stop()
         await server.stop(grace_s=1.0)

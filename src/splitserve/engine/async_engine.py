@@ -95,7 +95,8 @@ class AsyncEngine:
         self._streams.pop(request_id, None)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
+        hold_pages: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Add a request (validation errors raise here) and yield its outputs.
 
@@ -103,7 +104,8 @@ class AsyncEngine:
         """
         stream = self.open_stream(request_id)
         try:
-            await self.call(lambda e: e.add_request(request_id, prompt_token_ids, params))
+            await self.call(lambda e: e.add_request(request_id, prompt_token_ids, params,
+                                                    hold_pages))
             async for out in self.iterate(request_id, stream):
                 yield out
         finally:

@@ -10,7 +10,9 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -86,7 +88,7 @@ class WorkerCore:
         await ensure_messaging(self.broker.js, self.queue_settings, self.bucket_settings)
         self.registry = await WorkerRegistry.open(self.broker.js, self.bucket_settings)
         await self.registry.register(self.worker_id, self.agent.descriptor.SerializeToString())
-        self._stats_task = asyncio.create_task(self._publish_stats_forever())
+        self._stats_task = logged_task(self._publish_stats_forever(), "stats publisher")
         log.info("worker %s (%s) registered; gRPC on %s", self.worker_id, self.role,
                  grpc_address)
 
@@ -132,6 +134,18 @@ class WorkerCore:
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
             await publish_stats(self.broker.nc, self.stats())
+
+
+def logged_task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """A background task whose crash is logged at once, not when it is garbage-collected."""
+    task = asyncio.create_task(coro, name=name)
+
+    def report(t: asyncio.Task[None]) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            log.error("background task %s crashed", name, exc_info=t.exception())
+
+    task.add_done_callback(report)
+    return task
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

@@ -34,7 +34,7 @@ from splitserve.queue.subjects import STREAM_PREFILL
 from splitserve.queue.work_queue import publish_job
 from splitserve.routing.offload import should_offload_prefill
 from splitserve.rpc.jobs_pb2 import PrefillJob
-from splitserve.worker.core import WorkerCore
+from splitserve.worker.core import WorkerCore, logged_task
 from splitserve.worker.ingress import (
     GenerateRequest,
     GenerationChunk,
@@ -70,8 +70,8 @@ class DecodeService:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._receive_notifications()),
-                       asyncio.create_task(self._poll_queue_depth())]
+        self._tasks = [logged_task(self._receive_notifications(), "kv-ready receiver"),
+                       logged_task(self._poll_queue_depth(), "queue depth poller")]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -102,9 +102,12 @@ class DecodeService:
         finished = False
         prefill = "local"
         try:
-            if remote and await self._remote_prefill(request_id, prompt, request, start_s):
+            outcome = "none"
+            if remote:
+                outcome = await self._remote_prefill(request_id, prompt, request)
+            if outcome == "remote":
                 prefill = "remote"
-            else:
+            elif outcome == "none":
                 await self.engine.call(lambda e: e.add_request(request_id, prompt,
                                                                request.params))
                 self.core.counters.num_local_prefills += 1
@@ -140,12 +143,10 @@ class DecodeService:
 
     # --- remote prefill -------------------------------------------------------------
     async def _remote_prefill(self, request_id: str, prompt: list[int],
-                              request: GenerateRequest, start_s: float) -> bool:
-        """Try a remote prefill; True once the KV landed and decoding started.
-
-        On False the request is not in the engine (never reserved, or fallen back:
-        in that case it is queued for local prefill already — see `fallback_remote`).
-        """
+                              request: GenerateRequest) -> str:
+        """Try a remote prefill. "remote": the KV landed and decoding started;
+        "fallback": the attempt failed and the request is queued for local prefill;
+        "none": no landing pages now, the request is not in the engine."""
         lease = self.core.config.lease
         attempt = 1
         lease_s = lease.base_s + lease.per_token_ms * len(prompt) / 1e3
@@ -154,7 +155,7 @@ class DecodeService:
         plan: LandingPlan | None = await self.engine.call(
             lambda e: e.reserve_remote(request_id, prompt, request.params, attempt, release_at))
         if plan is None:
-            return False
+            return "none"
         waiting = _Waiting(attempt, asyncio.get_running_loop().create_future())
         self._waiting[request_id] = waiting
         try:
@@ -168,7 +169,7 @@ class DecodeService:
                 lambda e: e.accept_remote(request_id, attempt, first_token), dispatch=True)
             if out is not None:
                 self.core.counters.num_remote_prefills += 1
-                return True
+                return "remote"
             reason = "KVReady rejected"
         except TimeoutError:
             reason = f"no KVReady within the {lease_s:.1f} s lease"
@@ -178,11 +179,10 @@ class DecodeService:
             self._waiting.pop(request_id, None)
         log.warning("request %s attempt %d: %s; prefilling locally (landing pages %s "
                     "quarantined)", request_id, attempt, reason, plan.landing_page_ids)
-        if await self.engine.call(lambda e: e.fallback_remote(request_id)):
-            self.core.counters.num_fallbacks += 1
-            self.core.counters.num_local_prefills += 1
-            return False
-        return True  # accepted after all (the KVReady raced the timeout)
+        await self.engine.call(lambda e: e.fallback_remote(request_id))
+        self.core.counters.num_fallbacks += 1
+        self.core.counters.num_local_prefills += 1
+        return "fallback"
 
     async def _receive_notifications(self) -> None:
         agent = self.core.agent

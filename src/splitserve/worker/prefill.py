@@ -32,7 +32,7 @@ from splitserve.queue.streams import (
 from splitserve.queue.work_queue import JobConsumer, JobDelivery
 from splitserve.rpc.jobs_pb2 import KVReady, PrefillJob
 from splitserve.transfer.errors import TransferError
-from splitserve.worker.core import WorkerCore
+from splitserve.worker.core import WorkerCore, logged_task
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class PrefillService:
         await ensure_consumer(js, direct)
         configs = [direct] + [shared_consumer_config(p, settings) for p in settings.priorities]
         self._consumers = [await JobConsumer.bind(js, c) for c in configs]
-        self._task = asyncio.create_task(self._run())
+        self._task = logged_task(self._run(), "prefill job loop")
 
     async def drain(self) -> None:
         """Stop pulling jobs; those in flight finish."""
@@ -128,6 +128,9 @@ class PrefillService:
         except SplitserveError as exc:  # the job itself is bad (validation): never retry
             log.warning("job %s: rejected: %s", tag, exc)
             await delivery.term()
+        except Exception:  # a bug must cost one job, not the worker
+            log.exception("job %s: failed; terminated", tag)
+            await delivery.term()
         finally:
             heartbeat.cancel()
             self.num_in_flight -= 1
@@ -150,7 +153,7 @@ class PrefillService:
                                 top_k=s.top_k, seed=s.seed if s.HasField("seed") else None,
                                 ignore_eos=True)
         first_token = -1
-        async for out in engine.generate(local_id, list(job.token_ids), params):
+        async for out in engine.generate(local_id, list(job.token_ids), params, hold_pages=True):
             first_token = out.new_token_ids[0] if out.new_token_ids else first_token
         # generate() ends when the request finishes; its pages stay held (hold_pages)
         return first_token
@@ -181,6 +184,8 @@ class PrefillService:
             raise _Retry(f"transfer failed: {exc}") from exc
         self.core.counters.num_remote_prefills += 1
         await delivery.ack()
+        log.info("job %s:%d: %d tokens prefilled, pages %s → %s on %s", job.request_id,
+                 job.attempt, len(job.token_ids), local_pages, list(job.dest_page_ids), peer_id)
 
     async def _heartbeat(self, delivery: JobDelivery) -> None:
         interval_s = self.core.queue_settings.ack_wait_s / 3
