@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import click
 
 from splitserve.errors import SplitserveError
+
+T = TypeVar("T")
 
 
 @click.group()
@@ -30,9 +35,20 @@ def main(log_level: str) -> None:
 @click.option("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M).")
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16"]))
+@click.option("--target", default=None, metavar="HOST:PORT",
+              help="Stream from a running decode worker over gRPC instead of loading a model.")
+@click.option("--connect-timeout", default=5.0, show_default=True, type=float,
+              help="With --target: seconds to wait for the worker to accept the connection.")
 def generate(prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float,
-             top_k: int, seed: int | None, model: str | None, dtype: str) -> None:
-    """Generate text in this process and stream it to stdout."""
+             top_k: int, seed: int | None, model: str | None, dtype: str, target: str | None,
+             connect_timeout: float) -> None:
+    """Generate text and stream it to stdout (in this process, or on --target)."""
+    if target is not None:
+        if model is not None:
+            raise click.UsageError("--model applies only without --target")
+        _generate_remote(target, connect_timeout, text=prompt, chat=chat, max_tokens=max_tokens,
+                         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        return
     from splitserve.config.schema import EngineConfig
     from splitserve.engine.llm_engine import Engine
     from splitserve.engine.sampling import SamplingParams
@@ -93,6 +109,93 @@ def model_info(source: str | None, page_size: int, dtype: str) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _generate_remote(target: str, connect_timeout_s: float, **fields: Any) -> None:
+    from splitserve import client
+
+    async def stream() -> None:
+        request = client.generate_request(**fields)
+        async for chunk in client.stream_generate(target, request,
+                                                  connect_timeout_s=connect_timeout_s):
+            click.echo(chunk.text, nl=False)
+            sys.stdout.flush()
+        click.echo()
+
+    _run_remote(stream())
+
+
+def _run_remote(call: Coroutine[Any, Any, T]) -> T:
+    """Run one client call; a failure exits 1 with `Error: CODE: message` on stderr."""
+    try:
+        return asyncio.run(call)
+    except SplitserveError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+_TARGET = click.option("--target", required=True, metavar="HOST:PORT",
+                       help="gRPC address of the daemon.")
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print the response as JSON.")
+_CONNECT_TIMEOUT = click.option("--connect-timeout", default=5.0, show_default=True, type=float,
+                                help="Seconds to wait for the daemon to accept the connection.")
+
+
+@main.group()
+def admin() -> None:
+    """Operate a running daemon through its gRPC Admin service."""
+
+
+@admin.command("status")
+@_TARGET
+@_JSON
+@_CONNECT_TIMEOUT
+def admin_status(target: str, as_json: bool, connect_timeout: float) -> None:
+    """State, KV pages, queue and counters of one daemon."""
+    from splitserve import client
+
+    resp = _run_remote(client.admin_status(target, connect_timeout_s=connect_timeout))
+    click.echo(client.to_json(resp) if as_json
+               else client.format_table(client.status_rows(resp)))
+
+
+@admin.command("workers")
+@_TARGET
+@_JSON
+@_CONNECT_TIMEOUT
+def admin_workers(target: str, as_json: bool, connect_timeout: float) -> None:
+    """Workers the daemon knows of (itself, or the cluster registry)."""
+    from splitserve import client
+
+    resp = _run_remote(client.admin_workers(target, connect_timeout_s=connect_timeout))
+    click.echo(client.to_json(resp) if as_json
+               else client.format_table(client.worker_rows(resp)))
+
+
+@admin.command("drain")
+@_TARGET
+@click.option("--grace", "grace_s", default=30.0, show_default=True, type=float,
+              help="Seconds to wait for in-flight requests (0: return at once).")
+@_JSON
+@_CONNECT_TIMEOUT
+def admin_drain(target: str, grace_s: float, as_json: bool, connect_timeout: float) -> None:
+    """Stop admitting requests and wait for in-flight ones."""
+    from splitserve import client
+
+    resp = _run_remote(client.admin_drain(target, grace_s, connect_timeout_s=connect_timeout))
+    click.echo(client.to_json(resp) if as_json else
+               f"state {client.state_name(resp.state)}, {resp.num_in_flight} requests in flight")
+
+
+@admin.command("resume")
+@_TARGET
+@_JSON
+@_CONNECT_TIMEOUT
+def admin_resume(target: str, as_json: bool, connect_timeout: float) -> None:
+    """Admit requests again after a drain."""
+    from splitserve import client
+
+    resp = _run_remote(client.admin_resume(target, connect_timeout_s=connect_timeout))
+    click.echo(client.to_json(resp) if as_json else f"state {client.state_name(resp.state)}")
 
 
 if __name__ == "__main__":
