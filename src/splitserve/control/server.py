@@ -91,6 +91,9 @@ async def start_grpc_server(
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        # grpc sets SO_REUSEPORT by default: a second worker configured with the same
+        # port would silently share it (the kernel splitting calls between the two).
+        ("grpc.so_reuseport", 0),
     ])
     gated, always = [], [ADMIN_SERVICE]
     if generation is not None:
