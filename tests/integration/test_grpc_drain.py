@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 from grpc_fixtures import GrpcWorker, greedy, wait_until
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitserve.rpc import admin_pb2, generation_pb2
 
@@ -106,3 +106,14 @@ async def _health_is(worker: GrpcWorker, service: str, status: int) -> bool:
 async def _idle(worker: GrpcWorker) -> bool:
     status = await worker.status()
     return (status.num_in_flight, status.num_pages_used) == (0, 0)
+
+
+async def test_health_watch_follows_drain_and_resume(grpc_worker: GrpcWorker) -> None:
+    stub = health_pb2_grpc.HealthStub(grpc_worker.channel)
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service=GENERATION), timeout=30)
+    assert (await watch.read()).status == SERVING
+    await grpc_worker.server.drain(0)
+    assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING
+    await grpc_worker.server.resume()
+    assert (await asyncio.wait_for(watch.read(), 5)).status == SERVING
+    watch.cancel()

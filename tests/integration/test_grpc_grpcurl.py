@@ -7,6 +7,8 @@ import json
 import pytest
 from grpc_fixtures import CAPITAL_PROMPT, GRPCURL, WORKER_ID, GrpcWorker, json_stream, run_tool
 
+from splitserve.control.server import start_grpc_server
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 
@@ -75,3 +77,19 @@ async def test_bad_json_request_is_invalid_argument(grpc_worker: GrpcWorker) -> 
                                  "splitserve.v1.Generation/Generate")
     assert rc != 0
     assert "Code: InvalidArgument" in err and "top_p must be in (0, 1], got 2.0" in err
+
+
+async def test_server_without_generation_lists_admin_only(grpc_worker: GrpcWorker) -> None:
+    """A prefill or planner daemon: Admin, health and reflection, no Generation."""
+    server = await start_grpc_server("127.0.0.1:0", None, grpc_worker.admin)
+    try:
+        rc, out, err = await run_tool(GRPCURL, "-plaintext", server.address, "list")
+        assert rc == 0, err
+        assert "splitserve.v1.Admin" in out.split()
+        assert "splitserve.v1.Generation" not in out
+        rc, _, err = await run_tool(GRPCURL, "-plaintext", "-d",
+                                    '{"service": "splitserve.v1.Generation"}', server.address,
+                                    "grpc.health.v1.Health/Check")
+        assert rc != 0 and "NotFound" in err
+    finally:
+        await server.stop(0)
