@@ -1,0 +1,208 @@
+"""Faults: a dead or frozen prefill worker, a dead decode worker, a restarted broker,
+bad input. Each checks output against the single-process engine and that no page
+leaks once the leases have expired."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+from cluster import generate, nats_server, start_daemon, stop_daemons, wait_ready, worker_config
+
+from splitserve.config.daemon import LeaseConfig
+from splitserve.engine.sampling import SamplingParams
+from splitserve.rpc import generation_pb2, generation_pb2_grpc
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+LEASE = LeaseConfig(base_s=3.0, per_token_ms=2.0, skew_margin_s=0.3)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    broker = nats_server(tmp_path)
+    daemons = []
+
+    def start(role: str, worker_id: str, **overrides):
+        overrides.setdefault("lease", LEASE)
+        d = start_daemon(worker_config(role, worker_id, broker.url, **overrides), tmp_path)
+        daemons.append(d)
+        return d
+
+    decode = start("decode", "decode-0")
+    prefill = start("prefill", "prefill-0")
+    wait_ready([decode, prefill])
+    yield {"broker": broker, "decode": decode, "prefill": prefill, "start": start}
+    stop_daemons(daemons)
+    broker.stop()
+
+
+def status(address: str) -> dict:
+    out = subprocess.run([GRPCURL, "-plaintext", "-d", "{}", address,
+                          "splitserve.v1.Admin/GetStatus"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def long_prompts(tokenizer, n: int, words: int = 250) -> list[list[int]]:
+    return [tokenizer.encode(f"Document {i}. " + " ".join(["alpha beta gamma delta"] * (
+        words // 4)) + f" Summary {i}:") for i in range(n)]
+
+
+def expected_outputs(smollm_engine, prompts, max_tokens=8):
+    return smollm_engine().generate(prompts, SamplingParams(max_tokens=max_tokens,
+                                                            temperature=0))
+
+
+def wait_no_leaks(address: str, timeout_s: float = 15.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = status(address)
+        used = int(s.get("num_pages_used", 0))
+        quarantined = int(s.get("num_pages_quarantined", 0))
+        if (used == 0 and quarantined == 0) or time.monotonic() > deadline:
+            assert used == 0 and quarantined == 0, s
+            return s
+        time.sleep(0.3)
+
+
+def run_concurrently(address: str, prompts, max_tokens=8):
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return [t for t, _ in pool.map(lambda p: generate(address, p, max_tokens), prompts)]
+
+
+def test_prefill_killed_mid_job_requests_complete_via_fallback(cluster, smollm,
+                                                               smollm_engine) -> None:
+    prompts = long_prompts(smollm.tokenizer, 4)
+    expected = expected_outputs(smollm_engine, prompts)
+    address = cluster["decode"].address
+    killer = threading.Timer(0.5, lambda: cluster["prefill"].signal(signal.SIGKILL))
+    killer.start()
+    got = run_concurrently(address, prompts)
+    assert got == expected
+    s = wait_no_leaks(address)
+    assert int(s["counters"].get("num_fallbacks", 0)) >= 1, s
+
+
+def test_prefill_frozen_past_lease_then_resumed(cluster, smollm, smollm_engine) -> None:
+    prompts = long_prompts(smollm.tokenizer, 3)
+    expected = expected_outputs(smollm_engine, prompts)
+    address, prefill = cluster["decode"].address, cluster["prefill"]
+    prefill.signal(signal.SIGSTOP)
+    try:
+        got = run_concurrently(address, prompts)  # each waits out its lease, then local
+    finally:
+        prefill.signal(signal.SIGCONT)
+    assert got == expected
+    s = wait_no_leaks(address)
+    assert int(s["counters"].get("num_fallbacks", 0)) == 3, s
+    # the resumed worker must not write into anyone's pages: its jobs expired and
+    # are terminated; afterwards it serves new jobs normally
+    deadline = time.monotonic() + 20
+    while "lease expired" not in prefill.log_path.read_text():
+        assert time.monotonic() < deadline, prefill.log_tail()
+        time.sleep(0.2)
+    fresh = long_prompts(smollm.tokenizer, 4)[3]  # not in the prefix cache
+    tokens, last = generate(address, fresh, 8)
+    assert tokens == expected_outputs(smollm_engine, [fresh])[0]
+    assert last.timing.prefill == "remote"
+    wait_no_leaks(address)
+
+
+def test_decode_killed_mid_stream_client_gets_unavailable(cluster, smollm) -> None:
+    prompt = long_prompts(smollm.tokenizer, 1)[0]
+    decode, prefill = cluster["decode"], cluster["prefill"]
+    with grpc.insecure_channel(decode.address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        stream = stub.Generate(generation_pb2.GenerateRequest(
+            token_ids=prompt, max_tokens=400, temperature=0.0, ignore_eos=True), timeout=60)
+        next(stream)
+        decode.signal(signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in stream:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < 5.0
+    # the prefill worker is unaffected: still answering, and serves a new decode worker
+    assert status(prefill.address)["state"].endswith("SERVING")
+    new_decode = cluster["start"]("decode", "decode-1")
+    wait_ready([new_decode])
+    tokens, last = generate(new_decode.address, prompt, 4)
+    assert last.timing.prefill == "remote" and len(tokens) == 4
+
+
+def test_broker_restart_with_queued_jobs(cluster, smollm, smollm_engine, tmp_path) -> None:
+    prompts = long_prompts(smollm.tokenizer, 3)
+    expected = expected_outputs(smollm_engine, prompts)
+    address, prefill, broker = cluster["decode"].address, cluster["prefill"], cluster["broker"]
+    prefill.signal(signal.SIGSTOP)  # jobs stay queued
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(generate, address, p, 8) for p in prompts]
+        time.sleep(1.0)
+        broker.stop()
+        time.sleep(0.5)
+        broker.start()
+        prefill.signal(signal.SIGCONT)
+        got = [f.result()[0] for f in futures]
+    assert got == expected
+    wait_no_leaks(address)
+    # both workers reconnected: a new request is prefilled remotely again
+    fresh = long_prompts(smollm.tokenizer, 6)[3:]  # not in the prefix cache
+    fresh_expected = expected_outputs(smollm_engine, fresh)
+    for prompt, want in zip(fresh, fresh_expected):
+        tokens, last = generate(address, prompt, 8)
+        assert tokens == want
+        if last.timing.prefill == "remote":
+            break
+        time.sleep(1.0)
+    assert last.timing.prefill == "remote", "no remote prefill after the broker restart"
+
+
+def test_bad_input_is_rejected_and_publishes_nothing(cluster, smollm) -> None:
+    address = cluster["decode"].address
+    cases = [
+        ({"text": ""}, "prompt"),
+        ({"token_ids": [1] * 8190, "max_tokens": 10}, "max_tokens"),
+        ({"text": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"text": "hi", "temperature": -1.0}, "temperature"),
+        ({"text": "hi", "top_p": 2.0}, "top_p"),
+        ({"text": "x" * (5 << 20)}, "prompt"),
+    ]
+    with grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", 16 << 20)]) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        for fields, field in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(generation_pb2.GenerateRequest(**fields), timeout=30))
+            assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                        grpc.StatusCode.RESOURCE_EXHAUSTED), fields
+            assert field in err.value.details(), (fields, err.value.details())
+    assert asyncio.run(num_stream_messages(cluster["broker"].url)) == 0
+    s = status(address)
+    assert int(s["counters"].get("num_remote_prefills", 0)) == 0
+    tokens, _ = generate(address, smollm.tokenizer.encode("Still serving?"), 4)
+    assert len(tokens) == 4
+
+
+async def num_stream_messages(url: str) -> int:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info("SPLITSERVE_PREFILL")
+        return int(info.state.messages) + int(info.state.first_seq) - 1 if info.state.messages \
+            else int(info.state.last_seq)
+    finally:
+        await nc.close()
