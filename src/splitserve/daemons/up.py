@@ -175,6 +175,7 @@ def run_up(cluster: ClusterConfig) -> None:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)  # a second Ctrl-C must not cut the shutdown short
     try:
         local.start()
         print(local.banner(), flush=True)
