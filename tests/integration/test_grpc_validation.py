@@ -47,6 +47,8 @@ CASES: list[tuple[str, dict[str, Any], grpc.StatusCode, str | None, tuple[str, .
     ("too many stop strings", {"stop": [f"s{i}" for i in range(17)]}, INVALID, "stop",
      ("at most 16 stop strings",)),
     ("request id with a space", {"request_id": "a b"}, INVALID, "request_id", ("request_id",)),
+    ("request id with a newline", {"request_id": "a\nb"}, INVALID, "request_id",
+     ("request_id",)),
     ("priority with a dot", {"priority": "high.x"}, INVALID, "priority", ("priority",)),
 ]
 

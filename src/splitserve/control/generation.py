@@ -1,7 +1,7 @@
 """`splitserve.v1.Generation` over any `GenerationService`.
 
 Life cycle of one Generate call:
-1. Take the caller's request id or assign one; send it as initial metadata, so
+1. Check the caller's request id or assign one; send it as initial metadata, so
    the client knows it even when the call fails.
 2. Draining → UNAVAILABLE at once (the client retries on another worker).
 3. Convert the proto (wire-level checks) and open the service's stream; typed
@@ -17,7 +17,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import cast
+from typing import NoReturn, cast
 
 import grpc
 
@@ -25,9 +25,10 @@ from splitserve.control.convert import chunk_to_proto, request_from_proto
 from splitserve.control.errors import Draining
 from splitserve.control.status import REQUEST_ID_KEY, status_for
 from splitserve.control.tracker import RequestTracker
+from splitserve.engine.errors import InvalidRequest
 from splitserve.rpc import generation_pb2 as pb
 from splitserve.rpc import generation_pb2_grpc as pb_grpc
-from splitserve.worker.ingress import GenerationChunk, GenerationService, new_request_id
+from splitserve.worker.ingress import GenerationChunk, GenerationService, check_request_id
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +42,30 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> None:
-        request_id = request.request_id or new_request_id()
+        try:
+            # Validated first: it goes into metadata, which refuses control characters.
+            request_id = check_request_id(request.request_id)
+        except InvalidRequest as exc:
+            await self._fail(context, exc, "")
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         with self.tracker.track():
             try:
                 await self._generate(request, request_id, context)
             except asyncio.CancelledError:
-                log.info("request %s: cancelled by the client", request_id)
+                log.info("request %s: cancelled (client gone, deadline or server stop)",
+                         request_id)
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure gets a deliberate code
-                status = status_for(exc, request_id)
-                if status.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    self.tracker.record_reject()
-                log.info("request %s: %s %s", request_id, status.code.name, status.message)
-                await context.abort(status.code, status.message,
-                                    status.trailing_metadata(request_id))
+                await self._fail(context, exc, request_id)
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception,
+                    request_id: str) -> NoReturn:
+        status = status_for(exc, request_id)
+        if status.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self.tracker.record_reject()
+        log.info("request %s: %s %s", request_id or "-", status.code.name, status.message)
+        await context.abort(status.code, status.message, status.trailing_metadata(request_id))
+        raise AssertionError("context.abort returned")  # it always raises
 
     async def _generate(self, request: pb.GenerateRequest, request_id: str,
                         context: grpc.aio.ServicerContext) -> None:
