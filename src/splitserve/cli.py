@@ -198,5 +198,10 @@ def admin_resume(target: str, as_json: bool, connect_timeout: float) -> None:
     click.echo(client.to_json(resp) if as_json else f"state {client.state_name(resp.state)}")
 
 
+from splitserve.cli_daemons import decode_cmd, prefill_cmd, up_cmd  # noqa: E402
+
+for _command in (decode_cmd, prefill_cmd, up_cmd):
+    main.add_command(_command)
+
 if __name__ == "__main__":
     main()

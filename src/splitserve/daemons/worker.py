@@ -46,9 +46,10 @@ async def serve(config: WorkerConfig, cfg_hash: str = "") -> None:
     role: DecodeService | PrefillService = (
         DecodeService(core) if config.role == "decode" else PrefillService(core))
     admin = WorkerAdminBackend(core, cfg_hash, role)
+    # NOT_SERVING until the broker and the registry are reached
     server = await start_grpc_server(
-        config.grpc_address, role if isinstance(role, DecodeService) else None, admin)
-    server.set_serving(False)  # until the broker and the registry are reached
+        config.grpc_address, role if isinstance(role, DecodeService) else None, admin,
+        serving=False)
     try:
         await core.start_messaging(server.address)
         await role.start()

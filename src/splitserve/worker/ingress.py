@@ -54,7 +54,7 @@ class GenerationChunk:
 
 
 class GenerationService(Protocol):
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         """Validate, admit and stream one request; raises typed errors before the first chunk."""
         ...
 
