@@ -1,0 +1,214 @@
+"""Head-of-line interference: disaggregated vs colocated serving on this box.
+
+Workload (seeded): Poisson arrivals at `--rate` req/s for `--duration` s; 90% short
+prompts (32–64 tokens), 10% long (1–2k tokens); outputs 32–128 tokens (EOS ignored).
+Prompts are random token ids, all distinct (no prefix-cache hits).
+
+Modes, run one after the other in one invocation, same requests and schedule:
+(a) disaggregated: 1 prefill + 1 decode worker, one core and one torch thread each;
+    prompts from `prefill_length_threshold` tokens go to the prefill worker;
+(b) colocated: 2 decode workers, remote prefill off, one core each; requests
+    alternate between them (round-robin).
+Reported per mode: TTFT and TPOT p50/p90/p99 (all and short prompts), throughput,
+goodput at the SLOs printed in the output. `--json` prints one object with the
+ratios disaggregated / colocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import tempfile
+import time
+from dataclasses import dataclass, replace
+
+import grpc
+
+from splitserve.config.daemon import ClusterConfig, LeaseConfig, WorkerConfig
+from splitserve.config.schema import EngineConfig
+from splitserve.daemons.up import LocalCluster
+from splitserve.queue.broker import find_free_port
+from splitserve.routing.offload import RoutingConfig
+from splitserve.rpc import generation_pb2, generation_pb2_grpc
+
+SLO_TTFT_SHORT_S = 1.5
+SLO_TTFT_LONG_S = 10.0
+SLO_TPOT_S = 0.15
+VOCAB_LOW, VOCAB_HIGH = 17, 49152
+
+
+@dataclass
+class Request:
+    arrival_s: float
+    prompt: list[int]
+    max_tokens: int
+
+    @property
+    def is_short(self) -> bool:
+        return len(self.prompt) <= 64
+
+
+@dataclass
+class Result:
+    request: Request
+    ttft_s: float = float("nan")
+    tpot_s: float = float("nan")
+    num_tokens: int = 0
+    error: str = ""
+
+
+def workload(rate: float, duration_s: float, seed: int) -> list[Request]:
+    """Poisson arrivals; exactly 10% of requests (at seeded positions) are long."""
+    rng = random.Random(seed)
+    arrivals, t = [], rng.expovariate(rate)
+    while t <= duration_s:
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    num_long = max(1, round(0.1 * len(arrivals)))
+    long_at = set(rng.sample(range(len(arrivals)), num_long))
+    requests = []
+    for i, arrival in enumerate(arrivals):
+        n = rng.randint(1024, 2048) if i in long_at else rng.randint(32, 64)
+        requests.append(Request(arrival, [rng.randrange(VOCAB_LOW, VOCAB_HIGH)
+                                          for _ in range(n)], rng.randint(32, 128)))
+    return requests
+
+
+async def run_one(stub: generation_pb2_grpc.GenerationStub, req: Request, t0: float) -> Result:
+    await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.monotonic()))
+    result = Result(req)
+    start = time.monotonic()
+    first = last = None
+    try:
+        call = stub.Generate(generation_pb2.GenerateRequest(
+            token_ids=req.prompt, max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True),
+            timeout=600)
+        async for chunk in call:
+            if chunk.token_ids:
+                last = time.monotonic()
+                first = first or last
+                result.num_tokens += len(chunk.token_ids)
+    except grpc.aio.AioRpcError as exc:
+        result.error = f"{exc.code().name}: {exc.details()}"
+        return result
+    if first is not None and last is not None:
+        result.ttft_s = first - start
+        if result.num_tokens > 1:
+            result.tpot_s = (last - first) / (result.num_tokens - 1)
+    return result
+
+
+async def drive(addresses: list[str], requests: list[Request]) -> tuple[list[Result], float]:
+    channels = [grpc.aio.insecure_channel(a) for a in addresses]
+    stubs = [generation_pb2_grpc.GenerationStub(c) for c in channels]
+    t0 = time.monotonic() + 0.5
+    results = await asyncio.gather(*(run_one(stubs[i % len(stubs)], r, t0)
+                                     for i, r in enumerate(requests)))
+    wall_s = time.monotonic() - t0
+    for c in channels:
+        await c.close()
+    return list(results), wall_s
+
+
+def cluster_config(mode: str, state_dir: str, threshold: int) -> ClusterConfig:
+    worker = WorkerConfig(
+        engine=EngineConfig(kv_cache_memory_mb=1024, max_num_seqs=32,
+                            max_num_batched_tokens=256),
+        routing=RoutingConfig(enable_remote_prefill=mode == "disaggregated",
+                              prefill_length_threshold=threshold,
+                              moderate_length_threshold=threshold),
+        lease=LeaseConfig(base_s=20.0, per_token_ms=10.0), log_level="WARNING")
+    return ClusterConfig(
+        state_dir=state_dir, nats_port=find_free_port(), base_grpc_port=find_free_port(),
+        num_decode_workers=1 if mode == "disaggregated" else 2,
+        num_prefill_workers=1 if mode == "disaggregated" else 0,
+        worker=worker, pin_cores=True)
+
+
+def summarize(results: list[Result], wall_s: float) -> dict:
+    ok = [r for r in results if not r.error]
+    short = [r for r in ok if r.request.is_short]
+
+    def pct(values: list[float]) -> dict:
+        v = sorted(x for x in values if x == x)
+        if not v:
+            return {}
+        return {f"p{q}": round(v[min(len(v) - 1, int(q / 100 * len(v)))], 4)
+                for q in (50, 90, 99)}
+
+    def good(r: Result) -> bool:
+        ttft_slo = SLO_TTFT_SHORT_S if r.request.is_short else SLO_TTFT_LONG_S
+        return r.ttft_s <= ttft_slo and (r.tpot_s != r.tpot_s or r.tpot_s <= SLO_TPOT_S)
+
+    return {
+        "num_requests": len(results), "num_completed": len(ok),
+        "errors": sorted({r.error for r in results if r.error})[:5],
+        "ttft_s": pct([r.ttft_s for r in ok]), "tpot_s": pct([r.tpot_s for r in ok]),
+        "short_ttft_s": pct([r.ttft_s for r in short]),
+        "short_tpot_s": pct([r.tpot_s for r in short]),
+        "throughput_tokens_per_s": round(sum(r.num_tokens for r in ok) / wall_s, 2),
+        "goodput_req_per_s": round(sum(good(r) for r in ok) / wall_s, 4),
+        "wall_s": round(wall_s, 1),
+    }
+
+
+def run_mode(mode: str, requests: list[Request], threshold: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"splitserve-{mode}-") as state_dir:
+        cluster = LocalCluster(cluster_config(mode, state_dir, threshold))
+        cluster.start()
+        try:
+            addresses = [w.config.grpc_address for w in cluster.workers
+                         if w.config.role == "decode"]
+            results, wall_s = asyncio.run(drive(addresses, requests))
+        finally:
+            cluster.stop()
+    return summarize(results, wall_s)
+
+
+def ratio(a: dict, b: dict, key: str, q: str) -> float | None:
+    x, y = a.get(key, {}).get(q), b.get(key, {}).get(q)
+    return round(x / y, 3) if x and y else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rate", type=float, default=0.4, help="requests per second")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
+    ap.add_argument("--threshold", type=int, default=256,
+                    help="prefill_length_threshold of the disaggregated decode worker")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    requests = workload(args.rate, args.duration, args.seed)
+    disagg = run_mode("disaggregated", requests, args.threshold)
+    coloc = run_mode("colocated", requests, args.threshold)
+    out = {
+        "benchmark": "serve_interference",
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "model": "SmolLM2-135M-Instruct fp32, one core + one torch thread per worker",
+        "workload": {"rate_req_per_s": args.rate, "duration_s": args.duration,
+                     "num_requests": len(requests),
+                     "num_long": sum(not r.is_short for r in requests), "seed": args.seed,
+                     "short_prompt_tokens": "32-64", "long_prompt_tokens": "1024-2048",
+                     "output_tokens": "32-128"},
+        "slo": {"ttft_short_s": SLO_TTFT_SHORT_S, "ttft_long_s": SLO_TTFT_LONG_S,
+                "tpot_s": SLO_TPOT_S},
+        "disaggregated": disagg, "colocated": coloc,
+        "ratios_disaggregated_over_colocated": {
+            "short_ttft_p99": ratio(disagg, coloc, "short_ttft_s", "p99"),
+            "short_tpot_p99": ratio(disagg, coloc, "short_tpot_s", "p99"),
+            "tpot_p99": ratio(disagg, coloc, "tpot_s", "p99"),
+            "ttft_p99": ratio(disagg, coloc, "ttft_s", "p99"),
+            "goodput": round(disagg["goodput_req_per_s"] / coloc["goodput_req_per_s"], 3)
+            if coloc["goodput_req_per_s"] else None,
+        },
+    }
+    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
