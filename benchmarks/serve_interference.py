@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import random
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import grpc
 
@@ -134,7 +135,7 @@ def summarize(results: list[Result], wall_s: float) -> dict:
     short = [r for r in ok if r.request.is_short]
 
     def pct(values: list[float]) -> dict:
-        v = sorted(x for x in values if x == x)
+        v = sorted(x for x in values if not math.isnan(x))
         if not v:
             return {}
         return {f"p{q}": round(v[min(len(v) - 1, int(q / 100 * len(v)))], 4)
@@ -142,7 +143,7 @@ def summarize(results: list[Result], wall_s: float) -> dict:
 
     def good(r: Result) -> bool:
         ttft_slo = SLO_TTFT_SHORT_S if r.request.is_short else SLO_TTFT_LONG_S
-        return r.ttft_s <= ttft_slo and (r.tpot_s != r.tpot_s or r.tpot_s <= SLO_TPOT_S)
+        return r.ttft_s <= ttft_slo and (math.isnan(r.tpot_s) or r.tpot_s <= SLO_TPOT_S)
 
     return {
         "num_requests": len(results), "num_completed": len(ok),

@@ -12,15 +12,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable
 from dataclasses import replace
 
-import pytest  # noqa: E402
+import pytest
 
-from splitserve.config.schema import EngineConfig  # noqa: E402
-from splitserve.engine.llm_engine import Engine  # noqa: E402
-from splitserve.model.config import ModelConfig  # noqa: E402
-from splitserve.model.loader import (  # noqa: E402
+from splitserve.config.schema import EngineConfig
+from splitserve.engine.llm_engine import Engine
+from splitserve.model.config import ModelConfig
+from splitserve.model.loader import (
     LoadedModel,
     build_model,
     default_model_path,

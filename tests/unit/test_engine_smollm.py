@@ -14,8 +14,7 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 def mixed_prompts(tokenizer, n: int) -> list[list[int]]:
     rng = random.Random(0)
-    words = ("the of river mountain compute quickly seven blue history music proof "
-             "language ocean garden engine theory apple window").split()
+    words = ["the", "of", "river", "mountain", "compute", "quickly", "seven", "blue", "history", "music", "proof", "language", "ocean", "garden", "engine", "theory", "apple", "window"]
     out = []
     for i in range(n):
         length = rng.choice([3, 9, 17, 40, 90, 150])

@@ -134,13 +134,13 @@ class LocalCluster:
         lines += [
             "",
             "Try:",
-            f"  {exe} generate --target {target} --chat --temperature 0 "
-            "--prompt 'What is the capital of France?'",
+            (f"  {exe} generate --target {target} --chat --temperature 0 "
+             "--prompt 'What is the capital of France?'"),
             f"  {exe} admin status --target {target}",
             f"  grpcurl -plaintext {target} list",
-            f"  grpcurl -plaintext -d '{{\"text\": \"What is the capital of France?\", "
-            f"\"chat\": true, \"max_tokens\": 16, \"temperature\": 0}}' {target} "
-            "splitserve.v1.Generation/Generate",
+            (f"  grpcurl -plaintext -d '{{\"text\": \"What is the capital of France?\", "
+             f"\"chat\": true, \"max_tokens\": 16, \"temperature\": 0}}' {target} "
+             "splitserve.v1.Generation/Generate"),
             "",
             "Ctrl-C stops the cluster.",
         ]

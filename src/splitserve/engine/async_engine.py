@@ -15,7 +15,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence as Seq
+from collections.abc import AsyncIterator, Callable
+from collections.abc import Sequence as Seq
 from typing import Any, TypeVar
 
 from splitserve.engine.llm_engine import Engine
@@ -77,7 +78,7 @@ class AsyncEngine:
                 result = fn(self.engine)
                 if dispatch and isinstance(result, RequestOutput):
                     self._dispatch([result])
-            except BaseException as exc:  # handed to the awaiting caller
+            except BaseException as exc:  # noqa: BLE001 (handed to the awaiting caller)
                 loop.call_soon_threadsafe(_set_exception, fut, exc)
             else:
                 loop.call_soon_threadsafe(_set_result, fut, result)

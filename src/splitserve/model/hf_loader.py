@@ -52,7 +52,7 @@ class HFModelDir:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for f in self.files:
             with safe_open(str(f), framework="pt") as handle:
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                     if name.endswith("rotary_emb.inv_freq"):
                         continue
                     yield name, handle.get_tensor(name).float()

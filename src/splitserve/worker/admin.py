@@ -70,7 +70,7 @@ class WorkerAdminBackend:
         for worker_id, data in sorted((await registry.list()).items()):
             try:
                 d = WorkerDescriptor.FromString(data)
-            except Exception:  # a foreign or corrupt entry must not break the listing
+            except Exception:  # noqa: BLE001 (a corrupt entry must not break the listing)
                 log.warning("registry entry %s is not a WorkerDescriptor", worker_id)
                 continue
             workers.append(WorkerInfo(

@@ -104,7 +104,7 @@ class WorkerCore:
             try:
                 await self.registry.deregister(self.worker_id)
                 await self.registry.close()
-            except Exception as exc:  # the broker may be gone; the TTL cleans up
+            except Exception as exc:  # noqa: BLE001 (broker may be gone; the TTL cleans up)
                 log.warning("worker %s: deregistration failed: %r", self.worker_id, exc)
         if self.broker is not None:
             await self.broker.close()

@@ -100,13 +100,15 @@ class DecodeService:
                                         self.prefill_queue_depth, decode_load, request.priority)
         stream = self.engine.open_stream(request_id)
         finished = False
-        prefill = "local"
+        prefill, num_attempts = "local", 1
         try:
             outcome = "none"
             if remote:
                 outcome = await self._remote_prefill(request_id, prompt, request)
             if outcome == "remote":
                 prefill = "remote"
+            elif outcome == "fallback":
+                num_attempts = 2
             elif outcome == "none":
                 await self.engine.call(lambda e: e.add_request(request_id, prompt,
                                                                request.params))
@@ -118,19 +120,20 @@ class DecodeService:
                     first_s = now
                     self.core.counters.ttft_ms.append((now - start_s) * 1e3)
                 finished = out.finished
-                yield self._chunk(out, start_s, first_s, now, prefill)
+                yield self._chunk(out, start_s, first_s, now, prefill, num_attempts)
         finally:
             self.engine.close_stream(request_id)
             if not finished and self.engine.is_running:
                 self.engine.call(lambda e: e.abort(request_id))
 
     def _chunk(self, out: RequestOutput, start_s: float, first_s: float, now: float,
-               prefill: str) -> GenerationChunk:
+               prefill: str, num_attempts: int) -> GenerationChunk:
         timing = None
         if out.finished:
             self.core.counters.num_finished += 1
             timing = Timing(queue_ms=0.0, ttft_ms=(first_s - start_s) * 1e3,
-                            total_ms=(now - start_s) * 1e3, prefill=prefill)
+                            total_ms=(now - start_s) * 1e3, prefill=prefill,
+                            num_attempts=num_attempts)
         return GenerationChunk(out.request_id, out.new_token_ids, out.text_delta, out, timing)
 
     def _num_cached_tokens(self, prompt: list[int]) -> int:
@@ -208,7 +211,7 @@ class DecodeService:
             try:
                 info = await self.core.broker.js.stream_info(STREAM_PREFILL)
                 self.prefill_queue_depth = int(info.state.messages)
-            except Exception as exc:  # broker down: assume the queue is full, stay local
+            except Exception as exc:  # noqa: BLE001 (broker down: treat the queue as full)
                 self.prefill_queue_depth = 1 << 30
                 log.debug("prefill queue depth unavailable: %r", exc)
             await asyncio.sleep(_QUEUE_DEPTH_POLL_S)
