@@ -198,7 +198,7 @@ def admin_resume(target: str, as_json: bool, connect_timeout: float) -> None:
     click.echo(client.to_json(resp) if as_json else f"state {client.state_name(resp.state)}")
 
 
-from splitserve.cli_daemons import decode_cmd, prefill_cmd, up_cmd  # noqa: E402
+from splitserve.cli_daemons import decode_cmd, prefill_cmd, up_cmd
 
 for _command in (decode_cmd, prefill_cmd, up_cmd):
     main.add_command(_command)
