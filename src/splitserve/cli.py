@@ -55,6 +55,8 @@ def generate(prompt: str, chat: bool, max_tokens: int, temperature: float, top_p
 
     try:
         engine = Engine.from_config(EngineConfig(model=model, dtype=dtype))  # type: ignore[arg-type]
+        if engine.tokenizer is None:
+            raise click.ClickException("this model has no tokenizer")
         text = prompt
         if chat:
             text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])

@@ -56,11 +56,11 @@ class ModelRunner:
         dev = self.device
         for members in buckets.values():
             width = max(len(tables[i]) for i in members)
-            table = torch.zeros((len(members), width), dtype=torch.long)
+            block_table = torch.zeros((len(members), width), dtype=torch.long)
             for j, i in enumerate(members):
-                table[j, : len(tables[i])] = torch.tensor(tables[i])
+                block_table[j, : len(tables[i])] = torch.tensor(tables[i])
             groups.append((torch.tensor([rows[i] for i in members], dtype=torch.long, device=dev),
-                           table.to(dev),
+                           block_table.to(dev),
                            torch.tensor([seq_lens[i] for i in members], dtype=torch.long,
                                         device=dev)))
         return groups

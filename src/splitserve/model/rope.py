@@ -37,6 +37,9 @@ def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin `[max_positions, head_dim]` in fp32."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -31,7 +31,7 @@ class TokenizerSpec:
 def byte_level_bpe(tokens: list[str], merges: list[str], special_ids: list[int]) -> str:
     """Build a byte-level BPE tokenizer (GPT-2 style) from a vocab and merges; returns its JSON."""
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    pairs = [(a, b) for a, b in (m.split(" ", 1) for m in merges)]
     backend = BackendTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
