@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from splitserve.routing.offload import RoutingConfig
 from splitserve.rpc import generation_pb2, generation_pb2_grpc
 
 SPLITSERVE = [sys.executable, "-m", "splitserve.cli"]
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 
 
 @dataclasses.dataclass
@@ -108,3 +110,12 @@ def nats_server(workdir: Path) -> NatsServer:
     server = NatsServer(find_free_port(), workdir / "nats", log_path=workdir / "nats.log")
     server.start()
     return server
+
+
+def admin_status(address: str) -> dict:
+    """`Admin/GetStatus` through grpcurl and server reflection, as an operator calls it."""
+    out = subprocess.run([GRPCURL, "-plaintext", "-d", "{}", address,
+                          "splitserve.v1.Admin/GetStatus"], capture_output=True, text=True,
+                         check=False, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)

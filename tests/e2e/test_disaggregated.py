@@ -5,18 +5,22 @@ Every output must equal the single-process engine's, token for token (greedy).
 
 from __future__ import annotations
 
-import json
 import random
-import subprocess
-from pathlib import Path
 
 import pytest
-from cluster import generate, nats_server, start_daemon, stop_daemons, wait_ready, worker_config
+from cluster import (
+    admin_status,
+    generate,
+    nats_server,
+    start_daemon,
+    stop_daemons,
+    wait_ready,
+    worker_config,
+)
 
 from splitserve.engine.sampling import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-GRPCURL = str(Path(__import__("sys").executable).parent / "grpcurl")
 
 
 def mixed_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
@@ -40,14 +44,6 @@ def cluster(tmp_path_factory):
     finally:
         stop_daemons(daemons)
         broker.stop()
-
-
-def admin_status(address: str) -> dict:
-    out = subprocess.run([GRPCURL, "-plaintext", "-d", "{}", address,
-                          "splitserve.v1.Admin/GetStatus"], capture_output=True, text=True, check=False,
-                         timeout=30)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 def test_disaggregated_equals_single_process(cluster, smollm, smollm_engine) -> None:

@@ -5,25 +5,28 @@ leaks once the leases have expired."""
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
-from cluster import generate, nats_server, start_daemon, stop_daemons, wait_ready, worker_config
+from cluster import admin_status as status
+from cluster import (
+    generate,
+    nats_server,
+    start_daemon,
+    stop_daemons,
+    wait_ready,
+    worker_config,
+)
 
 from splitserve.config.daemon import LeaseConfig
 from splitserve.engine.sampling import SamplingParams
 from splitserve.rpc import generation_pb2, generation_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 LEASE = LeaseConfig(base_s=3.0, per_token_ms=2.0, skew_margin_s=0.3)
 
 
@@ -44,14 +47,6 @@ def cluster(tmp_path):
     yield {"broker": broker, "decode": decode, "prefill": prefill, "start": start}
     stop_daemons(daemons)
     broker.stop()
-
-
-def status(address: str) -> dict:
-    out = subprocess.run([GRPCURL, "-plaintext", "-d", "{}", address,
-                          "splitserve.v1.Admin/GetStatus"], capture_output=True, text=True, check=False,
-                         timeout=30)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 def long_prompts(tokenizer, n: int, words: int = 250) -> list[list[int]]:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class _EngineSnapshot:
+class EngineSnapshot:
     num_pages_used: int
     num_pages_free: int
     num_pages_quarantined: int
@@ -33,11 +33,23 @@ class _EngineSnapshot:
     num_running: int
 
 
-def _snapshot(engine: Engine) -> _EngineSnapshot:
+def engine_snapshot(engine: Engine) -> EngineSnapshot:
+    """Page and queue counts; call it on the engine thread (`AsyncEngine.call`).
+
+    Waiting includes requests whose remote prefill has not landed yet."""
     allocator, scheduler = engine.allocator, engine.scheduler
-    return _EngineSnapshot(allocator.num_used_pages, allocator.num_free_pages,
-                           allocator.num_quarantined_pages, allocator.num_pages,
-                           len(scheduler.waiting), len(scheduler.running))
+    return EngineSnapshot(allocator.num_used_pages, allocator.num_free_pages,
+                          allocator.num_quarantined_pages, allocator.num_pages,
+                          len(scheduler.waiting) + engine.remote.num_pending,
+                          len(scheduler.running))
+
+
+async def snapshot_of(engine: AsyncEngine) -> EngineSnapshot:
+    try:
+        return await engine.call(engine_snapshot)
+    except EngineStopped:
+        # The engine thread is gone, so reading its state here races with nothing.
+        return engine_snapshot(engine.engine)
 
 
 def config_hash(engine: Engine) -> str:
@@ -79,15 +91,8 @@ class LocalAdminBackend:
             if out.finished:
                 self._num_finished += 1
 
-    async def _engine_snapshot(self) -> _EngineSnapshot:
-        try:
-            return await self.engine.call(_snapshot)
-        except EngineStopped:
-            # The engine thread is gone, so reading its state here races with nothing.
-            return _snapshot(self.engine.engine)
-
     async def status(self) -> WorkerStatus:
-        snap = await self._engine_snapshot()
+        snap = await snapshot_of(self.engine)
         counters = StatusCounters(num_local_prefills=self._num_first_tokens,
                                   num_rejects=self.tracker.num_rejects,
                                   num_requests_finished=self._num_finished)

@@ -13,6 +13,7 @@ from splitserve.control.backend import (
     WorkerInfo,
     WorkerStatus,
 )
+from splitserve.control.local_admin import snapshot_of
 from splitserve.control.tracker import RequestTracker
 from splitserve.rpc.worker_pb2 import WorkerDescriptor
 from splitserve.worker.core import WorkerCore
@@ -35,19 +36,18 @@ class WorkerAdminBackend:
 
     async def status(self) -> WorkerStatus:
         core = self.core
-        engine = core.engine
-        assert engine is not None
-        alloc = engine.allocator
+        assert core.engine is not None and core.async_engine is not None
+        snap = await snapshot_of(core.async_engine)
         c = core.counters
         transfers = core.agent.counters if core.agent is not None else None
         in_flight = getattr(self.role_service, "num_in_flight", 0)
         return WorkerStatus(
             role=core.role, worker_id=core.worker_id, config_hash=self.config_hash,
             state=DRAINING if self._draining else SERVING,
-            num_pages_used=alloc.num_used_pages, num_pages_free=alloc.num_free_pages,
-            num_pages_quarantined=alloc.num_quarantined_pages, num_pages_total=alloc.num_pages,
-            num_waiting=len(engine.scheduler.waiting) + engine.remote.num_pending,
-            num_running=len(engine.scheduler.running),
+            num_pages_used=snap.num_pages_used, num_pages_free=snap.num_pages_free,
+            num_pages_quarantined=snap.num_pages_quarantined,
+            num_pages_total=snap.num_pages_total, num_waiting=snap.num_waiting,
+            num_running=snap.num_running,
             num_in_flight=max(self.tracker.num_in_flight, in_flight),
             uptime_s=time.monotonic() - core.started_s,
             counters=StatusCounters(
@@ -59,7 +59,7 @@ class WorkerAdminBackend:
                 num_rejects=c.num_rejects + self.tracker.num_rejects,
                 num_requests_finished=c.num_finished,
             ),
-            model_fingerprint=engine.loaded.fingerprint,
+            model_fingerprint=core.engine.loaded.fingerprint,
         )
 
     async def list_workers(self) -> list[WorkerInfo]:
