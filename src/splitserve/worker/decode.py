@@ -86,7 +86,8 @@ class DecodeService:
     # --- ingress ------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         request_id = check_request_id(request.request_id)
-        prompt = tokenize(self.tokenizer, request)
+        # Up to 1 MiB of text: tokenize off the event loop, which serves every stream.
+        prompt = await asyncio.to_thread(tokenize, self.tokenizer, request)
         engine = self.engine.engine
         try:
             engine.validate(prompt, request.params)  # reads only immutable config

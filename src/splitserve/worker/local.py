@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -27,7 +28,7 @@ class LocalGenerationService:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         request_id = check_request_id(request.request_id)
-        prompt_ids = tokenize(self.tokenizer, request)
+        prompt_ids = await asyncio.to_thread(tokenize, self.tokenizer, request)
         start = time.monotonic()
         first_s: float | None = None
         async for out in self.engine.generate(request_id, prompt_ids, request.params):
