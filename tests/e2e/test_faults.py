@@ -89,6 +89,32 @@ def test_prefill_killed_mid_job_requests_complete_via_fallback(cluster, smollm,
     assert int(s["counters"].get("num_fallbacks", 0)) >= 1, s
 
 
+def test_prefill_killed_fallback_before_long_lease(tmp_path, smollm, smollm_engine) -> None:
+    """With a 60 s lease, a crashed prefill worker is noticed when its registry
+    entry expires (15 s TTL), not when the lease runs out."""
+    broker = nats_server(tmp_path)
+    long_lease = LeaseConfig(base_s=60.0, per_token_ms=0.0, skew_margin_s=0.3)
+    decode = start_daemon(worker_config("decode", "decode-0", broker.url, lease=long_lease),
+                          tmp_path)
+    prefill = start_daemon(worker_config("prefill", "prefill-0", broker.url, lease=long_lease),
+                           tmp_path)
+    try:
+        wait_ready([decode, prefill])
+        prompts = long_prompts(smollm.tokenizer, 1)
+        expected = expected_outputs(smollm_engine, prompts)
+        prefill.signal(signal.SIGSTOP)  # takes no job...
+        prefill.signal(signal.SIGKILL)  # ...and dies without deregistering
+        started = time.monotonic()
+        tokens, last = generate(decode.address, prompts[0], 8)
+        assert tokens == expected[0]
+        assert last.timing.num_attempts == 2
+        assert time.monotonic() - started < 40.0
+        assert "left the registry" in decode.log_path.read_text()
+    finally:
+        stop_daemons([decode, prefill])
+        broker.stop()
+
+
 def test_prefill_frozen_past_lease_then_resumed(cluster, smollm, smollm_engine) -> None:
     prompts = long_prompts(smollm.tokenizer, 3)
     expected = expected_outputs(smollm_engine, prompts)

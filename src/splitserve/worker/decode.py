@@ -8,9 +8,14 @@ Life cycle of a request:
 4. remote: reserve landing pages, publish a `PrefillJob` (Msg-Id request:attempt)
    with a lease deadline, wait for the `KVReady` notification of that attempt;
 5. KVReady in time: the engine copies the partial last page and starts decoding
-   after the first token; no KVReady by the deadline (the prefill worker died, the
-   queue is stuck, the publish failed): fall back to a local prefill on fresh pages
-   (the landing pages stay quarantined until the lease has expired);
+   after the first token; no KVReady by the deadline (the queue is stuck, the
+   publish failed), or a prefill worker left the registry while the attempt waited
+   (deregistered, or its heartbeat TTL expired after a crash): fall back to a local
+   prefill on fresh pages (the landing pages stay quarantined until the lease has
+   expired). Which prefill worker took a job is not known before its KVReady, so
+   any prefill worker leaving fails every waiting attempt: with several workers a
+   crash costs a few redundant local prefills, never a wrong token (stale KVReady
+   are ignored, landing pages stay fenced);
 6. stream chunks; a client that goes away aborts the request (pages freed, landing
    pages quarantined).
 """
@@ -34,6 +39,7 @@ from splitserve.queue.subjects import STREAM_PREFILL
 from splitserve.queue.work_queue import publish_job
 from splitserve.routing.offload import should_offload_prefill
 from splitserve.rpc.jobs_pb2 import PrefillJob
+from splitserve.rpc.worker_pb2 import WorkerDescriptor
 from splitserve.worker.core import WorkerCore, logged_task
 from splitserve.worker.ingress import (
     GenerateRequest,
@@ -54,6 +60,11 @@ class _Waiting:
     kv_ready: asyncio.Future[int]  # resolves to the first token
 
 
+class PrefillWorkerGone(Exception):
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(f"prefill worker {worker_id} left the registry")
+
+
 class DecodeService:
     """The decode role; a `GenerationService` for the gRPC `Generation` servicer."""
 
@@ -71,7 +82,8 @@ class DecodeService:
 
     async def start(self) -> None:
         self._tasks = [logged_task(self._receive_notifications(), "kv-ready receiver"),
-                       logged_task(self._poll_queue_depth(), "queue depth poller")]
+                       logged_task(self._poll_queue_depth(), "queue depth poller"),
+                       logged_task(self._watch_prefill_workers(), "prefill worker watch")]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -179,6 +191,8 @@ class DecodeService:
             reason = f"no KVReady within the {lease_s:.1f} s lease"
         except PublishFailed as exc:
             reason = f"publish failed: {exc}"
+        except PrefillWorkerGone as exc:
+            reason = str(exc)
         finally:
             self._waiting.pop(request_id, None)
         log.warning("request %s attempt %d: %s; prefilling locally (landing pages %s "
@@ -205,6 +219,28 @@ class DecodeService:
                              ready.request_id, ready.attempt, ready.prefill_worker_id)
                     continue
                 waiting.kv_ready.set_result(ready.first_token)
+
+    async def _watch_prefill_workers(self) -> None:
+        while True:  # a watch can end with the broker; start a new one
+            try:
+                await self._watch_registry_once()
+            except Exception as exc:  # noqa: BLE001 (the lease still bounds every wait)
+                log.warning("registry watch failed (%r); retrying in 1 s", exc)
+            await asyncio.sleep(1.0)
+
+    async def _watch_registry_once(self) -> None:
+        registry = self.core.registry
+        assert registry is not None
+        prefill_ids: set[str] = set()
+        async for worker_id, data in registry.watch():
+            if data is not None:
+                if WorkerDescriptor.FromString(data).role == "prefill":
+                    prefill_ids.add(worker_id)
+            elif worker_id in prefill_ids:
+                prefill_ids.discard(worker_id)
+                for waiting in self._waiting.values():
+                    if not waiting.kv_ready.done():
+                        waiting.kv_ready.set_exception(PrefillWorkerGone(worker_id))
 
     async def _poll_queue_depth(self) -> None:
         assert self.core.broker is not None
