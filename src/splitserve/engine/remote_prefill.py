@@ -17,7 +17,7 @@ first token is sampled, until `release` (after the transfer completed).
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from splitserve.engine.page_allocator import PageAllocator
@@ -46,7 +46,7 @@ class _Remote:
 class RemotePrefills:
     allocator: PageAllocator
     scheduler: Scheduler
-    copy_page: object  # Callable[[int, int], None]: copy all layers of one page to another
+    copy_page: Callable[[int, int], None]  # copy all layers of one page (src, dst)
     _pending: dict[str, _Remote] = field(default_factory=dict)
     # landing pages still held by running sequences: request id → (page ids, release time)
     _held_landing: dict[str, tuple[list[int], float]] = field(default_factory=dict)
@@ -56,9 +56,6 @@ class RemotePrefills:
     @property
     def num_pending(self) -> int:
         return len(self._pending)
-
-    def is_pending(self, request_id: str) -> bool:
-        return request_id in self._pending
 
     def reserve(self, seq: Sequence, attempt: int, release_at: float) -> LandingPlan | None:
         """Cached prefix + landing pages for `seq`, or None when the pool cannot hold them."""
@@ -93,7 +90,7 @@ class RemotePrefills:
         if seq.num_prompt_tokens % ps and landing:
             # Fence: the partial last page gets an owned copy before tokens are appended.
             [owned] = self.allocator.allocate(1)
-            self.copy_page(landing[-1], owned)  # type: ignore[operator]
+            self.copy_page(landing[-1], owned)
             seq.page_ids[-1] = owned
         self._held_landing[request_id] = (landing, plan.release_at)
         seq.num_computed_tokens = seq.num_prompt_tokens
@@ -137,7 +134,3 @@ class RemotePrefills:
         seq.num_cached_pages_published = 0
         return seq
 
-
-def monotonic_deadline(unix_deadline_s: float, margin_s: float) -> float:
-    """Convert a unix-time lease deadline (+ margin) to this process's monotonic clock."""
-    return time.monotonic() + (unix_deadline_s + margin_s - time.time())
