@@ -25,7 +25,7 @@ import platform
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import grpc
 
@@ -115,13 +115,11 @@ async def drive(addresses: list[str], requests: list[Request]) -> tuple[list[Res
     return list(results), wall_s
 
 
-def cluster_config(mode: str, state_dir: str, threshold: int) -> ClusterConfig:
+def cluster_config(mode: str, state_dir: str, routing: RoutingConfig) -> ClusterConfig:
     worker = WorkerConfig(
         engine=EngineConfig(kv_cache_memory_mb=1024, max_num_seqs=32,
                             max_num_batched_tokens=256),
-        routing=RoutingConfig(enable_remote_prefill=mode == "disaggregated",
-                              prefill_length_threshold=threshold,
-                              moderate_length_threshold=threshold),
+        routing=replace(routing, enable_remote_prefill=mode == "disaggregated"),
         lease=LeaseConfig(base_s=20.0, per_token_ms=10.0), log_level="WARNING")
     return ClusterConfig(
         state_dir=state_dir, nats_port=find_free_port(), base_grpc_port=find_free_port(),
@@ -157,9 +155,9 @@ def summarize(results: list[Result], wall_s: float) -> dict:
     }
 
 
-def run_mode(mode: str, requests: list[Request], threshold: int) -> dict:
+def run_mode(mode: str, requests: list[Request], routing: RoutingConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"splitserve-{mode}-") as state_dir:
-        cluster = LocalCluster(cluster_config(mode, state_dir, threshold))
+        cluster = LocalCluster(cluster_config(mode, state_dir, routing))
         cluster.start()
         try:
             addresses = [w.config.grpc_address for w in cluster.workers
@@ -181,12 +179,19 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
     ap.add_argument("--threshold", type=int, default=256,
                     help="prefill_length_threshold of the disaggregated decode worker")
+    ap.add_argument("--moderate-threshold", type=int, default=32,
+                    help="moderate_length_threshold: shorter prompts always stay local")
+    ap.add_argument("--decode-load-threshold", type=float, default=0.0,
+                    help="decode load from which moderate prompts go remote (0: always)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     requests = workload(args.rate, args.duration, args.seed)
-    disagg = run_mode("disaggregated", requests, args.threshold)
-    coloc = run_mode("colocated", requests, args.threshold)
+    routing = RoutingConfig(prefill_length_threshold=args.threshold,
+                            moderate_length_threshold=args.moderate_threshold,
+                            decode_load_threshold=args.decode_load_threshold)
+    disagg = run_mode("disaggregated", requests, routing)
+    coloc = run_mode("colocated", requests, routing)
     out = {
         "benchmark": "serve_interference",
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
@@ -196,6 +201,7 @@ def main() -> None:
                      "num_long": sum(not r.is_short for r in requests), "seed": args.seed,
                      "short_prompt_tokens": "32-64", "long_prompt_tokens": "1024-2048",
                      "output_tokens": "32-128"},
+        "routing": asdict(routing),
         "slo": {"ttft_short_s": SLO_TTFT_SHORT_S, "ttft_long_s": SLO_TTFT_LONG_S,
                 "tpot_s": SLO_TPOT_S},
         "disaggregated": disagg, "colocated": coloc,

