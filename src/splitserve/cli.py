@@ -200,6 +200,32 @@ def admin_resume(target: str, as_json: bool, connect_timeout: float) -> None:
     click.echo(client.to_json(resp) if as_json else f"state {client.state_name(resp.state)}")
 
 
+@admin.command("reload")
+@_TARGET
+@_JSON
+@_CONNECT_TIMEOUT
+def admin_reload(target: str, as_json: bool, connect_timeout: float) -> None:
+    """Re-read the daemon's config file now (as SIGHUP does); exit 1 if it was refused."""
+    from splitserve import client
+
+    resp = _run_remote(client.admin_reload(target, connect_timeout_s=connect_timeout))
+    click.echo(client.to_json(resp) if as_json
+               else client.format_table(client.reload_rows(resp)))
+    if resp.error:
+        sys.exit(1)
+
+
+@admin.command("config")
+@_TARGET
+@_CONNECT_TIMEOUT
+def admin_config(target: str, connect_timeout: float) -> None:
+    """Print the config in force (after reloads) as YAML."""
+    from splitserve import client
+
+    resp = _run_remote(client.admin_config(target, connect_timeout_s=connect_timeout))
+    click.echo(resp.config_yaml, nl=False)
+
+
 from splitserve.cli_daemons import decode_cmd, prefill_cmd, up_cmd
 
 for _command in (decode_cmd, prefill_cmd, up_cmd):

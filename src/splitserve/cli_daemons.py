@@ -41,9 +41,11 @@ def prefill_cmd(config_path: Path) -> None:
 def up_cmd(config_path: Path) -> None:
     """Start a local cluster (nats-server, prefill and decode workers) until Ctrl-C."""
     from splitserve.config.daemon import load_cluster_config
+    from splitserve.config.watch import ChangeDetector
     from splitserve.daemons.up import run_up
 
     try:
-        run_up(load_cluster_config(config_path))
+        changes = ChangeDetector(config_path)  # before the load: no save is missed
+        run_up(load_cluster_config(config_path), changes)
     except SplitserveError as exc:
         raise click.ClickException(str(exc)) from exc

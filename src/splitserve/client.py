@@ -148,6 +148,20 @@ async def admin_resume(target: str, *, connect_timeout_s: float = DEFAULT_CONNEC
     return resp
 
 
+async def admin_reload(target: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                       timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> admin_pb2.ReloadResponse:
+    resp: admin_pb2.ReloadResponse = await _unary(
+        target, "Reload", admin_pb2.ReloadRequest(), connect_timeout_s, timeout_s)
+    return resp
+
+
+async def admin_config(target: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                       timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> admin_pb2.GetConfigResponse:
+    resp: admin_pb2.GetConfigResponse = await _unary(
+        target, "GetConfig", admin_pb2.GetConfigRequest(), connect_timeout_s, timeout_s)
+    return resp
+
+
 # --- rendering (CLI output) ----------------------------------------------------------
 def to_json(message: Message) -> str:
     """Proto3 JSON with the .proto field names and zero values included."""
@@ -178,6 +192,15 @@ def status_rows(status: admin_pb2.GetStatusResponse) -> list[tuple[str, str]]:
         ("transfers", f"{c.num_transfers} ({c.num_transfer_failures} failed)"),
         ("finished", str(c.num_requests_finished)),
         ("rejected", str(c.num_rejects)),
+    ]
+
+
+def reload_rows(result: admin_pb2.ReloadResponse) -> list[tuple[str, str]]:
+    return [
+        ("config hash", result.config_hash or "-"),
+        ("applied", ", ".join(result.applied_fields) or "none"),
+        ("needs a restart", ", ".join(result.restart_fields) or "none"),
+        ("error", result.error or "none"),
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import socket
@@ -47,9 +48,21 @@ class PrefillRoleConfig:
             raise ConfigError("prefill.max_batch_jobs", "must be >= 1")
 
 
+# The WorkerConfig fields (top-level names; every field below them) that a running worker
+# applies on reload: SIGHUP, a change of its config file, or Admin.Reload. The rest (role,
+# identity, addresses, engine, CPU placement) are fixed at start-up and need a restart.
+# Readers must take these from `core.config` at use time, never cache them.
+RELOADABLE_WORKER_FIELDS: frozenset[str] = frozenset({
+    "routing", "lease", "prefill", "log_level", "drain_grace_s", "stats_interval_s",
+})
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
-    """One worker daemon (`splitserve decode|prefill --config F`)."""
+    """One worker daemon (`splitserve decode|prefill --config F`).
+
+    Fields in `RELOADABLE_WORKER_FIELDS` change while the daemon runs (config/reload.py).
+    """
 
     role: Literal["decode", "prefill"] = "decode"
     worker_id: str = ""  # "" → <role>-<hostname>-<pid>
@@ -116,6 +129,22 @@ def load_worker_config(path: str | Path, role: str | None = None) -> WorkerConfi
 
 def load_cluster_config(path: str | Path) -> ClusterConfig:
     return from_mapping(ClusterConfig, load_yaml(path))
+
+
+def config_to_yaml(config: object) -> str:
+    """YAML that the loaders read back to an equal config (a dataclass, or a mapping of them)."""
+    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config  # type: ignore[arg-type]
+    return yaml.safe_dump(_plain(data), sort_keys=False)
+
+
+def _plain(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def config_hash(path: str | Path) -> str:

@@ -65,6 +65,24 @@ class AdminServicer(pb_grpc.AdminServicer):
             await _abort(context, exc)
         return pb.ResumeResponse(state=_STATES[state])
 
+    async def Reload(self, request: pb.ReloadRequest,
+                     context: grpc.aio.ServicerContext) -> pb.ReloadResponse:
+        try:
+            result = await self.backend.reload()
+        except Exception as exc:  # noqa: BLE001 - every failure gets a deliberate code
+            await _abort(context, exc)
+        return pb.ReloadResponse(applied_fields=result.applied_fields,
+                                 restart_fields=result.restart_fields, error=result.error,
+                                 config_hash=result.config_hash)
+
+    async def GetConfig(self, request: pb.GetConfigRequest,
+                        context: grpc.aio.ServicerContext) -> pb.GetConfigResponse:
+        try:
+            view = await self.backend.config()
+        except Exception as exc:  # noqa: BLE001 - every failure gets a deliberate code
+            await _abort(context, exc)
+        return pb.GetConfigResponse(config_yaml=view.yaml, config_hash=view.config_hash)
+
 
 async def drain(backend: AdminBackend, health: HealthStatus | None, grace_s: float) -> str:
     """Health first (so balancers stop routing at once), then the backend's drain."""

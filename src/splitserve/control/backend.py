@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from splitserve.config.reload import ReloadResult
 from splitserve.control.tracker import RequestTracker
 
 SERVING = "SERVING"
@@ -44,7 +45,9 @@ class WorkerStatus:
     num_in_flight: int  # Generate calls open on this server
     uptime_s: float
     counters: StatusCounters = field(default_factory=StatusCounters)
-    config_reload_error: str = ""  # why the last reload was refused; "" if it applied
+    # why the last reload was refused, or the changed fields that need a restart;
+    # "" when the file is fully in force (ReloadResult.status_note)
+    config_reload_error: str = ""
     model_fingerprint: str = ""
 
 
@@ -57,6 +60,12 @@ class WorkerInfo:
     page_size: int  # tokens per page
     dtype: str  # KV dtype
     model_fingerprint: str
+
+
+@dataclass(frozen=True)
+class ConfigView:
+    yaml: str  # the config in force, in the daemon's config file format
+    config_hash: str  # as WorkerStatus.config_hash
 
 
 class AdminBackend(Protocol):
@@ -80,4 +89,13 @@ class AdminBackend(Protocol):
 
     async def resume(self) -> str:
         """Admit requests again; the new state."""
+        ...
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the config file now, as SIGHUP does (config/reload.py). A refused
+        file is the result's `error`; raises `ReloadUnsupported` without a file."""
+        ...
+
+    async def config(self) -> ConfigView:
+        """The config in force."""
         ...

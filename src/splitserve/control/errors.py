@@ -20,3 +20,11 @@ class BindError(SplitserveError):
         super().__init__(f"cannot listen on {address}: {reason}")
         self.address = address
         self.reason = reason
+
+
+class ReloadUnsupported(SplitserveError):
+    """This daemon has no config file to reload (→ FAILED_PRECONDITION)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"cannot reload: {reason}")
+        self.reason = reason

@@ -8,13 +8,17 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from splitserve.config.daemon import config_to_yaml
+from splitserve.config.reload import ReloadResult
 from splitserve.control.backend import (
     DRAINING,
     SERVING,
+    ConfigView,
     StatusCounters,
     WorkerInfo,
     WorkerStatus,
 )
+from splitserve.control.errors import ReloadUnsupported
 from splitserve.control.tracker import RequestTracker
 from splitserve.engine.async_engine import AsyncEngine, EngineStopped
 from splitserve.engine.llm_engine import Engine
@@ -129,3 +133,11 @@ class LocalAdminBackend:
             log.info("worker %s resumes serving", self.worker_id)
         self._draining = False
         return SERVING
+
+    async def reload(self) -> ReloadResult:
+        raise ReloadUnsupported("this server was started without a config file; "
+                                "restart it to change its engine config")
+
+    async def config(self) -> ConfigView:
+        return ConfigView(config_to_yaml({"engine": self.engine.engine.config}),
+                          self.config_hash)

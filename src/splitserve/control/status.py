@@ -6,6 +6,7 @@
 | `InvalidRequest`, `ConfigError`, `InvalidSubjectToken` | INVALID_ARGUMENT |
 | `CapacityExceeded` (request can never fit; routing's overload rejects derive from it) | RESOURCE_EXHAUSTED |
 | `Draining`, `EngineStopped`, `BrokerError` (broker down, publish failed) | UNAVAILABLE |
+| `ReloadUnsupported` (a daemon started without a config file) | FAILED_PRECONDITION |
 | `TimeoutError` | DEADLINE_EXCEEDED |
 | anything else | INTERNAL, logged with its traceback |
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from splitserve.control.errors import Draining
+from splitserve.control.errors import Draining, ReloadUnsupported
 from splitserve.engine.async_engine import EngineStopped
 from splitserve.engine.errors import CapacityExceeded, DuplicateRequest, InvalidRequest
 from splitserve.errors import ConfigError
@@ -62,6 +63,8 @@ def status_for(exc: BaseException, request_id: str = "") -> RpcStatus:
         return RpcStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, _one_line(str(exc)))
     if isinstance(exc, Draining | EngineStopped | BrokerError):
         return RpcStatus(grpc.StatusCode.UNAVAILABLE, _one_line(str(exc)))
+    if isinstance(exc, ReloadUnsupported):
+        return RpcStatus(grpc.StatusCode.FAILED_PRECONDITION, _one_line(str(exc)))
     if isinstance(exc, TimeoutError):
         return RpcStatus(grpc.StatusCode.DEADLINE_EXCEEDED,
                          _one_line(str(exc)) or "deadline exceeded")

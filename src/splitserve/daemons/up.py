@@ -3,6 +3,10 @@
 Each worker is a subprocess running `splitserve decode|prefill --config` with a
 config written under the state dir; logs go to `<state>/<worker_id>.log`.
 Ctrl-C (or SIGTERM) stops the workers (they drain) and then the broker.
+When the cluster file changes (or on SIGHUP), the workers' files are derived again
+from its `worker:` template and rewritten by rename; each worker's own watcher then
+reloads what may change live. The cluster's layout (counts, ports, state dir)
+needs a restart of `splitserve up`.
 """
 
 from __future__ import annotations
@@ -17,10 +21,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitserve.config.daemon import ClusterConfig, WorkerConfig
+from splitserve.config.daemon import (
+    ClusterConfig,
+    WorkerConfig,
+    config_to_yaml,
+    load_cluster_config,
+)
+from splitserve.config.reload import diff_fields
+from splitserve.config.watch import ChangeDetector
 from splitserve.errors import SplitserveError
 from splitserve.queue.broker import NatsServer
 
@@ -55,17 +65,19 @@ def worker_configs(cluster: ClusterConfig, nats_url: str) -> list[WorkerConfig]:
     return configs
 
 
-def write_config(config: WorkerConfig, path: Path) -> None:
-    data = dataclasses.asdict(config)
-    path.write_text(yaml.safe_dump(_plain(data), sort_keys=False))
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+def write_config(config: WorkerConfig, path: Path) -> bool:
+    """Write `config` to `path` by rename (a watcher never reads half a file); False
+    when the file already says the same."""
+    text = config_to_yaml(config)
+    try:
+        if path.read_text() == text:
+            return False
+    except OSError:
+        pass
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return True
 
 
 class LocalCluster:
@@ -77,18 +89,38 @@ class LocalCluster:
         self.workers: list[WorkerProcess] = []
 
     def start(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.nats.start()
+        self.write_worker_configs()
+        for worker in self.workers:
+            with worker.log_path.open("ab") as log_file:
+                worker.process = subprocess.Popen(
+                    [sys.executable, "-m", "splitserve.cli", worker.config.role, "--config",
+                     str(worker.config_path)],
+                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready()
+
+    def write_worker_configs(self) -> None:
+        """One config file per worker under the state dir (`workers`, not started yet)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         for config in worker_configs(self.cluster, self.nats.url):
             path = self.state_dir / f"{config.worker_id}.yaml"
             write_config(config, path)
-            worker = WorkerProcess(config, path, self.state_dir / f"{config.worker_id}.log")
-            with worker.log_path.open("ab") as log_file:
-                worker.process = subprocess.Popen(
-                    [sys.executable, "-m", "splitserve.cli", config.role, "--config", str(path)],
-                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-            self.workers.append(worker)
-        self.wait_ready()
+            self.workers.append(
+                WorkerProcess(config, path, self.state_dir / f"{config.worker_id}.log"))
+
+    def refresh_worker_configs(self, cluster: ClusterConfig) -> tuple[list[str], list[Path]]:
+        """Rewrite the workers' files from `cluster.worker`; the running layout stays.
+
+        Returns the changed layout fields (they need a restart of `splitserve up`)
+        and the files rewritten."""
+        layout = [n for n in diff_fields(self.cluster, cluster) if not n.startswith("worker.")]
+        self.cluster = replace(self.cluster, worker=cluster.worker)
+        rewritten = []
+        for worker, config in zip(self.workers, worker_configs(self.cluster, self.nats.url)):
+            worker.config = config
+            if write_config(config, worker.config_path):
+                rewritten.append(worker.config_path)
+        return layout, rewritten
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.cluster.ready_timeout_s
@@ -164,9 +196,12 @@ def _tail(path: Path, num_lines: int = 20) -> str:
         return "(no log)"
 
 
-def run_up(cluster: ClusterConfig) -> None:
+def run_up(cluster: ClusterConfig, changes: ChangeDetector | None = None) -> None:
+    """Run the cluster until Ctrl-C/SIGTERM; with `changes` (the cluster file), refresh
+    the workers' configs when it changes or on SIGHUP."""
     local = LocalCluster(cluster)
     stopping = False
+    hangup = False
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -174,13 +209,21 @@ def run_up(cluster: ClusterConfig) -> None:
             stopping = True
             raise KeyboardInterrupt
 
+    def on_hangup(signum: int, frame: object) -> None:
+        nonlocal hangup
+        hangup = True
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)  # a second Ctrl-C must not cut the shutdown short
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         local.start()
         print(local.banner(), flush=True)
         while all(w.process is not None and w.process.poll() is None for w in local.workers):
             time.sleep(0.5)
+            if changes is not None and (changes.poll() or hangup):
+                hangup = False
+                _refresh(local, changes.path)
         died = [w.config.worker_id for w in local.workers
                 if w.process is not None and w.process.poll() is not None]
         print(f"worker(s) exited: {', '.join(died)}; stopping the cluster", file=sys.stderr)
@@ -188,3 +231,20 @@ def run_up(cluster: ClusterConfig) -> None:
         print("\nstopping the cluster...", file=sys.stderr)
     finally:
         local.stop()
+
+
+def _refresh(local: LocalCluster, path: Path) -> None:
+    try:
+        cluster = load_cluster_config(path)
+    except SplitserveError as exc:
+        print(f"{path}: not reloaded, the workers keep their config: {exc}", file=sys.stderr)
+        return
+    layout, rewritten = local.refresh_worker_configs(cluster)
+    if layout:
+        print(f"{path}: {', '.join(layout)} changed; restart `splitserve up` to apply",
+              file=sys.stderr)
+    if rewritten:
+        print(f"{path}: rewrote {', '.join(p.name for p in rewritten)}; the workers reload "
+              "them", file=sys.stderr)
+    else:
+        print(f"{path}: no worker config changed", file=sys.stderr)

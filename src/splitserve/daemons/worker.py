@@ -4,6 +4,8 @@ Start-up: engine → gRPC (reflection + health, NOT_SERVING) → NIXL registrati
 NATS, descriptor in `splitserve-workers` → role → health SERVING.
 SIGTERM/SIGINT: health NOT_SERVING, drain (in-flight work finishes within
 `drain_grace_s`), deregister, exit 0.
+SIGHUP, a change of the config file (watched from the start) and Admin.Reload:
+reload the config (config/reload.py); the reloadable fields apply at once.
 """
 
 from __future__ import annotations
@@ -13,10 +15,17 @@ import logging
 import signal
 from pathlib import Path
 
-from splitserve.config.daemon import WorkerConfig, config_hash, load_worker_config
+from splitserve.config.daemon import (
+    RELOADABLE_WORKER_FIELDS,
+    WorkerConfig,
+    config_hash,
+    load_worker_config,
+)
+from splitserve.config.reload import ConfigReloader
+from splitserve.config.watch import ChangeDetector, watch_file
 from splitserve.control.server import start_grpc_server
 from splitserve.worker.admin import WorkerAdminBackend
-from splitserve.worker.core import WorkerCore
+from splitserve.worker.core import WorkerCore, logged_task
 from splitserve.worker.decode import DecodeService
 from splitserve.worker.prefill import PrefillService
 
@@ -31,21 +40,34 @@ def configure_logging(level: str) -> None:
 
 
 def run_worker(config_path: Path, role: str) -> None:
+    # Until serve() handles SIGHUP, its default action would kill the loading worker; a
+    # file changed meanwhile is still reloaded (the detector dates from before the load).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    changes = ChangeDetector(config_path)
     config = load_worker_config(config_path, role)
     configure_logging(config.log_level)
-    asyncio.run(serve(config, config_hash(config_path)))
+    asyncio.run(serve(config, config_hash(config_path), changes))
 
 
-async def serve(config: WorkerConfig, cfg_hash: str = "") -> None:
+async def serve(config: WorkerConfig, cfg_hash: str = "",
+                changes: ChangeDetector | None = None) -> None:
+    """Run the worker until SIGTERM/SIGINT; with `changes` (its config file), reload it
+    on SIGHUP and whenever the file changes."""
     core = WorkerCore(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloader, watcher = None, None
+    if changes is not None:
+        reloader = _reloader(core, changes.path, cfg_hash)
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+        watcher = logged_task(watch_file(changes, lambda: reloader.reload("file change")),
+                              "config watcher")
     await core.start_engine()
     role: DecodeService | PrefillService = (
         DecodeService(core) if config.role == "decode" else PrefillService(core))
-    admin = WorkerAdminBackend(core, cfg_hash, role)
+    admin = WorkerAdminBackend(core, role, reloader, cfg_hash)
     # NOT_SERVING until the broker and the registry are reached
     server = await start_grpc_server(
         config.grpc_address, role if isinstance(role, DecodeService) else None, admin,
@@ -57,10 +79,25 @@ async def serve(config: WorkerConfig, cfg_hash: str = "") -> None:
         log.info("worker %s ready: role %s, gRPC %s, NATS %s", core.worker_id, config.role,
                  server.address, config.nats_url)
         await stop.wait()
-        log.info("worker %s: draining (grace %.0f s)", core.worker_id, config.drain_grace_s)
-        await server.drain(config.drain_grace_s)  # health NOT_SERVING, in-flight finish
+        grace_s = core.config.drain_grace_s  # reloadable
+        log.info("worker %s: draining (grace %.0f s)", core.worker_id, grace_s)
+        await server.drain(grace_s)  # health NOT_SERVING, in-flight finish
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await role.stop()
         await server.stop(grace_s=1.0)
         await core.stop()
         log.info("worker %s stopped", core.worker_id)
+
+
+def _reloader(core: WorkerCore, path: Path, cfg_hash: str) -> ConfigReloader[WorkerConfig]:
+    def load(p: Path) -> WorkerConfig:
+        return load_worker_config(p, core.role)
+
+    def apply(config: WorkerConfig) -> None:
+        logging.getLogger().setLevel(config.log_level)
+        core.apply_config(config)
+
+    return ConfigReloader(path, load, core.config, reloadable=RELOADABLE_WORKER_FIELDS,
+                          apply=apply, config_hash_value=cfg_hash)

@@ -122,3 +122,31 @@ class ResumeResponse(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     state: ServingState
     def __init__(self, state: _Optional[_Union[ServingState, str]] = ...) -> None: ...
+
+class ReloadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadResponse(_message.Message):
+    __slots__ = ("applied_fields", "restart_fields", "error", "config_hash")
+    APPLIED_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    RESTART_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    applied_fields: _containers.RepeatedScalarFieldContainer[str]
+    restart_fields: _containers.RepeatedScalarFieldContainer[str]
+    error: str
+    config_hash: str
+    def __init__(self, applied_fields: _Optional[_Iterable[str]] = ..., restart_fields: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., config_hash: _Optional[str] = ...) -> None: ...
+
+class GetConfigRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetConfigResponse(_message.Message):
+    __slots__ = ("config_yaml", "config_hash")
+    CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    config_yaml: str
+    config_hash: str
+    def __init__(self, config_yaml: _Optional[str] = ..., config_hash: _Optional[str] = ...) -> None: ...

@@ -54,6 +54,16 @@ class AdminStub:
                 request_serializer=splitserve_dot_rpc_dot_admin__pb2.ResumeRequest.SerializeToString,
                 response_deserializer=splitserve_dot_rpc_dot_admin__pb2.ResumeResponse.FromString,
                 _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/splitserve.v1.Admin/Reload',
+                request_serializer=splitserve_dot_rpc_dot_admin__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=splitserve_dot_rpc_dot_admin__pb2.ReloadResponse.FromString,
+                _registered_method=True)
+        self.GetConfig = channel.unary_unary(
+                '/splitserve.v1.Admin/GetConfig',
+                request_serializer=splitserve_dot_rpc_dot_admin__pb2.GetConfigRequest.SerializeToString,
+                response_deserializer=splitserve_dot_rpc_dot_admin__pb2.GetConfigResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -87,6 +97,23 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Re-read the daemon's config file now, as SIGHUP or a change of the file does:
+        apply the reloadable fields, report those that need a restart. A refused file
+        (unreadable, bad YAML, invalid value) is an OK answer with `error` set; the old
+        config stays in force. FAILED_PRECONDITION when the daemon has no config file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConfig(self, request, context):
+        """The config in force (reloads included), as YAML.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +136,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Resume,
                     request_deserializer=splitserve_dot_rpc_dot_admin__pb2.ResumeRequest.FromString,
                     response_serializer=splitserve_dot_rpc_dot_admin__pb2.ResumeResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=splitserve_dot_rpc_dot_admin__pb2.ReloadRequest.FromString,
+                    response_serializer=splitserve_dot_rpc_dot_admin__pb2.ReloadResponse.SerializeToString,
+            ),
+            'GetConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConfig,
+                    request_deserializer=splitserve_dot_rpc_dot_admin__pb2.GetConfigRequest.FromString,
+                    response_serializer=splitserve_dot_rpc_dot_admin__pb2.GetConfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +256,60 @@ class Admin:
             '/splitserve.v1.Admin/Resume',
             splitserve_dot_rpc_dot_admin__pb2.ResumeRequest.SerializeToString,
             splitserve_dot_rpc_dot_admin__pb2.ResumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Admin/Reload',
+            splitserve_dot_rpc_dot_admin__pb2.ReloadRequest.SerializeToString,
+            splitserve_dot_rpc_dot_admin__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Admin/GetConfig',
+            splitserve_dot_rpc_dot_admin__pb2.GetConfigRequest.SerializeToString,
+            splitserve_dot_rpc_dot_admin__pb2.GetConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,6 +25,9 @@ def new_nixl_agent(name: str) -> nixl_agent:
     Strict thread sync makes the agent safe if it is ever called from two threads.
     """
     route_nixl_logs()
+    # UCX takes SIGHUP for its "debug mode" (UCX_DEBUG_SIGNO) when it loads, with the
+    # first agent: the worker's config reload on SIGHUP would silently stop working.
+    os.environ.setdefault("UCX_DEBUG_SIGNO", "0")
     config = nixl_agent_config(
         enable_prog_thread=False,
         backends=["UCX"],

@@ -6,13 +6,17 @@ import asyncio
 import logging
 import time
 
+from splitserve.config.daemon import WorkerConfig, config_to_yaml
+from splitserve.config.reload import ConfigReloader, ReloadResult
 from splitserve.control.backend import (
     DRAINING,
     SERVING,
+    ConfigView,
     StatusCounters,
     WorkerInfo,
     WorkerStatus,
 )
+from splitserve.control.errors import ReloadUnsupported
 from splitserve.control.local_admin import snapshot_of
 from splitserve.control.tracker import RequestTracker
 from splitserve.rpc.worker_pb2 import WorkerDescriptor
@@ -22,17 +26,36 @@ log = logging.getLogger(__name__)
 
 
 class WorkerAdminBackend:
-    """`control.backend.AdminBackend` for a worker daemon (decode or prefill role)."""
+    """`control.backend.AdminBackend` for a worker daemon (decode or prefill role).
 
-    def __init__(self, core: WorkerCore, config_hash: str, role_service: object) -> None:
+    With a `reloader` (a daemon started from a config file), the config hash and
+    the reload error come from it; without one, Reload is FAILED_PRECONDITION.
+    """
+
+    def __init__(self, core: WorkerCore, role_service: object,
+                 reloader: ConfigReloader[WorkerConfig] | None = None,
+                 config_hash: str = "") -> None:
         self.core = core
-        self.config_hash = config_hash
         self.role_service = role_service  # DecodeService or PrefillService
+        self.reloader = reloader
+        self._config_hash = config_hash
         self.tracker = RequestTracker()
         self._draining = False
 
     def is_draining(self) -> bool:
         return self._draining
+
+    @property
+    def config_hash(self) -> str:
+        return self.reloader.config_hash if self.reloader is not None else self._config_hash
+
+    async def reload(self) -> ReloadResult:
+        if self.reloader is None:
+            raise ReloadUnsupported("this worker was started without a config file")
+        return self.reloader.reload("Admin.Reload")
+
+    async def config(self) -> ConfigView:
+        return ConfigView(config_to_yaml(self.core.config), self.config_hash)
 
     async def status(self) -> WorkerStatus:
         core = self.core
@@ -59,6 +82,7 @@ class WorkerAdminBackend:
                 num_rejects=c.num_rejects + self.tracker.num_rejects,
                 num_requests_finished=c.num_finished,
             ),
+            config_reload_error=self.reloader.status_note if self.reloader is not None else "",
             model_fingerprint=core.engine.loaded.fingerprint,
         )
 

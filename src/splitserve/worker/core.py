@@ -69,6 +69,12 @@ class WorkerCore:
         self.registry: WorkerRegistry | None = None
         self._stats_task: asyncio.Task[None] | None = None
 
+    def apply_config(self, config: WorkerConfig) -> None:
+        """Make a reloaded config current (config/reload.py): one reference swap, so a
+        reader sees the old config or the new one. Only fields in
+        `RELOADABLE_WORKER_FIELDS` may differ; their readers take them from here."""
+        self.config = config
+
     async def start_engine(self) -> AsyncEngine:
         apply_cpu_settings(self.config)
         engine_config = self.config.engine

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 
+from splitserve.config.daemon import PrefillRoleConfig
 from splitserve.engine.sampling import SamplingParams
 from splitserve.errors import SplitserveError
 from splitserve.queue.messages import encode_kv_ready
@@ -42,12 +43,19 @@ _IDLE_FETCH_S = 0.5
 class PrefillService:
     def __init__(self, core: WorkerCore) -> None:
         self.core = core
-        self.config = core.config.prefill
-        self.margin_s = core.config.lease.skew_margin_s
         self._consumers: list[JobConsumer] = []
         self._task: asyncio.Task[None] | None = None
         self._accepting = True
         self.num_in_flight = 0
+
+    # Read from the core at use time: a config reload swaps `core.config`.
+    @property
+    def config(self) -> PrefillRoleConfig:
+        return self.core.config.prefill
+
+    @property
+    def margin_s(self) -> float:
+        return self.core.config.lease.skew_margin_s
 
     async def start(self) -> None:
         assert self.core.broker is not None
