@@ -121,12 +121,14 @@ def test_prefill_frozen_past_lease_then_resumed(cluster, smollm, smollm_engine) 
     address, prefill = cluster["decode"].address, cluster["prefill"]
     prefill.signal(signal.SIGSTOP)
     try:
-        got = run_concurrently(address, prompts)  # each waits out its lease, then local
+        # each waits out attempt 1's lease, then attempt 2's (the frozen worker is
+        # still registered), then prefills locally
+        got = run_concurrently(address, prompts)
     finally:
         prefill.signal(signal.SIGCONT)
     assert got == expected
     s = wait_no_leaks(address)
-    assert int(s["counters"].get("num_fallbacks", 0)) == 3, s
+    assert int(s["counters"].get("num_fallbacks", 0)) == 6, s
     # the resumed worker must not write into anyone's pages: its jobs expired and
     # are terminated; afterwards it serves new jobs normally
     deadline = time.monotonic() + 20
@@ -138,6 +140,29 @@ def test_prefill_frozen_past_lease_then_resumed(cluster, smollm, smollm_engine) 
     assert tokens == expected_outputs(smollm_engine, [fresh])[0]
     assert last.timing.prefill == "remote"
     wait_no_leaks(address)
+
+
+def test_second_attempt_lands_after_the_first_lease_ran_out(cluster, smollm,
+                                                           smollm_engine) -> None:
+    [prompt] = long_prompts(smollm.tokenizer, 1, words=200)
+    [expected] = expected_outputs(smollm_engine, [prompt])
+    decode, prefill = cluster["decode"], cluster["prefill"]
+    prefill.signal(signal.SIGSTOP)  # attempt 1 runs out of lease while it is queued
+    with ThreadPoolExecutor(1) as pool:
+        result = pool.submit(generate, decode.address, prompt, 8)
+        deadline = time.monotonic() + 30
+        try:
+            while "re-published as attempt 2" not in decode.log_path.read_text():
+                assert time.monotonic() < deadline, decode.log_tail()
+                time.sleep(0.1)
+        finally:
+            prefill.signal(signal.SIGCONT)  # terminates attempt 1, serves attempt 2
+        tokens, last = result.result(timeout=60)
+    assert tokens == expected
+    assert (last.timing.prefill, last.timing.num_attempts) == ("remote", 2)
+    s = wait_no_leaks(decode.address)
+    assert int(s["counters"].get("num_fallbacks", 0)) == 1, s
+    assert "lease expired" in prefill.log_path.read_text()
 
 
 def test_decode_killed_mid_stream_client_gets_unavailable(cluster, smollm) -> None:

@@ -152,3 +152,37 @@ def test_preempted_remote_sequence_keeps_fence(tiny_engine) -> None:
         decode.step()
     assert decode.allocator.num_quarantined_pages == len(plan.landing_page_ids)
     assert torch.isfinite(decode.pool.tensor).all()
+
+
+def test_retry_uses_fresh_landing_pages_and_fences_the_old_ones(tiny_engine) -> None:
+    prompt = list(range(80, 93))  # 13 tokens, partial last page
+    [expected] = tiny_engine().generate([prompt], GREEDY)
+    decode, prefill = tiny_engine(num_pages=16), tiny_engine()
+    release_at = time.monotonic() + 0.3
+    first_plan = decode.reserve_remote("r", prompt, GREEDY, attempt=1, release_at=release_at)
+    plan = decode.retry_remote("r", 2, FAR)
+    assert plan is not None and plan.attempt == 2
+    zombie = list(first_plan.landing_page_ids)
+    assert not set(zombie) & set(plan.landing_page_ids)
+    assert decode.allocator.num_quarantined_pages == len(zombie)
+    assert decode.accept_remote("r", 1, 3) is None  # attempt 1's KVReady is stale now
+    first = remote_prefill(prefill, decode, "r", prompt, plan)
+    decode.pool.tensor[zombie] = float("nan")  # attempt 1's zombie writes land late
+    assert decode.accept_remote("r", 2, first) is not None
+    assert [first] + run_to_end(decode, "r") == expected
+    time.sleep(max(0.0, release_at - time.monotonic()))
+    decode.allocator.release_quarantined(time.monotonic())
+    assert decode.allocator.num_quarantined_pages == len(plan.landing_page_ids)  # attempt 2's
+
+
+def test_retry_without_room_queues_a_local_prefill(tiny_engine) -> None:
+    prompt = list(range(100, 120))  # 5 pages
+    [expected] = tiny_engine().generate([prompt], GREEDY)
+    decode = tiny_engine(num_pages=8)
+    release_at = time.monotonic() + 0.3
+    assert decode.reserve_remote("r", prompt, GREEDY, 1, release_at) is not None
+    # attempt 1's 5 landing pages are quarantined: 3 free pages cannot land attempt 2
+    assert decode.retry_remote("r", 2, FAR) is None
+    assert decode.allocator.num_free_pages == 3
+    assert decode.retry_remote("unknown", 2, FAR) is None
+    assert run_to_end(decode, "r") == expected

@@ -43,6 +43,7 @@ def test_disabled_keeps_everything_local() -> None:
 @pytest.mark.parametrize(("field", "value"), [
     ("prefill_length_threshold", -1), ("moderate_queue_max", -1),
     ("decode_load_threshold", 1.5), ("decode_load_threshold", -0.1),
+    ("max_remote_attempts", 0),
 ])
 def test_invalid_thresholds_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"routing.{field}"):

@@ -140,6 +140,12 @@ class Engine:
             return None
         return self._append_token(seq, first_token, time.monotonic())
 
+    def retry_remote(self, request_id: str, attempt: int, release_at: float
+                     ) -> LandingPlan | None:
+        """A new remote attempt on fresh landing pages; None: queued for local prefill
+        instead (no room for the pages) or unknown request."""
+        return self.remote.retry(request_id, attempt, release_at)
+
     def fallback_remote(self, request_id: str) -> bool:
         """No KVReady in time: prefill locally instead (the landing pages stay fenced)."""
         return self.remote.fallback(request_id) is not None

@@ -9,7 +9,8 @@ Decode side (the fence invariant, ARCHITECTURE.md):
 3. Whenever the sequence lets go of an attempt's landing pages (finish, abort,
    fallback), they are quarantined until the lease deadline plus the skew margin,
    never freed, and they are never published to the prefix cache.
-`fallback` gives up on the remote attempt and queues the sequence for local prefill.
+`fallback` gives up on the remote attempt and queues the sequence for local prefill;
+`retry` starts a new remote attempt on fresh landing pages.
 
 Prefill side: `hold` runs a prompt in this engine and keeps its pages after the
 first token is sampled, until `release` (after the transfer completed).
@@ -108,6 +109,20 @@ class RemotePrefills:
         self.scheduler.waiting.appendleft(seq)
         self.num_fallbacks += 1
         return seq
+
+    def retry(self, request_id: str, attempt: int, release_at: float) -> LandingPlan | None:
+        """A new remote attempt on fresh landing pages (the old ones stay quarantined
+        until their own lease ends). None: the attempt is unknown, or the pool has no
+        room for new landing pages, in which case the sequence is queued for local prefill."""
+        seq = self._drop_pending(request_id)
+        if seq is None:
+            return None
+        plan = self.reserve(seq, attempt, release_at)
+        if plan is None:
+            seq.status = SequenceStatus.WAITING
+            self.scheduler.waiting.appendleft(seq)
+            self.num_fallbacks += 1
+        return plan
 
     def abort(self, request_id: str) -> Sequence | None:
         return self._drop_pending(request_id)

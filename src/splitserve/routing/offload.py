@@ -27,6 +27,10 @@ class RoutingConfig:
     - decode_load_threshold: running sequences / max_num_seqs from which decode counts
       as busy. On one CPU core a 64-token local prefill adds ~150 ms to a ~110 ms
       16-sequence decode step, so CPU deployments may set it to 0 (always busy).
+    - max_remote_attempts: remote attempts per request; after a failed attempt (lease
+      ran out, prefill worker gone) a new one is published while attempts remain, a
+      prefill worker is registered and this policy still says remote, else the
+      prompt is prefilled locally. 1: always fall back locally at once.
     - enable_remote_prefill: false makes this worker colocated (everything local).
     """
 
@@ -36,12 +40,16 @@ class RoutingConfig:
     prefill_queue_max: int = 16
     moderate_queue_max: int = 1
     decode_load_threshold: float = 0.5
+    max_remote_attempts: int = 2
 
     def __post_init__(self) -> None:
         for name in ("prefill_length_threshold", "moderate_length_threshold",
                      "prefill_queue_max", "moderate_queue_max"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"routing.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.max_remote_attempts < 1:
+            raise ConfigError("routing.max_remote_attempts",
+                              f"must be >= 1, got {self.max_remote_attempts}")
         if not 0.0 <= self.decode_load_threshold <= 1.0:
             raise ConfigError("routing.decode_load_threshold",
                               f"must be in [0, 1], got {self.decode_load_threshold}")
