@@ -93,11 +93,13 @@ def stop_daemons(daemons: list[Daemon]) -> None:
 
 def generate(address: str, token_ids: list[int], max_tokens: int = 16,
              timeout_s: float = 120.0, **fields: object) -> tuple[list[int], object]:
-    """Greedy generation over gRPC; returns the token ids and the last chunk."""
+    """Generation over gRPC (greedy unless `fields` say otherwise); returns the token
+    ids and the last chunk."""
+    fields.setdefault("temperature", 0.0)
     with grpc.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         request = generation_pb2.GenerateRequest(token_ids=token_ids, max_tokens=max_tokens,
-                                                 temperature=0.0, **fields)
+                                                 **fields)
         tokens: list[int] = []
         last = None
         for chunk in stub.Generate(request, timeout=timeout_s):

@@ -1,6 +1,7 @@
 """Prefill and decode daemons over a real nats-server, NIXL/UCX and gRPC.
 
-Every output must equal the single-process engine's, token for token (greedy).
+Every output must equal the single-process engine's, token for token (greedy, and
+seeded sampling).
 """
 
 from __future__ import annotations
@@ -62,3 +63,12 @@ def test_disaggregated_equals_single_process(cluster, smollm, smollm_engine) -> 
     counters = status.get("counters", {})
     assert int(counters.get("num_remote_prefills", 0)) >= 1, status
     assert int(counters.get("num_local_prefills", 0)) >= 1, status
+
+
+def test_seeded_sampling_equals_single_process(cluster, smollm, smollm_engine) -> None:
+    prompts = mixed_prompts(smollm.tokenizer, 8, seed=1)[6:]  # 130 and 200 words: remote
+    sampled = {"temperature": 0.9, "top_p": 0.95, "top_k": 50, "seed": 1234}
+    expected = smollm_engine().generate(prompts, SamplingParams(max_tokens=16, **sampled))
+    results = [generate(cluster["decode"].address, p, **sampled) for p in prompts]
+    assert [tokens for tokens, _ in results] == expected
+    assert [last.timing.prefill for _, last in results] == ["remote", "remote"]

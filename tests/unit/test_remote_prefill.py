@@ -16,12 +16,13 @@ from splitserve.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0)
 FAR = 1e12  # a release time that is never reached in a test
+FIRST_TOKEN = SamplingParams(max_tokens=1, temperature=0)
 
 
-def remote_prefill(prefill, decode, request_id, prompt, plan) -> int:
+def remote_prefill(prefill, decode, request_id, prompt, plan,
+                   params=FIRST_TOKEN) -> int:
     """Run the prompt on `prefill`, copy its pages into `plan`'s landing pages."""
-    prefill.add_request(request_id, prompt, SamplingParams(max_tokens=1, temperature=0),
-                        hold_pages=True)
+    prefill.add_request(request_id, prompt, params, hold_pages=True)
     outs = []
     while prefill.has_unfinished:
         outs += prefill.step()
@@ -186,3 +187,21 @@ def test_retry_without_room_queues_a_local_prefill(tiny_engine) -> None:
     assert decode.allocator.num_free_pages == 3
     assert decode.retry_remote("unknown", 2, FAR) is None
     assert run_to_end(decode, "r") == expected
+
+
+def test_seeded_sampling_is_identical_across_disaggregation(tiny_engine) -> None:
+    prompt = list(range(140, 158))
+    sampled = SamplingParams(max_tokens=16, temperature=1.0, top_k=40, top_p=0.9, seed=77)
+    [expected] = tiny_engine().generate([prompt], sampled)
+    decode, prefill = tiny_engine(), tiny_engine()
+    plan = decode.reserve_remote("r", prompt, sampled, attempt=1, release_at=FAR)
+    # the prefill worker samples the first token with the request's seed
+    first = remote_prefill(prefill, decode, "r", prompt, plan,
+                           SamplingParams(max_tokens=1, temperature=1.0, top_k=40, top_p=0.9,
+                                          seed=77, ignore_eos=True))
+    assert first == expected[0]
+    decode.accept_remote("r", 1, first)
+    assert [first] + run_to_end(decode, "r") == expected
+    [other_seed] = tiny_engine().generate([prompt], SamplingParams(
+        max_tokens=16, temperature=1.0, top_k=40, top_p=0.9, seed=78))
+    assert other_seed != expected  # the test can tell seeds apart

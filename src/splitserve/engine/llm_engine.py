@@ -22,6 +22,7 @@ from splitserve.engine.output import OutputTracker, RequestOutput
 from splitserve.engine.page_allocator import PageAllocator
 from splitserve.engine.remote_prefill import LandingPlan, RemotePrefills
 from splitserve.engine.runner import ModelRunner
+from splitserve.engine.sampler import skip_draw
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence
@@ -138,6 +139,8 @@ class Engine:
         seq = self.remote.accept(request_id, attempt)
         if seq is None:
             return None
+        if not seq.params.greedy:  # the prefill worker drew the first token from the seed
+            skip_draw(seq.generator, vocab)
         return self._append_token(seq, first_token, time.monotonic())
 
     def retry_remote(self, request_id: str, attempt: int, release_at: float

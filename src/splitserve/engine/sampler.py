@@ -18,6 +18,9 @@ def sample(
 
     Greedy rows share one argmax; sampled rows draw from their own generator, so a
     request's tokens depend only on its seed and its logits, never on its batch.
+    Each sampled token takes exactly `vocab` exponential draws from the generator,
+    whatever the probabilities, so a worker that did not sample a token itself (the
+    decode side of a remote prefill) can skip its draws with `skip_draw`.
     """
     tokens = logits.argmax(dim=-1).tolist()
     for row, (p, gen) in enumerate(zip(params, generators)):
@@ -27,7 +30,7 @@ def sample(
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    scaled = logits / p.temperature
+    scaled = logits.float() / p.temperature
     if 0 < p.top_k < scaled.numel():
         kth = torch.topk(scaled, p.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -38,4 +41,11 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -
         outside = (sorted_probs.cumsum(0) - sorted_probs) >= p.top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+    # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
+    race = torch.empty_like(probs).exponential_(generator=gen)
+    return int((probs / race).argmax().item())
+
+
+def skip_draw(gen: torch.Generator, vocab_size: int) -> None:
+    """Advance `gen` past one sampled token, as `sample` would have."""
+    torch.empty(vocab_size, dtype=torch.float32).exponential_(generator=gen)
