@@ -49,3 +49,17 @@ def test_incremental_detokenizer_never_splits_a_character(smollm) -> None:
     deltas = [detok.push(i) for i in ids]
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_incremental_detokenizer_equals_a_full_decode(smollm) -> None:
+    import random
+
+    tok = smollm.tokenizer
+    rng = random.Random(5)
+    ids = tok.encode("Grüße aus 東京 🚀 — naïve café, ½ price! ") * 3
+    ids += [rng.randrange(0, 49152) for _ in range(300)]  # arbitrary tokens, odd bytes
+    detok = IncrementalDetokenizer(tok)
+    text = "".join(detok.push(i) for i in ids)
+    full = tok.decode(ids)
+    assert text == detok.text
+    assert full.startswith(text) and len(full) - len(text) <= 2  # only a held-back tail
