@@ -208,17 +208,13 @@ class RemotePrefillClient:
                 waiting.kv_ready.set_result(ready.first_token)
 
     async def _watch_prefill_workers(self) -> None:
-        while True:  # a watch can end with the broker; start a new one
-            try:
-                await self._watch_registry_once()
-            except Exception as exc:  # noqa: BLE001 (the lease still bounds every wait)
-                log.warning("registry watch failed (%r); retrying in 1 s", exc)
-            await asyncio.sleep(1.0)
-
-    async def _watch_registry_once(self) -> None:
-        registry = self.core.registry
-        assert registry is not None
-        async for worker_id, data in registry.watch():
+        registry, broker = self.core.registry, self.core.broker
+        assert registry is not None and broker is not None
+        async for event in registry.watch_forever(broker):
+            if event is None:  # restarted: a fresh snapshot follows
+                self.live_prefill_ids.clear()
+                continue
+            worker_id, data = event
             if data is not None:
                 if WorkerDescriptor.FromString(data).role == "prefill":
                     self.live_prefill_ids.add(worker_id)
