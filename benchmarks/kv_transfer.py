@@ -17,7 +17,8 @@ For each case, in the same run:
 
     python benchmarks/kv_transfer.py --json
     UCX_TLS=tcp python benchmarks/kv_transfer.py      # transport experiments
-    THP_MEM_ALLOC_ENABLE=1 python benchmarks/kv_transfer.py   # huge pages for pools
+    # KV pools (the transfer source and destination) sit on transparent huge pages
+    # (engine/kv_pool.py); THP_MEM_ALLOC_ENABLE=1 also moves torch's other buffers there
 """
 
 from __future__ import annotations

@@ -10,11 +10,18 @@ Index 0 of the third axis is K, index 1 is V. Keys are stored after RoPE.
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import mmap
 from dataclasses import dataclass
 
 import torch
 
 from splitserve.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_HUGE_PAGE_BYTES = 2 << 20
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,9 +76,15 @@ class KVPool:
             raise ConfigError("num_pages", f"must be >= 1, got {num_pages}")
         self.geometry = geometry
         self.num_pages = num_pages
-        self.tensor = torch.zeros(
-            (num_pages, *geometry.page_shape), dtype=geometry.dtype, device=device
-        )
+        shape = (num_pages, *geometry.page_shape)
+        self._buffer: mmap.mmap | None = None
+        if torch.device(device).type == "cpu":
+            nbytes = num_pages * geometry.bytes_per_page
+            self._buffer, offset = _huge_page_buffer(nbytes)
+            self.tensor = torch.frombuffer(self._buffer, dtype=torch.uint8, count=nbytes,
+                                           offset=offset).view(geometry.dtype).view(shape)
+        else:
+            self.tensor = torch.zeros(shape, dtype=geometry.dtype, device=device)
 
     @staticmethod
     def num_pages_for_budget(geometry: PageGeometry, memory_bytes: int) -> int:
@@ -85,3 +98,19 @@ class KVPool:
     @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
+
+
+def _huge_page_buffer(nbytes: int) -> tuple[mmap.mmap, int]:
+    """Zeroed anonymous memory backed by transparent huge pages where the kernel allows
+    (THP mode "madvise" needs the advice; torch's allocator gives 4 KiB pages), and the
+    offset of its first 2 MiB boundary. With huge pages UCX's shared-memory copy of KV
+    pages between processes ran ~1.6x faster (kv_transfer data-only ratio 0.44 vs 0.27
+    at 512 tokens, session 1)."""
+    buffer = mmap.mmap(-1, nbytes + _HUGE_PAGE_BYTES,
+                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError) as exc:  # no THP on this kernel: 4 KiB pages
+        log.info("KV pool: no transparent huge pages (%s)", exc)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    return buffer, -address % _HUGE_PAGE_BYTES
