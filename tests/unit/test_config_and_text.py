@@ -63,3 +63,15 @@ def test_incremental_detokenizer_equals_a_full_decode(smollm) -> None:
     full = tok.decode(ids)
     assert text == detok.text
     assert full.startswith(text) and len(full) - len(text) <= 2  # only a held-back tail
+
+
+def test_sampling_frequencies_follow_the_probabilities() -> None:
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
+    logits = torch.log(probs).unsqueeze(0)  # log 0 = -inf: never sampled
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=1.0)
+    counts = torch.zeros(5)
+    for _ in range(20_000):
+        counts[sample(logits, [params], [gen])[0]] += 1
+    assert counts[4] == 0
+    assert torch.allclose(counts / counts.sum(), probs, atol=0.015)
