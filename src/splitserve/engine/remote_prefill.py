@@ -103,11 +103,8 @@ class RemotePrefills:
     def fallback(self, request_id: str) -> Sequence | None:
         """Give up on the remote attempt: quarantine its pages, queue a local prefill."""
         seq = self._drop_pending(request_id)
-        if seq is None:
-            return None
-        seq.status = SequenceStatus.WAITING
-        self.scheduler.waiting.appendleft(seq)
-        self.num_fallbacks += 1
+        if seq is not None:
+            self._queue_local(seq)
         return seq
 
     def retry(self, request_id: str, attempt: int, release_at: float) -> LandingPlan | None:
@@ -119,9 +116,7 @@ class RemotePrefills:
             return None
         plan = self.reserve(seq, attempt, release_at)
         if plan is None:
-            seq.status = SequenceStatus.WAITING
-            self.scheduler.waiting.appendleft(seq)
-            self.num_fallbacks += 1
+            self._queue_local(seq)
         return plan
 
     def abort(self, request_id: str) -> Sequence | None:
@@ -135,6 +130,12 @@ class RemotePrefills:
             self.allocator.quarantine(landing, release_at)
             landing_set = set(landing)
             seq.page_ids = [p for p in seq.page_ids if p not in landing_set]
+
+    def _queue_local(self, seq: Sequence) -> None:
+        """Give up on remote prefill: the sequence waits for a local one, first in line."""
+        seq.status = SequenceStatus.WAITING
+        self.scheduler.waiting.appendleft(seq)
+        self.num_fallbacks += 1
 
     def _drop_pending(self, request_id: str) -> Sequence | None:
         remote = self._pending.pop(request_id, None)

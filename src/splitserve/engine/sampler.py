@@ -42,10 +42,14 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
-    race = torch.empty_like(probs).exponential_(generator=gen)
-    return int((probs / race).argmax().item())
+    return int((probs / _race(probs.numel(), gen)).argmax().item())
 
 
 def skip_draw(gen: torch.Generator, vocab_size: int) -> None:
     """Advance `gen` past one sampled token, as `sample` would have."""
-    torch.empty(vocab_size, dtype=torch.float32).exponential_(generator=gen)
+    _race(vocab_size, gen)
+
+
+def _race(vocab_size: int, gen: torch.Generator) -> torch.Tensor:
+    """The random part of sampling one token: `vocab_size` Exp(1) draws, fp32."""
+    return torch.empty(vocab_size, dtype=torch.float32).exponential_(generator=gen)

@@ -72,8 +72,7 @@ class DecodeService:
             raise
         start_s = time.monotonic()
         effective_len = len(prompt) - self._num_cached_tokens(prompt)
-        decode_load = len(engine.scheduler.running) / engine.config.max_num_seqs
-        remote = self.remote.should_offload(effective_len, decode_load, request.priority)
+        remote = self.remote.should_offload(effective_len, request.priority)
         stream = self.engine.open_stream(request_id)
         finished = False
         prefill, num_attempts = "none", 1

@@ -21,7 +21,6 @@ redundant attempts, never a wrong token (stale KVReady are ignored, pages fenced
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -93,23 +92,22 @@ class RemotePrefillClient:
         """The broker's count lags by up to one poll; our own waiting jobs are exact."""
         return max(self.prefill_queue_depth, len(self._waiting))
 
-    def should_offload(self, effective_len: int, decode_load: float, priority: str) -> bool:
+    @property
+    def decode_load(self) -> float:
+        """Running sequences / max_num_seqs of this worker's engine."""
+        engine = self.engine.engine
+        return len(engine.scheduler.running) / engine.config.max_num_seqs
+
+    def should_offload(self, effective_len: int, priority: str) -> bool:
         return should_offload_prefill(self.core.config.routing, effective_len,
-                                      self.queue_depth, decode_load, priority)
+                                      self.queue_depth, self.decode_load, priority)
 
     # --- attempts --------------------------------------------------------------------
     async def prefill(self, request_id: str, prompt: list[int], request: GenerateRequest,
                       effective_len: int) -> RemoteOutcome:
         attempt = 1
-        waiting = self._register(request_id, attempt)  # before any await: counted queued
-        plan: LandingPlan | None = None
-        try:
-            release_at, deadline_unix = self._lease(prompt)
-            plan = await self.engine.call(lambda e: e.reserve_remote(
-                request_id, prompt, request.params, attempt, release_at))
-        finally:
-            if plan is None:
-                self._forget(request_id)
+        plan, waiting, deadline_unix = await self._reserve(request_id, attempt, prompt,
+                                                           request.params)
         if plan is None:
             return RemoteOutcome("none", 0)
         while True:
@@ -120,24 +118,43 @@ class RemotePrefillClient:
                 return RemoteOutcome("remote", attempt)
             self.core.counters.num_fallbacks += 1
             if may_retry and self._may_retry(attempt, effective_len, request.priority):
-                attempt += 1
-                waiting = self._register(request_id, attempt)
-                release_at, deadline_unix = self._lease(prompt)
-                plan = await self.engine.call(functools.partial(
-                    Engine.retry_remote, request_id=request_id, attempt=attempt,
-                    release_at=release_at))
+                plan, waiting, deadline_unix = await self._reserve(request_id, attempt + 1,
+                                                                   prompt, request.params)
                 if plan is not None:
+                    attempt += 1
                     log.warning("request %s attempt %d failed: %s; re-published as attempt "
                                 "%d on landing pages %s", request_id, attempt - 1, reason,
                                 attempt, plan.landing_page_ids)
                     continue
-                self._forget(request_id)  # no room for new pages: queued locally
+                # retry_remote found no room for new landing pages: queued locally
             else:
                 await self.engine.call(lambda e: e.fallback_remote(request_id))
             log.warning("request %s attempt %d failed: %s; prefilling locally (earlier "
                         "landing pages quarantined)", request_id, attempt, reason)
             self.core.counters.num_local_prefills += 1
             return RemoteOutcome("local", attempt + 1)
+
+    async def _reserve(self, request_id: str, attempt: int, prompt: list[int],
+                       params: SamplingParams) -> tuple[LandingPlan | None, _Waiting, float]:
+        """Landing pages for `attempt` under a fresh lease (attempt 1 reserves them, a
+        later one retries on fresh pages): (plan or None, where its KVReady will arrive,
+        unix lease deadline). The attempt counts as queued from before the first
+        await, so concurrent offload decisions see it."""
+        waiting = self._register(request_id, attempt)
+        release_at, deadline_unix = self._lease(prompt)
+
+        def reserve(engine: Engine) -> LandingPlan | None:
+            if attempt == 1:
+                return engine.reserve_remote(request_id, prompt, params, attempt, release_at)
+            return engine.retry_remote(request_id, attempt, release_at)
+
+        plan: LandingPlan | None = None
+        try:
+            plan = await self.engine.call(reserve)
+        finally:
+            if plan is None:  # no room, or cancelled (the client went away)
+                self._forget(request_id)
+        return plan, waiting, deadline_unix
 
     async def _run_attempt(self, request_id: str, prompt: list[int], request: GenerateRequest,
                            plan: LandingPlan, deadline_unix: float, waiting: _Waiting
@@ -168,9 +185,7 @@ class RemotePrefillClient:
     def _may_retry(self, attempt: int, effective_len: int, priority: str) -> bool:
         if attempt >= self.core.config.routing.max_remote_attempts or not self.live_prefill_ids:
             return False
-        engine = self.engine.engine
-        decode_load = len(engine.scheduler.running) / engine.config.max_num_seqs
-        return self.should_offload(effective_len, decode_load, priority)
+        return self.should_offload(effective_len, priority)
 
     def _lease(self, prompt: list[int]) -> tuple[float, float]:
         """(monotonic time the landing pages may be reused, unix lease deadline)."""
