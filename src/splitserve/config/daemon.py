@@ -48,6 +48,42 @@ class PrefillRoleConfig:
             raise ConfigError("prefill.max_batch_jobs", "must be >= 1")
 
 
+@dataclass(frozen=True)
+class NatsConfig:
+    """How this daemon uses the broker (the URL stays `nats_url`).
+
+    - replicas: copies of the prefill stream and the KV buckets in a NATS cluster
+      (1 for a single server, 3 for a 3-node cluster: one node may die).
+    """
+
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if self.replicas not in (1, 3, 5):
+            raise ConfigError("nats.replicas", f"must be 1, 3 or 5, got {self.replicas}")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Test-only fault injection (the chaos suite); every default injects nothing.
+
+    - clock_offset_s: added to this worker's unix clock wherever leases and KVReady
+      timestamps read it, to simulate clock skew between machines.
+    - fail_transfer_every: the prefill worker fails every N-th page write at the
+      transfer layer (0: never).
+    - corrupt_page_every: the prefill worker flips a byte of the first written page
+      of every N-th job after computing its checksum (0: never).
+    """
+
+    clock_offset_s: float = 0.0
+    fail_transfer_every: int = 0
+    corrupt_page_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fail_transfer_every < 0 or self.corrupt_page_every < 0:
+            raise ConfigError("faults", "fail_transfer_every and corrupt_page_every must be >= 0")
+
+
 # The WorkerConfig fields (top-level names; every field below them) that a running worker
 # applies on reload: SIGHUP, a change of its config file, or Admin.Reload. The rest (role,
 # identity, addresses, engine, CPU placement) are fixed at start-up and need a restart.
@@ -72,6 +108,11 @@ class WorkerConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     lease: LeaseConfig = field(default_factory=LeaseConfig)
     prefill: PrefillRoleConfig = field(default_factory=PrefillRoleConfig)
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    # Prefill workers send an xxh3-64 checksum per written page; decode workers verify
+    # it before use (a mismatch fails the attempt). Set on the decode worker: its jobs ask.
+    kv_checksum: bool = False
+    faults: FaultConfig = field(default_factory=FaultConfig)
     cpu_threads: int | None = None
     cpu_affinity: tuple[int, ...] | None = None
     drain_grace_s: float = 30.0

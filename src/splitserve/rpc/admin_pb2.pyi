@@ -21,9 +21,9 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("role", "worker_id", "config_hash", "state", "num_pages_used", "num_pages_free", "num_pages_quarantined", "num_pages_total", "num_waiting", "num_running", "num_in_flight", "counters", "config_reload_error", "uptime_s", "model_fingerprint")
+    __slots__ = ("role", "worker_id", "config_hash", "state", "num_pages_used", "num_pages_free", "num_pages_quarantined", "num_pages_total", "num_waiting", "num_running", "num_in_flight", "counters", "config_reload_error", "uptime_s", "model_fingerprint", "incarnation", "peer_clocks")
     class Counters(_message.Message):
-        __slots__ = ("num_local_prefills", "num_remote_prefills", "num_transfers", "num_transfer_failures", "num_fallbacks", "num_rejects", "num_requests_finished")
+        __slots__ = ("num_local_prefills", "num_remote_prefills", "num_transfers", "num_transfer_failures", "num_fallbacks", "num_rejects", "num_requests_finished", "num_expired_jobs", "num_stale_notifications", "num_incarnation_mismatches", "num_checksum_failures", "num_duplicate_ids", "num_duplicate_publishes", "num_accept_failures", "num_rejected_jobs")
         NUM_LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
         NUM_REMOTE_PREFILLS_FIELD_NUMBER: _ClassVar[int]
         NUM_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,14 @@ class GetStatusResponse(_message.Message):
         NUM_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
         NUM_REJECTS_FIELD_NUMBER: _ClassVar[int]
         NUM_REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
+        NUM_EXPIRED_JOBS_FIELD_NUMBER: _ClassVar[int]
+        NUM_STALE_NOTIFICATIONS_FIELD_NUMBER: _ClassVar[int]
+        NUM_INCARNATION_MISMATCHES_FIELD_NUMBER: _ClassVar[int]
+        NUM_CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
+        NUM_DUPLICATE_IDS_FIELD_NUMBER: _ClassVar[int]
+        NUM_DUPLICATE_PUBLISHES_FIELD_NUMBER: _ClassVar[int]
+        NUM_ACCEPT_FAILURES_FIELD_NUMBER: _ClassVar[int]
+        NUM_REJECTED_JOBS_FIELD_NUMBER: _ClassVar[int]
         num_local_prefills: int
         num_remote_prefills: int
         num_transfers: int
@@ -38,7 +46,26 @@ class GetStatusResponse(_message.Message):
         num_fallbacks: int
         num_rejects: int
         num_requests_finished: int
-        def __init__(self, num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_transfers: _Optional[int] = ..., num_transfer_failures: _Optional[int] = ..., num_fallbacks: _Optional[int] = ..., num_rejects: _Optional[int] = ..., num_requests_finished: _Optional[int] = ...) -> None: ...
+        num_expired_jobs: int
+        num_stale_notifications: int
+        num_incarnation_mismatches: int
+        num_checksum_failures: int
+        num_duplicate_ids: int
+        num_duplicate_publishes: int
+        num_accept_failures: int
+        num_rejected_jobs: int
+        def __init__(self, num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_transfers: _Optional[int] = ..., num_transfer_failures: _Optional[int] = ..., num_fallbacks: _Optional[int] = ..., num_rejects: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_expired_jobs: _Optional[int] = ..., num_stale_notifications: _Optional[int] = ..., num_incarnation_mismatches: _Optional[int] = ..., num_checksum_failures: _Optional[int] = ..., num_duplicate_ids: _Optional[int] = ..., num_duplicate_publishes: _Optional[int] = ..., num_accept_failures: _Optional[int] = ..., num_rejected_jobs: _Optional[int] = ...) -> None: ...
+    class PeerClock(_message.Message):
+        __slots__ = ("worker_id", "offset_min_ms", "offset_max_ms", "excluded")
+        WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+        OFFSET_MIN_MS_FIELD_NUMBER: _ClassVar[int]
+        OFFSET_MAX_MS_FIELD_NUMBER: _ClassVar[int]
+        EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+        worker_id: str
+        offset_min_ms: float
+        offset_max_ms: float
+        excluded: bool
+        def __init__(self, worker_id: _Optional[str] = ..., offset_min_ms: _Optional[float] = ..., offset_max_ms: _Optional[float] = ..., excluded: _Optional[bool] = ...) -> None: ...
     ROLE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +81,8 @@ class GetStatusResponse(_message.Message):
     CONFIG_RELOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    PEER_CLOCKS_FIELD_NUMBER: _ClassVar[int]
     role: str
     worker_id: str
     config_hash: str
@@ -69,7 +98,9 @@ class GetStatusResponse(_message.Message):
     config_reload_error: str
     uptime_s: float
     model_fingerprint: str
-    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., state: _Optional[_Union[ServingState, str]] = ..., num_pages_used: _Optional[int] = ..., num_pages_free: _Optional[int] = ..., num_pages_quarantined: _Optional[int] = ..., num_pages_total: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., counters: _Optional[_Union[GetStatusResponse.Counters, _Mapping]] = ..., config_reload_error: _Optional[str] = ..., uptime_s: _Optional[float] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    incarnation: str
+    peer_clocks: _containers.RepeatedCompositeFieldContainer[GetStatusResponse.PeerClock]
+    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., state: _Optional[_Union[ServingState, str]] = ..., num_pages_used: _Optional[int] = ..., num_pages_free: _Optional[int] = ..., num_pages_quarantined: _Optional[int] = ..., num_pages_total: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., counters: _Optional[_Union[GetStatusResponse.Counters, _Mapping]] = ..., config_reload_error: _Optional[str] = ..., uptime_s: _Optional[float] = ..., model_fingerprint: _Optional[str] = ..., incarnation: _Optional[str] = ..., peer_clocks: _Optional[_Iterable[_Union[GetStatusResponse.PeerClock, _Mapping]]] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

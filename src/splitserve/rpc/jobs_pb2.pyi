@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillJob(_message.Message):
-    __slots__ = ("request_id", "attempt", "token_ids", "sampling", "priority", "dest_worker_id", "dest_page_ids", "num_cached_tokens", "lease_deadline_unix_ns", "publish_time_unix_ns", "trace_id")
+    __slots__ = ("request_id", "attempt", "token_ids", "sampling", "priority", "dest_worker_id", "dest_page_ids", "num_cached_tokens", "lease_deadline_unix_ns", "publish_time_unix_ns", "trace_id", "dest_incarnation", "label", "want_checksums")
     class SamplingParams(_message.Message):
         __slots__ = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop_token_ids")
         TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,9 @@ class PrefillJob(_message.Message):
     LEASE_DEADLINE_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     PUBLISH_TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEST_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    WANT_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -45,10 +48,13 @@ class PrefillJob(_message.Message):
     lease_deadline_unix_ns: int
     publish_time_unix_ns: int
     trace_id: str
-    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[PrefillJob.SamplingParams, _Mapping]] = ..., priority: _Optional[str] = ..., dest_worker_id: _Optional[str] = ..., dest_page_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., lease_deadline_unix_ns: _Optional[int] = ..., publish_time_unix_ns: _Optional[int] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    dest_incarnation: str
+    label: str
+    want_checksums: bool
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[PrefillJob.SamplingParams, _Mapping]] = ..., priority: _Optional[str] = ..., dest_worker_id: _Optional[str] = ..., dest_page_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., lease_deadline_unix_ns: _Optional[int] = ..., publish_time_unix_ns: _Optional[int] = ..., trace_id: _Optional[str] = ..., dest_incarnation: _Optional[str] = ..., label: _Optional[str] = ..., want_checksums: _Optional[bool] = ...) -> None: ...
 
 class KVReady(_message.Message):
-    __slots__ = ("request_id", "attempt", "first_token", "prefill_worker_id", "dequeue_time_unix_ns", "prefill_start_unix_ns", "prefill_end_unix_ns")
+    __slots__ = ("request_id", "attempt", "first_token", "prefill_worker_id", "dequeue_time_unix_ns", "prefill_start_unix_ns", "prefill_end_unix_ns", "dest_incarnation", "page_checksums")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +62,8 @@ class KVReady(_message.Message):
     DEQUEUE_TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_START_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_END_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    DEST_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    PAGE_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt: int
     first_token: int
@@ -63,7 +71,9 @@ class KVReady(_message.Message):
     dequeue_time_unix_ns: int
     prefill_start_unix_ns: int
     prefill_end_unix_ns: int
-    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., first_token: _Optional[int] = ..., prefill_worker_id: _Optional[str] = ..., dequeue_time_unix_ns: _Optional[int] = ..., prefill_start_unix_ns: _Optional[int] = ..., prefill_end_unix_ns: _Optional[int] = ...) -> None: ...
+    dest_incarnation: str
+    page_checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., first_token: _Optional[int] = ..., prefill_worker_id: _Optional[str] = ..., dequeue_time_unix_ns: _Optional[int] = ..., prefill_start_unix_ns: _Optional[int] = ..., prefill_end_unix_ns: _Optional[int] = ..., dest_incarnation: _Optional[str] = ..., page_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
     __slots__ = ("worker_id", "role", "tokens_per_s", "queue_depth", "num_kv_pages_used", "num_kv_pages_free", "num_kv_pages_quarantined", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "num_local_prefills", "num_remote_prefills", "num_rejects", "timestamp_unix_ns")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitserve/rpc/worker.proto\x12\rsplitserve.v1\"\x8c\x04\n\x10WorkerDescriptor\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12>\n\x08geometry\x18\x07 \x01(\x0b\x32,.splitserve.v1.WorkerDescriptor.PageGeometry\x12\x11\n\tnum_pages\x18\x08 \x01(\x04\x12\x16\n\x0e\x61gent_metadata\x18\t \x01(\x0c\x12\x10\n\x08mem_type\x18\n \x01(\t\x12\x42\n\x0cpool_regions\x18\x0b \x03(\x0b\x32,.splitserve.v1.WorkerDescriptor.MemoryRegion\x1au\n\x0cPageGeometry\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x16\n\x0e\x62ytes_per_page\x18\x05 \x01(\x04\x1a\x45\n\x0cMemoryRegion\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\x12\x11\n\tdevice_id\x18\x03 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitserve/rpc/worker.proto\x12\rsplitserve.v1\"\xa1\x04\n\x10WorkerDescriptor\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12>\n\x08geometry\x18\x07 \x01(\x0b\x32,.splitserve.v1.WorkerDescriptor.PageGeometry\x12\x11\n\tnum_pages\x18\x08 \x01(\x04\x12\x16\n\x0e\x61gent_metadata\x18\t \x01(\x0c\x12\x10\n\x08mem_type\x18\n \x01(\t\x12\x42\n\x0cpool_regions\x18\x0b \x03(\x0b\x32,.splitserve.v1.WorkerDescriptor.MemoryRegion\x12\x13\n\x0bincarnation\x18\x0c \x01(\t\x1au\n\x0cPageGeometry\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x16\n\x0e\x62ytes_per_page\x18\x05 \x01(\x04\x1a\x45\n\x0cMemoryRegion\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\x12\x11\n\tdevice_id\x18\x03 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.rpc.worker_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERDESCRIPTOR']._serialized_start=47
-  _globals['_WORKERDESCRIPTOR']._serialized_end=571
-  _globals['_WORKERDESCRIPTOR_PAGEGEOMETRY']._serialized_start=383
-  _globals['_WORKERDESCRIPTOR_PAGEGEOMETRY']._serialized_end=500
-  _globals['_WORKERDESCRIPTOR_MEMORYREGION']._serialized_start=502
-  _globals['_WORKERDESCRIPTOR_MEMORYREGION']._serialized_end=571
+  _globals['_WORKERDESCRIPTOR']._serialized_end=592
+  _globals['_WORKERDESCRIPTOR_PAGEGEOMETRY']._serialized_start=404
+  _globals['_WORKERDESCRIPTOR_PAGEGEOMETRY']._serialized_end=521
+  _globals['_WORKERDESCRIPTOR_MEMORYREGION']._serialized_start=523
+  _globals['_WORKERDESCRIPTOR_MEMORYREGION']._serialized_end=592
 # @@protoc_insertion_point(module_scope)

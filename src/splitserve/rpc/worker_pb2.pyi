@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerDescriptor(_message.Message):
-    __slots__ = ("worker_id", "protocol_version", "role", "grpc_address", "model_fingerprint", "dtype", "geometry", "num_pages", "agent_metadata", "mem_type", "pool_regions")
+    __slots__ = ("worker_id", "protocol_version", "role", "grpc_address", "model_fingerprint", "dtype", "geometry", "num_pages", "agent_metadata", "mem_type", "pool_regions", "incarnation")
     class PageGeometry(_message.Message):
         __slots__ = ("page_size", "num_layers", "num_kv_heads", "head_dim", "bytes_per_page")
         PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class WorkerDescriptor(_message.Message):
     AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
     MEM_TYPE_FIELD_NUMBER: _ClassVar[int]
     POOL_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     protocol_version: int
     role: str
@@ -52,4 +53,5 @@ class WorkerDescriptor(_message.Message):
     agent_metadata: bytes
     mem_type: str
     pool_regions: _containers.RepeatedCompositeFieldContainer[WorkerDescriptor.MemoryRegion]
-    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., role: _Optional[str] = ..., grpc_address: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., geometry: _Optional[_Union[WorkerDescriptor.PageGeometry, _Mapping]] = ..., num_pages: _Optional[int] = ..., agent_metadata: _Optional[bytes] = ..., mem_type: _Optional[str] = ..., pool_regions: _Optional[_Iterable[_Union[WorkerDescriptor.MemoryRegion, _Mapping]]] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., role: _Optional[str] = ..., grpc_address: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., geometry: _Optional[_Union[WorkerDescriptor.PageGeometry, _Mapping]] = ..., num_pages: _Optional[int] = ..., agent_metadata: _Optional[bytes] = ..., mem_type: _Optional[str] = ..., pool_regions: _Optional[_Iterable[_Union[WorkerDescriptor.MemoryRegion, _Mapping]]] = ..., incarnation: _Optional[str] = ...) -> None: ...
