@@ -14,6 +14,9 @@ For each case, in the same run:
   desc cost  (scattered - contiguous) / (extra descriptors): the marginal cost of a
              descriptor, reported on scattered cases; the summary judges the
              5 us goal on cases with at least 16 extra descriptors
+  checksum   `page_checksums` (xxh3-64 per page) over the written pages, on one
+             thread: what a prefill worker adds per write, and a decode worker per
+             verify, with `kv_checksum` on; reported against the transfer time
 
     python benchmarks/kv_transfer.py --json
     UCX_TLS=tcp python benchmarks/kv_transfer.py      # transport experiments
@@ -42,6 +45,7 @@ import torch
 from splitserve.engine.kv_pool import KVPool, PageGeometry
 from splitserve.rpc.worker_pb2 import WorkerDescriptor
 from splitserve.transfer import TransferAgent, coalesce_page_runs
+from splitserve.transfer.checksum import page_checksums
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 30, 3, 64, torch.bfloat16
 FINGERPRINT = "smollm2-135m-instruct:bench"
@@ -155,6 +159,16 @@ def time_memcpy(src: torch.Tensor, dst: torch.Tensor, case: Case, iters: int) ->
     return samples
 
 
+def time_checksums(pool_tensor: torch.Tensor, case: Case, iters: int) -> list[float]:
+    samples = []
+    for i in range(iters + 3):
+        started = time.perf_counter()
+        page_checksums(pool_tensor, case.local_ids)
+        if i >= 3:
+            samples.append(time.perf_counter() - started)
+    return samples
+
+
 def time_writes(
     agent: TransferAgent, receiver: Receiver, peer_id: str, case: Case, iters: int,
     notify: bool,
@@ -192,6 +206,7 @@ def measure_case(
     memcpy = time_memcpy(agent.pool.tensor, dst, case, iters)
     t_data, t_xfer = statistics.median(data_only), statistics.median(with_notif)
     t_copy = statistics.median(memcpy)
+    t_sum = statistics.median(time_checksums(agent.pool.tensor, case, iters))
     return {
         "page_size": case.page_size, "prompt_tokens": case.prompt_tokens,
         "layout": case.layout, "num_pages": case.num_pages, "num_descriptors": num_desc,
@@ -211,6 +226,10 @@ def measure_case(
         "us_per_descriptor": round(t_xfer * 1e6 / num_desc, 2),
         "notify_median_us": round(statistics.median(notify) * 1e6, 1),
         "notify_p99_us": round(_pct(notify, 99) * 1e6, 1),
+        "checksum_median_us": round(t_sum * 1e6, 1),
+        "checksum_ns_per_page": round(t_sum * 1e9 / case.num_pages),
+        "checksum_gbps": round(num_bytes / t_sum / 1e9, 3),
+        "checksum_ratio_vs_transfer": round(t_sum / t_xfer, 3),
     }
 
 
@@ -290,6 +309,7 @@ def _summary(cases: list[dict], descriptor_cost: dict[str, float]) -> dict[str, 
     overhead_us, overhead_cpu_us = weighted("desc_overhead_us"), weighted("desc_overhead_cpu_us")
     best_ratio = max((c["ratio_vs_memcpy"] for c in contiguous_512), default=0.0)
     best_data_ratio = max((c["data_only_ratio_vs_memcpy"] for c in contiguous_512), default=0.0)
+    checksum_ratios = [c["checksum_ratio_vs_transfer"] for c in cases]
     return {
         "contiguous_512_ratio_vs_memcpy_best": best_ratio,
         "contiguous_512_data_only_ratio_vs_memcpy_best": best_data_ratio,
@@ -303,6 +323,10 @@ def _summary(cases: list[dict], descriptor_cost: dict[str, float]) -> dict[str, 
         "desc_overhead_goal_met": None if overhead_us is None else overhead_us <= GOAL_DESC_US,
         "desc_overhead_cpu_goal_met": (None if overhead_cpu_us is None
                                        else overhead_cpu_us <= GOAL_DESC_US),
+        "checksum_ratio_vs_transfer_median": (round(statistics.median(checksum_ratios), 3)
+                                              if cases else None),
+        "checksum_ratio_vs_transfer_max": max(checksum_ratios, default=None),
+        "checksum_gbps_min": min((c["checksum_gbps"] for c in cases), default=None),
     }
 
 
@@ -349,14 +373,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{'page':>5} {'prompt':>6} {'layout':>10} {'desc':>5} {'MB':>6} {'GB/s':>6} "
           f"{'data GB/s':>9} {'memcpy GB/s':>11} {'ratio':>6} {'data ratio':>10} "
-          f"{'notify us':>9} {'desc ovh us':>11} {'cpu ovh us':>10}")
+          f"{'notify us':>9} {'desc ovh us':>11} {'cpu ovh us':>10} {'cksum GB/s':>10} "
+          f"{'cksum/xfer':>10}")
     for c in cases:
         print(f"{c['page_size']:>5} {c['prompt_tokens']:>6} {c['layout']:>10} "
               f"{c['num_descriptors']:>5} {c['bytes'] / 1e6:>6.2f} {c['transfer_gbps']:>6.2f} "
               f"{c['data_only_gbps']:>9.2f} {c['memcpy_gbps']:>11.2f} "
               f"{c['ratio_vs_memcpy']:>6.3f} {c['data_only_ratio_vs_memcpy']:>10.3f} "
               f"{c['notify_median_us']:>9.0f} {c.get('desc_overhead_us', ''):>11} "
-              f"{c.get('desc_overhead_cpu_us', ''):>10}")
+              f"{c.get('desc_overhead_cpu_us', ''):>10} {c['checksum_gbps']:>10.2f} "
+              f"{c['checksum_ratio_vs_transfer']:>10.3f}")
     print("descriptor cost:", json.dumps(descriptor_cost))
     print(json.dumps(report["summary"], indent=1))
     print(f"receiver idle CPU (fraction of a core): {idle_cpu}")

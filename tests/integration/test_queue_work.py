@@ -11,7 +11,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from splitserve.queue.connection import BrokerConnection
-from splitserve.queue.errors import JobAlreadySettled, MalformedMessage
+from splitserve.queue.errors import (
+    DuplicateJob,
+    JobAlreadySettled,
+    MalformedMessage,
+    PublishFailed,
+)
 from splitserve.queue.messages import PrefillJob
 from splitserve.queue.settings import PrefillQueueSettings
 from splitserve.queue.streams import (
@@ -78,8 +83,11 @@ async def test_publish_pull_ack_roundtrip(nats_conn: BrokerConnection, high: Job
 async def test_same_attempt_is_stored_once_and_a_new_attempt_separately(
         nats_conn: BrokerConnection, high: JobConsumer) -> None:
     first = await publish_job(nats_conn.js, make_job("req-1"))
-    again = await publish_job(nats_conn.js, make_job("req-1"))
-    assert again == first
+    # A first try answered "duplicate" was stored by someone else: not this job.
+    with pytest.raises(DuplicateJob) as info:
+        await publish_job(nats_conn.js, make_job("req-1"))
+    assert isinstance(info.value, PublishFailed)
+    assert (info.value.request_id, info.value.attempt, info.value.stream_seq) == ("req-1", 1, first)
     assert await num_stored(nats_conn) == 1
     second = await publish_job(nats_conn.js, make_job("req-1", attempt=2))
     assert second != first

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from splitserve.engine.remote_prefill import AcceptRefusal
 from splitserve.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0)
@@ -53,7 +54,7 @@ def test_remote_prefill_equals_local(tiny_engine, prompt_len) -> None:
     assert len(plan.landing_page_ids) == -(-prompt_len // 4)
     first = remote_prefill(prefill, decode, "r", prompt, plan)
     out = decode.accept_remote("r", 1, first)
-    assert out is not None and out.new_token_ids == [first]
+    assert out.new_token_ids == [first]
     assert [first] + run_to_end(decode, "r") == expected
     assert prefill.allocator.num_used_pages == 0  # released after the "transfer"
     # landing pages are quarantined, not free, until the lease has expired
@@ -90,11 +91,11 @@ def test_stale_or_duplicate_kv_ready_is_ignored(tiny_engine) -> None:
     decode = tiny_engine()
     plan = decode.reserve_remote("r", [1, 2, 3], GREEDY, attempt=2, release_at=FAR)
     assert plan is not None
-    assert decode.accept_remote("r", 1, 5) is None  # old attempt
-    assert decode.accept_remote("other", 2, 5) is None  # unknown request
-    assert decode.accept_remote("r", 2, 10**9) is None  # corrupt token id
-    assert decode.accept_remote("r", 2, 5) is not None
-    assert decode.accept_remote("r", 2, 5) is None  # duplicate
+    assert decode.accept_remote("r", 1, 5) is AcceptRefusal.STALE  # old attempt
+    assert decode.accept_remote("other", 2, 5) is AcceptRefusal.STALE  # unknown request
+    assert decode.accept_remote("r", 2, 10**9) is AcceptRefusal.BAD_FIRST_TOKEN
+    assert decode.accept_remote("r", 2, 5).new_token_ids == [5]
+    assert decode.accept_remote("r", 2, 5) is AcceptRefusal.STALE  # duplicate
 
 
 def test_fallback_recomputes_locally_and_fences_old_landing_pages(tiny_engine) -> None:
@@ -113,7 +114,7 @@ def test_fallback_recomputes_locally_and_fences_old_landing_pages(tiny_engine) -
         assert not set(zombie) & {p for s in decode.scheduler.running for p in s.page_ids}
         tokens += [t for o in decode.step() for t in o.new_token_ids]
     assert tokens == expected
-    assert decode.accept_remote("r", 1, 3) is None  # its KVReady arrives too late
+    assert decode.accept_remote("r", 1, 3) is AcceptRefusal.STALE  # its KVReady is late
     assert decode.allocator.num_quarantined_pages == len(zombie)
     time.sleep(max(0.0, release_at - time.monotonic()))
     decode.allocator.release_quarantined(time.monotonic())
@@ -166,10 +167,10 @@ def test_retry_uses_fresh_landing_pages_and_fences_the_old_ones(tiny_engine) -> 
     zombie = list(first_plan.landing_page_ids)
     assert not set(zombie) & set(plan.landing_page_ids)
     assert decode.allocator.num_quarantined_pages == len(zombie)
-    assert decode.accept_remote("r", 1, 3) is None  # attempt 1's KVReady is stale now
+    assert decode.accept_remote("r", 1, 3) is AcceptRefusal.STALE  # attempt 1's is stale
     first = remote_prefill(prefill, decode, "r", prompt, plan)
     decode.pool.tensor[zombie] = float("nan")  # attempt 1's zombie writes land late
-    assert decode.accept_remote("r", 2, first) is not None
+    assert decode.accept_remote("r", 2, first).new_token_ids == [first]
     assert [first] + run_to_end(decode, "r") == expected
     time.sleep(max(0.0, release_at - time.monotonic()))
     decode.allocator.release_quarantined(time.monotonic())
@@ -205,3 +206,53 @@ def test_seeded_sampling_is_identical_across_disaggregation(tiny_engine) -> None
     [other_seed] = tiny_engine().generate([prompt], SamplingParams(
         max_tokens=16, temperature=1.0, top_k=40, top_p=0.9, seed=78))
     assert other_seed != expected  # the test can tell seeds apart
+
+
+def test_owned_page_is_reserved_with_the_landing_pages(tiny_engine) -> None:
+    """Accepting a KVReady needs no free page: the owned copy of the partial last page
+    is reserved with the landing pages (with the pool full at accept time, it used to
+    raise MemoryError and the abort freed the landing pages)."""
+    prompt = list(range(30, 43))  # 13 tokens: 4 landing pages, the last one partial
+    short = SamplingParams(max_tokens=3, temperature=0)  # fits the owned page
+    [expected] = tiny_engine().generate([prompt], short)
+    decode, prefill = tiny_engine(num_pages=5), tiny_engine()
+    plan = decode.reserve_remote("r", prompt, short, attempt=1, release_at=FAR)
+    assert plan.owned_page_id is not None and plan.owned_page_id not in plan.landing_page_ids
+    assert decode.allocator.num_free_pages == 0  # 4 landing + 1 owned
+    first = remote_prefill(prefill, decode, "r", prompt, plan)
+    assert decode.accept_remote("r", 1, first).new_token_ids == [first]
+    assert decode.scheduler.running[0].page_ids[-1] == plan.owned_page_id
+    assert [first] + run_to_end(decode, "r") == expected
+    assert decode.allocator.num_quarantined_pages == 4
+    assert decode.allocator.num_free_pages == 1  # the owned page
+    # a prompt that fills its last page reserves no owned page
+    assert tiny_engine().reserve_remote("x", list(range(16)), GREEDY, 1, FAR).owned_page_id \
+        is None
+
+
+def test_reserve_without_room_for_the_owned_page_returns_none(tiny_engine) -> None:
+    decode = tiny_engine(num_pages=16)
+    decode.allocator.allocate(12)
+    assert decode.reserve_remote("r", list(range(13)), GREEDY, 1, FAR) is None  # needs 5
+    assert decode.allocator.num_free_pages == 4
+    assert decode.reserve_remote("r", list(range(12)), GREEDY, 1, FAR) is not None  # 3
+
+
+def test_checksum_mismatch_keeps_the_attempt_pending_and_fenced(tiny_engine) -> None:
+    prompt = list(range(50, 63))
+    [expected] = tiny_engine().generate([prompt], GREEDY)
+    decode, prefill = tiny_engine(num_pages=16), tiny_engine()
+    plan = decode.reserve_remote("r", prompt, GREEDY, attempt=1, release_at=FAR)
+    first = remote_prefill(prefill, decode, "r", prompt, plan)
+    seen = []
+
+    def corrupt(page_ids):
+        seen.append(list(page_ids))
+        return False
+
+    assert decode.accept_remote("r", 1, first, verify=corrupt) is AcceptRefusal.CHECKSUM_MISMATCH
+    assert seen == [plan.landing_page_ids]
+    assert decode.scheduler.running == [] and decode.remote.plan("r") is plan
+    assert decode.fallback_remote("r")  # the caller gives up: pages fenced, local prefill
+    assert decode.allocator.num_quarantined_pages == len(plan.landing_page_ids)
+    assert run_to_end(decode, "r") == expected

@@ -17,6 +17,17 @@ from splitserve.errors import ConfigError
 from splitserve.routing.offload import RoutingConfig
 
 
+def _check_range(name: str, value: float, low: float, high: float, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ConfigError naming the dotted field unless `value` lies in the interval
+    (NaN never does: every comparison with it is false)."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(name, f"must be in {interval}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class LeaseConfig:
     """Remote-prefill leases (the fence invariant).
@@ -32,8 +43,15 @@ class LeaseConfig:
     skew_margin_s: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.base_s <= 0 or self.per_token_ms < 0 or self.skew_margin_s < 0:
-            raise ConfigError("lease", "base_s must be > 0, per_token_ms and skew_margin_s >= 0")
+        # A lease beyond an hour would keep landing pages fenced off for that long
+        # after a lost job; a skew margin of a minute means the clocks are broken.
+        _check_range("lease.base_s", self.base_s, 0.0, 3600.0, low_open=True)
+        _check_range("lease.per_token_ms", self.per_token_ms, 0.0, 1000.0)
+        _check_range("lease.skew_margin_s", self.skew_margin_s, 0.0, 60.0, high_open=True)
+        if self.skew_margin_s >= self.base_s:
+            # a prefill worker would find every short job's lease already spent
+            raise ConfigError("lease.skew_margin_s", f"must be below base_s ({self.base_s!r}), "
+                              f"got {self.skew_margin_s!r}")
 
 
 @dataclass(frozen=True)
@@ -44,8 +62,12 @@ class PrefillRoleConfig:
     transfer_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.max_batch_jobs < 1:
-            raise ConfigError("prefill.max_batch_jobs", "must be >= 1")
+        _check_range("prefill.max_batch_jobs", self.max_batch_jobs, 1, 1024)
+        _check_range("prefill.batch_window_ms", self.batch_window_ms, 0.0, 10_000.0)
+        _check_range("prefill.nak_delay_s", self.nak_delay_s, 0.0, 600.0)
+        # 0 would fail every job's transfer at once (a retry storm, no progress).
+        _check_range("prefill.transfer_timeout_s", self.transfer_timeout_s, 0.0, 600.0,
+                    low_open=True)
 
 
 @dataclass(frozen=True)
@@ -119,6 +141,11 @@ class WorkerConfig:
     stats_interval_s: float = 1.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    def __post_init__(self) -> None:
+        # systemd's stop timeout must exceed the grace; an hour is beyond any request.
+        _check_range("drain_grace_s", self.drain_grace_s, 0.0, 3600.0)
+        _check_range("stats_interval_s", self.stats_interval_s, 0.0, 3600.0, low_open=True)
+
     def resolved_worker_id(self) -> str:
         if self.worker_id:
             return self.worker_id
@@ -128,10 +155,17 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """`splitserve up`: a NATS server and workers on this machine."""
+    """`splitserve up`: a NATS server (or a NATS cluster) and workers on this machine.
+
+    - nats_cluster_size: 1 runs one nats-server on nats_port; 3 runs a JetStream
+      cluster with clients on nats_port..+2, routes on nats_port+2000.., monitoring
+      on nats_port+4000.., and gives the workers every URL and `nats.replicas: 3`
+      (any one node may die).
+    """
 
     state_dir: str = "state"
     nats_port: int = 4222
+    nats_cluster_size: int = 1
     num_prefill_workers: int = 1
     num_decode_workers: int = 1
     base_grpc_port: int = 50051  # decode workers first, then prefill workers
@@ -144,6 +178,11 @@ class ClusterConfig:
             raise ConfigError("num_decode_workers", "at least one decode worker is needed")
         if self.num_prefill_workers < 0:
             raise ConfigError("num_prefill_workers", "must be >= 0")
+        if self.nats_cluster_size not in (1, 3):
+            raise ConfigError("nats_cluster_size", f"must be 1 or 3, got {self.nats_cluster_size!r}")
+        if self.nats_cluster_size > 1 and self.nats_port + 4000 + self.nats_cluster_size > 65536:
+            raise ConfigError("nats_port", f"{self.nats_port} leaves no room for the cluster's "
+                              "route and monitoring ports (+2000, +4000)")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import NoReturn
@@ -113,13 +114,11 @@ def status_to_proto(status: WorkerStatus) -> pb.GetStatusResponse:
         num_pages_free=status.num_pages_free, num_pages_quarantined=status.num_pages_quarantined,
         num_pages_total=status.num_pages_total, num_waiting=status.num_waiting,
         num_running=status.num_running, num_in_flight=status.num_in_flight,
-        counters=pb.GetStatusResponse.Counters(
-            num_local_prefills=c.num_local_prefills, num_remote_prefills=c.num_remote_prefills,
-            num_transfers=c.num_transfers, num_transfer_failures=c.num_transfer_failures,
-            num_fallbacks=c.num_fallbacks, num_rejects=c.num_rejects,
-            num_requests_finished=c.num_requests_finished),
+        counters=pb.GetStatusResponse.Counters(**dataclasses.asdict(c)),
         config_reload_error=status.config_reload_error, uptime_s=status.uptime_s,
-        model_fingerprint=status.model_fingerprint)
+        model_fingerprint=status.model_fingerprint, incarnation=status.incarnation,
+        peer_clocks=[pb.GetStatusResponse.PeerClock(**dataclasses.asdict(p))
+                     for p in status.peer_clocks])
 
 
 def worker_to_proto(info: WorkerInfo) -> pb.WorkerEntry:

@@ -19,7 +19,8 @@ DRAINING = "DRAINING"
 
 @dataclass(frozen=True)
 class StatusCounters:
-    """Cumulative since the daemon started."""
+    """Cumulative since the daemon started. Names are those of
+    `GetStatusResponse.Counters` (admin.proto), which documents each."""
 
     num_local_prefills: int = 0
     num_remote_prefills: int = 0
@@ -28,6 +29,24 @@ class StatusCounters:
     num_fallbacks: int = 0  # remote prefills redone locally or as a new attempt
     num_rejects: int = 0  # RESOURCE_EXHAUSTED answers
     num_requests_finished: int = 0
+    num_expired_jobs: int = 0
+    num_stale_notifications: int = 0
+    num_incarnation_mismatches: int = 0
+    num_checksum_failures: int = 0
+    num_duplicate_ids: int = 0
+    num_duplicate_publishes: int = 0
+    num_accept_failures: int = 0
+    num_rejected_jobs: int = 0
+
+
+@dataclass(frozen=True)
+class PeerClock:
+    """A peer's clock minus ours lies in [offset_min_ms, offset_max_ms] (measured)."""
+
+    worker_id: str
+    offset_min_ms: float
+    offset_max_ms: float
+    excluded: bool  # provably off by more than the skew margin: gets no jobs
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,8 @@ class WorkerStatus:
     # "" when the file is fully in force (ReloadResult.status_note)
     config_reload_error: str = ""
     model_fingerprint: str = ""
+    incarnation: str = ""
+    peer_clocks: tuple[PeerClock, ...] = ()
 
 
 @dataclass(frozen=True)

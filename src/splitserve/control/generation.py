@@ -1,6 +1,9 @@
 """`splitserve.v1.Generation` over any `GenerationService`.
 
 Life cycle of one Generate call:
+0. grpc hands over the request parsed by `parse_generate_request`: bytes that are
+   no GenerateRequest (e.g. a string that is not UTF-8) arrive as a marker and get
+   INVALID_ARGUMENT, where grpc's own parser would end the call with UNKNOWN.
 1. Check the caller's request id or assign one; send it as initial metadata, so
    the client knows it even when the call fails.
 2. Draining → UNAVAILABLE at once (the client retries on another worker).
@@ -21,16 +24,23 @@ from typing import NoReturn, cast
 
 import grpc
 
-from splitserve.control.convert import chunk_to_proto, request_from_proto
+from splitserve.control.convert import (
+    UndecodableRequest,
+    chunk_to_proto,
+    parse_generate_request,
+    request_from_proto,
+)
 from splitserve.control.errors import Draining
 from splitserve.control.status import REQUEST_ID_KEY, status_for
 from splitserve.control.tracker import RequestTracker
 from splitserve.engine.errors import InvalidRequest
+from splitserve.ingress import GenerationChunk, GenerationService, check_request_id
 from splitserve.rpc import generation_pb2 as pb
 from splitserve.rpc import generation_pb2_grpc as pb_grpc
-from splitserve.worker.ingress import GenerationChunk, GenerationService, check_request_id
 
 log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -40,8 +50,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.is_draining = is_draining
         self.tracker = tracker or RequestTracker()
 
-    async def Generate(self, request: pb.GenerateRequest,
+    async def Generate(self, request: pb.GenerateRequest | UndecodableRequest,
                        context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, UndecodableRequest):
+            await self._fail(context, request.error(), "")
         try:
             # Validated first: it goes into metadata, which refuses control characters.
             request_id = check_request_id(request.request_id)
@@ -89,3 +101,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if aclose is not None:
                 await aclose()
         log.debug("request %s: done after %d chunks", request_id, num_chunks)
+
+
+def add_generation_servicer(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    """`add_GenerationServicer_to_server`, with `parse_generate_request` as the request
+    deserializer (see step 0 of the module docstring)."""
+    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
+        servicer.Generate, request_deserializer=parse_generate_request,
+        response_serializer=pb.GenerateChunk.SerializeToString)}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(GENERATION_SERVICE, handlers),))
+    server.add_registered_method_handlers(GENERATION_SERVICE, handlers)

@@ -17,10 +17,14 @@ from grpc_reflection.v1alpha import reflection
 from splitserve.control.admin import AdminServicer, drain, resume
 from splitserve.control.backend import AdminBackend
 from splitserve.control.errors import BindError
-from splitserve.control.generation import GenerationServicer
+from splitserve.control.generation import (
+    GENERATION_SERVICE,
+    GenerationServicer,
+    add_generation_servicer,
+)
 from splitserve.control.health import HealthStatus
-from splitserve.rpc import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
-from splitserve.worker.ingress import GenerationService
+from splitserve.ingress import GenerationService
+from splitserve.rpc import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +33,6 @@ log = logging.getLogger(__name__)
 # field, not a transport-level RESOURCE_EXHAUSTED.
 MAX_MESSAGE_BYTES = 8 << 20
 
-GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
@@ -97,7 +100,8 @@ async def start_grpc_server(
     ])
     gated, always = [], [ADMIN_SERVICE]
     if generation is not None:
-        generation_pb2_grpc.add_GenerationServicer_to_server(
+        # Not generation_pb2_grpc's adder: undecodable bytes must be INVALID_ARGUMENT.
+        add_generation_servicer(
             GenerationServicer(generation, admin.is_draining, tracker=admin.tracker), server)
         gated.append(GENERATION_SERVICE)
     for service in extra:

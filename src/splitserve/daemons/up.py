@@ -1,5 +1,8 @@
 """`splitserve up --config F`: a local cluster (nats-server + workers) on this machine.
 
+With `nats_cluster_size: 3` the broker is a 3-node JetStream cluster instead (logs
+`<state>/nats-n<i>.log`); the workers get all its URLs and keep 3 replicas.
+
 Each worker is a subprocess running `splitserve decode|prefill --config` with a
 config written under the state dir; logs go to `<state>/<worker_id>.log`.
 Ctrl-C (or SIGTERM) stops the workers (they drain) and then the broker.
@@ -32,7 +35,7 @@ from splitserve.config.daemon import (
 from splitserve.config.reload import diff_fields
 from splitserve.config.watch import ChangeDetector
 from splitserve.errors import SplitserveError
-from splitserve.queue.broker import NatsServer
+from splitserve.queue.broker import NatsCluster, NatsServer, base_node_ports
 
 
 class ClusterStartError(SplitserveError):
@@ -48,7 +51,8 @@ class WorkerProcess:
 
 
 def worker_configs(cluster: ClusterConfig, nats_url: str) -> list[WorkerConfig]:
-    """Decode workers first (ports base, base+1, ...), then prefill workers."""
+    """Decode workers first (ports base, base+1, ...), then prefill workers; one
+    replica of the queue per NATS node (`nats_url` lists them all, comma-separated)."""
     roles = ["decode"] * cluster.num_decode_workers + ["prefill"] * cluster.num_prefill_workers
     configs = []
     counts = {"decode": 0, "prefill": 0}
@@ -58,7 +62,8 @@ def worker_configs(cluster: ClusterConfig, nats_url: str) -> list[WorkerConfig]:
         counts[role] += 1
         config = replace(cluster.worker, role=role, worker_id=f"{role}-{index}",  # type: ignore[arg-type]
                          grpc_address=f"127.0.0.1:{cluster.base_grpc_port + i}",
-                         nats_url=nats_url)
+                         nats_url=nats_url,
+                         nats=replace(cluster.worker.nats, replicas=cluster.nats_cluster_size))
         if cluster.pin_cores:
             config = replace(config, cpu_affinity=(i % num_cpus,), cpu_threads=1)
         configs.append(config)
@@ -84,8 +89,13 @@ class LocalCluster:
     def __init__(self, cluster: ClusterConfig) -> None:
         self.cluster = cluster
         self.state_dir = Path(cluster.state_dir).resolve()
-        self.nats = NatsServer(cluster.nats_port, self.state_dir / "nats",
-                               log_path=self.state_dir / "nats.log")
+        self.nats: NatsServer | NatsCluster
+        if cluster.nats_cluster_size == 1:
+            self.nats = NatsServer(cluster.nats_port, self.state_dir / "nats",
+                                   log_path=self.state_dir / "nats.log")
+        else:
+            self.nats = NatsCluster(base_node_ports(cluster.nats_port, cluster.nats_cluster_size),
+                                    self.state_dir / "nats", log_dir=self.state_dir)
         self.workers: list[WorkerProcess] = []
 
     def start(self) -> None:

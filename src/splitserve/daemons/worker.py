@@ -4,6 +4,8 @@ Start-up: engine → gRPC (reflection + health, NOT_SERVING) → NIXL registrati
 NATS, descriptor in `splitserve-workers` → role → health SERVING.
 SIGTERM/SIGINT: health NOT_SERVING, drain (in-flight work finishes within
 `drain_grace_s`), deregister, exit 0.
+Engine thread crash: health NOT_SERVING at once, no drain (the engine cannot finish
+anything), stop the role, deregister, exit 1 so that systemd restarts the worker.
 SIGHUP, a change of the config file (watched from the start) and Admin.Reload:
 reload the config (config/reload.py); the reloadable fields apply at once.
 """
@@ -31,6 +33,8 @@ from splitserve.worker.prefill import PrefillService
 
 log = logging.getLogger(__name__)
 
+ENGINE_CRASH_EXIT_CODE = 1  # non-zero: systemd's Restart=on-failure starts a fresh worker
+
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -46,13 +50,18 @@ def run_worker(config_path: Path, role: str) -> None:
     changes = ChangeDetector(config_path)
     config = load_worker_config(config_path, role)
     configure_logging(config.log_level)
-    asyncio.run(serve(config, config_hash(config_path), changes))
+    exit_code = asyncio.run(serve(config, config_hash(config_path), changes))
+    if exit_code:
+        raise SystemExit(exit_code)
 
 
 async def serve(config: WorkerConfig, cfg_hash: str = "",
-                changes: ChangeDetector | None = None) -> None:
-    """Run the worker until SIGTERM/SIGINT; with `changes` (its config file), reload it
-    on SIGHUP and whenever the file changes."""
+                changes: ChangeDetector | None = None) -> int:
+    """Run the worker until SIGTERM/SIGINT or the engine thread dies; with `changes`
+    (its config file), reload it on SIGHUP and whenever the file changes.
+
+    Returns the process exit code: 0 after a signal, 1 after an engine crash.
+    """
     core = WorkerCore(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -64,7 +73,7 @@ async def serve(config: WorkerConfig, cfg_hash: str = "",
         loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
         watcher = logged_task(watch_file(changes, lambda: reloader.reload("file change")),
                               "config watcher")
-    await core.start_engine()
+    engine = await core.start_engine()
     role: DecodeService | PrefillService = (
         DecodeService(core) if config.role == "decode" else PrefillService(core))
     admin = WorkerAdminBackend(core, role, reloader, cfg_hash)
@@ -78,10 +87,16 @@ async def serve(config: WorkerConfig, cfg_hash: str = "",
         server.set_serving(True)
         log.info("worker %s ready: role %s, gRPC %s, NATS %s", core.worker_id, config.role,
                  server.address, config.nats_url)
-        await stop.wait()
+        await _first_set(stop, engine.crashed)
+        if engine.crashed.is_set():
+            server.set_serving(False)  # the finally below stops and deregisters
+            log.error("worker %s: engine thread died (%r); stopping without a drain, "
+                      "exit code %d", core.worker_id, engine.error, ENGINE_CRASH_EXIT_CODE)
+            return ENGINE_CRASH_EXIT_CODE
         grace_s = core.config.drain_grace_s  # reloadable
         log.info("worker %s: draining (grace %.0f s)", core.worker_id, grace_s)
         await server.drain(grace_s)  # health NOT_SERVING, in-flight finish
+        return 0
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -89,6 +104,16 @@ async def serve(config: WorkerConfig, cfg_hash: str = "",
         await server.stop(grace_s=1.0)
         await core.stop()
         log.info("worker %s stopped", core.worker_id)
+
+
+async def _first_set(*events: asyncio.Event) -> None:
+    """Return once any of `events` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def _reloader(core: WorkerCore, path: Path, cfg_hash: str) -> ConfigReloader[WorkerConfig]:

@@ -6,6 +6,11 @@ a remotely prefilled sequence...) and (2) one `Engine.step()`. Outputs go back t
 each request's asyncio queue with `call_soon_threadsafe`. torch releases the GIL
 inside its kernels, so the event loop (gRPC, NATS, NIXL polling) stays responsive
 while a step runs.
+
+If the thread dies (an exception out of a step or a command), the engine fails
+loudly: `is_running` turns False, every open stream and every pending `call` gets
+EngineStopped, and `crashed` is set on the event loop so the daemon can stop
+serving and exit non-zero instead of staying registered with a dead engine.
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._running = False
+        self._pending: set[asyncio.Future[Any]] = set()  # `call`s not answered yet
         self.step_listeners: list[Callable[[list[RequestOutput]], None]] = []
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # what killed the thread, if it died
+        self.crashed = asyncio.Event()  # set on the loop once the thread died of `error`
 
     # --- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -56,6 +63,8 @@ class AsyncEngine:
         self._commands.put(lambda: None)  # wake the thread
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        # Commands queued after the thread's last drain never run.
+        self._fail_pending(EngineStopped("engine stopped"))
 
     @property
     def is_running(self) -> bool:
@@ -72,6 +81,8 @@ class AsyncEngine:
             raise EngineStopped("engine is not running")
         loop = self._loop
         fut: asyncio.Future[T] = loop.create_future()
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
 
         def command() -> None:
             try:
@@ -142,15 +153,26 @@ class AsyncEngine:
                         self._dispatch(outputs)
         except BaseException as exc:
             self.error = exc
+            self._running = False  # before the loop hears of it: is_running is False then
             log.exception("engine thread crashed")
             if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._fail_all, exc)
+                try:
+                    self._loop.call_soon_threadsafe(self._on_crash, exc)
+                except RuntimeError:  # the loop is closed: nobody is left to tell
+                    pass
         finally:
             self._running = False
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _on_crash(self, exc: BaseException) -> None:
+        """On the loop: fail every stream and pending call, then set `crashed`."""
         for stream in self._streams.values():
             stream.put_nowait(exc)
+        self._fail_pending(EngineStopped(f"engine thread crashed: {exc!r}"))
+        self.crashed.set()
+
+    def _fail_pending(self, exc: EngineStopped) -> None:
+        for fut in list(self._pending):
+            _set_exception(fut, exc)
 
     def _drain_commands(self, block: bool) -> None:
         try:

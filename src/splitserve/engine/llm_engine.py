@@ -20,7 +20,12 @@ from splitserve.engine.errors import CapacityExceeded, DuplicateRequest, Invalid
 from splitserve.engine.kv_pool import KVPool, PageGeometry, dtype_from_name
 from splitserve.engine.output import OutputTracker, RequestOutput
 from splitserve.engine.page_allocator import PageAllocator
-from splitserve.engine.remote_prefill import LandingPlan, RemotePrefills
+from splitserve.engine.remote_prefill import (
+    AcceptRefusal,
+    LandingPlan,
+    PageVerifier,
+    RemotePrefills,
+)
 from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampler import skip_draw
 from splitserve.engine.sampling import SamplingParams
@@ -130,15 +135,19 @@ class Engine:
             del self._trackers[request_id]
         return plan
 
-    def accept_remote(self, request_id: str, attempt: int, first_token: int
-                      ) -> RequestOutput | None:
-        """The prompt's KV has landed: start decoding after `first_token`. None if stale."""
+    def accept_remote(self, request_id: str, attempt: int, first_token: int,
+                      verify: PageVerifier | None = None) -> RequestOutput | AcceptRefusal:
+        """The prompt's KV has landed: start decoding after `first_token`, or say why
+        not (the attempt then stays pending: the caller retries or falls back).
+        `verify(landing_page_ids)` checks the landed pages (checksums) first."""
         vocab = self.loaded.config.vocab_size
-        if not 0 <= first_token < vocab or self.remote.plan(request_id) is None:
-            return None
-        seq = self.remote.accept(request_id, attempt)
-        if seq is None:
-            return None
+        if self.remote.plan(request_id) is None:
+            return AcceptRefusal.STALE
+        if not 0 <= first_token < vocab:
+            return AcceptRefusal.BAD_FIRST_TOKEN
+        seq = self.remote.accept(request_id, attempt, verify)
+        if isinstance(seq, AcceptRefusal):
+            return seq
         if not seq.params.greedy:  # the prefill worker drew the first token from the seed
             skip_draw(seq.generator, vocab)
         return self._append_token(seq, first_token, time.monotonic())

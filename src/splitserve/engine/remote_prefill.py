@@ -1,11 +1,16 @@
 """Sequences whose prompt is prefilled by another worker, on both sides of the transfer.
 
 Decode side (the fence invariant, ARCHITECTURE.md):
-1. `reserve`: the sequence takes its cached prefix pages and fresh *landing pages*
-   for the rest of the prompt; it is not scheduled yet.
-2. `accept` (KVReady of the current attempt): the prompt's last, partially filled
-   landing page is copied into a page the sequence owns, so generated tokens never
-   go into a page a late write could still reach; the sequence joins the running batch.
+1. `reserve`: the sequence takes its cached prefix pages, fresh *landing pages* for
+   the rest of the prompt and, when the prompt ends inside a page, one more page it
+   will own; it is not scheduled yet.
+2. `accept` (KVReady of the current attempt): the landed pages are checked (an
+   optional verifier, e.g. page checksums), then the prompt's last, partially filled
+   landing page is copied into the owned page reserved in step 1, so generated tokens
+   never go into a page a late write could still reach, and accepting never needs a
+   free page; the sequence joins the running batch. Nothing changes before every
+   fallible step has passed, so a failed accept leaves the attempt pending (to be
+   retried or fallen back, its landing pages quarantined).
 3. Whenever the sequence lets go of an attempt's landing pages (finish, abort,
    fallback), they are quarantined until the lease deadline plus the skew margin,
    never freed, and they are never published to the prefix cache.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 from splitserve.engine.page_allocator import PageAllocator
 from splitserve.engine.scheduler import Scheduler
@@ -35,6 +41,20 @@ class LandingPlan:
     num_cached_tokens: int
     landing_page_ids: list[int]
     release_at: float  # monotonic time after which the landing pages may be reused
+    # reserved for the owned copy of a partial last landing page; None when the prompt
+    # fills its last page (or lies wholly in the prefix cache)
+    owned_page_id: int | None = None
+
+
+class AcceptRefusal(Enum):
+    """Why a KVReady was not taken into the batch."""
+
+    STALE = "not the current attempt of a pending request"
+    BAD_FIRST_TOKEN = "first token outside the vocabulary"
+    CHECKSUM_MISMATCH = "landed pages fail their checksums"
+
+
+PageVerifier = Callable[[list[int]], bool]  # landing page ids -> all intact?
 
 
 @dataclass
@@ -64,14 +84,17 @@ class RemotePrefills:
         self.scheduler.take_cached_prefix(seq)
         num_cached = seq.num_computed_tokens
         num_landing = -(-seq.num_prompt_tokens // ps) - len(seq.page_ids)
-        if not self.allocator.can_allocate(num_landing):
+        num_owned = 1 if num_landing and seq.num_prompt_tokens % ps else 0
+        if not self.allocator.can_allocate(num_landing + num_owned):
             self.scheduler.release_pages(seq)
             return None
         landing = self.allocator.allocate(num_landing)
+        owned = self.allocator.allocate(num_owned)
         seq.page_ids += landing
         # Landing pages never enter the prefix cache (a late write may still reach them).
         seq.num_cached_pages_published = len(seq.page_ids)
-        plan = LandingPlan(seq.request_id, attempt, num_cached, landing, release_at)
+        plan = LandingPlan(seq.request_id, attempt, num_cached, landing, release_at,
+                           owned[0] if owned else None)
         self._pending[seq.request_id] = _Remote(seq, plan)
         return plan
 
@@ -79,20 +102,22 @@ class RemotePrefills:
         remote = self._pending.get(request_id)
         return remote.plan if remote else None
 
-    def accept(self, request_id: str, attempt: int) -> Sequence | None:
-        """KVReady arrived: move the sequence into the running batch. None if stale."""
+    def accept(self, request_id: str, attempt: int,
+               verify: PageVerifier | None = None) -> Sequence | AcceptRefusal:
+        """KVReady arrived: move the sequence into the running batch, or say why not.
+        Raises only if copying a page fails; the attempt then stays pending."""
         remote = self._pending.get(request_id)
         if remote is None or remote.plan.attempt != attempt:
-            return None
-        del self._pending[request_id]
+            return AcceptRefusal.STALE
         seq, plan = remote.seq, remote.plan
-        ps = self.allocator.page_size
         landing = list(plan.landing_page_ids)
-        if seq.num_prompt_tokens % ps and landing:
+        if verify is not None and not verify(landing):
+            return AcceptRefusal.CHECKSUM_MISMATCH
+        if plan.owned_page_id is not None:
             # Fence: the partial last page gets an owned copy before tokens are appended.
-            [owned] = self.allocator.allocate(1)
-            self.copy_page(landing[-1], owned)
-            seq.page_ids[-1] = owned
+            self.copy_page(landing[-1], plan.owned_page_id)
+            seq.page_ids[-1] = plan.owned_page_id
+        del self._pending[request_id]
         self._held_landing[request_id] = (landing, plan.release_at)
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.status = SequenceStatus.RUNNING
@@ -144,7 +169,8 @@ class RemotePrefills:
         seq, plan = remote.seq, remote.plan
         landing_set = set(plan.landing_page_ids)
         self.allocator.quarantine(plan.landing_page_ids, plan.release_at)
-        self.allocator.free([p for p in seq.page_ids if p not in landing_set])
+        owned = [] if plan.owned_page_id is None else [plan.owned_page_id]
+        self.allocator.free([p for p in seq.page_ids if p not in landing_set] + owned)
         seq.page_ids = []
         seq.num_computed_tokens = 0
         seq.num_cached_pages_published = 0

@@ -112,7 +112,10 @@ async def connect(
 ) -> BrokerConnection:
     """Connect, retrying until `connect_timeout_s` (None: forever), and reconnect
     forever after that. Raises BrokerUnavailable if the first connect times out."""
-    server_list = [servers] if isinstance(servers, str) else list(servers)
+    # "nats://a:4222,nats://b:4222" (a cluster, as `splitserve up` writes it): nats.py
+    # takes a list, not a comma-separated string.
+    server_list = ([s.strip() for s in servers.split(",") if s.strip()]
+                   if isinstance(servers, str) else list(servers))
     nc = Client()
     conn = BrokerConnection(nc, name)
 

@@ -97,6 +97,30 @@ class PublishFailed(BrokerError):
         self.reason = reason
 
 
+class QueueFull(PublishFailed):
+    """The prefill stream is at `max_msgs` or `max_bytes` and refused the job
+    (discard=new); `limit` is the broker's description of the limit hit. Not
+    retried: a full queue does not drain in a publish deadline, and the decode
+    worker prefilling locally is what relieves it."""
+
+    def __init__(self, request_id: str, attempt: int, subject: str, limit: str) -> None:
+        super().__init__(request_id, attempt, subject, f"prefill queue full ({limit})")
+        self.limit = limit
+
+
+class DuplicateJob(PublishFailed):
+    """The stream already held a job with this `<request_id>:<attempt>` Msg-Id,
+    stored within the duplicate window by a publish that was not this call's (a
+    request id or attempt reused): this job was NOT stored, and the one at
+    `stream_seq` may carry other landing pages. A PublishFailed, because for the
+    caller the outcome is the same: this attempt has no remote prefill."""
+
+    def __init__(self, request_id: str, attempt: int, stream_seq: int, subject: str) -> None:
+        super().__init__(request_id, attempt, subject,
+                         f"duplicate Msg-Id: the stream already holds it at seq {stream_seq}")
+        self.stream_seq = stream_seq
+
+
 class InvalidKVValue(SplitserveError):
     """A value cannot be stored under a key of a KV bucket."""
 

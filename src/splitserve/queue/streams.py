@@ -102,7 +102,7 @@ def prefill_stream_config(settings: PrefillQueueSettings) -> api.StreamConfig:
         duplicate_window=settings.duplicate_window_s,
         max_msgs=settings.max_msgs,
         max_bytes=settings.max_bytes,
-        num_replicas=1,
+        num_replicas=settings.replicas,
     )
 
 
@@ -180,11 +180,11 @@ async def ensure_prefill_queue(js: JetStreamContext, settings: PrefillQueueSetti
 
 
 _KV_FIELDS = ("max_age", "max_msgs_per_subject", "storage", "subject_delete_marker_ttl",
-              "allow_msg_ttl")
+              "allow_msg_ttl", "num_replicas")
 
 
 def _kv_stream_config(bucket: str, description: str, history: int, ttl_s: float | None,
-                      marker_ttl_s: float | None) -> api.StreamConfig:
+                      marker_ttl_s: float | None, replicas: int) -> api.StreamConfig:
     # The layout nats.py's KeyValue expects (KV_<bucket>, $KV.<bucket>.>, rollups).
     max_age = ttl_s if ttl_s is not None else 0.0
     duplicate_window = min(_KV_DUPLICATE_WINDOW_S, ttl_s) if ttl_s else _KV_DUPLICATE_WINDOW_S
@@ -202,7 +202,7 @@ def _kv_stream_config(bucket: str, description: str, history: int, ttl_s: float 
         max_msgs=-1,
         max_bytes=-1,
         max_msgs_per_subject=history,
-        num_replicas=1,
+        num_replicas=replicas,
         storage=api.StorageType.FILE,
         subject_delete_marker_ttl=marker_ttl_s,
     )
@@ -221,14 +221,15 @@ async def ensure_workers_bucket(js: JetStreamContext, settings: BucketSettings) 
     last heartbeat; the server writes an expiry marker that watchers see."""
     return await _ensure_bucket(js, BUCKET_WORKERS, _kv_stream_config(
         BUCKET_WORKERS, "splitserve worker descriptors (heartbeat-refreshed)", history=1,
-        ttl_s=settings.worker_ttl_s, marker_ttl_s=settings.worker_marker_ttl_s))
+        ttl_s=settings.worker_ttl_s, marker_ttl_s=settings.worker_marker_ttl_s,
+        replicas=settings.replicas))
 
 
 async def ensure_policy_bucket(js: JetStreamContext, settings: BucketSettings) -> KeyValue:
     """`splitserve-policy`: no TTL, `policy_history` revisions per key."""
     return await _ensure_bucket(js, BUCKET_POLICY, _kv_stream_config(
         BUCKET_POLICY, "splitserve routing thresholds and QoS knobs", history=settings.policy_history,
-        ttl_s=None, marker_ttl_s=None))
+        ttl_s=None, marker_ttl_s=None, replicas=settings.replicas))
 
 
 async def ensure_messaging(js: JetStreamContext, queue: PrefillQueueSettings,

@@ -3,7 +3,9 @@
 Life cycle of a job on the broker:
 
 1. The decode worker calls `publish_job` with `Nats-Msg-Id = <request_id>:<attempt>`;
-   a retry of the same attempt (a lost PubAck) is de-duplicated by the stream.
+   a retry of the same attempt (a lost PubAck) is de-duplicated by the stream. A
+   full stream refuses it (QueueFull); a Msg-Id stored by another publish is
+   refused too (DuplicateJob): the decode worker then prefills locally.
 2. A prefill worker's `JobConsumer.fetch` pulls a batch; each job is now pending
    on that consumer for AckWait.
 3. The worker heartbeats `in_progress()` on long prompts, then `ack()` after the KV
@@ -29,9 +31,11 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 from splitserve.errors import SplitserveError
 from splitserve.queue.errors import (
     ConnectionClosed,
+    DuplicateJob,
     JobAlreadySettled,
     MalformedMessage,
     PublishFailed,
+    QueueFull,
 )
 from splitserve.queue.messages import PrefillJob, decode_job, encode_job, job_msg_id
 from splitserve.queue.streams import ensure_consumer
@@ -41,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 _RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+# JSStreamStoreFailedError (code 503): "maximum messages exceeded", "maximum bytes
+# exceeded", "storage resources exceeded". A limit, not an outage: never retried.
+_ERR_STREAM_STORE_FAILED = 10077
 
 
 def job_subject(job: PrefillJob, prefill_worker_id: str | None = None) -> str:
@@ -63,7 +70,9 @@ async def publish_job(
     Stamps `publish_time_unix_ns` if unset. Transient failures (broker restarting,
     no PubAck in `timeout_s`) are retried with the same Msg-Id for `retry_for_s`,
     so a job is stored once even if a PubAck was lost; then PublishFailed.
-    Callers bound `retry_for_s` by the job's lease.
+    Callers bound `retry_for_s` by the job's lease. Raises at once, without
+    retrying: QueueFull when the stream is at its limits, DuplicateJob when the
+    Msg-Id was already stored by someone else (both are PublishFailed).
     """
     if job.publish_time_unix_ns == 0:
         stamped = PrefillJob()
@@ -75,6 +84,9 @@ async def publish_job(
     msg_id = job_msg_id(job)
     deadline = time.monotonic() + retry_for_s
     num_tries = 0
+    # True once a try ended without an answer: the broker may have stored it and
+    # lost the PubAck, so a later duplicate PubAck is that try's, i.e. success.
+    maybe_stored = False
     while True:
         num_tries += 1
         try:
@@ -82,16 +94,27 @@ async def publish_job(
                                    headers={MSG_ID_HEADER: msg_id})
         except nats.errors.ConnectionClosedError as err:
             raise PublishFailed(job.request_id, job.attempt, subject, "connection closed") from err
-        except (TimeoutError, nats.errors.TimeoutError, NoStreamResponseError, nats.errors.NoRespondersError, nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError) as err:
+        except (NoStreamResponseError, nats.errors.NoRespondersError,
+                nats.errors.OutboundBufferLimitError) as err:
+            reason = f"{type(err).__name__} after {num_tries} tries"  # surely not stored
+        except (TimeoutError, nats.errors.TimeoutError,
+                nats.errors.ConnectionReconnectingError) as err:
+            maybe_stored = True
             reason = f"{type(err).__name__} after {num_tries} tries"
         except APIError as err:
+            if err.err_code == _ERR_STREAM_STORE_FAILED:
+                raise QueueFull(job.request_id, job.attempt, subject,
+                                str(err.description)) from err
             if err.code != 503:
                 raise PublishFailed(job.request_id, job.attempt, subject,
                                     str(err.description)) from err
             reason = f"JetStream unavailable after {num_tries} tries"
         else:
-            logger.debug("request %s attempt %d: published to %s seq %d%s", job.request_id,
-                         job.attempt, subject, ack.seq, " (duplicate)" if ack.duplicate else "")
+            if ack.duplicate and not maybe_stored:
+                raise DuplicateJob(job.request_id, job.attempt, int(ack.seq), subject)
+            logger.debug("request %s attempt %d: published to %s seq %d after %d tries%s",
+                         job.request_id, job.attempt, subject, ack.seq, num_tries,
+                         " (an earlier try's PubAck was lost)" if ack.duplicate else "")
             return int(ack.seq)
         delay_s = _RETRY_BACKOFF_S[min(num_tries - 1, len(_RETRY_BACKOFF_S) - 1)]
         if time.monotonic() + delay_s >= deadline:

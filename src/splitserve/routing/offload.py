@@ -11,6 +11,18 @@ from dataclasses import dataclass
 
 from splitserve.errors import ConfigError
 
+# Bounds of RoutingConfig's integer fields. A length threshold past any context length
+# served (~128k tokens) already means "never by length"; a queue bound past the stream's
+# max_ack_pending (1024) means "unbounded"; every remote attempt costs a lease (seconds),
+# so more than 16 only delays the local fallback.
+_INT_BOUNDS: tuple[tuple[str, int, int], ...] = (
+    ("prefill_length_threshold", 0, 1 << 24),
+    ("moderate_length_threshold", 0, 1 << 24),
+    ("prefill_queue_max", 0, 1 << 16),
+    ("moderate_queue_max", 0, 1 << 16),
+    ("max_remote_attempts", 1, 16),
+)
+
 
 @dataclass(frozen=True)
 class RoutingConfig:
@@ -43,14 +55,13 @@ class RoutingConfig:
     max_remote_attempts: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("prefill_length_threshold", "moderate_length_threshold",
-                     "prefill_queue_max", "moderate_queue_max"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"routing.{name}", f"must be >= 0, got {getattr(self, name)}")
-        if self.max_remote_attempts < 1:
-            raise ConfigError("routing.max_remote_attempts",
-                              f"must be >= 1, got {self.max_remote_attempts}")
-        if not 0.0 <= self.decode_load_threshold <= 1.0:
+        for name, low, high in _INT_BOUNDS:
+            value = getattr(self, name)
+            if value < low:
+                raise ConfigError(f"routing.{name}", f"must be >= {low}, got {value!r}")
+            if value > high:
+                raise ConfigError(f"routing.{name}", f"must be <= {high}, got {value!r}")
+        if not 0.0 <= self.decode_load_threshold <= 1.0:  # NaN fails too
             raise ConfigError("routing.decode_load_threshold",
                               f"must be in [0, 1], got {self.decode_load_threshold}")
 

@@ -16,7 +16,9 @@ Life cycle:
    the receiver's next poll), so a receiving worker must keep a waiter running.
 5. Failure: a failed or timed-out write releases its handle, counts a failure,
    drops the peer (reconnect from a fresh descriptor) and raises `TransferFailed`;
-   other peers are unaffected.
+   other peers are unaffected. Test-only: `fail_every=N` makes every N-th write fail
+   so before anything is posted (no data lands), counted and handled as a real
+   failure; the chaos suite sets it from `WorkerConfig.faults.fail_transfer_every`.
 
 The agent is not meant to be shared across threads: use it from the event loop
 (the NIXL agent itself is created in strict thread-sync mode, so misuse is safe,
@@ -87,10 +89,15 @@ class TransferAgent:
         model_fingerprint: str,
         role: str = "",
         grpc_address: str = "",
+        fail_every: int = 0,
     ) -> None:
         if not worker_id:
             raise ValueError("worker_id must be non-empty: it names the NIXL agent")
+        if fail_every < 0:
+            raise ValueError(f"fail_every must be >= 0, got {fail_every}")
         self.worker_id = worker_id
+        self.fail_every = fail_every  # test-only fault injection, 0: never (see above)
+        self._num_writes = 0  # writes that passed validation, for `fail_every`
         self.pool = pool
         self.counters = TransferCounters()
         self._layout = PoolLayout.of_pool(pool)
@@ -236,6 +243,10 @@ class TransferAgent:
         )
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self._num_writes += 1
+        if self.fail_every and self._num_writes % self.fail_every == 0:
+            self._fail_unposted(request_id, peer_id, remote_ids,
+                                f"injected fault (test-only): write {self._num_writes}")
         runs = coalesce_page_runs(local_ids, remote_ids)
         started_s = time.monotonic()
         try:

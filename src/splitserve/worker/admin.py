@@ -12,6 +12,7 @@ from splitserve.control.backend import (
     DRAINING,
     SERVING,
     ConfigView,
+    PeerClock,
     StatusCounters,
     WorkerInfo,
     WorkerStatus,
@@ -23,6 +24,13 @@ from splitserve.rpc.worker_pb2 import WorkerDescriptor
 from splitserve.worker.core import WorkerCore
 
 log = logging.getLogger(__name__)
+
+# WorkerCounters fields reported under the same name in GetStatus.
+_SHARED_COUNTERS = (
+    "num_local_prefills", "num_remote_prefills", "num_fallbacks", "num_expired_jobs",
+    "num_stale_notifications", "num_incarnation_mismatches", "num_checksum_failures",
+    "num_duplicate_ids", "num_duplicate_publishes", "num_accept_failures", "num_rejected_jobs",
+)
 
 
 class WorkerAdminBackend:
@@ -74,17 +82,30 @@ class WorkerAdminBackend:
             num_in_flight=max(self.tracker.num_in_flight, in_flight),
             uptime_s=time.monotonic() - core.started_s,
             counters=StatusCounters(
-                num_local_prefills=c.num_local_prefills,
-                num_remote_prefills=c.num_remote_prefills,
+                **{name: getattr(c, name) for name in _SHARED_COUNTERS},
                 num_transfers=transfers.num_transfers if transfers else 0,
                 num_transfer_failures=transfers.num_failures if transfers else 0,
-                num_fallbacks=c.num_fallbacks,
                 num_rejects=c.num_rejects + self.tracker.num_rejects,
                 num_requests_finished=c.num_finished,
             ),
             config_reload_error=self.reloader.status_note if self.reloader is not None else "",
             model_fingerprint=core.engine.loaded.fingerprint,
+            incarnation=core.incarnation,
+            peer_clocks=self._peer_clocks(),
         )
+
+    def _peer_clocks(self) -> tuple[PeerClock, ...]:
+        remote = getattr(self.role_service, "remote", None)  # decode workers measure them
+        if remote is None:
+            return ()
+        margin_s = self.core.config.lease.skew_margin_s
+        clocks = []
+        for worker_id in remote.clocks.peer_ids:
+            bounds = remote.clocks.bounds(worker_id)
+            if bounds is not None:
+                clocks.append(PeerClock(worker_id, bounds.min_s * 1e3, bounds.max_s * 1e3,
+                                        remote.clocks.is_excluded(worker_id, margin_s)))
+        return tuple(clocks)
 
     async def list_workers(self) -> list[WorkerInfo]:
         registry = self.core.registry

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from google.protobuf.message import DecodeError
 
 from splitserve.config.daemon import WorkerConfig
 from splitserve.engine.async_engine import AsyncEngine
@@ -33,13 +35,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WorkerCounters:
+    """Cumulative since the worker started (Admin.GetStatus counters)."""
+
     num_local_prefills: int = 0
     num_remote_prefills: int = 0  # decode: accepted KVReady; prefill: jobs transferred
     num_fallbacks: int = 0
     num_rejects: int = 0
     num_finished: int = 0
-    num_expired_jobs: int = 0
-    num_stale_notifications: int = 0
+    num_expired_jobs: int = 0  # prefill: terminated, lease over
+    num_stale_notifications: int = 0  # decode: KVReady of an attempt no longer awaited
+    num_incarnation_mismatches: int = 0  # a job or KVReady for another incarnation
+    num_checksum_failures: int = 0  # decode: landed pages failed their checksums
+    num_duplicate_ids: int = 0  # decode: caller request id already in flight
+    num_duplicate_publishes: int = 0  # decode: the broker already had the job
+    num_accept_failures: int = 0  # decode: KVReady arrived, taking the pages failed
+    num_rejected_jobs: int = 0  # prefill: terminated for a permanent error
     ttft_ms: list[float] = field(default_factory=list)  # last window, for stats
 
 
@@ -57,11 +67,13 @@ class WorkerCore:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.worker_id = config.resolved_worker_id()
+        # A new one at every start: peers never write into a previous life's pages.
+        self.incarnation = secrets.token_hex(16)
         self.role = config.role
         self.counters = WorkerCounters()
         self.started_s = time.monotonic()
-        self.queue_settings = PrefillQueueSettings()
-        self.bucket_settings = BucketSettings()
+        self.queue_settings = PrefillQueueSettings(replicas=config.nats.replicas)
+        self.bucket_settings = BucketSettings(replicas=config.nats.replicas)
         self.engine: Engine | None = None
         self.async_engine: AsyncEngine | None = None
         self.agent: TransferAgent | None = None
@@ -89,19 +101,26 @@ class WorkerCore:
         """Register the pool with NIXL, connect to NATS, publish our descriptor."""
         assert self.engine is not None
         self.agent = TransferAgent(self.worker_id, self.engine.pool,
-                                   self.engine.loaded.fingerprint, self.role, grpc_address)
+                                   self.engine.loaded.fingerprint, self.role, grpc_address,
+                                   fail_every=self.config.faults.fail_transfer_every)
+        self.agent.descriptor.incarnation = self.incarnation
         self.broker = await connect(self.config.nats_url, name=self.worker_id)
         await ensure_messaging(self.broker.js, self.queue_settings, self.bucket_settings)
         self.registry = await WorkerRegistry.open(self.broker.js, self.bucket_settings)
         await self.registry.register(self.worker_id, self.agent.descriptor.SerializeToString())
         self._stats_task = logged_task(self._publish_stats_forever(), "stats publisher")
-        log.info("worker %s (%s) registered; gRPC on %s", self.worker_id, self.role,
-                 grpc_address)
+        log.info("worker %s (%s) registered, incarnation %s; gRPC on %s", self.worker_id,
+                 self.role, self.incarnation, grpc_address)
+
+    def now_unix_ns(self) -> int:
+        """This worker's unix clock, as leases and KVReady timestamps read it (plus the
+        test-only `faults.clock_offset_s`, which simulates a skewed machine)."""
+        return time.time_ns() + int(self.config.faults.clock_offset_s * 1e9)
 
     async def peer_descriptor(self, worker_id: str) -> WorkerDescriptor | None:
         assert self.registry is not None
         data = await self.registry.get(worker_id)
-        return None if data is None else WorkerDescriptor.FromString(data)
+        return None if data is None else parse_descriptor(worker_id, data)
 
     async def stop(self) -> None:
         if self._stats_task is not None:
@@ -140,6 +159,21 @@ class WorkerCore:
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
             await publish_stats(self.broker.nc, self.stats())
+
+
+def parse_descriptor(worker_id: str, data: bytes) -> WorkerDescriptor | None:
+    """A registry entry, or None (logged) when it is not a WorkerDescriptor: one garbage
+    value must not take down a watch or a job."""
+    try:
+        descriptor = WorkerDescriptor.FromString(data)
+    except DecodeError as exc:
+        log.warning("registry entry %s is not a WorkerDescriptor (%s); skipped", worker_id, exc)
+        return None
+    if descriptor.worker_id != worker_id or not descriptor.role:
+        log.warning("registry entry %s names worker %r, role %r; skipped", worker_id,
+                    descriptor.worker_id, descriptor.role)
+        return None
+    return descriptor
 
 
 def logged_task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:

@@ -1,7 +1,11 @@
 """Decode role: ingress, the offload decision, decode and streaming.
 
 Life cycle of a request:
-1. tokenize and validate (typed errors → INVALID_ARGUMENT / RESOURCE_EXHAUSTED);
+0. the caller's request id is a label: one already in flight here gets ALREADY_EXISTS
+   before anything is touched; the request itself runs under an internal id (engine
+   sequence, output stream, KVReady wait, job Msg-Id) that no caller can repeat;
+1. tokenize and validate off the event loop (typed errors → INVALID_ARGUMENT /
+   RESOURCE_EXHAUSTED);
 2. measure the prefix-cache hit and decide local vs remote prefill
    (`routing.should_offload_prefill`);
 3. local: the engine prefills in chunks between decode steps, then decodes;
@@ -17,19 +21,22 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.errors import DuplicateRequest
 from splitserve.engine.output import RequestOutput
 from splitserve.engine.page_allocator import page_hashes
-from splitserve.worker.core import WorkerCore
-from splitserve.worker.ingress import (
+from splitserve.ingress import (
     GenerateRequest,
     GenerationChunk,
     Timing,
     check_request_id,
-    tokenize,
+    new_request_id,
+    prepare_prompt,
 )
-from splitserve.worker.remote import RemotePrefillClient
+from splitserve.worker.core import WorkerCore
+from splitserve.worker.remote import PrefillPath, RemotePrefillClient
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,7 @@ class DecodeService:
             raise ValueError("the decode role needs a model with a tokenizer")
         self.tokenizer = tokenizer
         self.remote = RemotePrefillClient(core, self.engine)
+        self._labels: set[str] = set()  # caller request ids in flight
 
     async def start(self) -> None:
         await self.remote.start()
@@ -61,12 +69,24 @@ class DecodeService:
 
     # --- ingress ------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
-        request_id = check_request_id(request.request_id)
-        # Up to 1 MiB of text: tokenize off the event loop, which serves every stream.
-        prompt = await asyncio.to_thread(tokenize, self.tokenizer, request)
+        label = check_request_id(request.request_id)
+        if label in self._labels:
+            self.core.counters.num_duplicate_ids += 1
+            raise DuplicateRequest(label)
+        self._labels.add(label)
+        try:
+            async for chunk in self._generate(replace(request, request_id=label)):
+                yield chunk
+        finally:
+            self._labels.discard(label)
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        label, request_id = request.request_id, new_request_id()
         engine = self.engine.engine
         try:
-            engine.validate(prompt, request.params)  # reads only immutable config
+            # Per-token work (up to 1 MiB of text): off the loop, which serves every stream.
+            prompt = await asyncio.to_thread(prepare_prompt, self.tokenizer, engine.validate,
+                                             request)
         except Exception:
             self.core.counters.num_rejects += 1
             raise
@@ -75,16 +95,17 @@ class DecodeService:
         remote = self.remote.should_offload(effective_len, request.priority)
         stream = self.engine.open_stream(request_id)
         finished = False
-        prefill, num_attempts = "none", 1
+        path, num_attempts = PrefillPath.NONE, 1
         try:
             if remote:
                 outcome = await self.remote.prefill(request_id, prompt, request, effective_len)
-                prefill, num_attempts = outcome.prefill, outcome.num_attempts
-            if prefill == "none":  # local from the start (or no room for landing pages)
-                prefill, num_attempts = "local", 1
+                path, num_attempts = outcome.path, outcome.num_attempts
+            if path is PrefillPath.NONE:  # local from the start (or no room for landing pages)
+                path, num_attempts = PrefillPath.LOCAL, 1
                 await self.engine.call(lambda e: e.add_request(request_id, prompt,
                                                                request.params))
                 self.core.counters.num_local_prefills += 1
+            log.debug("request %s runs as %s (%s prefill)", label, request_id, path.value)
             first_s: float | None = None
             async for out in self.engine.iterate(request_id, stream):
                 now = time.monotonic()
@@ -92,21 +113,21 @@ class DecodeService:
                     first_s = now
                     self.core.counters.ttft_ms.append((now - start_s) * 1e3)
                 finished = out.finished
-                yield self._chunk(out, start_s, first_s, now, prefill, num_attempts)
+                yield self._chunk(label, out, start_s, first_s, now, path, num_attempts)
         finally:
             self.engine.close_stream(request_id)
             if not finished and self.engine.is_running:
                 self.engine.call(lambda e: e.abort(request_id))
 
-    def _chunk(self, out: RequestOutput, start_s: float, first_s: float, now: float,
-               prefill: str, num_attempts: int) -> GenerationChunk:
+    def _chunk(self, label: str, out: RequestOutput, start_s: float, first_s: float,
+               now: float, path: PrefillPath, num_attempts: int) -> GenerationChunk:
         timing = None
         if out.finished:
             self.core.counters.num_finished += 1
             timing = Timing(queue_ms=0.0, ttft_ms=(first_s - start_s) * 1e3,
-                            total_ms=(now - start_s) * 1e3, prefill=prefill,
+                            total_ms=(now - start_s) * 1e3, prefill=path.value,
                             num_attempts=num_attempts)
-        return GenerationChunk(out.request_id, out.new_token_ids, out.text_delta, out, timing)
+        return GenerationChunk(label, out.new_token_ids, out.text_delta, out, timing)
 
     def _num_cached_tokens(self, prompt: list[int]) -> int:
         engine = self.engine.engine

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 from splitserve.engine.async_engine import AsyncEngine
-from splitserve.worker.ingress import (
+from splitserve.ingress import (
     GenerateRequest,
     GenerationChunk,
     Timing,

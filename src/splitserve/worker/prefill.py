@@ -1,17 +1,24 @@
 """Prefill role: pull jobs, prefill in batches, write KV pages by id, then ack.
 
 Life cycle of a job:
-1. pulled from this worker's direct consumer or a shared one (by priority), in a
-   short adaptive batching window;
+1. pulled from this worker's direct consumer or a shared one (by priority) whenever
+   one of `max_batch_jobs` slots is free, in a short adaptive batching window; each
+   job then runs on its own, so one slow destination never holds up the others;
 2. lease checked: a job whose deadline (minus the skew margin) has passed is
    `term`-ed, never processed — the decode worker may already reuse its pages;
-3. the destination's `WorkerDescriptor` is looked up once and cached (NIXL connect);
+3. the destination's current `WorkerDescriptor` is read from the registry; a job
+   for another incarnation than the registered one (the decode worker restarted,
+   same id or not) is `term`-ed: its pages now belong to someone else;
 4. the prompt runs in this worker's engine (batched with the other jobs), which
    samples the first token and keeps the pages;
-5. lease checked again, then one WRITE per contiguous page run carrying a `KVReady`
-   notification that arrives after the data; `in_progress` heartbeats meanwhile;
+5. lease and incarnation checked again, then (with no await in between, so nothing
+   can reconnect the peer meanwhile) one WRITE per contiguous page run carrying a
+   `KVReady` notification that arrives after the data, with page checksums when the
+   job asks; `in_progress` heartbeats meanwhile;
 6. `ack` after the transfer completed; `nak` with delay for a retryable failure
-   while the lease lasts, `term` otherwise. Pages go back to the prefix cache.
+   while the lease lasts; `term` for a permanent one (a bad job, page ids outside
+   the destination's pool) or when the lease is too short. Pages go back to the
+   prefix cache.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+from collections.abc import Iterator
+
+import torch
 
 from splitserve.config.daemon import PrefillRoleConfig
 from splitserve.engine.sampling import SamplingParams
@@ -32,12 +41,21 @@ from splitserve.queue.streams import (
 )
 from splitserve.queue.work_queue import JobConsumer, JobDelivery
 from splitserve.rpc.jobs_pb2 import KVReady, PrefillJob
-from splitserve.transfer.errors import TransferError
+from splitserve.rpc.worker_pb2 import WorkerDescriptor
+from splitserve.transfer.checksum import page_checksums
+from splitserve.transfer.errors import (
+    DescriptorMismatch,
+    InvalidDescriptor,
+    InvalidPageIds,
+    TransferError,
+)
 from splitserve.worker.core import WorkerCore, logged_task
 
 log = logging.getLogger(__name__)
 
 _IDLE_FETCH_S = 0.5
+# The job or the destination is wrong, not the moment: another delivery fails the same way.
+_PERMANENT = (InvalidPageIds, DescriptorMismatch, InvalidDescriptor)
 
 
 class PrefillService:
@@ -47,6 +65,7 @@ class PrefillService:
         self._task: asyncio.Task[None] | None = None
         self._accepting = True
         self.num_in_flight = 0
+        self._num_jobs = 0  # jobs handled, for the test-only corrupt_page_every
 
     # Read from the core at use time: a config reload swaps `core.config`.
     @property
@@ -83,27 +102,39 @@ class PrefillService:
             await consumer.close()
 
     async def _run(self) -> None:
-        while True:
-            if not self._accepting:
-                await asyncio.sleep(0.1)
-                continue
-            batch = await self._fetch()
-            if batch:
-                await asyncio.gather(*(self._handle(d) for d in batch))
+        """Keep up to `max_batch_jobs` jobs in flight; fetch as soon as a slot frees."""
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                room = self.config.max_batch_jobs - len(in_flight)
+                if not self._accepting or room <= 0:
+                    if in_flight:
+                        await asyncio.wait(in_flight, timeout=0.1,
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    else:
+                        await asyncio.sleep(0.1)
+                    continue
+                for delivery in await self._fetch(room):
+                    task = asyncio.create_task(self._handle(delivery))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+        finally:
+            for task in in_flight:
+                task.cancel()
 
-    async def _fetch(self) -> list[JobDelivery]:
+    async def _fetch(self, max_jobs: int) -> list[JobDelivery]:
         """Direct jobs first, then shared ones by priority; block only when idle."""
         batch: list[JobDelivery] = []
         window_s = self.config.batch_window_ms / 1e3
         for consumer in self._consumers:
-            room = self.config.max_batch_jobs - len(batch)
+            room = max_jobs - len(batch)
             if room <= 0:
                 break
             batch += await consumer.fetch(room, timeout_s=0.01)
         if not batch:
-            # Nothing waiting: long-poll the shared normal consumer set, then top up.
-            for consumer in self._consumers[1:]:
-                batch += await consumer.fetch_batch(self.config.max_batch_jobs, _IDLE_FETCH_S /
+            # Nothing waiting: long-poll each consumer in turn, then top up.
+            for consumer in self._consumers:
+                batch += await consumer.fetch_batch(max_jobs, _IDLE_FETCH_S /
                                                     len(self._consumers), window_s)
                 if batch:
                     break
@@ -112,7 +143,8 @@ class PrefillService:
     async def _handle(self, delivery: JobDelivery) -> None:
         job = delivery.job
         tag = f"{job.request_id}:{job.attempt}"
-        if delivery.lease_remaining_s(self.margin_s) <= 0:
+        dequeue_ns = self.core.now_unix_ns()
+        if self._lease_remaining_s(delivery) <= 0:
             self.core.counters.num_expired_jobs += 1
             log.info("job %s: lease expired before prefill; terminated", tag)
             await delivery.term()
@@ -123,20 +155,28 @@ class PrefillService:
         engine = self.core.async_engine
         assert engine is not None
         try:
-            peer_id = await self._connect(job.dest_worker_id)
+            await self._destination(job)  # refuse a stale incarnation before any work
             first_token = await self._prefill(local_id, job)
-            await self._transfer(delivery, peer_id, local_id, first_token)
+            await self._transfer(delivery, local_id, first_token, dequeue_ns)
+        except _Stale as exc:
+            counter = ("num_expired_jobs" if exc.expired else "num_incarnation_mismatches")
+            setattr(self.core.counters, counter, getattr(self.core.counters, counter) + 1)
+            log.warning("job %s (%s) for %s: %s; terminated", tag, job.label, job.dest_worker_id,
+                        exc)
+            await delivery.term()
         except _Retry as exc:
-            if delivery.lease_remaining_s(self.margin_s) > self.config.nak_delay_s:
+            if self._lease_remaining_s(delivery) > self.config.nak_delay_s:
                 log.warning("job %s: %s; retrying later", tag, exc)
                 await delivery.nak(self.config.nak_delay_s)
             else:
                 log.warning("job %s: %s; lease too short to retry, terminated", tag, exc)
                 await delivery.term()
-        except SplitserveError as exc:  # the job itself is bad (validation): never retry
+        except SplitserveError as exc:  # the job itself is bad (_PERMANENT...): never retry
+            self.core.counters.num_rejected_jobs += 1
             log.warning("job %s: rejected: %s", tag, exc)
             await delivery.term()
         except Exception:  # a bug must cost one job, not the worker
+            self.core.counters.num_rejected_jobs += 1
             log.exception("job %s: failed; terminated", tag)
             await delivery.term()
         finally:
@@ -145,13 +185,18 @@ class PrefillService:
             if engine.is_running:
                 engine.call(lambda e: e.release_held(local_id))
 
-    async def _connect(self, worker_id: str) -> str:
-        agent = self.core.agent
-        assert agent is not None
-        descriptor = await self.core.peer_descriptor(worker_id)
+    def _lease_remaining_s(self, delivery: JobDelivery) -> float:
+        return delivery.lease_remaining_s(self.margin_s, self.core.now_unix_ns())
+
+    async def _destination(self, job: PrefillJob) -> WorkerDescriptor:
+        """The destination's registered descriptor, if it is the job's incarnation."""
+        descriptor = await self.core.peer_descriptor(job.dest_worker_id)
         if descriptor is None:
-            raise _Retry(f"destination worker {worker_id} is not registered")
-        return agent.connect(descriptor)  # cached per peer; refused on mismatch
+            raise _Retry(f"destination worker {job.dest_worker_id} is not registered")
+        if descriptor.incarnation != job.dest_incarnation:
+            raise _Stale(f"incarnation {job.dest_incarnation!r} is gone (registered: "
+                         f"{descriptor.incarnation!r})")
+        return descriptor
 
     async def _prefill(self, local_id: str, job: PrefillJob) -> int:
         engine = self.core.async_engine
@@ -166,34 +211,66 @@ class PrefillService:
         # generate() ends when the request finishes; its pages stay held (hold_pages)
         return first_token
 
-    async def _transfer(self, delivery: JobDelivery, peer_id: str, local_id: str,
-                        first_token: int) -> None:
+    async def _transfer(self, delivery: JobDelivery, local_id: str, first_token: int,
+                        dequeue_ns: int) -> None:
         job = delivery.job
         engine, agent = self.core.async_engine, self.core.agent
         assert engine is not None and agent is not None
         ps = engine.engine.config.page_size
         pages = await engine.call(lambda e: e.held_pages(local_id))
         local_pages = pages[job.num_cached_tokens // ps: -(-len(job.token_ids) // ps)]
-        remaining_s = delivery.lease_remaining_s(self.margin_s)
+        checksums = (await engine.call(lambda e: page_checksums(e.pool.tensor, local_pages))
+                     if job.want_checksums else [])
+        descriptor = await self._destination(job)  # the decode worker may have restarted
+        remaining_s = self._lease_remaining_s(delivery)
         if remaining_s <= 0:  # the fence: never post a write after the lease
-            self.core.counters.num_expired_jobs += 1
-            log.info("job %s:%d: lease expired during prefill; terminated", job.request_id,
-                     job.attempt)
-            await delivery.term()
-            return
+            raise _Stale("lease expired during prefill", expired=True)
         ready = KVReady(request_id=job.request_id, attempt=job.attempt, first_token=first_token,
-                        prefill_worker_id=self.core.worker_id,
-                        prefill_end_unix_ns=time.time_ns())
+                        prefill_worker_id=self.core.worker_id, dequeue_time_unix_ns=dequeue_ns,
+                        prefill_end_unix_ns=self.core.now_unix_ns(),
+                        dest_incarnation=job.dest_incarnation, page_checksums=checksums)
         try:
-            await agent.write_pages_async(
-                peer_id, local_pages, list(job.dest_page_ids), encode_kv_ready(ready),
-                job.request_id, timeout_s=min(self.config.transfer_timeout_s, remaining_s))
+            partial = len(job.token_ids) % ps != 0
+            with self._corrupted(local_pages[-1] if partial else None):
+                # No await between connect and the post inside write_pages_async: the
+                # peer written to is the incarnation just checked.
+                peer_id = agent.connect(descriptor)
+                await agent.write_pages_async(
+                    peer_id, local_pages, list(job.dest_page_ids), encode_kv_ready(ready),
+                    job.request_id, timeout_s=min(self.config.transfer_timeout_s, remaining_s))
         except TransferError as exc:
+            if isinstance(exc, _PERMANENT):
+                raise
             raise _Retry(f"transfer failed: {exc}") from exc
         self.core.counters.num_remote_prefills += 1
         await delivery.ack()
-        log.info("job %s:%d: %d tokens prefilled, pages %s → %s on %s", job.request_id,
-                 job.attempt, len(job.token_ids), local_pages, list(job.dest_page_ids), peer_id)
+        log.info("job %s:%d (%s): %d tokens prefilled, pages %s → %s on %s", job.request_id,
+                 job.attempt, job.label, len(job.token_ids), local_pages,
+                 list(job.dest_page_ids), peer_id)
+
+    @contextlib.contextmanager
+    def _corrupted(self, page_id: int | None) -> Iterator[None]:
+        """Test-only (`faults.corrupt_page_every`): on every N-th write whose prompt ends
+        inside a page, flip one byte of that partial page after its checksum, and
+        restore it once written. A partial page is never in this worker's prefix cache,
+        so no other job reads the flipped byte."""
+        every = self.core.config.faults.corrupt_page_every
+        if not every or page_id is None:
+            yield
+            return
+        self._num_jobs += 1
+        if self._num_jobs % every:
+            yield
+            return
+        engine = self.core.engine
+        assert engine is not None
+        data = engine.pool.tensor[page_id].view(-1).view(torch.uint8)
+        original = int(data[0])
+        data[0] = original ^ 0xFF
+        try:
+            yield
+        finally:
+            data[0] = original
 
     async def _heartbeat(self, delivery: JobDelivery) -> None:
         interval_s = self.core.queue_settings.ack_wait_s / 3
@@ -205,3 +282,12 @@ class PrefillService:
 
 class _Retry(Exception):
     """A failure worth another delivery while the lease lasts."""
+
+
+class _Stale(Exception):
+    """The job may no longer be written: its lease is over, or its destination's
+    incarnation is gone. Terminated, never retried (the fence invariant)."""
+
+    def __init__(self, reason: str, expired: bool = False) -> None:
+        super().__init__(reason)
+        self.expired = expired

@@ -1,21 +1,28 @@
 """The decode worker's side of remote prefill: attempts, leases, KVReady, retries.
 
-Life cycle of one remote prefill:
-1. attempt 1: reserve landing pages (cached prefix + the rest of the prompt) and
-   publish a `PrefillJob` (Msg-Id request:attempt) whose lease deadline bounds it;
-2. the `KVReady` of the current attempt arrives in time: the engine copies the
-   prompt's partial last page and starts decoding after the first token;
-3. no KVReady by the deadline, a publish failure, a rejected KVReady, or a prefill
-   worker leaving the registry while the attempt waits (deregistered, or its TTL
-   expired after a crash): the attempt has failed. Its landing pages stay
-   quarantined until its lease has expired (the fence invariant), then:
-   - a new attempt on *fresh* landing pages, re-published, when attempts remain
-     (`routing.max_remote_attempts`), a prefill worker is registered, the broker
-     took the last publish and the offload policy still says remote;
+Life cycle of one remote prefill (the decisions are `routing.attempts.RemoteAttempts`;
+this module carries them out):
+1. attempt 1: reserve landing pages (cached prefix + the rest of the prompt + the
+   page that will own the partial last one) and publish a `PrefillJob` naming this
+   worker's incarnation, under a lease; Msg-Id = <internal id>:<attempt>, where the
+   internal id is this worker's own (the caller's request id is only a label);
+2. the `KVReady` of the current attempt arrives in time, for this incarnation: the
+   engine checks the page checksums (`kv_checksum`), copies the partial last page
+   and starts decoding after the first token;
+3. the attempt fails: no KVReady by the deadline, a refused or duplicate publish, a
+   rejected KVReady, a checksum mismatch, a failed accept, or a prefill worker
+   leaving the registry while the attempt waits. Its landing pages stay quarantined
+   until its lease has expired (the fence invariant), then:
+   - a new attempt on *fresh* landing pages, re-published, when the machine says
+     RETRY (attempts remain, a usable prefill worker is registered, the policy
+     still says remote, the failure is not the broker's);
    - otherwise a local prefill in this worker's engine.
 Which prefill worker took a job is not known before its KVReady, so any prefill
 worker leaving fails every waiting attempt: with several workers a crash costs a few
 redundant attempts, never a wrong token (stale KVReady are ignored, pages fenced).
+Prefill workers whose clock is provably off by more than the skew margin (measured
+from KVReady timestamps) get no jobs: jobs then go to a healthy worker's direct
+subject, or stay local.
 """
 
 from __future__ import annotations
@@ -23,25 +30,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
+from functools import partial
 
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.llm_engine import Engine
-from splitserve.engine.remote_prefill import LandingPlan
-from splitserve.engine.sampling import SamplingParams
-from splitserve.queue.errors import MalformedMessage, PublishFailed
+from splitserve.engine.remote_prefill import AcceptRefusal, LandingPlan, PageVerifier
+from splitserve.ingress import GenerateRequest
+from splitserve.queue.errors import DuplicateJob, MalformedMessage, PublishFailed
 from splitserve.queue.messages import decode_kv_ready
-from splitserve.queue.subjects import STREAM_PREFILL
 from splitserve.queue.work_queue import publish_job
+from splitserve.routing.attempts import Failure, Next, RemoteAttempts, RetryContext
+from splitserve.routing.clock import ClockOffsets
 from splitserve.routing.offload import should_offload_prefill
-from splitserve.rpc.jobs_pb2 import PrefillJob
-from splitserve.rpc.worker_pb2 import WorkerDescriptor
-from splitserve.worker.core import WorkerCore, logged_task
-from splitserve.worker.ingress import GenerateRequest
+from splitserve.rpc.jobs_pb2 import KVReady, PrefillJob
+from splitserve.transfer.checksum import ChecksumCountMismatch, verify_page_checksums
+from splitserve.worker.core import WorkerCore, logged_task, parse_descriptor
+from splitserve.worker.queue_depth import QueueDepth
 
 log = logging.getLogger(__name__)
 
-_QUEUE_DEPTH_POLL_S = 0.25
+
+class PrefillPath(Enum):
+    REMOTE = "remote"  # decoding started on landed pages
+    LOCAL = "local"  # queued for a local prefill after failed attempts
+    NONE = "none"  # no room for landing pages now; not in the engine
 
 
 class PrefillWorkerGone(Exception):
@@ -51,16 +66,14 @@ class PrefillWorkerGone(Exception):
 
 @dataclass
 class _Waiting:
-    attempt: int
-    kv_ready: asyncio.Future[int]  # resolves to the first token
+    attempts: RemoteAttempts
+    kv_ready: asyncio.Future[KVReady]
+    publish_unix_ns: int = 0
 
 
 @dataclass(frozen=True)
 class RemoteOutcome:
-    """prefill: "remote" (decoding started), "local" (queued for a local prefill
-    after failed attempts) or "none" (no landing pages now; not in the engine)."""
-
-    prefill: str
+    path: PrefillPath
     num_attempts: int
 
 
@@ -68,14 +81,16 @@ class RemotePrefillClient:
     def __init__(self, core: WorkerCore, engine: AsyncEngine) -> None:
         self.core = core
         self.engine = engine
-        self.prefill_queue_depth = 0  # jobs queued or in progress, polled from the broker
+        self.depth = QueueDepth(core)
         self.live_prefill_ids: set[str] = set()  # from the registry watch
-        self._waiting: dict[str, _Waiting] = {}
+        self._incarnations: dict[str, str] = {}  # prefill worker → registered incarnation
+        self.clocks = ClockOffsets()
+        self._waiting: dict[str, _Waiting] = {}  # internal request id → its attempt
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         self._tasks = [logged_task(self._receive_notifications(), "kv-ready receiver"),
-                       logged_task(self._poll_queue_depth(), "queue depth poller"),
+                       logged_task(self.depth.poll_forever(), "queue depth poller"),
                        logged_task(self._watch_prefill_workers(), "prefill worker watch")]
 
     async def stop(self) -> None:
@@ -90,7 +105,7 @@ class RemotePrefillClient:
     @property
     def queue_depth(self) -> int:
         """The broker's count lags by up to one poll; our own waiting jobs are exact."""
-        return max(self.prefill_queue_depth, len(self._waiting))
+        return max(self.depth.value, len(self._waiting))
 
     @property
     def decode_load(self) -> float:
@@ -98,105 +113,165 @@ class RemotePrefillClient:
         engine = self.engine.engine
         return len(engine.scheduler.running) / engine.config.max_num_seqs
 
+    def usable_prefill_ids(self) -> list[str]:
+        """Registered prefill workers whose clock is not provably off by the margin."""
+        margin_s = self.core.config.lease.skew_margin_s
+        return sorted(w for w in self.live_prefill_ids if not self.clocks.is_excluded(w, margin_s))
+
     def should_offload(self, effective_len: int, priority: str) -> bool:
-        return should_offload_prefill(self.core.config.routing, effective_len,
-                                      self.queue_depth, self.decode_load, priority)
+        """Never while no usable prefill worker is registered (the job would wait out a
+        whole lease for nobody)."""
+        return bool(self.usable_prefill_ids()) and should_offload_prefill(
+            self.core.config.routing, effective_len, self.queue_depth, self.decode_load,
+            priority)
 
     # --- attempts --------------------------------------------------------------------
     async def prefill(self, request_id: str, prompt: list[int], request: GenerateRequest,
                       effective_len: int) -> RemoteOutcome:
-        attempt = 1
-        plan, waiting, deadline_unix = await self._reserve(request_id, attempt, prompt,
-                                                           request.params)
+        """`request_id` is the internal id (engine sequence, job, KVReady)."""
+        lease_s = self._lease_s(prompt)
+        attempts = RemoteAttempts.start(self.core.config.routing.max_remote_attempts,
+                                        time.monotonic(), lease_s)
+        release_at = time.monotonic() + lease_s + self.core.config.lease.skew_margin_s
+        plan = await self._reserve(request_id, attempts, lambda e: e.reserve_remote(
+            request_id, prompt, request.params, 1, release_at))
         if plan is None:
-            return RemoteOutcome("none", 0)
+            return RemoteOutcome(PrefillPath.NONE, 0)
         while True:
-            reason, may_retry = await self._run_attempt(request_id, prompt, request, plan,
-                                                        deadline_unix, waiting)
-            if reason is None:
+            failure = await self._run_attempt(request_id, prompt, request, plan)
+            if failure is None:
+                attempts.accepted()
                 self.core.counters.num_remote_prefills += 1
-                return RemoteOutcome("remote", attempt)
+                return RemoteOutcome(PrefillPath.REMOTE, attempts.attempt)
             self.core.counters.num_fallbacks += 1
-            if may_retry and self._may_retry(attempt, effective_len, request.priority):
-                plan, waiting, deadline_unix = await self._reserve(request_id, attempt + 1,
-                                                                   prompt, request.params)
+            context = RetryContext(bool(self.usable_prefill_ids()),
+                                   self.should_offload(effective_len, request.priority))
+            if attempts.failed(failure, context) is Next.RETRY:
+                lease_s = self._lease_s(prompt)
+                release_at = time.monotonic() + lease_s + self.core.config.lease.skew_margin_s
+                attempt = attempts.attempt + 1
+                plan = await self._reserve(request_id, attempts, partial(
+                    Engine.retry_remote, request_id=request_id, attempt=attempt,
+                    release_at=release_at))
                 if plan is not None:
-                    attempt += 1
-                    log.warning("request %s attempt %d failed: %s; re-published as attempt "
-                                "%d on landing pages %s", request_id, attempt - 1, reason,
-                                attempt, plan.landing_page_ids)
+                    attempts.reserved(time.monotonic(), lease_s)
+                    log.warning("request %s (%s) attempt %d failed: %s; re-published as "
+                                "attempt %d on landing pages %s", request_id, request.request_id,
+                                attempt - 1, failure.value, attempt, plan.landing_page_ids)
                     continue
-                # retry_remote found no room for new landing pages: queued locally
+                attempts.no_room()  # retry_remote queued a local prefill instead
             else:
                 await self.engine.call(lambda e: e.fallback_remote(request_id))
-            log.warning("request %s attempt %d failed: %s; prefilling locally (earlier "
-                        "landing pages quarantined)", request_id, attempt, reason)
+            log.warning("request %s (%s) attempt %d failed: %s; prefilling locally (landing "
+                        "pages quarantined)", request_id, request.request_id, attempts.attempt,
+                        failure.value)
             self.core.counters.num_local_prefills += 1
-            return RemoteOutcome("local", attempt + 1)
+            return RemoteOutcome(PrefillPath.LOCAL, attempts.num_attempts)
 
-    async def _reserve(self, request_id: str, attempt: int, prompt: list[int],
-                       params: SamplingParams) -> tuple[LandingPlan | None, _Waiting, float]:
-        """Landing pages for `attempt` under a fresh lease (attempt 1 reserves them, a
-        later one retries on fresh pages): (plan or None, where its KVReady will arrive,
-        unix lease deadline). The attempt counts as queued from before the first
-        await, so concurrent offload decisions see it."""
-        waiting = self._register(request_id, attempt)
-        release_at, deadline_unix = self._lease(prompt)
-
-        def reserve(engine: Engine) -> LandingPlan | None:
-            if attempt == 1:
-                return engine.reserve_remote(request_id, prompt, params, attempt, release_at)
-            return engine.retry_remote(request_id, attempt, release_at)
-
+    async def _reserve(self, request_id: str, attempts: RemoteAttempts,
+                       reserve: Callable[[Engine], LandingPlan | None]
+                       ) -> LandingPlan | None:
+        """Landing pages for the next attempt (None: no room, nothing pending). The
+        attempt counts as queued from before the first await, so concurrent offload
+        decisions see it."""
+        waiting = _Waiting(attempts, asyncio.get_running_loop().create_future())
+        self._waiting[request_id] = waiting
         plan: LandingPlan | None = None
         try:
             plan = await self.engine.call(reserve)
         finally:
             if plan is None:  # no room, or cancelled (the client went away)
                 self._forget(request_id)
-        return plan, waiting, deadline_unix
+        return plan
 
     async def _run_attempt(self, request_id: str, prompt: list[int], request: GenerateRequest,
-                           plan: LandingPlan, deadline_unix: float, waiting: _Waiting
-                           ) -> tuple[str | None, bool]:
-        """Publish one attempt and wait for its KVReady. (None, _) when decoding
-        started; otherwise (why it failed, whether a new remote attempt makes sense)."""
+                           plan: LandingPlan) -> Failure | None:
+        """Publish one attempt, wait for its KVReady and accept it: None when decoding
+        started, else why the attempt failed."""
+        waiting = self._waiting[request_id]
         try:
-            job = _prefill_job(request_id, prompt, request, plan, self.core.worker_id,
-                               int(deadline_unix * 1e9))
-            assert self.core.broker is not None
-            lease_s = deadline_unix - time.time()
-            await publish_job(self.core.broker.js, job, retry_for_s=lease_s / 4)
-            first_token = await asyncio.wait_for(waiting.kv_ready,
-                                                 timeout=deadline_unix - time.time())
-            out = await self.engine.call(
-                lambda e: e.accept_remote(request_id, plan.attempt, first_token),
-                dispatch=True)
-            return (None, False) if out is not None else ("KVReady rejected", True)
+            ready = await self._publish_and_wait(request_id, prompt, request, plan, waiting)
         except TimeoutError:
-            return "no KVReady within the lease", True
-        except PublishFailed as exc:
-            return f"publish failed: {exc}", False  # the broker is in trouble: stay local
-        except PrefillWorkerGone as exc:
-            return str(exc), True
+            return Failure.LEASE_EXPIRED
+        except DuplicateJob:
+            self.core.counters.num_duplicate_publishes += 1
+            return Failure.DUPLICATE_PUBLISH
+        except PublishFailed:
+            return Failure.PUBLISH_FAILED
+        except PrefillWorkerGone:
+            return Failure.WORKER_GONE
         finally:
             self._forget(request_id)
+        verify = self._verifier(ready) if self.core.config.kv_checksum else None
+        try:
+            out = await self.engine.call(lambda e: e.accept_remote(
+                request_id, plan.attempt, ready.first_token, verify), dispatch=True)
+        except Exception:  # the attempt fails; its pages stay fenced
+            log.exception("request %s attempt %d: accepting KVReady failed", request_id,
+                          plan.attempt)
+            self.core.counters.num_accept_failures += 1
+            return Failure.ACCEPT_FAILED
+        if out is AcceptRefusal.CHECKSUM_MISMATCH:
+            self.core.counters.num_checksum_failures += 1
+            return Failure.CHECKSUM_MISMATCH
+        if isinstance(out, AcceptRefusal):
+            log.warning("request %s attempt %d: KVReady refused: %s", request_id, plan.attempt,
+                        out.value)
+            return Failure.REFUSED
+        return None
 
-    def _may_retry(self, attempt: int, effective_len: int, priority: str) -> bool:
-        if attempt >= self.core.config.routing.max_remote_attempts or not self.live_prefill_ids:
-            return False
-        return self.should_offload(effective_len, priority)
+    async def _publish_and_wait(self, request_id: str, prompt: list[int],
+                                request: GenerateRequest, plan: LandingPlan,
+                                waiting: _Waiting) -> KVReady:
+        lease_s = waiting.attempts.remaining_s(time.monotonic())
+        waiting.publish_unix_ns = self.core.now_unix_ns()
+        job = self._job(request_id, prompt, request, plan,
+                        waiting.publish_unix_ns + int(lease_s * 1e9), waiting.publish_unix_ns)
+        assert self.core.broker is not None
+        await publish_job(self.core.broker.js, job, prefill_worker_id=self._direct_target(),
+                          retry_for_s=lease_s / 4)
+        return await asyncio.wait_for(
+            waiting.kv_ready, timeout=waiting.attempts.remaining_s(time.monotonic()))
 
-    def _lease(self, prompt: list[int]) -> tuple[float, float]:
-        """(monotonic time the landing pages may be reused, unix lease deadline)."""
+    def _direct_target(self) -> str | None:
+        """None (the shared subject) unless some prefill worker is excluded for clock
+        skew: then one of the usable workers' direct subject."""
+        usable = self.usable_prefill_ids()
+        if len(usable) == len(self.live_prefill_ids) or not usable:
+            return None
+        return usable[len(self._waiting) % len(usable)]
+
+    def _verifier(self, ready: KVReady) -> PageVerifier:
+        checksums = list(ready.page_checksums)
+
+        def verify(page_ids: list[int]) -> bool:
+            engine = self.engine.engine  # runs on the engine thread (inside accept)
+            try:
+                return not verify_page_checksums(engine.pool.tensor, page_ids, checksums)
+            except ChecksumCountMismatch:  # none sent, or for other pages: not intact
+                return False
+
+        return verify
+
+    def _job(self, request_id: str, prompt: list[int], request: GenerateRequest,
+             plan: LandingPlan, deadline_unix_ns: int, publish_unix_ns: int) -> PrefillJob:
+        p = request.params
+        sampling = PrefillJob.SamplingParams(
+            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=p.max_tokens,
+            stop_token_ids=list(p.stop_token_ids))
+        if p.seed is not None:
+            sampling.seed = p.seed
+        return PrefillJob(
+            request_id=request_id, attempt=plan.attempt, token_ids=prompt, sampling=sampling,
+            priority=request.priority, dest_worker_id=self.core.worker_id,
+            dest_page_ids=plan.landing_page_ids, num_cached_tokens=plan.num_cached_tokens,
+            lease_deadline_unix_ns=deadline_unix_ns, publish_time_unix_ns=publish_unix_ns,
+            dest_incarnation=self.core.incarnation, label=request.request_id,
+            want_checksums=self.core.config.kv_checksum)
+
+    def _lease_s(self, prompt: list[int]) -> float:
         lease = self.core.config.lease
-        lease_s = lease.base_s + lease.per_token_ms * len(prompt) / 1e3
-        return time.monotonic() + lease_s + lease.skew_margin_s, time.time() + lease_s
-
-    def _register(self, request_id: str, attempt: int) -> _Waiting:
-        waiting = _Waiting(attempt, asyncio.get_running_loop().create_future())
-        self._waiting[request_id] = waiting
-        return waiting
+        return lease.base_s + lease.per_token_ms * len(prompt) / 1e3
 
     def _forget(self, request_id: str) -> None:
         waiting = self._waiting.pop(request_id, None)
@@ -210,17 +285,30 @@ class RemotePrefillClient:
         while True:
             for peer, payload in await agent.wait_notifications(timeout_s=1.0):
                 try:
-                    ready = decode_kv_ready(payload)
+                    self._on_kv_ready(decode_kv_ready(payload))
                 except MalformedMessage as exc:
                     log.warning("malformed notification from %s: %s", peer, exc)
-                    continue
-                waiting = self._waiting.get(ready.request_id)
-                if waiting is None or waiting.attempt != ready.attempt or waiting.kv_ready.done():
-                    self.core.counters.num_stale_notifications += 1
-                    log.info("request %s attempt %d: stale KVReady from %s ignored",
-                             ready.request_id, ready.attempt, ready.prefill_worker_id)
-                    continue
-                waiting.kv_ready.set_result(ready.first_token)
+
+    def _on_kv_ready(self, ready: KVReady) -> None:
+        counters = self.core.counters
+        if ready.dest_incarnation != self.core.incarnation:
+            counters.num_incarnation_mismatches += 1
+            log.warning("request %s attempt %d: KVReady from %s for incarnation %r (ours is "
+                        "%s) ignored", ready.request_id, ready.attempt, ready.prefill_worker_id,
+                        ready.dest_incarnation, self.core.incarnation)
+            return
+        waiting = self._waiting.get(ready.request_id)
+        if waiting is not None and waiting.attempts.attempt == ready.attempt:
+            self.clocks.observe(ready.prefill_worker_id, waiting.publish_unix_ns,
+                                ready.dequeue_time_unix_ns, ready.prefill_end_unix_ns,
+                                self.core.now_unix_ns())
+        if (waiting is None or waiting.kv_ready.done()
+                or not waiting.attempts.kv_ready(ready.attempt, time.monotonic())):
+            counters.num_stale_notifications += 1
+            log.info("request %s attempt %d: stale KVReady from %s ignored",
+                     ready.request_id, ready.attempt, ready.prefill_worker_id)
+            return
+        waiting.kv_ready.set_result(ready)
 
     async def _watch_prefill_workers(self) -> None:
         registry, broker = self.core.registry, self.core.broker
@@ -231,36 +319,14 @@ class RemotePrefillClient:
                 continue
             worker_id, data = event
             if data is not None:
-                if WorkerDescriptor.FromString(data).role == "prefill":
+                descriptor = parse_descriptor(worker_id, data)
+                if descriptor is not None and descriptor.role == "prefill":
                     self.live_prefill_ids.add(worker_id)
+                    if self._incarnations.get(worker_id) != descriptor.incarnation:
+                        self.clocks.forget(worker_id)  # restarted: measure its clock anew
+                        self._incarnations[worker_id] = descriptor.incarnation
             elif worker_id in self.live_prefill_ids:
                 self.live_prefill_ids.discard(worker_id)
                 for waiting in self._waiting.values():
                     if not waiting.kv_ready.done():
                         waiting.kv_ready.set_exception(PrefillWorkerGone(worker_id))
-
-    async def _poll_queue_depth(self) -> None:
-        assert self.core.broker is not None
-        while True:
-            try:
-                info = await self.core.broker.js.stream_info(STREAM_PREFILL)
-                self.prefill_queue_depth = int(info.state.messages)
-            except Exception as exc:  # noqa: BLE001 (broker down: treat the queue as full)
-                self.prefill_queue_depth = 1 << 30
-                log.debug("prefill queue depth unavailable: %r", exc)
-            await asyncio.sleep(_QUEUE_DEPTH_POLL_S)
-
-
-def _prefill_job(request_id: str, prompt: list[int], request: GenerateRequest,
-                 plan: LandingPlan, worker_id: str, deadline_unix_ns: int) -> PrefillJob:
-    p: SamplingParams = request.params
-    sampling = PrefillJob.SamplingParams(
-        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=p.max_tokens,
-        stop_token_ids=list(p.stop_token_ids))
-    if p.seed is not None:
-        sampling.seed = p.seed
-    return PrefillJob(
-        request_id=request_id, attempt=plan.attempt, token_ids=prompt, sampling=sampling,
-        priority=request.priority, dest_worker_id=worker_id,
-        dest_page_ids=plan.landing_page_ids, num_cached_tokens=plan.num_cached_tokens,
-        lease_deadline_unix_ns=deadline_unix_ns)

@@ -1,5 +1,8 @@
 """What a generation request is once it has left the wire, and what comes back.
 
+A neutral module: `control/` (the servicers) and the roles (`worker/`, later the
+router) both import it, so `control/` imports no process layer.
+
 `control/` turns protobuf into a `GenerateRequest`; a `GenerationService` (the
 decode role) turns it into `GenerationChunk`s. Errors are raised as the typed
 errors of `engine.errors` / `splitserve.errors`; `control/` maps them to status codes.
@@ -8,7 +11,7 @@ errors of `engine.errors` / `splitserve.errors`; `control/` maps them to status 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,6 +22,7 @@ from splitserve.model.tokenizer import ChatTemplateError, Tokenizer
 
 MAX_PROMPT_CHARS = 1 << 20  # 1 MiB of text; far beyond any context length served here
 MAX_REQUEST_ID_CHARS = 128
+_REQUEST_ID_RESERVED = frozenset(".*>:")  # NATS subject syntax; the job-id separator
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,18 @@ def new_request_id() -> str:
 
 
 def check_request_id(request_id: str) -> str:
+    """The caller's id, or a new one when it is empty.
+
+    It becomes gRPC metadata (printable ASCII only: "é" would fail there with
+    INTERNAL after the call started) and a NATS subject token (no '.', '*', '>'),
+    and ':' separates it from the attempt number in job ids.
+    """
     if not request_id:
         return new_request_id()
-    if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable() or any(
-            c in request_id for c in " .*>:"):
-        raise InvalidRequest("request_id", "request_id must be at most 128 printable characters "
-                             "without spaces, '.', '*', '>' or ':'")
+    if len(request_id) > MAX_REQUEST_ID_CHARS or any(
+            not 33 <= ord(c) <= 126 or c in _REQUEST_ID_RESERVED for c in request_id):
+        raise InvalidRequest("request_id", f"request_id must be at most {MAX_REQUEST_ID_CHARS} "
+                             "printable ASCII characters without spaces, '.', '*', '>' or ':'")
     return request_id
 
 
@@ -94,3 +104,13 @@ def tokenize(tokenizer: Tokenizer, request: GenerateRequest) -> list[int]:
         except ChatTemplateError as exc:
             raise InvalidRequest("chat", str(exc)) from exc
     return tokenizer.encode(text)
+
+
+def prepare_prompt(tokenizer: Tokenizer, validate: Callable[[list[int], SamplingParams], None],
+                   request: GenerateRequest) -> list[int]:
+    """`tokenize`, then `validate(prompt, params)` (e.g. `Engine.validate`): the per-token
+    work of admitting a request, which for a long prompt takes long enough to stall the
+    event loop; run it with `asyncio.to_thread`. Raises InvalidRequest."""
+    prompt = tokenize(tokenizer, request)
+    validate(prompt, request.params)
+    return prompt
