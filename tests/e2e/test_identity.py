@@ -138,9 +138,13 @@ def test_duplicate_caller_id_gets_already_exists_and_the_first_finishes(
         s = status(decode.address)
         assert int(s["counters"]["num_duplicate_ids"]) == 1
         assert int(s["counters"].get("num_requests_finished", 0)) == 1
-        # the id is free again once the first request finished
+        # The id is free again once the first request finished, and its job is not
+        # mistaken for the first one's (Msg-Ids use the internal id: reusing a caller id
+        # within the broker's duplicate window used to drop the job and wait a lease).
         tokens, last = generate(decode.address, long_prompt[:50], 4, request_id="same-id")
         assert len(tokens) == 4 and last.request_id == "same-id"
+        assert (last.timing.prefill, last.timing.num_attempts) == ("remote", 1)
+        assert int(status(decode.address)["counters"].get("num_duplicate_publishes", 0)) == 0
         wait_no_leaks(decode.address)
     finally:
         stop_daemons(daemons)

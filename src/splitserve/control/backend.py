@@ -37,6 +37,7 @@ class StatusCounters:
     num_duplicate_publishes: int = 0
     num_accept_failures: int = 0
     num_rejected_jobs: int = 0
+    num_clock_skew_jobs: int = 0
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ class GetStatusRequest(_message.Message):
 class GetStatusResponse(_message.Message):
     __slots__ = ("role", "worker_id", "config_hash", "state", "num_pages_used", "num_pages_free", "num_pages_quarantined", "num_pages_total", "num_waiting", "num_running", "num_in_flight", "counters", "config_reload_error", "uptime_s", "model_fingerprint", "incarnation", "peer_clocks")
     class Counters(_message.Message):
-        __slots__ = ("num_local_prefills", "num_remote_prefills", "num_transfers", "num_transfer_failures", "num_fallbacks", "num_rejects", "num_requests_finished", "num_expired_jobs", "num_stale_notifications", "num_incarnation_mismatches", "num_checksum_failures", "num_duplicate_ids", "num_duplicate_publishes", "num_accept_failures", "num_rejected_jobs")
+        __slots__ = ("num_local_prefills", "num_remote_prefills", "num_transfers", "num_transfer_failures", "num_fallbacks", "num_rejects", "num_requests_finished", "num_expired_jobs", "num_stale_notifications", "num_incarnation_mismatches", "num_checksum_failures", "num_duplicate_ids", "num_duplicate_publishes", "num_accept_failures", "num_rejected_jobs", "num_clock_skew_jobs")
         NUM_LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
         NUM_REMOTE_PREFILLS_FIELD_NUMBER: _ClassVar[int]
         NUM_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class GetStatusResponse(_message.Message):
         NUM_DUPLICATE_PUBLISHES_FIELD_NUMBER: _ClassVar[int]
         NUM_ACCEPT_FAILURES_FIELD_NUMBER: _ClassVar[int]
         NUM_REJECTED_JOBS_FIELD_NUMBER: _ClassVar[int]
+        NUM_CLOCK_SKEW_JOBS_FIELD_NUMBER: _ClassVar[int]
         num_local_prefills: int
         num_remote_prefills: int
         num_transfers: int
@@ -54,7 +55,8 @@ class GetStatusResponse(_message.Message):
         num_duplicate_publishes: int
         num_accept_failures: int
         num_rejected_jobs: int
-        def __init__(self, num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_transfers: _Optional[int] = ..., num_transfer_failures: _Optional[int] = ..., num_fallbacks: _Optional[int] = ..., num_rejects: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_expired_jobs: _Optional[int] = ..., num_stale_notifications: _Optional[int] = ..., num_incarnation_mismatches: _Optional[int] = ..., num_checksum_failures: _Optional[int] = ..., num_duplicate_ids: _Optional[int] = ..., num_duplicate_publishes: _Optional[int] = ..., num_accept_failures: _Optional[int] = ..., num_rejected_jobs: _Optional[int] = ...) -> None: ...
+        num_clock_skew_jobs: int
+        def __init__(self, num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_transfers: _Optional[int] = ..., num_transfer_failures: _Optional[int] = ..., num_fallbacks: _Optional[int] = ..., num_rejects: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_expired_jobs: _Optional[int] = ..., num_stale_notifications: _Optional[int] = ..., num_incarnation_mismatches: _Optional[int] = ..., num_checksum_failures: _Optional[int] = ..., num_duplicate_ids: _Optional[int] = ..., num_duplicate_publishes: _Optional[int] = ..., num_accept_failures: _Optional[int] = ..., num_rejected_jobs: _Optional[int] = ..., num_clock_skew_jobs: _Optional[int] = ...) -> None: ...
     class PeerClock(_message.Message):
         __slots__ = ("worker_id", "offset_min_ms", "offset_max_ms", "excluded")
         WORKER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,7 @@ class WorkerCounters:
     num_duplicate_publishes: int = 0  # decode: the broker already had the job
     num_accept_failures: int = 0  # decode: KVReady arrived, taking the pages failed
     num_rejected_jobs: int = 0  # prefill: terminated for a permanent error
+    num_clock_skew_jobs: int = 0  # prefill: terminated, our clock is behind the job's
     ttft_ms: list[float] = field(default_factory=list)  # last window, for stats
 
 

@@ -5,7 +5,10 @@ Life cycle of a job:
    one of `max_batch_jobs` slots is free, in a short adaptive batching window; each
    job then runs on its own, so one slow destination never holds up the others;
 2. lease checked: a job whose deadline (minus the skew margin) has passed is
-   `term`-ed, never processed — the decode worker may already reuse its pages;
+   `term`-ed, never processed — the decode worker may already reuse its pages; so is
+   every job of a decode worker whose clock this worker's is provably behind by more
+   than the margin (dequeue time − publish time, the tightest of the last 32 jobs,
+   is below −margin): its lease checks would run late;
 3. the destination's current `WorkerDescriptor` is read from the registry; a job
    for another incarnation than the registered one (the decode worker restarted,
    same id or not) is `term`-ed: its pages now belong to someone else;
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Iterator
 
 import torch
@@ -54,6 +58,7 @@ from splitserve.worker.core import WorkerCore, logged_task
 log = logging.getLogger(__name__)
 
 _IDLE_FETCH_S = 0.5
+_CLOCK_WINDOW = 32  # jobs per destination kept for the clock check
 # The job or the destination is wrong, not the moment: another delivery fails the same way.
 _PERMANENT = (InvalidPageIds, DescriptorMismatch, InvalidDescriptor)
 
@@ -66,6 +71,9 @@ class PrefillService:
         self._accepting = True
         self.num_in_flight = 0
         self._num_jobs = 0  # jobs handled, for the test-only corrupt_page_every
+        # per destination incarnation: dequeue − publish time of recent jobs (ns), an
+        # upper bound of (our clock − theirs) each
+        self._clock_samples: dict[str, deque[int]] = {}
 
     # Read from the core at use time: a config reload swaps `core.config`.
     @property
@@ -144,6 +152,14 @@ class PrefillService:
         job = delivery.job
         tag = f"{job.request_id}:{job.attempt}"
         dequeue_ns = self.core.now_unix_ns()
+        behind_s = self._clock_behind_s(job, dequeue_ns)
+        if behind_s > self.margin_s:
+            self.core.counters.num_clock_skew_jobs += 1
+            log.warning("job %s for %s: this worker's clock is at least %.3f s behind the "
+                        "destination's (skew margin %.3f s); terminated", tag,
+                        job.dest_worker_id, behind_s, self.margin_s)
+            await delivery.term()
+            return
         if self._lease_remaining_s(delivery) <= 0:
             self.core.counters.num_expired_jobs += 1
             log.info("job %s: lease expired before prefill; terminated", tag)
@@ -184,6 +200,16 @@ class PrefillService:
             self.num_in_flight -= 1
             if engine.is_running:
                 engine.call(lambda e: e.release_held(local_id))
+
+    def _clock_behind_s(self, job: PrefillJob, dequeue_ns: int) -> float:
+        """How far our clock is provably behind the job's decode worker (≥ 0 s): the
+        job waited ≥ 0 s in the queue, so theirs − ours ≥ publish − dequeue."""
+        if job.publish_time_unix_ns <= 0:
+            return 0.0
+        key = f"{job.dest_worker_id}/{job.dest_incarnation}"
+        window = self._clock_samples.setdefault(key, deque(maxlen=_CLOCK_WINDOW))
+        window.append(dequeue_ns - job.publish_time_unix_ns)
+        return max(0.0, -min(window) / 1e9)
 
     def _lease_remaining_s(self, delivery: JobDelivery) -> float:
         return delivery.lease_remaining_s(self.margin_s, self.core.now_unix_ns())
