@@ -58,7 +58,10 @@ def test_expiry_is_reported_only_while_waiting_and_after_the_deadline() -> None:
     assert not m.expired(200.0)
 
 
-@pytest.mark.parametrize("failure", [f for f in Failure if f is not Failure.PUBLISH_FAILED])
+NOT_RETRYABLE = (Failure.PUBLISH_FAILED, Failure.ACCEPT_FAILED)
+
+
+@pytest.mark.parametrize("failure", [f for f in Failure if f not in NOT_RETRYABLE])
 def test_retryable_failure_reserves_attempt_two_with_a_fresh_lease(failure: Failure) -> None:
     m = waiting()
     assert m.failed(failure, GO) is Next.RETRY
@@ -69,9 +72,10 @@ def test_retryable_failure_reserves_attempt_two_with_a_fresh_lease(failure: Fail
     assert m.kv_ready(2, 108.0)
 
 
-def test_publish_failure_goes_local_at_once() -> None:
+@pytest.mark.parametrize("failure", NOT_RETRYABLE)
+def test_publish_or_accept_failure_goes_local_at_once(failure: Failure) -> None:
     m = waiting(max_attempts=5)
-    assert m.failed(Failure.PUBLISH_FAILED, GO) is Next.LOCAL
+    assert m.failed(failure, GO) is Next.LOCAL
     assert (m.phase, m.num_attempts, m.done) == (Phase.LOCAL, 2, True)
 
 
@@ -108,10 +112,13 @@ def test_no_room_for_the_next_attempt_goes_local() -> None:
     assert (m.phase, m.attempt, m.num_attempts) == (Phase.LOCAL, 1, 2)
 
 
-def test_accept_failure_after_kv_ready_is_a_failed_attempt() -> None:
+def test_failure_while_accepting_is_a_failed_attempt() -> None:
     m = waiting()
     assert m.kv_ready(1, 101.0)
-    assert m.failed(Failure.ACCEPT_FAILED, GO) is Next.RETRY
+    assert m.failed(Failure.CHECKSUM_MISMATCH, GO) is Next.RETRY
+    m.reserved(102.0, 5.0)
+    assert m.kv_ready(2, 103.0)
+    assert m.failed(Failure.ACCEPT_FAILED, GO) is Next.LOCAL
 
 
 @pytest.mark.parametrize("phase,event", [

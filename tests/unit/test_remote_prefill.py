@@ -256,3 +256,25 @@ def test_checksum_mismatch_keeps_the_attempt_pending_and_fenced(tiny_engine) -> 
     assert decode.fallback_remote("r")  # the caller gives up: pages fenced, local prefill
     assert decode.allocator.num_quarantined_pages == len(plan.landing_page_ids)
     assert run_to_end(decode, "r") == expected
+
+
+def test_failed_accept_changes_nothing_and_the_fallback_fences_the_pages(tiny_engine) -> None:
+    """A copy that raises mid-accept (a fault hook: nothing outside can make it fail)
+    leaves the attempt pending; the caller's fallback quarantines the landing pages."""
+    prompt = list(range(70, 83))  # partial last page: accept copies it
+    [expected] = tiny_engine().generate([prompt], GREEDY)
+    decode, prefill = tiny_engine(num_pages=16), tiny_engine()
+    plan = decode.reserve_remote("r", prompt, GREEDY, attempt=1, release_at=FAR)
+    first = remote_prefill(prefill, decode, "r", prompt, plan)
+
+    def broken_copy(src: int, dst: int) -> None:
+        raise RuntimeError("copy failed")
+
+    decode.remote.copy_page = broken_copy
+    with pytest.raises(RuntimeError):
+        decode.accept_remote("r", 1, first)
+    assert decode.remote.plan("r") is plan and decode.scheduler.running == []
+    assert decode.fallback_remote("r")
+    assert decode.allocator.num_quarantined_pages == len(plan.landing_page_ids)
+    assert decode.allocator.num_used_pages == 0  # the owned page is free again
+    assert run_to_end(decode, "r") == expected

@@ -10,7 +10,8 @@ feeds it events with the current monotonic time and carries out what it decides.
     ACCEPTING ── accepted ──► DECODING (done: remote)
     ACCEPTING ── failure (checksum, accept failed, refused) ──► decide
     WAITING ── failure (worker gone, publish failed, duplicate publish) ──► decide
-    decide: RETRY ──► RESERVING(attempt n+1) when the failure is retryable, attempts
+    decide: RETRY ──► RESERVING(attempt n+1) when the failure is retryable (not a
+            refused publish, not a failed accept), attempts
             remain, a prefill worker is registered and the policy still says remote;
             otherwise ──► LOCAL (done: prefilled in this worker)
     RESERVING ── reserved(now, lease_s) ──► WAITING(attempt n+1, new deadline)
@@ -48,8 +49,9 @@ class Failure(Enum):
 
 
 # A broker that refuses a publish (down, stream full) will likely refuse the next
-# one too: prefill locally at once rather than wait for another lease.
-_NOT_RETRYABLE = frozenset({Failure.PUBLISH_FAILED})
+# one too, and an accept that raised points at this worker, not the transfer:
+# prefill locally at once rather than spend another lease.
+_NOT_RETRYABLE = frozenset({Failure.PUBLISH_FAILED, Failure.ACCEPT_FAILED})
 
 
 class Next(Enum):
