@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
 import pytest
 from cluster import admin_status as status
 from cluster import generate, nats_server, start_daemon, stop_daemons, wait_ready, worker_config
+from nats.js.errors import NoKeysError
 from test_faults import expected_outputs, long_prompts, wait_no_leaks
 
 from splitserve.config.daemon import FaultConfig, LeaseConfig
@@ -140,3 +142,36 @@ def test_prefill_worker_with_a_skewed_clock_gets_no_more_jobs(tmp_path, smollm, 
     finally:
         stop_daemons(daemons)
         broker.stop()
+
+
+def test_engine_thread_death_fails_loudly(tmp_path, smollm) -> None:
+    """The engine thread dies (a test-only fault hook): the in-flight client gets
+    UNAVAILABLE, the worker leaves the registry and exits with status 1, so systemd's
+    Restart=on-failure restarts it."""
+    broker = nats_server(tmp_path)
+    decode = start_daemon(worker_config("decode", "decode-0", broker.url,
+                                        faults=FaultConfig(crash_engine_after_steps=3)),
+                          tmp_path)
+    try:
+        wait_ready([decode])
+        assert asyncio.run(_registered(broker.url)) == ["decode-0"]
+        with pytest.raises(grpc.RpcError) as err:
+            generate(decode.address, smollm.tokenizer.encode("Count to ten."), 16)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert decode.process.wait(timeout=30) == 1
+        assert asyncio.run(_registered(broker.url)) == []
+    finally:
+        stop_daemons([decode])
+        broker.stop()
+
+
+async def _registered(url: str) -> list[str]:
+    broker = await connect(url, name="test")
+    try:
+        kv = await broker.js.key_value(BUCKET_WORKERS)
+        try:
+            return sorted(await kv.keys())
+        except NoKeysError:
+            return []
+    finally:
+        await broker.close()

@@ -93,17 +93,22 @@ class FaultConfig:
       timestamps read it, to simulate clock skew between machines.
     - fail_transfer_every: the prefill worker fails every N-th page write at the
       transfer layer (0: never).
-    - corrupt_page_every: the prefill worker flips a byte of the first written page
-      of every N-th job after computing its checksum (0: never).
+    - corrupt_page_every: the prefill worker flips a byte of the partial last page
+      of every N-th write after computing its checksum (0: never).
+    - crash_engine_after_steps: the engine thread dies in step N+1 (0: never), to test
+      that the worker fails loudly (NOT_SERVING, deregistered, exit status 1).
     """
 
     clock_offset_s: float = 0.0
     fail_transfer_every: int = 0
     corrupt_page_every: int = 0
+    crash_engine_after_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.fail_transfer_every < 0 or self.corrupt_page_every < 0:
-            raise ConfigError("faults", "fail_transfer_every and corrupt_page_every must be >= 0")
+        if min(self.fail_transfer_every, self.corrupt_page_every,
+               self.crash_engine_after_steps) < 0:
+            raise ConfigError("faults", "fail_transfer_every, corrupt_page_every and "
+                              "crash_engine_after_steps must be >= 0")
 
 
 # The WorkerConfig fields (top-level names; every field below them) that a running worker

@@ -94,6 +94,8 @@ class WorkerCore:
         if self.config.cpu_threads:
             engine_config = replace(engine_config, cpu_threads=self.config.cpu_threads)
         self.engine = await asyncio.to_thread(Engine.from_config, engine_config)
+        if self.config.faults.crash_engine_after_steps:
+            _crash_after(self.engine, self.config.faults.crash_engine_after_steps)
         self.async_engine = AsyncEngine(self.engine)
         await self.async_engine.start()
         return self.async_engine
@@ -160,6 +162,18 @@ class WorkerCore:
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
             await publish_stats(self.broker.nc, self.stats())
+
+
+def _crash_after(engine: Engine, num_steps: int) -> None:
+    """Test-only (`faults.crash_engine_after_steps`): step N+1 raises on the engine thread."""
+    step = engine.step
+
+    def crashing_step() -> list[Any]:
+        if engine.num_steps >= num_steps:
+            raise RuntimeError(f"injected engine crash (test-only) after {num_steps} steps")
+        return step()
+
+    engine.step = crashing_step  # type: ignore[method-assign]
 
 
 def parse_descriptor(worker_id: str, data: bytes) -> WorkerDescriptor | None:
