@@ -129,10 +129,13 @@ class RemotePrefillClient:
     async def prefill(self, request_id: str, prompt: list[int], request: GenerateRequest,
                       effective_len: int) -> RemoteOutcome:
         """`request_id` is the internal id (engine sequence, job, KVReady)."""
-        lease_s = self._lease_s(prompt)
-        attempts = RemoteAttempts.start(self.core.config.routing.max_remote_attempts,
-                                        time.monotonic(), lease_s)
-        release_at = time.monotonic() + lease_s + self.core.config.lease.skew_margin_s
+        # One clock reading per attempt: the job's deadline (deadline_s) and the landing
+        # pages' release (release_at = deadline_s + margin) derive from it, so the
+        # quarantine always outlasts the lease by the full margin.
+        lease_s, now = self._lease_s(prompt), time.monotonic()
+        attempts = RemoteAttempts.start(self.core.config.routing.max_remote_attempts, now,
+                                        lease_s)
+        release_at = attempts.deadline_s + self.core.config.lease.skew_margin_s
         plan = await self._reserve(request_id, attempts, lambda e: e.reserve_remote(
             request_id, prompt, request.params, 1, release_at))
         if plan is None:
@@ -147,14 +150,14 @@ class RemotePrefillClient:
             context = RetryContext(bool(self.usable_prefill_ids()),
                                    self.should_offload(effective_len, request.priority))
             if attempts.failed(failure, context) is Next.RETRY:
-                lease_s = self._lease_s(prompt)
-                release_at = time.monotonic() + lease_s + self.core.config.lease.skew_margin_s
+                lease_s, now = self._lease_s(prompt), time.monotonic()
+                release_at = now + lease_s + self.core.config.lease.skew_margin_s
                 attempt = attempts.attempt + 1
                 plan = await self._reserve(request_id, attempts, partial(
                     Engine.retry_remote, request_id=request_id, attempt=attempt,
                     release_at=release_at))
                 if plan is not None:
-                    attempts.reserved(time.monotonic(), lease_s)
+                    attempts.reserved(now, lease_s)
                     log.warning("request %s (%s) attempt %d failed: %s; re-published as "
                                 "attempt %d on landing pages %s", request_id, request.request_id,
                                 attempt - 1, failure.value, attempt, plan.landing_page_ids)
