@@ -173,6 +173,11 @@ class AsyncEngine:
     def _fail_pending(self, exc: EngineStopped) -> None:
         for fut in list(self._pending):
             _set_exception(fut, exc)
+            if not fut.cancelled():
+                # Fire-and-forget calls (aborts on the way out) are never awaited: mark
+                # the error seen so shutdown logs no "exception was never retrieved".
+                # An awaiting caller still gets it raised.
+                fut.exception()
 
     def _drain_commands(self, block: bool) -> None:
         try:
