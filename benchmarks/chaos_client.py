@@ -16,10 +16,11 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
-
 from chaos_workload import Request
+
 from splitserve.rpc import generation_pb2, generation_pb2_grpc
 
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -39,8 +40,10 @@ class Outcome:
     """Everything one logical request received, over all its calls."""
 
     request: Request
-    outputs: list[list[int]] = field(default_factory=list)  # complete outputs
-    partials: list[list[int]] = field(default_factory=list)  # tokens of cut streams
+    # Each stream's chunks (token ids per chunk): complete outputs, and streams cut
+    # before their final chunk.
+    outputs: list[list[list[int]]] = field(default_factory=list)
+    partials: list[list[list[int]]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # status codes, in order
     num_refused: int = 0  # ALREADY_EXISTS answers
     num_incomplete: int = 0  # streams that ended OK without a final chunk
@@ -58,7 +61,7 @@ class Outcome:
 class Stream:
     """One call's chunks, taken apart."""
 
-    tokens: list[int]
+    chunks: list[list[int]]
     complete: bool
     duplicates: list[str]
     misrouted: bool
@@ -67,21 +70,18 @@ class Stream:
 
 
 def read_stream(chunks: list[generation_pb2.GenerateChunk], request: Request) -> Stream:
-    tokens: list[int] = []
     finish = UNFINISHED
     duplicates = []
     last = None
     for i, chunk in enumerate(chunks):
         if finish != UNFINISHED:
             duplicates.append(f"chunk {i} after the final chunk")
-        if i and chunk.token_ids and list(chunk.token_ids) == list(chunks[i - 1].token_ids):
-            duplicates.append(f"chunk {i} repeats chunk {i - 1}")
-        tokens += chunk.token_ids
         if chunk.finish_reason != UNFINISHED:
             finish, last = chunk.finish_reason, chunk
-    if len(tokens) > request.params.max_tokens:
-        duplicates.append(f"{len(tokens)} tokens > max_tokens {request.params.max_tokens}")
-    stream = Stream(tokens, finish in COMPLETE, duplicates,
+    num_tokens = sum(len(c.token_ids) for c in chunks)
+    if num_tokens > request.params.max_tokens:
+        duplicates.append(f"{num_tokens} tokens > max_tokens {request.params.max_tokens}")
+    stream = Stream([list(c.token_ids) for c in chunks], finish in COMPLETE, duplicates,
                     any(c.request_id != request.request_id for c in chunks))
     if last is not None:
         stream.prefill, stream.num_attempts = last.timing.prefill, last.timing.num_attempts
@@ -125,7 +125,7 @@ class Client:
                 except grpc.aio.AioRpcError as exc:
                     outcome.errors.append(exc.code().name)
                     if chunks:
-                        outcome.partials.append(read_stream(chunks, request).tokens)
+                        outcome.partials.append(read_stream(chunks, request).chunks)
                     if exc.code() not in RETRIED:
                         outcome.lost_reason = f"{exc.code().name}: {exc.details()}"
                         return
@@ -139,17 +139,18 @@ class Client:
                     outcome.misrouted |= stream.misrouted
                     outcome.stream_duplicates += stream.duplicates
                     if stream.complete:
-                        outcome.outputs.append(stream.tokens)
+                        outcome.outputs.append(stream.chunks)
                         outcome.prefill = stream.prefill
                         outcome.num_attempts = stream.num_attempts
                         outcome.done_s = time.monotonic()
                         return
                     outcome.num_incomplete += 1
-                    outcome.partials.append(stream.tokens)
+                    outcome.partials.append(stream.chunks)
                 await asyncio.sleep(min(pause_s * random.uniform(0.5, 1.0),
                                         max(0.0, deadline - time.monotonic())))
                 pause_s = min(2 * pause_s, BACKOFF_S[1])
-            outcome.lost_reason = outcome.lost_reason or f"no complete output in {self.deadline_s} s"
+            if not outcome.lost_reason:
+                outcome.lost_reason = f"no complete output in {self.deadline_s} s"
         finally:
             outcome.finished.set()
 
@@ -206,8 +207,8 @@ async def drive(client: Client, requests: list[Request], concurrency: int, gate_
             outcome = outcomes[id(request)]
             has_twin = request.request_id in duplicate_of
             await client.run(request, outcome,
-                             on_first_chunk=(lambda o=outcome: start_duplicate(o))
-                             if has_twin else None)
+                             on_first_chunk=partial(start_duplicate, outcome) if has_twin
+                             else None)
             if has_twin:  # no-op unless the original never streamed: send it now
                 start_duplicate(outcome)
             await progress.done()

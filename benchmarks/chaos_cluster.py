@@ -21,11 +21,12 @@ from pathlib import Path
 import grpc
 import nats
 import yaml
+from nats.js.api import StreamInfo
 
 from splitserve.config.daemon import LeaseConfig, NatsConfig, WorkerConfig, config_to_yaml
 from splitserve.config.schema import EngineConfig
 from splitserve.daemons.up import health_serving, write_config
-from splitserve.queue.broker import NatsCluster, NatsServer, find_free_port
+from splitserve.queue.broker import NatsCluster, NatsServer, find_free_port, free_node_ports
 from splitserve.queue.subjects import STREAM_PREFILL
 from splitserve.routing.offload import RoutingConfig
 from splitserve.rpc import admin_pb2, admin_pb2_grpc
@@ -124,8 +125,6 @@ class Cluster:
     same gRPC port, new incarnation)."""
 
     def __init__(self, workdir: Path, num_nats_nodes: int = 1) -> None:
-        from splitserve.queue.broker import free_node_ports
-
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.nats: NatsServer | NatsCluster
@@ -263,23 +262,22 @@ class CounterLedger:
         return {role: {k: v for k, v in c.items() if v} for role, c in sorted(out.items())}
 
 
-async def num_queued_jobs(nats_url: str) -> int:
+async def _prefill_stream_info(nats_url: str) -> StreamInfo:
     nc = await nats.connect(servers=nats_url.split(","), connect_timeout=2,
                             max_reconnect_attempts=1)
     try:
-        info = await nc.jetstream().stream_info(STREAM_PREFILL)
-        return int(info.state.messages)
+        return await nc.jetstream(timeout=2.0).stream_info(STREAM_PREFILL)
     finally:
         await nc.close()
+
+
+async def num_queued_jobs(nats_url: str) -> int:
+    return int((await _prefill_stream_info(nats_url)).state.messages)
 
 
 async def stream_leader(nats_url: str) -> str:
     """Server name of the prefill stream's Raft leader in a NATS cluster."""
-    nc = await nats.connect(servers=nats_url.split(","), connect_timeout=2,
-                            max_reconnect_attempts=1)
-    try:
-        info = await nc.jetstream().stream_info(STREAM_PREFILL)
-        assert info.cluster is not None and info.cluster.leader, "no stream leader"
-        return str(info.cluster.leader)
-    finally:
-        await nc.close()
+    info = await _prefill_stream_info(nats_url)
+    if info.cluster is None or not info.cluster.leader:
+        raise RuntimeError(f"{STREAM_PREFILL} has no leader")
+    return str(info.cluster.leader)

@@ -36,6 +36,7 @@ QUESTIONS = ("What does the {a} {n} do near the {p}?",
              "Who {v} the {n} at the {p}?")
 
 NUM_SHORT_PROMPTS = 48
+LONG_EVERY = 5
 LONG_TOKENS = (150, 400)
 TAIL_TOKENS = (48, 64)  # every long prompt's uncached part: above the 40-token threshold
 
@@ -110,18 +111,19 @@ class PromptBank:
 
 
 def make_requests(bank: PromptBank, row: str, num_requests: int, seed: int, *,
-                  long_fraction: float = 0.2, sampled_fraction: float = 0.1,
-                  duplicate_every: int = 0) -> list[Request]:
-    """`num_requests` seeded requests with ids `<row>-<i>` (plus, with duplicate_every,
-    a duplicate of every n-th one: max_tokens 16, EOS ignored, so the original is still
-    streaming when the duplicate arrives)."""
+                  sampled_fraction: float = 0.1, duplicate_every: int = 0) -> list[Request]:
+    """`num_requests` seeded requests with ids `<row>-<i>`, one in LONG_EVERY long (at
+    evenly spaced positions, so every stretch of the workload has its share), plus,
+    with duplicate_every, a duplicate of every n-th one (max_tokens 16, EOS ignored:
+    the original is still streaming when its duplicate arrives)."""
     rng = random.Random(f"{row}:{seed}")
+    long_at = rng.randrange(LONG_EVERY)
     requests = []
     for i in range(num_requests):
         params = Params(max_tokens=rng.choice((4, 8, 12, 16)))
         if rng.random() < sampled_fraction:
             params = replace(params, temperature=0.8, top_p=0.95, seed=rng.randrange(1 << 31))
-        body = rng.randrange(len(bank.bodies)) if rng.random() < long_fraction else -1
+        body = rng.randrange(len(bank.bodies)) if i % LONG_EVERY == long_at else -1
         prompt = (bank.bodies[body] + bank.tail(rng, f"{row}-{i}") if body >= 0
                   else rng.choice(bank.shorts))
         duplicated = duplicate_every > 0 and i % duplicate_every == duplicate_every - 1
@@ -133,21 +135,37 @@ def make_requests(bank: PromptBank, row: str, num_requests: int, seed: int, *,
     return requests
 
 
-def compute_references(requests: list[Request], engine_config: EngineConfig
+def reference_engine(engine_config: EngineConfig) -> Engine:
+    """The single-process engine, with a pool that holds every body at once and more
+    sequences per step (scheduling only: the model and its numerics are the same)."""
+    return Engine.from_config(replace(engine_config, kv_cache_memory_mb=1024,
+                                      max_num_seqs=64))
+
+
+def compute_references(engine: Engine, requests: list[Request]
                        ) -> dict[tuple[tuple[int, ...], Params], list[int]]:
-    """Each distinct (prompt, params)'s output from the single-process engine. One
-    prompt per body first, so that the rest find the body in the prefix cache."""
-    engine = Engine.from_config(replace(engine_config, kv_cache_memory_mb=1024))
-    keys = list(dict.fromkeys(r.key for r in requests))
-    body_of = {r.key: r.body for r in requests}
+    """Each distinct (prompt, params)'s output from the single-process engine.
+
+    Generation is run once per prompt and sampling settings at the largest max_tokens
+    asked for: a shorter max_tokens gets the first tokens of that output (the same
+    tokens, greedy or seeded, as a run that stops earlier). One prompt per body goes
+    first, so that the others find the body in the prefix cache."""
+    longest: dict[tuple[tuple[int, ...], Params], int] = {}
+    body_of: dict[tuple[tuple[int, ...], Params], int] = {}
+    for r in requests:
+        run = (r.prompt, replace(r.params, max_tokens=0))
+        longest[run] = max(longest.get(run, 0), r.params.max_tokens)
+        body_of[run] = r.body
+    runs = list(longest)
     first: dict[int, tuple[tuple[int, ...], Params]] = {}
-    for key in keys:
-        if body_of[key] >= 0:
-            first.setdefault(body_of[key], key)
-    refs: dict[tuple[tuple[int, ...], Params], list[int]] = {}
-    for batch in (list(first.values()), [k for k in keys if k not in set(first.values())]):
+    for run in runs:
+        if body_of[run] >= 0:
+            first.setdefault(body_of[run], run)
+    outputs: dict[tuple[tuple[int, ...], Params], list[int]] = {}
+    for batch in (list(first.values()), [r for r in runs if r not in set(first.values())]):
         if batch:
-            outputs = engine.generate([list(p) for p, _ in batch],
-                                      [params.sampling() for _, params in batch])
-            refs.update(zip(batch, outputs))
-    return refs
+            params = [replace(p, max_tokens=longest[(prompt, p)]).sampling()
+                      for prompt, p in batch]
+            outputs.update(zip(batch, engine.generate([list(p) for p, _ in batch], params)))
+    return {r.key: outputs[(r.prompt, replace(r.params, max_tokens=0))][:r.params.max_tokens]
+            for r in requests}

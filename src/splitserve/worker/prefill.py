@@ -32,6 +32,7 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 
+import nats.errors
 import torch
 
 from splitserve.config.daemon import PrefillRoleConfig
@@ -216,7 +217,10 @@ class PrefillService:
 
     async def _destination(self, job: PrefillJob) -> WorkerDescriptor:
         """The destination's registered descriptor, if it is the job's incarnation."""
-        descriptor = await self.core.peer_descriptor(job.dest_worker_id)
+        try:
+            descriptor = await self.core.peer_descriptor(job.dest_worker_id)
+        except (TimeoutError, nats.errors.Error) as exc:  # broker trouble: not the job's fault
+            raise _Retry(f"registry lookup of {job.dest_worker_id} failed: {exc!r}") from exc
         if descriptor is None:
             raise _Retry(f"destination worker {job.dest_worker_id} is not registered")
         if descriptor.incarnation != job.dest_incarnation:
