@@ -64,8 +64,9 @@ from pathlib import Path
 import torch
 from chaos_client import Client, Progress, drive
 from chaos_cluster import ENGINE, LEASE, ROUTING, Cluster, CounterLedger, get_status
-from chaos_faults import DECODE_VARIANTS, FAULTS, GATE, PREFILL_VARIANTS, Fault, Row
+from chaos_faults import DECODE_VARIANTS, FAULTS, PREFILL_VARIANTS
 from chaos_report import JsonRow, ReferenceMap, is_failed, summarize, table
+from chaos_row import GATE, Fault, Row
 from chaos_workload import (
     LONG_EVERY,
     LONG_TOKENS,

@@ -26,7 +26,8 @@ from nats.js.api import StreamInfo
 from splitserve.config.daemon import LeaseConfig, NatsConfig, WorkerConfig, config_to_yaml
 from splitserve.config.schema import EngineConfig
 from splitserve.daemons.up import health_serving, write_config
-from splitserve.queue.broker import NatsCluster, NatsServer, find_free_port, free_node_ports
+from splitserve.queue.broker import NatsServer, find_free_port
+from splitserve.queue.cluster import NatsCluster, free_node_ports
 from splitserve.queue.subjects import STREAM_PREFILL
 from splitserve.routing.offload import RoutingConfig
 from splitserve.rpc import admin_pb2, admin_pb2_grpc

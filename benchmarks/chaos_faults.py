@@ -33,31 +33,26 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import grpc
-from chaos_client import Progress
 from chaos_cluster import (
     ENGINE,
-    Cluster,
-    CounterLedger,
     Daemon,
     config_with,
     get_config,
     get_status,
-    num_queued_jobs,
     reload_config,
     stream_leader,
     write_config_text,
 )
+from chaos_row import Fault, Row, jobs_in_flight, jobs_queued, max_lease_s
 
 from splitserve.config.daemon import FaultConfig, LeaseConfig, config_to_yaml
-from splitserve.queue.broker import NatsCluster, NatsServer
+from splitserve.queue.broker import NatsServer
+from splitserve.queue.cluster import NatsCluster
 from splitserve.queue.settings import BucketSettings
 from splitserve.rpc import admin_pb2, admin_pb2_grpc
-
-GATE = 0.7  # the share of a row's requests sent before its fault is over
 
 # Long enough that the queued jobs of a killed decode worker are still within their
 # lease when the prefill worker takes them after the restart (~10 s on 2 busy cores):
@@ -83,112 +78,10 @@ PREFILL_VARIANTS: dict[str, dict[str, object]] = {
 }
 
 
-@dataclass
-class Row:
-    """One fault's run: its workers, what the workload has done, what happened when."""
-
-    name: str
-    cluster: Cluster
-    decode: Daemon
-    prefills: list[Daemon]
-    num_requests: int
-    gate_index: int  # requests from here on wait until the fault is over (GATE)
-    progress: Progress
-    ledger: CounterLedger
-    t0: float = field(default_factory=time.monotonic)
-    fault_s: float | None = None  # when the fault struck
-    fault_end_s: float | None = None  # when the fault was over (the gate opened)
-    gate: asyncio.Event = field(default_factory=asyncio.Event)
-    notes: list[str] = field(default_factory=list)
-    evidence: dict[str, object] = field(default_factory=dict)
-
-    def note(self, message: str) -> None:
-        self.notes.append(f"{time.monotonic() - self.t0:.1f}s {message}")
-
-    def strike(self, message: str) -> None:
-        if self.fault_s is None:
-            self.fault_s = time.monotonic()
-        self.note(message)
-
-    def fault_over(self) -> None:
-        """Let the held-back requests go (at the latest when the script returns)."""
-        if not self.gate.is_set():
-            self.fault_end_s = time.monotonic()
-            self.gate.set()
-
-    @property
-    def daemons(self) -> list[Daemon]:
-        return [self.decode, *self.prefills]
-
-    async def warm_up(self, fraction: float = 0.15) -> None:
-        """Until a share of the workload is done, so the fault meets a busy cluster."""
-        num = min(self.gate_index, max(1, int(fraction * self.num_requests)))
-        await self.progress.wait_done(num, 120.0)
-
-    async def until(self, probe: Callable[[], Awaitable[bool]], timeout_s: float,
-                    what: str) -> bool:
-        """Poll `probe` until it holds, the timeout, or the end of the requests sent
-        before the fault (nothing more can happen until the fault is over)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.progress.num_done < self.gate_index:
-            if await probe():
-                return True
-            await asyncio.sleep(0.1)
-        self.note(f"gave up waiting for {what}")
-        return False
-
-    async def in_flight(self, daemon: Daemon) -> int:
-        status = await get_status(daemon.address, timeout_s=1.0)
-        return 0 if status is None else int(status.num_in_flight)
-
-
-@dataclass(frozen=True)
-class Fault:
-    name: str
-    script: Callable[[Row], Awaitable[None]]
-    decode: str = "decode-0"
-    prefills: tuple[str, ...] = ("prefill-0",)
-    nats_nodes: int = 1
-    duplicate_every: int = 0  # a duplicate send of every n-th request
-
-
-async def _jobs_in_flight(row: Row, prefill: Daemon, min_jobs: int = 1,
-                          timeout_s: float = 20.0) -> int:
-    """Wait until `prefill` works on `min_jobs` jobs; how many it had."""
-    seen = 0
-
-    async def probe() -> bool:
-        nonlocal seen
-        seen = await row.in_flight(prefill)
-        return seen >= min_jobs
-
-    await row.until(probe, timeout_s, f"{min_jobs} jobs in flight on {prefill.worker_id}")
-    return seen
-
-
-async def _jobs_queued(row: Row, min_jobs: int, timeout_s: float = 20.0) -> int:
-    seen = 0
-
-    async def probe() -> bool:
-        nonlocal seen
-        try:
-            seen = await num_queued_jobs(row.cluster.nats_url)
-        except Exception:  # noqa: BLE001 - the broker may be restarting; ask again
-            return False
-        return seen >= min_jobs
-
-    await row.until(probe, timeout_s, f"{min_jobs} queued jobs")
-    return seen
-
-
-def _max_lease_s(lease: LeaseConfig, num_tokens: int = 400) -> float:
-    return lease.base_s + lease.per_token_ms * num_tokens / 1e3 + lease.skew_margin_s
-
-
 async def prefill_kill(row: Row) -> None:
     await row.warm_up()
     prefill = row.prefills[0]
-    num_jobs = await _jobs_in_flight(row, prefill)
+    num_jobs = await jobs_in_flight(row, prefill)
     await row.ledger.observe([prefill])
     row.strike(f"SIGKILL {prefill.worker_id} with {num_jobs} job(s) in flight")
     row.evidence["jobs_in_flight_at_fault"] = num_jobs
@@ -201,10 +94,10 @@ async def prefill_kill(row: Row) -> None:
 async def prefill_stop(row: Row) -> None:
     await row.warm_up()
     prefill = row.prefills[0]
-    num_jobs = await _jobs_in_flight(row, prefill)
+    num_jobs = await jobs_in_flight(row, prefill)
     prefill.signal(signal.SIGSTOP)
     row.evidence["jobs_in_flight_at_fault"] = num_jobs
-    stopped_s = _max_lease_s(prefill.config.lease) + 1.0
+    stopped_s = max_lease_s(prefill.config.lease) + 1.0
     row.strike(f"SIGSTOP {prefill.worker_id} with {num_jobs} job(s) in flight, "
                f"for {stopped_s:.1f} s (past every lease)")
     await asyncio.sleep(stopped_s)
@@ -223,7 +116,7 @@ async def decode_restart_same_id(row: Row) -> None:
         await row.warm_up()
         prefill.signal(signal.SIGSTOP)
         row.note(f"SIGSTOP {prefill.worker_id}: jobs queue up")
-        num_jobs = await _jobs_queued(row, 2)
+        num_jobs = await jobs_queued(row, 2)
         row.evidence["jobs_queued_at_fault"] = num_jobs
         await row.ledger.observe([decode])
         row.strike(f"SIGKILL {decode.worker_id} with {num_jobs} job(s) queued")
@@ -296,7 +189,7 @@ async def nats_restart(row: Row) -> None:
     prefill.signal(signal.SIGSTOP)
     row.note(f"SIGSTOP {prefill.worker_id}: jobs queue up")
     try:
-        num_jobs = await _jobs_queued(row, 1)
+        num_jobs = await jobs_queued(row, 1)
         row.evidence["jobs_queued_at_fault"] = num_jobs
         row.strike(f"nats-server stopped with {num_jobs} job(s) queued")
         await asyncio.to_thread(nats.stop)
@@ -312,7 +205,7 @@ async def nats_node_kill(row: Row) -> None:
     nats = row.cluster.nats
     assert isinstance(nats, NatsCluster)
     await row.warm_up()
-    row.evidence["jobs_in_flight_at_fault"] = await _jobs_in_flight(row, row.prefills[0])
+    row.evidence["jobs_in_flight_at_fault"] = await jobs_in_flight(row, row.prefills[0])
     leader = await stream_leader(row.cluster.nats_url)
     index = nats.index_of(leader)
     row.strike(f"SIGKILL NATS node n{index} ({leader}), the prefill stream's leader")
@@ -335,7 +228,7 @@ async def nats_node_kill(row: Row) -> None:
     row.evidence["new_leader"] = new_leader or None
     row.evidence["new_leader_after_s"] = round(time.monotonic() - killed_s, 1)
     row.note(f"stream leader now {new_leader or 'unknown'}")
-    down_s = _max_lease_s(row.decode.config.lease) + 2.0
+    down_s = max_lease_s(row.decode.config.lease) + 2.0
     await asyncio.sleep(max(0.0, killed_s + down_s - time.monotonic()))
     await asyncio.to_thread(nats.start_node, index)  # the workload ran on two nodes
     row.note(f"node n{index} restarted and rejoined")

@@ -17,7 +17,7 @@ from test_queue_work import make_job
 from splitserve.config.daemon import ClusterConfig
 from splitserve.daemons.up import LocalCluster
 from splitserve.errors import ConfigError
-from splitserve.queue.broker import NatsCluster, free_node_ports
+from splitserve.queue.cluster import NatsCluster, free_node_ports
 from splitserve.queue.connection import BrokerConnection, connect
 from splitserve.queue.errors import BrokerStartError
 from splitserve.queue.settings import BucketSettings, PrefillQueueSettings

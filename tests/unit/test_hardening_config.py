@@ -16,6 +16,7 @@ from splitserve.config.daemon import (
     PrefillRoleConfig,
     WorkerConfig,
     config_to_yaml,
+    load_cluster_config,
     load_worker_config,
 )
 from splitserve.config.reload import ConfigReloader
@@ -123,6 +124,22 @@ def test_negative_drain_grace_names_the_field() -> None:
         WorkerConfig(drain_grace_s=-10)
     assert err.value.field == "drain_grace_s"
     assert str(err.value) == "drain_grace_s: must be in [0, 3600], got -10"
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ("worker:\n  drain_grace_s: -5\n", "worker.drain_grace_s"),
+    ("worker:\n  prefill:\n    transfer_timeout_s: 0\n", "worker.prefill.transfer_timeout_s"),
+    ("worker:\n  lease:\n    base_s: 1.0\n    skew_margin_s: 2.0\n",
+     "worker.lease.skew_margin_s"),
+    ("num_prefill_workers: -1\n", "num_prefill_workers"),
+])
+def test_cluster_config_errors_name_the_full_path(tmp_path: Path, text: str, field: str) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_cluster_config(path)
+    assert err.value.field == field
+    assert str(err.value).startswith(f"{field}: ")
 
 
 def test_skew_margin_must_be_below_the_base_lease() -> None:

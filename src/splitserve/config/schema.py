@@ -71,7 +71,22 @@ def from_mapping(cls: type[T], data: Any, prefix: str = "") -> T:
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}", f"unknown setting (known: {sorted(fields)})")
     values = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as exc:  # the class's own checks name fields without the full path
+        if not prefix or exc.field.startswith(prefix):
+            raise
+        message = str(exc).removeprefix(f"{exc.field}: ")
+        raise ConfigError(_join_path(prefix.rstrip("."), exc.field), message) from None
+
+
+def _join_path(prefix: str, name: str) -> str:
+    """`worker` + `drain_grace_s`; `worker.prefill` + `prefill.nak_delay_s` →
+    `worker.prefill.nak_delay_s` (a nested class may already name its own section)."""
+    head, tail = prefix.split("."), name.split(".")
+    overlap = max((k for k in range(1, min(len(head), len(tail)) + 1)
+                   if head[-k:] == tail[:k]), default=0)
+    return ".".join(head + tail[overlap:])
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:

@@ -35,7 +35,8 @@ from splitserve.config.daemon import (
 from splitserve.config.reload import diff_fields
 from splitserve.config.watch import ChangeDetector
 from splitserve.errors import SplitserveError
-from splitserve.queue.broker import NatsCluster, NatsServer, base_node_ports
+from splitserve.queue.broker import NatsServer
+from splitserve.queue.cluster import NatsCluster, base_node_ports
 
 
 class ClusterStartError(SplitserveError):
