@@ -37,3 +37,26 @@ def test_layer_imports_point_one_way(folder: str, forbidden: tuple[str, ...]) ->
                         or any(n == f or n.startswith(f + ".") for f in forbidden))
            for path, names in imports_of(folder).items()}
     assert {path: names for path, names in bad.items() if names} == {}
+
+
+ENGINE_STATE = frozenset({"scheduler", "allocator", "remote", "runner"})
+
+
+def test_no_module_outside_the_engine_reads_its_state() -> None:
+    """The engine is single-threaded: outside `engine/`, nothing reads its scheduler,
+    page allocator, remote prefills or runner (they change under a running step), nor
+    reaches through `AsyncEngine.engine`. Readers use `AsyncEngine.stats` / `.info`, or
+    a call run on the engine thread through an `Engine` method."""
+    found: list[str] = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.is_relative_to(SRC / "engine"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute):
+                continue
+            through = isinstance(node.value, ast.Attribute) and node.value.attr == "engine"
+            if node.attr in ENGINE_STATE and through or node.attr == "engine" and through:
+                found.append(f"{path.relative_to(SRC)}:{node.lineno} .{node.attr}")
+            elif node.attr in ("scheduler", "allocator"):
+                found.append(f"{path.relative_to(SRC)}:{node.lineno} .{node.attr}")
+    assert found == []

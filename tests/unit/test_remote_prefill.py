@@ -246,7 +246,7 @@ def test_checksum_mismatch_keeps_the_attempt_pending_and_fenced(tiny_engine) -> 
     first = remote_prefill(prefill, decode, "r", prompt, plan)
     seen = []
 
-    def corrupt(page_ids):
+    def corrupt(pool, page_ids):
         seen.append(list(page_ids))
         return False
 

@@ -107,13 +107,13 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
 
 
 def status_to_proto(status: WorkerStatus) -> pb.GetStatusResponse:
-    c = status.counters
+    c, e = status.counters, status.engine
     return pb.GetStatusResponse(
         role=status.role, worker_id=status.worker_id, config_hash=status.config_hash,
-        state=_STATES[status.state], num_pages_used=status.num_pages_used,
-        num_pages_free=status.num_pages_free, num_pages_quarantined=status.num_pages_quarantined,
-        num_pages_total=status.num_pages_total, num_waiting=status.num_waiting,
-        num_running=status.num_running, num_in_flight=status.num_in_flight,
+        state=_STATES[status.state], num_pages_used=e.num_pages_used,
+        num_pages_free=e.num_pages_free, num_pages_quarantined=e.num_pages_quarantined,
+        num_pages_total=e.num_pages_total, num_waiting=e.queue_depth,
+        num_running=e.num_running, num_in_flight=status.num_in_flight,
         counters=pb.GetStatusResponse.Counters(**dataclasses.asdict(c)),
         config_reload_error=status.config_reload_error, uptime_s=status.uptime_s,
         model_fingerprint=status.model_fingerprint, incarnation=status.incarnation,

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from splitserve.config.reload import ReloadResult
 from splitserve.control.tracker import RequestTracker
+from splitserve.engine.stats import EngineStats
 
 SERVING = "SERVING"
 DRAINING = "DRAINING"
@@ -56,13 +57,8 @@ class WorkerStatus:
     worker_id: str
     config_hash: str
     state: str  # SERVING or DRAINING
-    num_pages_used: int
-    num_pages_free: int
-    num_pages_quarantined: int
-    num_pages_total: int
-    num_waiting: int  # admitted, not yet scheduled (queue depth)
-    num_running: int
-    num_in_flight: int  # Generate calls open on this server
+    engine: EngineStats  # the latest snapshot (pages, queue depth, running)
+    num_in_flight: int  # Generate calls open on this server (prefill: jobs)
     uptime_s: float
     counters: StatusCounters = field(default_factory=StatusCounters)
     # why the last reload was refused, or the changed fields that need a restart;

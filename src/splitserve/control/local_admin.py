@@ -6,7 +6,6 @@ import hashlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 
 from splitserve.config.daemon import config_to_yaml
 from splitserve.config.reload import ReloadResult
@@ -20,45 +19,15 @@ from splitserve.control.backend import (
 )
 from splitserve.control.errors import ReloadUnsupported
 from splitserve.control.tracker import RequestTracker
-from splitserve.engine.async_engine import AsyncEngine, EngineStopped
-from splitserve.engine.llm_engine import Engine
+from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.output import RequestOutput
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EngineSnapshot:
-    num_pages_used: int
-    num_pages_free: int
-    num_pages_quarantined: int
-    num_pages_total: int
-    num_waiting: int
-    num_running: int
-
-
-def engine_snapshot(engine: Engine) -> EngineSnapshot:
-    """Page and queue counts; call it on the engine thread (`AsyncEngine.call`).
-
-    Waiting includes requests whose remote prefill has not landed yet."""
-    allocator, scheduler = engine.allocator, engine.scheduler
-    return EngineSnapshot(allocator.num_used_pages, allocator.num_free_pages,
-                          allocator.num_quarantined_pages, allocator.num_pages,
-                          len(scheduler.waiting) + engine.remote.num_pending,
-                          len(scheduler.running))
-
-
-async def snapshot_of(engine: AsyncEngine) -> EngineSnapshot:
-    try:
-        return await engine.call(engine_snapshot)
-    except EngineStopped:
-        # The engine thread is gone, so reading its state here races with nothing.
-        return engine_snapshot(engine.engine)
-
-
-def config_hash(engine: Engine) -> str:
+def config_hash(engine: AsyncEngine) -> str:
     """Short, stable identity of the engine config (frozen dataclass repr)."""
-    return hashlib.sha256(repr(engine.config).encode()).hexdigest()[:16]
+    return hashlib.sha256(repr(engine.info.config).encode()).hexdigest()[:16]
 
 
 class LocalAdminBackend:
@@ -76,7 +45,7 @@ class LocalAdminBackend:
         self.worker_id = worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
         self.role = role
         self.grpc_address = grpc_address
-        self.config_hash = config_hash_value or config_hash(engine.engine)
+        self.config_hash = config_hash_value or config_hash(engine)
         self.tracker = RequestTracker()
         self._draining = False
         self._started_s = time.monotonic()
@@ -96,25 +65,20 @@ class LocalAdminBackend:
                 self._num_finished += 1
 
     async def status(self) -> WorkerStatus:
-        snap = await snapshot_of(self.engine)
         counters = StatusCounters(num_local_prefills=self._num_first_tokens,
                                   num_rejects=self.tracker.num_rejects,
                                   num_requests_finished=self._num_finished)
         return WorkerStatus(
             role=self.role, worker_id=self.worker_id, config_hash=self.config_hash,
-            state=DRAINING if self._draining else SERVING,
-            num_pages_used=snap.num_pages_used, num_pages_free=snap.num_pages_free,
-            num_pages_quarantined=snap.num_pages_quarantined,
-            num_pages_total=snap.num_pages_total, num_waiting=snap.num_waiting,
-            num_running=snap.num_running, num_in_flight=self.tracker.num_in_flight,
+            state=DRAINING if self._draining else SERVING, engine=self.engine.stats,
+            num_in_flight=self.tracker.num_in_flight,
             uptime_s=time.monotonic() - self._started_s, counters=counters,
-            model_fingerprint=self.engine.engine.loaded.fingerprint)
+            model_fingerprint=self.engine.info.fingerprint)
 
     async def list_workers(self) -> list[WorkerInfo]:
-        engine = self.engine.engine
-        return [WorkerInfo(self.worker_id, self.role, self.grpc_address,
-                           engine.allocator.num_pages, engine.config.page_size,
-                           engine.config.dtype, engine.loaded.fingerprint)]
+        info = self.engine.info
+        return [WorkerInfo(self.worker_id, self.role, self.grpc_address, info.num_pages,
+                           info.page_size, info.dtype, info.fingerprint)]
 
     async def drain(self, grace_s: float) -> str:
         if not self._draining:
@@ -139,5 +103,5 @@ class LocalAdminBackend:
                                 "restart it to change its engine config")
 
     async def config(self) -> ConfigView:
-        return ConfigView(config_to_yaml({"engine": self.engine.engine.config}),
+        return ConfigView(config_to_yaml({"engine": self.engine.info.config}),
                           self.config_hash)

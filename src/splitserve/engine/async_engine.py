@@ -7,6 +7,12 @@ each request's asyncio queue with `call_soon_threadsafe`. torch releases the GIL
 inside its kernels, so the event loop (gRPC, NATS, NIXL polling) stays responsive
 while a step runs.
 
+Nothing else reads the engine's scheduler or allocator: after every step and every
+command the thread takes an `EngineStats` snapshot (engine/stats.py) and hands it to
+the loop with the step's outputs or the command's answer, so an awaited `call` or a
+delivered output is never newer than `stats`; `stats_listeners` hear of each
+snapshot; `info` holds the facts fixed at start-up.
+
 If the thread dies (an exception out of a step or a command), the engine fails
 loudly: `is_running` turns False, every open stream and every pending `call` gets
 EngineStopped, and `crashed` is set on the event loop so the daemon can stop
@@ -27,6 +33,7 @@ from typing import Any, TypeVar
 from splitserve.engine.llm_engine import Engine
 from splitserve.engine.output import RequestOutput
 from splitserve.engine.sampling import SamplingParams
+from splitserve.engine.stats import EngineInfo, EngineStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,6 +55,10 @@ class AsyncEngine:
         self._running = False
         self._pending: set[asyncio.Future[Any]] = set()  # `call`s not answered yet
         self.step_listeners: list[Callable[[list[RequestOutput]], None]] = []
+        self.info: EngineInfo = engine.info
+        self.tokenizer = engine.tokenizer
+        self.stats: EngineStats = engine.stats()  # the thread is not running yet
+        self.stats_listeners: list[Callable[[EngineStats], None]] = []
         self.error: BaseException | None = None  # what killed the thread, if it died
         self.crashed = asyncio.Event()  # set on the loop once the thread died of `error`
 
@@ -70,6 +81,10 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._running and self._thread is not None and self._thread.is_alive()
 
+    def validate(self, prompt_token_ids: Seq[int], params: SamplingParams) -> None:
+        """`Engine.validate`, from any thread: it reads only facts fixed at start-up."""
+        self.engine.validate(prompt_token_ids, params)
+
     # --- commands --------------------------------------------------------------------
     def call(self, fn: Callable[[Engine], T], dispatch: bool = False) -> asyncio.Future[T]:
         """Run `fn(engine)` on the engine thread between two steps.
@@ -90,9 +105,9 @@ class AsyncEngine:
                 if dispatch and isinstance(result, RequestOutput):
                     self._dispatch([result])
             except BaseException as exc:  # noqa: BLE001 (handed to the awaiting caller)
-                loop.call_soon_threadsafe(_set_exception, fut, exc)
+                loop.call_soon_threadsafe(self._answer, fut, None, exc, self.engine.stats())
             else:
-                loop.call_soon_threadsafe(_set_result, fut, result)
+                loop.call_soon_threadsafe(self._answer, fut, result, None, self.engine.stats())
 
         self._commands.put(command)
         return fut
@@ -146,11 +161,14 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while self._running:
-                self._drain_commands(block=not self.engine.has_unfinished)
+                if self._drain_commands(block=not self.engine.has_unfinished):
+                    self._publish_stats()  # pages left quarantine while idle
                 if self.engine.has_unfinished:
                     outputs = self.engine.step()
                     if outputs:
                         self._dispatch(outputs)
+                    else:
+                        self._publish_stats()
         except BaseException as exc:
             self.error = exc
             self._running = False  # before the loop hears of it: is_running is False then
@@ -179,25 +197,46 @@ class AsyncEngine:
                 # An awaiting caller still gets it raised.
                 fut.exception()
 
-    def _drain_commands(self, block: bool) -> None:
+    def _drain_commands(self, block: bool) -> bool:
+        """Run the queued commands (each answer carries a snapshot); with none, release
+        quarantined pages: whether any were released."""
         try:
             command = self._commands.get(timeout=_IDLE_WAIT_S) if block else \
                 self._commands.get_nowait()
         except queue.Empty:
-            self.engine.allocator.release_quarantined(time.monotonic())
-            return
+            return bool(self.engine.allocator.release_quarantined(time.monotonic()))
         command()
         while True:
             try:
                 self._commands.get_nowait()()
             except queue.Empty:
-                return
+                return False
+
+    def _publish_stats(self) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._set_stats, self.engine.stats())
+
+    def _set_stats(self, stats: EngineStats) -> None:
+        self.stats = stats
+        for listener in self.stats_listeners:
+            listener(stats)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        # The snapshot travels with the outputs: whoever sees an output sees stats at
+        # least as new as the step that produced it.
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, outputs)
+        self._loop.call_soon_threadsafe(self._deliver, outputs, self.engine.stats())
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _answer(self, fut: asyncio.Future[Any], result: Any, exc: BaseException | None,
+                stats: EngineStats) -> None:
+        self._set_stats(stats)
+        if exc is not None:
+            _set_exception(fut, exc)
+        else:
+            _set_result(fut, result)
+
+    def _deliver(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        self._set_stats(stats)
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:

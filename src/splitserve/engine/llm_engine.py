@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 
 import torch
@@ -19,21 +19,20 @@ from splitserve.engine.attention_backend import make_attention
 from splitserve.engine.errors import CapacityExceeded, DuplicateRequest, InvalidRequest
 from splitserve.engine.kv_pool import KVPool, PageGeometry, dtype_from_name
 from splitserve.engine.output import OutputTracker, RequestOutput
-from splitserve.engine.page_allocator import PageAllocator
-from splitserve.engine.remote_prefill import (
-    AcceptRefusal,
-    LandingPlan,
-    PageVerifier,
-    RemotePrefills,
-)
+from splitserve.engine.page_allocator import PageAllocator, page_hashes
+from splitserve.engine.remote_prefill import AcceptRefusal, LandingPlan, RemotePrefills
 from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampler import skip_draw
 from splitserve.engine.sampling import SamplingParams
-from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.scheduler import ScheduledSequence, Scheduler
 from splitserve.engine.sequence import Sequence
+from splitserve.engine.stats import EngineInfo, EngineStats, StepStats
 from splitserve.model.loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
+
+# (the KV pool tensor, landing page ids) -> all intact? Runs on the engine thread.
+PoolVerifier = Callable[[torch.Tensor, list[int]], bool]
 
 
 class Engine:
@@ -62,6 +61,10 @@ class Engine:
         self._trackers: dict[str, OutputTracker] = {}
         self._held: dict[str, Sequence] = {}  # finished prefills whose pages await transfer
         self.num_steps = 0
+        self.last_step = StepStats()
+        self.info = EngineInfo(config, config.page_size, num_pages, config.max_num_seqs,
+                               self.max_model_len, mc.vocab_size, loaded.fingerprint,
+                               config.dtype)
         log.info("engine ready: model %s (%s) on %s, %s attention, %d pages of %d tokens "
                  "(%.0f MiB KV)", loaded.source, loaded.fingerprint, device,
                  type(attention).__name__, num_pages, config.page_size, self.pool.nbytes / 2**20)
@@ -136,16 +139,18 @@ class Engine:
         return plan
 
     def accept_remote(self, request_id: str, attempt: int, first_token: int,
-                      verify: PageVerifier | None = None) -> RequestOutput | AcceptRefusal:
+                      verify: PoolVerifier | None = None) -> RequestOutput | AcceptRefusal:
         """The prompt's KV has landed: start decoding after `first_token`, or say why
         not (the attempt then stays pending: the caller retries or falls back).
-        `verify(landing_page_ids)` checks the landed pages (checksums) first."""
+        `verify(pool tensor, landing page ids)` checks the landed pages first."""
         vocab = self.loaded.config.vocab_size
         if self.remote.plan(request_id) is None:
             return AcceptRefusal.STALE
         if not 0 <= first_token < vocab:
             return AcceptRefusal.BAD_FIRST_TOKEN
-        seq = self.remote.accept(request_id, attempt, verify)
+        pool = self.pool.tensor
+        seq = self.remote.accept(request_id, attempt,
+                                 None if verify is None else lambda ids: verify(pool, ids))
         if isinstance(seq, AcceptRefusal):
             return seq
         if not seq.params.greedy:  # the prefill worker drew the first token from the seed
@@ -182,18 +187,44 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
+    def cached_prefix_tokens(self, prompt_token_ids: Seq[int]) -> int:
+        """Prompt tokens the prefix cache holds now (whole pages; never the last token)."""
+        if not self.config.enable_prefix_cache:
+            return 0
+        ps = self.config.page_size
+        hashes = page_hashes(list(prompt_token_ids[:-1]), ps)
+        return self.allocator.count_cached_prefix(hashes) * ps
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's state (call it on the engine's thread)."""
+        alloc, sched = self.allocator, self.scheduler
+        return EngineStats(
+            taken_s=time.monotonic(), num_steps=self.num_steps, num_running=len(sched.running),
+            num_waiting=len(sched.waiting), num_remote_pending=self.remote.num_pending,
+            num_held=len(self._held), num_pages_used=alloc.num_used_pages,
+            num_pages_free=alloc.num_free_pages,
+            num_pages_quarantined=alloc.num_quarantined_pages,
+            num_pages_cached=alloc.num_cached_pages, num_pages_total=alloc.num_pages,
+            max_num_seqs=sched.max_num_seqs, num_preemptions=sched.num_preemptions,
+            last_step=self.last_step)
+
     # --- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        self.allocator.release_quarantined(time.monotonic())
+        started_s = time.monotonic()
+        self.allocator.release_quarantined(started_s)
         plan = self.scheduler.schedule()
         for seq in plan.preempted:
             log.info("request %s preempted (pool full); it will be recomputed", seq.request_id)
         if not plan.scheduled:
             return []
+        work = _step_work(plan.scheduled)  # before `update` advances the sequences
         sampled = self.runner.run(plan.scheduled)
         self.scheduler.update(plan.scheduled)
         self.num_steps += 1
-        return self._postprocess(plan.scheduled, sampled)
+        outputs = self._postprocess(plan.scheduled, sampled)
+        self.last_step = StepStats(*work, num_preempted=len(plan.preempted),
+                                   duration_s=time.monotonic() - started_s)
+        return outputs
 
     def _postprocess(self, scheduled, sampled) -> list[RequestOutput]:  # type: ignore[no-untyped-def]
         now = time.monotonic()
@@ -237,3 +268,16 @@ class Engine:
                     yield out
                     if out.finished:
                         return
+
+
+def _step_work(scheduled: Seq[ScheduledSequence]) -> tuple[int, int, int]:
+    """(prefill tokens, decode tokens, decode context tokens) of a step's batch."""
+    prefill = decode = context = 0
+    for item in scheduled:
+        seq = item.seq
+        if seq.num_computed_tokens >= seq.num_prompt_tokens:  # one generated token
+            decode += 1
+            context += seq.num_computed_tokens + item.num_new_tokens
+        else:
+            prefill += item.num_new_tokens
+    return prefill, decode, context

@@ -18,7 +18,6 @@ from splitserve.control.backend import (
     WorkerStatus,
 )
 from splitserve.control.errors import ReloadUnsupported
-from splitserve.control.local_admin import snapshot_of
 from splitserve.control.tracker import RequestTracker
 from splitserve.rpc.worker_pb2 import WorkerDescriptor
 from splitserve.worker.core import WorkerCore
@@ -68,18 +67,13 @@ class WorkerAdminBackend:
 
     async def status(self) -> WorkerStatus:
         core = self.core
-        assert core.engine is not None and core.async_engine is not None
-        snap = await snapshot_of(core.async_engine)
+        assert core.async_engine is not None
         c = core.counters
         transfers = core.agent.counters if core.agent is not None else None
         in_flight = getattr(self.role_service, "num_in_flight", 0)
         return WorkerStatus(
             role=core.role, worker_id=core.worker_id, config_hash=self.config_hash,
-            state=DRAINING if self._draining else SERVING,
-            num_pages_used=snap.num_pages_used, num_pages_free=snap.num_pages_free,
-            num_pages_quarantined=snap.num_pages_quarantined,
-            num_pages_total=snap.num_pages_total, num_waiting=snap.num_waiting,
-            num_running=snap.num_running,
+            state=DRAINING if self._draining else SERVING, engine=core.async_engine.stats,
             num_in_flight=max(self.tracker.num_in_flight, in_flight),
             uptime_s=time.monotonic() - core.started_s,
             counters=StatusCounters(
@@ -90,7 +84,7 @@ class WorkerAdminBackend:
                 num_requests_finished=c.num_finished,
             ),
             config_reload_error=self.reloader.status_note if self.reloader is not None else "",
-            model_fingerprint=core.engine.loaded.fingerprint,
+            model_fingerprint=core.async_engine.info.fingerprint,
             incarnation=core.incarnation,
             peer_clocks=self._peer_clocks(),
         )

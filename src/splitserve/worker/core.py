@@ -142,15 +142,14 @@ class WorkerCore:
             self.agent.close()
 
     def stats(self) -> WorkerStats:
-        assert self.engine is not None
-        alloc = self.engine.allocator
+        assert self.async_engine is not None
+        engine = self.async_engine.stats
         ttft = sorted(self.counters.ttft_ms)
         self.counters.ttft_ms = []
         return WorkerStats(
-            worker_id=self.worker_id, role=self.role,
-            queue_depth=len(self.engine.scheduler.waiting),
-            num_kv_pages_used=alloc.num_used_pages, num_kv_pages_free=alloc.num_free_pages,
-            num_kv_pages_quarantined=alloc.num_quarantined_pages,
+            worker_id=self.worker_id, role=self.role, queue_depth=engine.queue_depth,
+            num_kv_pages_used=engine.num_pages_used, num_kv_pages_free=engine.num_pages_free,
+            num_kv_pages_quarantined=engine.num_pages_quarantined,
             ttft_p50_ms=_percentile(ttft, 0.5), ttft_p99_ms=_percentile(ttft, 0.99),
             num_local_prefills=self.counters.num_local_prefills,
             num_remote_prefills=self.counters.num_remote_prefills,

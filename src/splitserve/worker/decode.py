@@ -6,8 +6,8 @@ Life cycle of a request:
    sequence, output stream, KVReady wait, job Msg-Id) that no caller can repeat;
 1. tokenize and validate off the event loop (typed errors → INVALID_ARGUMENT /
    RESOURCE_EXHAUSTED);
-2. measure the prefix-cache hit and decide local vs remote prefill
-   (`routing.should_offload_prefill`);
+2. on the engine thread, in one call: measure the prefix-cache hit, decide local vs
+   remote prefill (`routing.should_offload_prefill`) and, if local, queue the request;
 3. local: the engine prefills in chunks between decode steps, then decodes;
 4. remote: `RemotePrefillClient` (worker/remote.py) lands the prompt's KV through
    one or more leased attempts, or queues a local prefill when they fail;
@@ -25,8 +25,8 @@ from dataclasses import replace
 
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.errors import DuplicateRequest
+from splitserve.engine.llm_engine import Engine
 from splitserve.engine.output import RequestOutput
-from splitserve.engine.page_allocator import page_hashes
 from splitserve.ingress import (
     GenerateRequest,
     GenerationChunk,
@@ -48,7 +48,7 @@ class DecodeService:
         self.core = core
         assert core.async_engine is not None
         self.engine: AsyncEngine = core.async_engine
-        tokenizer = core.async_engine.engine.tokenizer
+        tokenizer = core.async_engine.tokenizer
         if tokenizer is None:
             raise ValueError("the decode role needs a model with a tokenizer")
         self.tokenizer = tokenizer
@@ -63,9 +63,9 @@ class DecodeService:
 
     @property
     def num_in_flight(self) -> int:
-        engine = self.engine.engine
-        return (len(engine.scheduler.running) + len(engine.scheduler.waiting)
-                + self.remote.num_waiting)
+        """Requests in the engine (as of its latest snapshot) or between attempts."""
+        stats = self.engine.stats
+        return stats.num_running + stats.num_waiting + self.remote.num_waiting
 
     # --- ingress ------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
@@ -82,28 +82,39 @@ class DecodeService:
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         label, request_id = request.request_id, new_request_id()
-        engine = self.engine.engine
         try:
             # Per-token work (up to 1 MiB of text): off the loop, which serves every stream.
-            prompt = await asyncio.to_thread(prepare_prompt, self.tokenizer, engine.validate,
-                                             request)
+            prompt = await asyncio.to_thread(prepare_prompt, self.tokenizer,
+                                             self.engine.validate, request)
         except Exception:
             self.core.counters.num_rejects += 1
             raise
         start_s = time.monotonic()
-        effective_len = len(prompt) - self._num_cached_tokens(prompt)
-        remote = self.remote.should_offload(effective_len, request.priority)
+        offload = self.remote.offload_rule(request.priority)
+
+        def admit(e: Engine) -> int | None:
+            """On the engine thread: the uncached prompt length if the request goes
+            remote; else None, and the request is queued for a local prefill."""
+            effective_len = len(prompt) - e.cached_prefix_tokens(prompt)
+            if offload(effective_len, e.stats().decode_load):
+                return effective_len
+            e.add_request(request_id, prompt, request.params)
+            return None
+
         stream = self.engine.open_stream(request_id)
         finished = False
-        path, num_attempts = PrefillPath.NONE, 1
+        path, num_attempts = PrefillPath.LOCAL, 1
         try:
-            if remote:
+            effective_len = await self.engine.call(admit)
+            if effective_len is not None:
                 outcome = await self.remote.prefill(request_id, prompt, request, effective_len)
                 path, num_attempts = outcome.path, outcome.num_attempts
-            if path is PrefillPath.NONE:  # local from the start (or no room for landing pages)
-                path, num_attempts = PrefillPath.LOCAL, 1
+            if path is PrefillPath.NONE:  # no room for landing pages: local after all
+                path = PrefillPath.LOCAL
                 await self.engine.call(lambda e: e.add_request(request_id, prompt,
                                                                request.params))
+            if num_attempts == 0 or effective_len is None:  # (fallbacks count in remote.py)
+                num_attempts = 1
                 self.core.counters.num_local_prefills += 1
             log.debug("request %s runs as %s (%s prefill)", label, request_id, path.value)
             first_s: float | None = None
@@ -128,11 +139,3 @@ class DecodeService:
                             total_ms=(now - start_s) * 1e3, prefill=path.value,
                             num_attempts=num_attempts)
         return GenerationChunk(label, out.new_token_ids, out.text_delta, out, timing)
-
-    def _num_cached_tokens(self, prompt: list[int]) -> int:
-        engine = self.engine.engine
-        if not engine.config.enable_prefix_cache:
-            return 0
-        ps = engine.config.page_size
-        cached = engine.allocator.count_cached_prefix(page_hashes(prompt[:-1], ps))
-        return cached * ps

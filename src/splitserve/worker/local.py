@@ -21,7 +21,7 @@ class LocalGenerationService:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        tokenizer = engine.engine.tokenizer
+        tokenizer = engine.tokenizer
         if tokenizer is None:
             raise ValueError("a generation service needs a model with a tokenizer")
         self.tokenizer = tokenizer

@@ -30,12 +30,13 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import nats.errors
 import torch
 
 from splitserve.config.daemon import PrefillRoleConfig
+from splitserve.engine.llm_engine import Engine
 from splitserve.engine.sampling import SamplingParams
 from splitserve.errors import SplitserveError
 from splitserve.queue.messages import encode_kv_ready
@@ -246,61 +247,65 @@ class PrefillService:
         job = delivery.job
         engine, agent = self.core.async_engine, self.core.agent
         assert engine is not None and agent is not None
-        ps = engine.engine.config.page_size
+        ps = engine.info.page_size
         pages = await engine.call(lambda e: e.held_pages(local_id))
         local_pages = pages[job.num_cached_tokens // ps: -(-len(job.token_ids) // ps)]
         checksums = (await engine.call(lambda e: page_checksums(e.pool.tensor, local_pages))
                      if job.want_checksums else [])
-        descriptor = await self._destination(job)  # the decode worker may have restarted
-        remaining_s = self._lease_remaining_s(delivery)
-        if remaining_s <= 0:  # the fence: never post a write after the lease
-            raise _Stale("lease expired during prefill", expired=True)
-        ready = KVReady(request_id=job.request_id, attempt=job.attempt, first_token=first_token,
-                        prefill_worker_id=self.core.worker_id, dequeue_time_unix_ns=dequeue_ns,
-                        prefill_end_unix_ns=self.core.now_unix_ns(),
-                        dest_incarnation=job.dest_incarnation, page_checksums=checksums)
-        try:
-            partial = len(job.token_ids) % ps != 0
-            with self._corrupted(local_pages[-1] if partial else None):
-                # No await between connect and the post inside write_pages_async: the
-                # peer written to is the incarnation just checked.
+        partial_page = local_pages[-1] if len(job.token_ids) % ps else None
+        async with self._corrupted(partial_page):  # (test-only; awaits before the checks)
+            descriptor = await self._destination(job)  # the decode worker may have restarted
+            remaining_s = self._lease_remaining_s(delivery)
+            if remaining_s <= 0:  # the fence: never post a write after the lease
+                raise _Stale("lease expired during prefill", expired=True)
+            ready = KVReady(request_id=job.request_id, attempt=job.attempt,
+                            first_token=first_token, prefill_worker_id=self.core.worker_id,
+                            dequeue_time_unix_ns=dequeue_ns,
+                            prefill_end_unix_ns=self.core.now_unix_ns(),
+                            dest_incarnation=job.dest_incarnation, page_checksums=checksums)
+            try:
+                # No await between the checks above, connect and the post inside
+                # write_pages_async: the peer written to is the incarnation just checked.
                 peer_id = agent.connect(descriptor)
                 await agent.write_pages_async(
                     peer_id, local_pages, list(job.dest_page_ids), encode_kv_ready(ready),
                     job.request_id, timeout_s=min(self.config.transfer_timeout_s, remaining_s))
-        except TransferError as exc:
-            if isinstance(exc, _PERMANENT):
-                raise
-            raise _Retry(f"transfer failed: {exc}") from exc
+            except TransferError as exc:
+                if isinstance(exc, _PERMANENT):
+                    raise
+                raise _Retry(f"transfer failed: {exc}") from exc
         self.core.counters.num_remote_prefills += 1
         await delivery.ack()
         log.info("job %s:%d (%s): %d tokens prefilled, pages %s → %s on %s", job.request_id,
                  job.attempt, job.label, len(job.token_ids), local_pages,
                  list(job.dest_page_ids), peer_id)
 
-    @contextlib.contextmanager
-    def _corrupted(self, page_id: int | None) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _corrupted(self, page_id: int | None) -> AsyncIterator[None]:
         """Test-only (`faults.corrupt_page_every`): on every N-th write whose prompt ends
         inside a page, flip one byte of that partial page after its checksum, and
         restore it once written. A partial page is never in this worker's prefix cache,
         so no other job reads the flipped byte."""
         every = self.core.config.faults.corrupt_page_every
-        if not every or page_id is None:
+        engine = self.core.async_engine
+        if not every or page_id is None or engine is None:
             yield
             return
         self._num_jobs += 1
         if self._num_jobs % every:
             yield
             return
-        engine = self.core.engine
-        assert engine is not None
-        data = engine.pool.tensor[page_id].view(-1).view(torch.uint8)
-        original = int(data[0])
-        data[0] = original ^ 0xFF
+
+        def flip(e: Engine) -> None:  # on the engine thread
+            data = e.pool.tensor[page_id].view(-1).view(torch.uint8)
+            data[0] ^= 0xFF
+
+        await engine.call(flip)
         try:
             yield
         finally:
-            data[0] = original
+            if engine.is_running:
+                await engine.call(flip)
 
     async def _heartbeat(self, delivery: JobDelivery) -> None:
         interval_s = self.core.queue_settings.ack_wait_s / 3

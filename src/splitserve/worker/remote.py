@@ -35,9 +35,11 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import partial
 
+import torch
+
 from splitserve.engine.async_engine import AsyncEngine
-from splitserve.engine.llm_engine import Engine
-from splitserve.engine.remote_prefill import AcceptRefusal, LandingPlan, PageVerifier
+from splitserve.engine.llm_engine import Engine, PoolVerifier
+from splitserve.engine.remote_prefill import AcceptRefusal, LandingPlan
 from splitserve.ingress import GenerateRequest
 from splitserve.queue.errors import DuplicateJob, MalformedMessage, PublishFailed
 from splitserve.queue.messages import decode_kv_ready
@@ -107,23 +109,24 @@ class RemotePrefillClient:
         """The broker's count lags by up to one poll; our own waiting jobs are exact."""
         return max(self.depth.value, len(self._waiting))
 
-    @property
-    def decode_load(self) -> float:
-        """Running sequences / max_num_seqs of this worker's engine."""
-        engine = self.engine.engine
-        return len(engine.scheduler.running) / engine.config.max_num_seqs
-
     def usable_prefill_ids(self) -> list[str]:
         """Registered prefill workers whose clock is not provably off by the margin."""
         margin_s = self.core.config.lease.skew_margin_s
         return sorted(w for w in self.live_prefill_ids if not self.clocks.is_excluded(w, margin_s))
 
+    def offload_rule(self, priority: str) -> Callable[[int, float], bool]:
+        """`(effective prompt length, decode load) -> go remote?`, with this moment's
+        routing config, queue depth and prefill workers captured: a pure function the
+        engine thread can evaluate. Never remote while no usable prefill worker is
+        registered (the job would wait out a whole lease for nobody)."""
+        usable = bool(self.usable_prefill_ids())
+        routing, depth = self.core.config.routing, self.queue_depth
+        return lambda effective_len, decode_load: usable and should_offload_prefill(
+            routing, effective_len, depth, decode_load, priority)
+
     def should_offload(self, effective_len: int, priority: str) -> bool:
-        """Never while no usable prefill worker is registered (the job would wait out a
-        whole lease for nobody)."""
-        return bool(self.usable_prefill_ids()) and should_offload_prefill(
-            self.core.config.routing, effective_len, self.queue_depth, self.decode_load,
-            priority)
+        """The offload rule on the engine's latest snapshot."""
+        return self.offload_rule(priority)(effective_len, self.engine.stats.decode_load)
 
     # --- attempts --------------------------------------------------------------------
     async def prefill(self, request_id: str, prompt: list[int], request: GenerateRequest,
@@ -244,13 +247,12 @@ class RemotePrefillClient:
             return None
         return usable[len(self._waiting) % len(usable)]
 
-    def _verifier(self, ready: KVReady) -> PageVerifier:
+    def _verifier(self, ready: KVReady) -> PoolVerifier:
         checksums = list(ready.page_checksums)
 
-        def verify(page_ids: list[int]) -> bool:
-            engine = self.engine.engine  # runs on the engine thread (inside accept)
-            try:
-                return not verify_page_checksums(engine.pool.tensor, page_ids, checksums)
+        def verify(pool: torch.Tensor, page_ids: list[int]) -> bool:
+            try:  # runs on the engine thread (inside accept)
+                return not verify_page_checksums(pool, page_ids, checksums)
             except ChecksumCountMismatch:  # none sent, or for other pages: not intact
                 return False
 
