@@ -130,6 +130,8 @@ class WorkerConfig:
     role: Literal["decode", "prefill"] = "decode"
     worker_id: str = ""  # "" → <role>-<hostname>-<pid>
     grpc_address: str = "127.0.0.1:50051"
+    # Prometheus `/metrics` (host:port, port 0: any free one); "" serves no metrics.
+    metrics_address: str = ""
     nats_url: str = "nats://127.0.0.1:4222"
     engine: EngineConfig = field(default_factory=EngineConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -150,6 +152,8 @@ class WorkerConfig:
         # systemd's stop timeout must exceed the grace; an hour is beyond any request.
         _check_range("drain_grace_s", self.drain_grace_s, 0.0, 3600.0)
         _check_range("stats_interval_s", self.stats_interval_s, 0.0, 3600.0, low_open=True)
+        if self.metrics_address:
+            _check_address("metrics_address", self.metrics_address)
 
     def resolved_worker_id(self) -> str:
         if self.worker_id:
@@ -174,6 +178,7 @@ class ClusterConfig:
     num_prefill_workers: int = 1
     num_decode_workers: int = 1
     base_grpc_port: int = 50051  # decode workers first, then prefill workers
+    base_metrics_port: int = 9400  # worker i serves /metrics on base+i; 0: no metrics
     worker: WorkerConfig = field(default_factory=WorkerConfig)  # template for every worker
     pin_cores: bool = False  # worker i on core i mod cpu_count, one torch thread each
     ready_timeout_s: float = 180.0
@@ -202,6 +207,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(str(path), "the top level must be a mapping")
     return data
+
+
+def _check_address(name: str, address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(name, f"expected host:port (port 0-65535), got {address!r}")
 
 
 def load_worker_config(path: str | Path, role: str | None = None) -> WorkerConfig:

@@ -65,6 +65,8 @@ def worker_configs(cluster: ClusterConfig, nats_url: str) -> list[WorkerConfig]:
                          grpc_address=f"127.0.0.1:{cluster.base_grpc_port + i}",
                          nats_url=nats_url,
                          nats=replace(cluster.worker.nats, replicas=cluster.nats_cluster_size))
+        if cluster.base_metrics_port:
+            config = replace(config, metrics_address=f"127.0.0.1:{cluster.base_metrics_port + i}")
         if cluster.pin_cores:
             config = replace(config, cpu_affinity=(i % num_cpus,), cpu_threads=1)
         configs.append(config)
@@ -172,18 +174,25 @@ class LocalCluster:
                  f"  nats       {self.nats.url}"]
         lines += [f"  {w.config.worker_id:<10} {w.config.grpc_address}  (log {w.log_path})"
                   for w in self.workers]
+        with_metrics = [w for w in self.workers if w.config.metrics_address]
+        metrics = [f"http://{w.config.metrics_address}/metrics" for w in with_metrics]
+        lines += [f"  metrics    {url}  ({w.config.worker_id})"
+                  for url, w in zip(metrics, with_metrics, strict=True)]
         target = decode[0]
         exe = Path(sys.executable).parent / "splitserve"
+        grpcurl = Path(sys.executable).parent / "grpcurl"
         lines += [
             "",
             "Try:",
             (f"  {exe} generate --target {target} --chat --temperature 0 "
              "--prompt 'What is the capital of France?'"),
             f"  {exe} admin status --target {target}",
-            f"  grpcurl -plaintext {target} list",
-            (f"  grpcurl -plaintext -d '{{\"text\": \"What is the capital of France?\", "
+            f"  {grpcurl} -plaintext {target} list",
+            (f"  {grpcurl} -plaintext -d '{{\"text\": \"What is the capital of France?\", "
              f"\"chat\": true, \"max_tokens\": 16, \"temperature\": 0}}' {target} "
              "splitserve.v1.Generation/Generate"),
+            *([f"  curl -s {metrics[0]} | grep '^splitserve:time_to_first_token'"]
+              if metrics else []),
             "",
             "Ctrl-C stops the cluster.",
         ]

@@ -64,7 +64,7 @@ class Engine:
         self.last_step = StepStats()
         self.info = EngineInfo(config, config.page_size, num_pages, config.max_num_seqs,
                                self.max_model_len, mc.vocab_size, loaded.fingerprint,
-                               config.dtype)
+                               config.dtype, self.pool.nbytes // num_pages)
         log.info("engine ready: model %s (%s) on %s, %s attention, %d pages of %d tokens "
                  "(%.0f MiB KV)", loaded.source, loaded.fingerprint, device,
                  type(attention).__name__, num_pages, config.page_size, self.pool.nbytes / 2**20)

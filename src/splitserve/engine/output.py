@@ -20,6 +20,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    first_scheduled_s: float | None = None  # monotonic; None: not prefilled here (remote)
 
 
 class OutputTracker:
@@ -83,6 +84,7 @@ class OutputTracker:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=seq.num_output_tokens,
+            first_scheduled_s=seq.first_scheduled_s,
         )
 
     @property

@@ -13,6 +13,7 @@ cache) and it goes back to the front of the waiting queue, to be recomputed.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -94,6 +95,8 @@ class Scheduler:
             seq.page_ids += self.allocator.allocate(num_pages)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_s is None:
+                seq.first_scheduled_s = time.monotonic()
             self.running.append(seq)
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new

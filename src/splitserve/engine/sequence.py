@@ -46,6 +46,7 @@ class Sequence:
     num_preemptions: int = 0
     hold_pages: bool = False  # keep pages after finishing (prefill for transfer)
     finish_reason: FinishReason | None = None
+    first_scheduled_s: float | None = None  # first admitted to a step (local prefill)
     first_token_s: float | None = None
 
     @property

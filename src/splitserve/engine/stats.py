@@ -32,6 +32,7 @@ class EngineInfo:
     vocab_size: int
     fingerprint: str  # the model's weights and shapes
     dtype: str  # KV dtype
+    page_nbytes: int  # one page, all layers, K and V
 
 
 @dataclass(frozen=True)
@@ -84,3 +85,10 @@ class EngineStats:
         """Share of pages neither free nor reusable (used + quarantined)."""
         busy = self.num_pages_used + self.num_pages_quarantined
         return busy / self.num_pages_total if self.num_pages_total else 0.0
+
+
+# Before the engine exists (a metrics scrape during start-up).
+EMPTY_STATS = EngineStats(taken_s=0.0, num_steps=0, num_running=0, num_waiting=0,
+                          num_remote_pending=0, num_held=0, num_pages_used=0,
+                          num_pages_free=0, num_pages_quarantined=0, num_pages_cached=0,
+                          num_pages_total=0, max_num_seqs=0, num_preemptions=0)

@@ -76,7 +76,31 @@ class KVReady(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., first_token: _Optional[int] = ..., prefill_worker_id: _Optional[str] = ..., dequeue_time_unix_ns: _Optional[int] = ..., prefill_start_unix_ns: _Optional[int] = ..., prefill_end_unix_ns: _Optional[int] = ..., dest_incarnation: _Optional[str] = ..., page_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "tokens_per_s", "queue_depth", "num_kv_pages_used", "num_kv_pages_free", "num_kv_pages_quarantined", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "num_local_prefills", "num_remote_prefills", "num_rejects", "timestamp_unix_ns")
+    __slots__ = ("worker_id", "role", "tokens_per_s", "queue_depth", "num_kv_pages_used", "num_kv_pages_free", "num_kv_pages_quarantined", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "num_local_prefills", "num_remote_prefills", "num_rejects", "timestamp_unix_ns", "window_s", "queue_p50_ms", "queue_p99_ms", "prefill_rates", "decode_steps", "transfer_bytes_per_s", "num_running", "kv_usage")
+    class PrefillRate(_message.Message):
+        __slots__ = ("min_tokens", "max_tokens", "tokens_per_s", "num_samples")
+        MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+        MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+        TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+        NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+        min_tokens: int
+        max_tokens: int
+        tokens_per_s: float
+        num_samples: int
+        def __init__(self, min_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    class DecodeStep(_message.Message):
+        __slots__ = ("min_batch", "max_batch", "mean_ms", "mean_context_tokens", "num_samples")
+        MIN_BATCH_FIELD_NUMBER: _ClassVar[int]
+        MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+        MEAN_MS_FIELD_NUMBER: _ClassVar[int]
+        MEAN_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+        NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+        min_batch: int
+        max_batch: int
+        mean_ms: float
+        mean_context_tokens: float
+        num_samples: int
+        def __init__(self, min_batch: _Optional[int] = ..., max_batch: _Optional[int] = ..., mean_ms: _Optional[float] = ..., mean_context_tokens: _Optional[float] = ..., num_samples: _Optional[int] = ...) -> None: ...
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +116,14 @@ class WorkerStats(_message.Message):
     NUM_REMOTE_PREFILLS_FIELD_NUMBER: _ClassVar[int]
     NUM_REJECTS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_RATES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     tokens_per_s: float
@@ -107,4 +139,12 @@ class WorkerStats(_message.Message):
     num_remote_prefills: int
     num_rejects: int
     timestamp_unix_ns: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., num_kv_pages_used: _Optional[int] = ..., num_kv_pages_free: _Optional[int] = ..., num_kv_pages_quarantined: _Optional[int] = ..., ttft_p50_ms: _Optional[float] = ..., ttft_p99_ms: _Optional[float] = ..., itl_p50_ms: _Optional[float] = ..., itl_p99_ms: _Optional[float] = ..., num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_rejects: _Optional[int] = ..., timestamp_unix_ns: _Optional[int] = ...) -> None: ...
+    window_s: float
+    queue_p50_ms: float
+    queue_p99_ms: float
+    prefill_rates: _containers.RepeatedCompositeFieldContainer[WorkerStats.PrefillRate]
+    decode_steps: _containers.RepeatedCompositeFieldContainer[WorkerStats.DecodeStep]
+    transfer_bytes_per_s: float
+    num_running: int
+    kv_usage: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., num_kv_pages_used: _Optional[int] = ..., num_kv_pages_free: _Optional[int] = ..., num_kv_pages_quarantined: _Optional[int] = ..., ttft_p50_ms: _Optional[float] = ..., ttft_p99_ms: _Optional[float] = ..., itl_p50_ms: _Optional[float] = ..., itl_p99_ms: _Optional[float] = ..., num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_rejects: _Optional[int] = ..., timestamp_unix_ns: _Optional[int] = ..., window_s: _Optional[float] = ..., queue_p50_ms: _Optional[float] = ..., queue_p99_ms: _Optional[float] = ..., prefill_rates: _Optional[_Iterable[_Union[WorkerStats.PrefillRate, _Mapping]]] = ..., decode_steps: _Optional[_Iterable[_Union[WorkerStats.DecodeStep, _Mapping]]] = ..., transfer_bytes_per_s: _Optional[float] = ..., num_running: _Optional[int] = ..., kv_usage: _Optional[float] = ...) -> None: ...

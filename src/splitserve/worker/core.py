@@ -11,8 +11,8 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Coroutine
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 from splitserve.config.daemon import WorkerConfig
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.llm_engine import Engine
+from splitserve.engine.stats import EMPTY_STATS
 from splitserve.queue.connection import BrokerConnection, connect
 from splitserve.queue.registry import WorkerRegistry
 from splitserve.queue.settings import BucketSettings, PrefillQueueSettings
@@ -29,8 +30,13 @@ from splitserve.queue.streams import ensure_messaging
 from splitserve.rpc.jobs_pb2 import WorkerStats
 from splitserve.rpc.worker_pb2 import WorkerDescriptor
 from splitserve.transfer.agent import TransferAgent
+from splitserve.worker.metrics import COUNTERS, RequestMetrics, WorkerState
+from splitserve.worker.observer import Observer
+from splitserve.worker.windows import WorkerWindows
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the `model_name` label of the embedded model
 
 
 @dataclass
@@ -51,7 +57,10 @@ class WorkerCounters:
     num_accept_failures: int = 0  # decode: KVReady arrived, taking the pages failed
     num_rejected_jobs: int = 0  # prefill: terminated for a permanent error
     num_clock_skew_jobs: int = 0  # prefill: terminated, our clock is behind the job's
-    ttft_ms: list[float] = field(default_factory=list)  # last window, for stats
+    num_offload_local: int = 0  # decode: the offload rule kept the request local
+    num_offload_remote: int = 0  # decode: ... sent it to the prefill pool
+    num_remote_attempts: int = 0  # decode: jobs published
+    num_lease_expiries: int = 0  # decode: attempts whose lease ran out
 
 
 def apply_cpu_settings(config: WorkerConfig) -> None:
@@ -81,6 +90,13 @@ class WorkerCore:
         self.broker: BrokerConnection | None = None
         self.registry: WorkerRegistry | None = None
         self._stats_task: asyncio.Task[None] | None = None
+        # decode: the prefill queue's depth as last polled (set by the decode role)
+        self.remote_queue_depth: Callable[[], int] = lambda: 0
+        self.windows = WorkerWindows()
+        self.metrics = RequestMetrics(config.engine.model or DEFAULT_MODEL_NAME,
+                                      self._metrics_state)
+        self.observer = Observer(self.metrics, self.windows)
+        self.metrics_url = ""
 
     def apply_config(self, config: WorkerConfig) -> None:
         """Make a reloaded config current (config/reload.py): one reference swap, so a
@@ -97,7 +113,10 @@ class WorkerCore:
         if self.config.faults.crash_engine_after_steps:
             _crash_after(self.engine, self.config.faults.crash_engine_after_steps)
         self.async_engine = AsyncEngine(self.engine)
+        self.async_engine.stats_listeners.append(self.observer.engine_step)
         await self.async_engine.start()
+        if self.config.metrics_address:
+            self.metrics_url = self.metrics.serve(self.config.metrics_address)
         return self.async_engine
 
     async def start_messaging(self, grpc_address: str) -> None:
@@ -142,19 +161,41 @@ class WorkerCore:
             self.agent.close()
 
     def stats(self) -> WorkerStats:
+        """The last window's measurements and the engine's latest snapshot."""
         assert self.async_engine is not None
         engine = self.async_engine.stats
-        ttft = sorted(self.counters.ttft_ms)
-        self.counters.ttft_ms = []
+        w = self.windows.summary(time.monotonic())
+        c = self.counters
         return WorkerStats(
-            worker_id=self.worker_id, role=self.role, queue_depth=engine.queue_depth,
+            worker_id=self.worker_id, role=self.role, tokens_per_s=w.tokens_per_s,
+            queue_depth=engine.queue_depth, num_running=engine.num_running,
             num_kv_pages_used=engine.num_pages_used, num_kv_pages_free=engine.num_pages_free,
-            num_kv_pages_quarantined=engine.num_pages_quarantined,
-            ttft_p50_ms=_percentile(ttft, 0.5), ttft_p99_ms=_percentile(ttft, 0.99),
-            num_local_prefills=self.counters.num_local_prefills,
-            num_remote_prefills=self.counters.num_remote_prefills,
-            num_rejects=self.counters.num_rejects, timestamp_unix_ns=time.time_ns(),
+            num_kv_pages_quarantined=engine.num_pages_quarantined, kv_usage=engine.kv_usage,
+            ttft_p50_ms=w.ttft_p50_ms, ttft_p99_ms=w.ttft_p99_ms, itl_p50_ms=w.itl_p50_ms,
+            itl_p99_ms=w.itl_p99_ms, queue_p50_ms=w.queue_p50_ms, queue_p99_ms=w.queue_p99_ms,
+            num_local_prefills=c.num_local_prefills, num_remote_prefills=c.num_remote_prefills,
+            num_rejects=c.num_rejects, timestamp_unix_ns=time.time_ns(), window_s=w.window_s,
+            prefill_rates=[WorkerStats.PrefillRate(
+                min_tokens=r.min_tokens, max_tokens=r.max_tokens, tokens_per_s=r.tokens_per_s,
+                num_samples=r.num_samples) for r in w.prefill_rates],
+            decode_steps=[WorkerStats.DecodeStep(
+                min_batch=d.min_batch, max_batch=d.max_batch, mean_ms=d.mean_ms,
+                mean_context_tokens=d.mean_context_tokens, num_samples=d.num_samples)
+                for d in w.decode_steps],
+            transfer_bytes_per_s=w.transfer_bytes_per_s,
         )
+
+    def _metrics_state(self) -> WorkerState:
+        """For the metrics scrape (on the HTTP server's thread): immutable snapshot,
+        plain ints."""
+        engine = self.async_engine
+        counters = {name: getattr(self.counters, name) for name in COUNTERS}
+        transfers = self.agent.counters if self.agent is not None else None
+        return WorkerState(
+            engine=engine.stats if engine is not None else EMPTY_STATS, counters=counters,
+            remote_queue_depth=self.remote_queue_depth(),
+            num_transfers=transfers.num_transfers if transfers else 0,
+            num_transfer_failures=transfers.num_failures if transfers else 0)
 
     async def _publish_stats_forever(self) -> None:
         assert self.broker is not None
@@ -201,8 +242,3 @@ def logged_task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None
     task.add_done_callback(report)
     return task
 
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]

@@ -36,7 +36,8 @@ from splitserve.ingress import (
     prepare_prompt,
 )
 from splitserve.worker.core import WorkerCore
-from splitserve.worker.remote import PrefillPath, RemotePrefillClient
+from splitserve.worker.observer import FirstToken
+from splitserve.worker.remote import PrefillPath, RemoteOutcome, RemotePrefillClient
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class DecodeService:
             raise ValueError("the decode role needs a model with a tokenizer")
         self.tokenizer = tokenizer
         self.remote = RemotePrefillClient(core, self.engine)
+        core.remote_queue_depth = lambda: self.remote.queue_depth
         self._labels: set[str] = set()  # caller request ids in flight
 
     async def start(self) -> None:
@@ -103,39 +105,63 @@ class DecodeService:
 
         stream = self.engine.open_stream(request_id)
         finished = False
-        path, num_attempts = PrefillPath.LOCAL, 1
+        outcome = RemoteOutcome(PrefillPath.LOCAL, 1)
         try:
             effective_len = await self.engine.call(admit)
-            if effective_len is not None:
+            if effective_len is None:
+                self.core.counters.num_offload_local += 1
+                self.core.counters.num_local_prefills += 1
+            else:
+                self.core.counters.num_offload_remote += 1
                 outcome = await self.remote.prefill(request_id, prompt, request, effective_len)
-                path, num_attempts = outcome.path, outcome.num_attempts
-            if path is PrefillPath.NONE:  # no room for landing pages: local after all
-                path = PrefillPath.LOCAL
+            if outcome.path is PrefillPath.NONE:  # no room for landing pages: local after all
+                outcome = RemoteOutcome(PrefillPath.LOCAL, 1)
                 await self.engine.call(lambda e: e.add_request(request_id, prompt,
                                                                request.params))
-            if num_attempts == 0 or effective_len is None:  # (fallbacks count in remote.py)
-                num_attempts = 1
-                self.core.counters.num_local_prefills += 1
-            log.debug("request %s runs as %s (%s prefill)", label, request_id, path.value)
-            first_s: float | None = None
+                self.core.counters.num_local_prefills += 1  # (fallbacks count in remote.py)
+            log.debug("request %s runs as %s (%s prefill)", label, request_id,
+                      outcome.path.value)
+            first: FirstToken | None = None
+            last_s = start_s
             async for out in self.engine.iterate(request_id, stream):
                 now = time.monotonic()
-                if first_s is None:
-                    first_s = now
-                    self.core.counters.ttft_ms.append((now - start_s) * 1e3)
+                if first is None:
+                    first = _first_token(start_s, now, out, outcome)
+                    self.core.observer.first_token(first, len(out.new_token_ids))
+                else:
+                    self.core.observer.tokens(now, now - last_s, len(out.new_token_ids))
+                last_s = now
                 finished = out.finished
-                yield self._chunk(label, out, start_s, first_s, now, path, num_attempts)
+                yield self._chunk(label, out, first, now, outcome)
         finally:
             self.engine.close_stream(request_id)
             if not finished and self.engine.is_running:
                 self.engine.call(lambda e: e.abort(request_id))
 
-    def _chunk(self, label: str, out: RequestOutput, start_s: float, first_s: float,
-               now: float, path: PrefillPath, num_attempts: int) -> GenerationChunk:
+    def _chunk(self, label: str, out: RequestOutput, first: FirstToken, now: float,
+               outcome: RemoteOutcome) -> GenerationChunk:
         timing = None
         if out.finished:
             self.core.counters.num_finished += 1
-            timing = Timing(queue_ms=0.0, ttft_ms=(first_s - start_s) * 1e3,
-                            total_ms=(now - start_s) * 1e3, prefill=path.value,
-                            num_attempts=num_attempts)
+            reason = out.finish_reason.value if out.finish_reason else "unknown"
+            self.core.observer.finished(now, first.start_s, reason, out.num_prompt_tokens,
+                                        out.num_output_tokens)
+            timing = Timing(queue_ms=first.queue_s * 1e3,
+                            ttft_ms=(first.at_s - first.start_s) * 1e3,
+                            total_ms=(now - first.start_s) * 1e3, prefill=first.path,
+                            num_attempts=max(1, outcome.num_attempts))
         return GenerationChunk(label, out.new_token_ids, out.text_delta, out, timing)
+
+
+def _first_token(start_s: float, now: float, out: RequestOutput,
+                 outcome: RemoteOutcome) -> FirstToken:
+    """Queue and prefill time of a request at its first token: a local prefill starts
+    when the engine first schedules it; a remote one when a prefill worker dequeues
+    its job (as the accepted attempt's KVReady says)."""
+    num_prefill_tokens = out.num_prompt_tokens - out.num_cached_tokens
+    if outcome.path is PrefillPath.REMOTE:
+        return FirstToken(start_s, now, outcome.queue_s, outcome.prefill_s, "remote",
+                          num_prefill_tokens)
+    scheduled_s = out.first_scheduled_s if out.first_scheduled_s is not None else start_s
+    return FirstToken(start_s, now, max(0.0, scheduled_s - start_s),
+                      max(0.0, now - scheduled_s), "local", num_prefill_tokens)

@@ -36,6 +36,8 @@ class LocalGenerationService:
             first_s = first_s or now
             timing = None
             if out.finished:
-                timing = Timing(queue_ms=0.0, ttft_ms=(first_s - start) * 1e3,
+                scheduled_s = out.first_scheduled_s or start
+                timing = Timing(queue_ms=max(0.0, scheduled_s - start) * 1e3,
+                                ttft_ms=(first_s - start) * 1e3,
                                 total_ms=(now - start) * 1e3, prefill="local")
             yield GenerationChunk(request_id, out.new_token_ids, out.text_delta, out, timing)

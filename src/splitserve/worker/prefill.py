@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -174,7 +175,10 @@ class PrefillService:
         assert engine is not None
         try:
             await self._destination(job)  # refuse a stale incarnation before any work
+            started_s = time.monotonic()
             first_token = await self._prefill(local_id, job)
+            self.core.observer.job_prefilled(len(job.token_ids) - job.num_cached_tokens,
+                                             time.monotonic() - started_s)
             await self._transfer(delivery, local_id, first_token, dequeue_ns)
         except _Stale as exc:
             counter = ("num_expired_jobs" if exc.expired else "num_incarnation_mismatches")
@@ -267,9 +271,12 @@ class PrefillService:
                 # No await between the checks above, connect and the post inside
                 # write_pages_async: the peer written to is the incarnation just checked.
                 peer_id = agent.connect(descriptor)
+                posted_s = time.monotonic()
                 await agent.write_pages_async(
                     peer_id, local_pages, list(job.dest_page_ids), encode_kv_ready(ready),
                     job.request_id, timeout_s=min(self.config.transfer_timeout_s, remaining_s))
+                self.core.observer.transfer(len(local_pages) * engine.info.page_nbytes,
+                                            time.monotonic() - posted_s)
             except TransferError as exc:
                 if isinstance(exc, _PERMANENT):
                     raise

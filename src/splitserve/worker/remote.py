@@ -71,12 +71,23 @@ class _Waiting:
     attempts: RemoteAttempts
     kv_ready: asyncio.Future[KVReady]
     publish_unix_ns: int = 0
+    publish_s: float = 0.0  # time.monotonic() of the publish
 
 
 @dataclass(frozen=True)
 class RemoteOutcome:
     path: PrefillPath
     num_attempts: int
+    queue_s: float = 0.0  # landed: publish to the prefill worker's dequeue
+    prefill_s: float = 0.0  # landed: dequeue to accepted (prefill, transfer, notification)
+
+
+@dataclass(frozen=True)
+class _Landed:
+    """The attempt's KV landed and decoding started."""
+
+    queue_s: float
+    prefill_s: float
 
 
 class RemotePrefillClient:
@@ -145,10 +156,11 @@ class RemotePrefillClient:
             return RemoteOutcome(PrefillPath.NONE, 0)
         while True:
             failure = await self._run_attempt(request_id, prompt, request, plan)
-            if failure is None:
+            if isinstance(failure, _Landed):  # not a failure: the KV landed
                 attempts.accepted()
                 self.core.counters.num_remote_prefills += 1
-                return RemoteOutcome(PrefillPath.REMOTE, attempts.attempt)
+                return RemoteOutcome(PrefillPath.REMOTE, attempts.attempt, failure.queue_s,
+                                     failure.prefill_s)
             self.core.counters.num_fallbacks += 1
             context = RetryContext(bool(self.usable_prefill_ids()),
                                    self.should_offload(effective_len, request.priority))
@@ -191,13 +203,14 @@ class RemotePrefillClient:
         return plan
 
     async def _run_attempt(self, request_id: str, prompt: list[int], request: GenerateRequest,
-                           plan: LandingPlan) -> Failure | None:
-        """Publish one attempt, wait for its KVReady and accept it: None when decoding
-        started, else why the attempt failed."""
+                           plan: LandingPlan) -> Failure | _Landed:
+        """Publish one attempt, wait for its KVReady and accept it: how long it took
+        when decoding started, else why the attempt failed."""
         waiting = self._waiting[request_id]
         try:
             ready = await self._publish_and_wait(request_id, prompt, request, plan, waiting)
         except TimeoutError:
+            self.core.counters.num_lease_expiries += 1
             return Failure.LEASE_EXPIRED
         except DuplicateJob:
             self.core.counters.num_duplicate_publishes += 1
@@ -224,18 +237,21 @@ class RemotePrefillClient:
             log.warning("request %s attempt %d: KVReady refused: %s", request_id, plan.attempt,
                         out.value)
             return Failure.REFUSED
-        return None
+        # The prefill worker's clock stamped the dequeue: off by up to the skew margin.
+        queue_s = max(0.0, (ready.dequeue_time_unix_ns - waiting.publish_unix_ns) / 1e9)
+        return _Landed(queue_s, max(0.0, time.monotonic() - waiting.publish_s - queue_s))
 
     async def _publish_and_wait(self, request_id: str, prompt: list[int],
                                 request: GenerateRequest, plan: LandingPlan,
                                 waiting: _Waiting) -> KVReady:
         lease_s = waiting.attempts.remaining_s(time.monotonic())
-        waiting.publish_unix_ns = self.core.now_unix_ns()
+        waiting.publish_unix_ns, waiting.publish_s = self.core.now_unix_ns(), time.monotonic()
         job = self._job(request_id, prompt, request, plan,
                         waiting.publish_unix_ns + int(lease_s * 1e9), waiting.publish_unix_ns)
         assert self.core.broker is not None
         await publish_job(self.core.broker.js, job, prefill_worker_id=self._direct_target(),
                           retry_for_s=lease_s / 4)
+        self.core.counters.num_remote_attempts += 1
         return await asyncio.wait_for(
             waiting.kv_ready, timeout=waiting.attempts.remaining_s(time.monotonic()))
 
