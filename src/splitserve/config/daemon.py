@@ -32,15 +32,25 @@ def _check_range(name: str, value: float, low: float, high: float, *,
 class LeaseConfig:
     """Remote-prefill leases (the fence invariant).
 
-    A job's lease is `base_s + per_token_ms · prompt tokens`: long enough for the
-    queue wait and the prefill, short enough that a lost job is retried quickly.
-    A decode worker reuses landing pages only after deadline + skew_margin_s; a
-    prefill worker posts no transfer after deadline − skew_margin_s.
+    A job's lease is sized from the measured prefill rate (routing/lease.py):
+    `base_s + queue wait + safety_factor · tokens / rate`, with `per_token_ms` per
+    token until a rate is measured, at most `max_s`. A prefill worker that needs
+    longer asks the decode worker for an extension, granted up to attempt start +
+    `max_s`. A decode worker reuses landing pages only after the deadline in force +
+    skew_margin_s; a prefill worker posts no transfer after its latest granted
+    deadline − skew_margin_s.
     """
 
     base_s: float = 5.0
     per_token_ms: float = 5.0
     skew_margin_s: float = 0.5
+    safety_factor: float = 2.0  # measured prefill time × this, for the initial lease
+    max_s: float = 600.0  # an attempt's lease, renewals included, never exceeds this
+
+    @property
+    def cap_s(self) -> float:
+        """The longest lease of one attempt, renewals included (never below base_s)."""
+        return max(self.max_s, self.base_s)
 
     def __post_init__(self) -> None:
         # A lease beyond an hour would keep landing pages fenced off for that long
@@ -48,6 +58,8 @@ class LeaseConfig:
         _check_range("lease.base_s", self.base_s, 0.0, 3600.0, low_open=True)
         _check_range("lease.per_token_ms", self.per_token_ms, 0.0, 1000.0)
         _check_range("lease.skew_margin_s", self.skew_margin_s, 0.0, 60.0, high_open=True)
+        _check_range("lease.safety_factor", self.safety_factor, 1.0, 100.0)
+        _check_range("lease.max_s", self.max_s, 0.0, 3600.0, low_open=True)
         if self.skew_margin_s >= self.base_s:
             # a prefill worker would find every short job's lease already spent
             raise ConfigError("lease.skew_margin_s", f"must be below base_s ({self.base_s!r}), "

@@ -7,6 +7,9 @@ feeds it events with the current monotonic time and carries out what it decides.
     WAITING ── kv_ready(current attempt, before the deadline) ──► ACCEPTING
     WAITING ── kv_ready(other attempt, or late) ──► WAITING (stale, ignored)
     WAITING ── expired(now ≥ deadline) ──► failure LEASE_EXPIRED
+    WAITING ── extend(current attempt, before the deadline) ──► WAITING (deadline
+               moved, at most attempt start + max lease; routing/lease.py)
+    WAITING ── failure DECLINED (the prefill worker cannot finish in time) ──► decide
     ACCEPTING ── accepted ──► DECODING (done: remote)
     ACCEPTING ── failure (checksum, accept failed, refused) ──► decide
     WAITING ── failure (worker gone, publish failed, duplicate publish) ──► decide
@@ -27,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from splitserve.routing.lease import Extension, Refusal
+
 
 class Phase(Enum):
     WAITING = "waiting for KVReady"
@@ -46,6 +51,7 @@ class Failure(Enum):
     ACCEPT_FAILED = "accepting the landed pages failed"
     PUBLISH_FAILED = "publish failed"
     DUPLICATE_PUBLISH = "the broker reported the job as a duplicate"
+    DECLINED = "a prefill worker declined the job (cannot finish within the lease)"
 
 
 # A broker that refuses a publish (down, stream full) will likely refuse the next
@@ -82,6 +88,7 @@ class RemoteAttempts:
 
     max_attempts: int
     deadline_s: float
+    start_s: float = 0.0  # when the current attempt's lease began
     attempt: int = 1
     phase: Phase = Phase.WAITING
     failures: list[Failure] = field(default_factory=list)
@@ -90,7 +97,7 @@ class RemoteAttempts:
     def start(cls, max_attempts: int, now_s: float, lease_s: float) -> RemoteAttempts:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-        return cls(max_attempts, now_s + lease_s)
+        return cls(max_attempts, now_s + lease_s, now_s)
 
     @property
     def done(self) -> bool:
@@ -113,6 +120,22 @@ class RemoteAttempts:
         """True if the current attempt's lease has run out while waiting."""
         return self.phase is Phase.WAITING and now_s >= self.deadline_s
 
+    def extend(self, attempt: int, now_s: float, until_s: float, max_lease_s: float
+               ) -> Extension:
+        """A prefill worker asks for the current attempt's deadline to move to
+        `until_s`: granted (up to attempt start + `max_lease_s`) only while waiting
+        for that attempt and before its deadline. The caller moves the landing
+        pages' release to the new deadline + margin before the grant leaves."""
+        if self.phase is not Phase.WAITING or attempt != self.attempt:
+            return Extension(self.deadline_s, Refusal.NOT_WAITING)
+        if now_s >= self.deadline_s:
+            return Extension(self.deadline_s, Refusal.EXPIRED)
+        cap_s = self.start_s + max_lease_s
+        if cap_s <= self.deadline_s:
+            return Extension(self.deadline_s, Refusal.AT_CAP)
+        self.deadline_s = max(self.deadline_s, min(until_s, cap_s))
+        return Extension(self.deadline_s)
+
     def accepted(self) -> None:
         self._expect(Phase.ACCEPTING, "accepted")
         self.phase = Phase.DECODING
@@ -132,7 +155,7 @@ class RemoteAttempts:
         """Fresh landing pages for the next attempt: → WAITING; returns its number."""
         self._expect(Phase.RESERVING, "reserved")
         self.attempt += 1
-        self.deadline_s = now_s + lease_s
+        self.start_s, self.deadline_s = now_s, now_s + lease_s
         self.phase = Phase.WAITING
         return self.attempt
 
