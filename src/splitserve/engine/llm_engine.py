@@ -163,6 +163,10 @@ class Engine:
         instead (no room for the pages) or unknown request."""
         return self.remote.retry(request_id, attempt, release_at)
 
+    def extend_remote(self, request_id: str, attempt: int, release_at: float) -> bool:
+        """A renewed lease moves the pending attempt's page release to `release_at`."""
+        return self.remote.extend(request_id, attempt, release_at)
+
     def fallback_remote(self, request_id: str) -> bool:
         """No KVReady in time: prefill locally instead (the landing pages stay fenced)."""
         return self.remote.fallback(request_id) is not None

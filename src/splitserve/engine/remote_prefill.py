@@ -24,7 +24,7 @@ first token is sampled, until `release` (after the transfer completed).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from splitserve.engine.page_allocator import PageAllocator
@@ -124,6 +124,16 @@ class RemotePrefills:
         self.scheduler.running.append(seq)
         self.num_accepted += 1
         return seq
+
+    def extend(self, request_id: str, attempt: int, release_at: float) -> bool:
+        """A renewed lease: the pending attempt's landing pages stay fenced until
+        `release_at` (never earlier than before). False: not the pending attempt."""
+        remote = self._pending.get(request_id)
+        if remote is None or remote.plan.attempt != attempt:
+            return False
+        if release_at > remote.plan.release_at:
+            remote.plan = replace(remote.plan, release_at=release_at)
+        return True
 
     def fallback(self, request_id: str) -> Sequence | None:
         """Give up on the remote attempt: quarantine its pages, queue a local prefill."""

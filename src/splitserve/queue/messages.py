@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError, Message
 
 from splitserve.queue.errors import InvalidSubjectToken, MalformedMessage
 from splitserve.queue.subjects import validate_priority, validate_role, validate_worker_id
-from splitserve.rpc.jobs_pb2 import KVReady, PrefillJob, WorkerStats
+from splitserve.rpc.jobs_pb2 import KVReady, LeaseReply, LeaseRequest, PrefillJob, WorkerStats
 
 __all__ = [
     "KVReady", "PrefillJob", "WorkerStats", "decode_job", "decode_kv_ready", "decode_stats",
@@ -113,3 +113,20 @@ def decode_stats(data: bytes) -> WorkerStats:
 def _validate_stats(stats: WorkerStats) -> None:
     _check_token("WorkerStats", validate_worker_id, stats.worker_id)
     _check_token("WorkerStats", validate_role, stats.role)
+
+
+def decode_lease_request(data: bytes) -> LeaseRequest:
+    request = LeaseRequest()
+    _parse(request, data)
+    _check_request_id("LeaseRequest", request.request_id)
+    if request.attempt < 1:
+        raise MalformedMessage("LeaseRequest", "attempt must be >= 1")
+    if not request.decline and request.wanted_deadline_unix_ns <= 0:
+        raise MalformedMessage("LeaseRequest", "an extension needs wanted_deadline_unix_ns")
+    return request
+
+
+def decode_lease_reply(data: bytes) -> LeaseReply:
+    reply = LeaseReply()
+    _parse(reply, data)
+    return reply

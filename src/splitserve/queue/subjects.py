@@ -23,6 +23,7 @@ BUCKET_WORKERS = "splitserve-workers"
 BUCKET_POLICY = "splitserve-policy"
 
 STATS_PREFIX = "splitserve.stats"
+LEASE_PREFIX = "splitserve.lease"
 
 MAX_TOKEN_LEN = 128
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_=-]+$")
@@ -88,3 +89,8 @@ def stats_filter(role: str | None = None, worker_id: str | None = None) -> str:
     role_token = "*" if role is None else validate_role(role)
     worker_token = "*" if worker_id is None else validate_worker_id(worker_id)
     return f"{STATS_PREFIX}.{role_token}.{worker_token}"
+
+
+def lease_subject(decode_worker_id: str) -> str:
+    """Where a decode worker answers lease renewals and declines of its jobs."""
+    return f"{LEASE_PREFIX}.{validate_worker_id(decode_worker_id)}"

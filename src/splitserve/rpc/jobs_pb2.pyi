@@ -75,6 +75,34 @@ class KVReady(_message.Message):
     page_checksums: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., first_token: _Optional[int] = ..., prefill_worker_id: _Optional[str] = ..., dequeue_time_unix_ns: _Optional[int] = ..., prefill_start_unix_ns: _Optional[int] = ..., prefill_end_unix_ns: _Optional[int] = ..., dest_incarnation: _Optional[str] = ..., page_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class LeaseRequest(_message.Message):
+    __slots__ = ("request_id", "attempt", "dest_incarnation", "prefill_worker_id", "wanted_deadline_unix_ns", "decline", "reason")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    DEST_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WANTED_DEADLINE_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    DECLINE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    attempt: int
+    dest_incarnation: str
+    prefill_worker_id: str
+    wanted_deadline_unix_ns: int
+    decline: bool
+    reason: str
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., dest_incarnation: _Optional[str] = ..., prefill_worker_id: _Optional[str] = ..., wanted_deadline_unix_ns: _Optional[int] = ..., decline: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class LeaseReply(_message.Message):
+    __slots__ = ("granted", "deadline_unix_ns", "refusal")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    granted: bool
+    deadline_unix_ns: int
+    refusal: str
+    def __init__(self, granted: _Optional[bool] = ..., deadline_unix_ns: _Optional[int] = ..., refusal: _Optional[str] = ...) -> None: ...
+
 class WorkerStats(_message.Message):
     __slots__ = ("worker_id", "role", "tokens_per_s", "queue_depth", "num_kv_pages_used", "num_kv_pages_free", "num_kv_pages_quarantined", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "num_local_prefills", "num_remote_prefills", "num_rejects", "timestamp_unix_ns", "window_s", "queue_p50_ms", "queue_p99_ms", "prefill_rates", "decode_steps", "transfer_bytes_per_s", "num_running", "kv_usage")
     class PrefillRate(_message.Message):

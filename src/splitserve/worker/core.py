@@ -61,6 +61,8 @@ class WorkerCounters:
     num_offload_remote: int = 0  # decode: ... sent it to the prefill pool
     num_remote_attempts: int = 0  # decode: jobs published
     num_lease_expiries: int = 0  # decode: attempts whose lease ran out
+    num_lease_renewals: int = 0  # granted extensions (decode: given; prefill: received)
+    num_declined_jobs: int = 0  # prefill: declined up front; decode: attempts declined
 
 
 def apply_cpu_settings(config: WorkerConfig) -> None:

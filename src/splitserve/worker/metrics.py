@@ -53,6 +53,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "num_fallbacks": ("remote_fallbacks", "Failed remote attempts (retried or local)"),
     "num_lease_expiries": ("lease_expiries", "Decode: attempts whose lease ran out"),
     "num_expired_jobs": ("expired_jobs", "Prefill: jobs terminated, lease over"),
+    "num_lease_renewals": ("lease_renewals", "Lease extensions granted"),
+    "num_declined_jobs": ("declined_jobs", "Jobs declined up front (would not finish)"),
     "num_rejects": ("requests_rejected", "Requests refused before admission"),
     "num_stale_notifications": ("stale_notifications", "KVReady no longer awaited"),
     "num_incarnation_mismatches": ("incarnation_mismatches", "For another incarnation"),

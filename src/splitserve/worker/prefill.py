@@ -9,13 +9,20 @@ Life cycle of a job:
    every job of a decode worker whose clock this worker's is provably behind by more
    than the margin (dequeue time − publish time, the tightest of the last 32 jobs,
    is below −margin): its lease checks would run late;
+2b. the job's work is estimated (this worker's measured prefill rate for that prompt
+   length): a lease too short for it is renewed at once by the decode worker
+   (`splitserve.lease.<id>`); one that cannot be renewed enough is *declined*
+   (the decode worker goes on at once) instead of computed and thrown away; while
+   the job runs, the lease is renewed whenever the work left would outrun it
+   (worker/renewal.py). Only a granted deadline ever counts;
 3. the destination's current `WorkerDescriptor` is read from the registry; a job
    for another incarnation than the registered one (the decode worker restarted,
    same id or not) is `term`-ed: its pages now belong to someone else;
 4. the prompt runs in this worker's engine (batched with the other jobs), which
    samples the first token and keeps the pages;
-5. lease and incarnation checked again, then (with no await in between, so nothing
-   can reconnect the peer meanwhile) one WRITE per contiguous page run carrying a
+5. lease (the latest granted deadline) and incarnation checked again, then (with
+   no await in between, so nothing can reconnect the peer meanwhile) one WRITE
+   per contiguous page run carrying a
    `KVReady` notification that arrives after the data, with page checksums when the
    job asks; `in_progress` heartbeats meanwhile;
 6. `ack` after the transfer completed; `nak` with delay for a retryable failure
@@ -57,6 +64,7 @@ from splitserve.transfer.errors import (
     TransferError,
 )
 from splitserve.worker.core import WorkerCore, logged_task
+from splitserve.worker.renewal import LeaseKeeper, UpFront
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +171,23 @@ class PrefillService:
                         job.dest_worker_id, behind_s, self.margin_s)
             await delivery.term()
             return
-        if self._lease_remaining_s(delivery) <= 0:
+        keeper = LeaseKeeper(self.core, job, self.margin_s)
+        if keeper.remaining_s() <= 0:
             self.core.counters.num_expired_jobs += 1
             log.info("job %s: lease expired before prefill; terminated", tag)
             await delivery.term()
             return
+        verdict = await keeper.up_front()  # renews at once if the lease is too short
+        if verdict is not UpFront.GO:
+            if verdict is UpFront.DECLINE:
+                await keeper.decline()  # the decode worker goes on at once
+            else:
+                self.core.counters.num_expired_jobs += 1
+            await delivery.term()
+            return
         self.num_in_flight += 1
         heartbeat = asyncio.create_task(self._heartbeat(delivery))
+        renewer = asyncio.create_task(keeper.keep())
         local_id = f"{tag}:{delivery.stream_seq}"  # unique per delivery
         engine = self.core.async_engine
         assert engine is not None
@@ -179,7 +197,7 @@ class PrefillService:
             first_token = await self._prefill(local_id, job)
             self.core.observer.job_prefilled(len(job.token_ids) - job.num_cached_tokens,
                                              time.monotonic() - started_s)
-            await self._transfer(delivery, local_id, first_token, dequeue_ns)
+            await self._transfer(delivery, keeper, local_id, first_token, dequeue_ns)
         except _Stale as exc:
             counter = ("num_expired_jobs" if exc.expired else "num_incarnation_mismatches")
             setattr(self.core.counters, counter, getattr(self.core.counters, counter) + 1)
@@ -187,7 +205,7 @@ class PrefillService:
                         exc)
             await delivery.term()
         except _Retry as exc:
-            if self._lease_remaining_s(delivery) > self.config.nak_delay_s:
+            if keeper.remaining_s() > self.config.nak_delay_s:
                 log.warning("job %s: %s; retrying later", tag, exc)
                 await delivery.nak(self.config.nak_delay_s)
             else:
@@ -203,6 +221,7 @@ class PrefillService:
             await delivery.term()
         finally:
             heartbeat.cancel()
+            renewer.cancel()
             self.num_in_flight -= 1
             if engine.is_running:
                 engine.call(lambda e: e.release_held(local_id))
@@ -216,9 +235,6 @@ class PrefillService:
         window = self._clock_samples.setdefault(key, deque(maxlen=_CLOCK_WINDOW))
         window.append(dequeue_ns - job.publish_time_unix_ns)
         return max(0.0, -min(window) / 1e9)
-
-    def _lease_remaining_s(self, delivery: JobDelivery) -> float:
-        return delivery.lease_remaining_s(self.margin_s, self.core.now_unix_ns())
 
     async def _destination(self, job: PrefillJob) -> WorkerDescriptor:
         """The destination's registered descriptor, if it is the job's incarnation."""
@@ -246,8 +262,8 @@ class PrefillService:
         # generate() ends when the request finishes; its pages stay held (hold_pages)
         return first_token
 
-    async def _transfer(self, delivery: JobDelivery, local_id: str, first_token: int,
-                        dequeue_ns: int) -> None:
+    async def _transfer(self, delivery: JobDelivery, keeper: LeaseKeeper, local_id: str,
+                        first_token: int, dequeue_ns: int) -> None:
         job = delivery.job
         engine, agent = self.core.async_engine, self.core.agent
         assert engine is not None and agent is not None
@@ -259,7 +275,7 @@ class PrefillService:
         partial_page = local_pages[-1] if len(job.token_ids) % ps else None
         async with self._corrupted(partial_page):  # (test-only; awaits before the checks)
             descriptor = await self._destination(job)  # the decode worker may have restarted
-            remaining_s = self._lease_remaining_s(delivery)
+            remaining_s = keeper.remaining_s()  # under the latest *granted* deadline
             if remaining_s <= 0:  # the fence: never post a write after the lease
                 raise _Stale("lease expired during prefill", expired=True)
             ready = KVReady(request_id=job.request_id, attempt=job.attempt,

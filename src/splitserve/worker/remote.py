@@ -4,8 +4,11 @@ Life cycle of one remote prefill (the decisions are `routing.attempts.RemoteAtte
 this module carries them out):
 1. attempt 1: reserve landing pages (cached prefix + the rest of the prompt + the
    page that will own the partial last one) and publish a `PrefillJob` naming this
-   worker's incarnation, under a lease; Msg-Id = <internal id>:<attempt>, where the
-   internal id is this worker's own (the caller's request id is only a label);
+   worker's incarnation, under a lease sized from the pool's measured prefill rate
+   (worker/leases.py); Msg-Id = <internal id>:<attempt>, where the internal id is
+   this worker's own (the caller's request id is only a label). While it waits, a
+   prefill worker may renew the lease (granted before the deadline, up to the cap;
+   the pages' release moves first) or decline the job (the attempt fails at once);
 2. the `KVReady` of the current attempt arrives in time, for this incarnation: the
    engine checks the page checksums (`kv_checksum`), copies the partial last page
    and starts decoding after the first token;
@@ -47,9 +50,10 @@ from splitserve.queue.work_queue import publish_job
 from splitserve.routing.attempts import Failure, Next, RemoteAttempts, RetryContext
 from splitserve.routing.clock import ClockOffsets
 from splitserve.routing.offload import should_offload_prefill
-from splitserve.rpc.jobs_pb2 import KVReady, PrefillJob
+from splitserve.rpc.jobs_pb2 import KVReady, LeaseReply, LeaseRequest, PrefillJob
 from splitserve.transfer.checksum import ChecksumCountMismatch, verify_page_checksums
 from splitserve.worker.core import WorkerCore, logged_task, parse_descriptor
+from splitserve.worker.leases import LeaseDesk, PrefillDeclined
 from splitserve.worker.queue_depth import QueueDepth
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,7 @@ class RemotePrefillClient:
         self.live_prefill_ids: set[str] = set()  # from the registry watch
         self._incarnations: dict[str, str] = {}  # prefill worker → registered incarnation
         self.clocks = ClockOffsets()
+        self.desk = LeaseDesk(core)
         self._waiting: dict[str, _Waiting] = {}  # internal request id → its attempt
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -105,11 +110,13 @@ class RemotePrefillClient:
         self._tasks = [logged_task(self._receive_notifications(), "kv-ready receiver"),
                        logged_task(self.depth.poll_forever(), "queue depth poller"),
                        logged_task(self._watch_prefill_workers(), "prefill worker watch")]
+        await self.desk.start(self._on_lease)
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.desk.stop()
 
     @property
     def num_waiting(self) -> int:
@@ -146,7 +153,7 @@ class RemotePrefillClient:
         # One clock reading per attempt: the job's deadline (deadline_s) and the landing
         # pages' release (release_at = deadline_s + margin) derive from it, so the
         # quarantine always outlasts the lease by the full margin.
-        lease_s, now = self._lease_s(prompt), time.monotonic()
+        lease_s, now = self._lease_s(effective_len), time.monotonic()
         attempts = RemoteAttempts.start(self.core.config.routing.max_remote_attempts, now,
                                         lease_s)
         release_at = attempts.deadline_s + self.core.config.lease.skew_margin_s
@@ -165,7 +172,7 @@ class RemotePrefillClient:
             context = RetryContext(bool(self.usable_prefill_ids()),
                                    self.should_offload(effective_len, request.priority))
             if attempts.failed(failure, context) is Next.RETRY:
-                lease_s, now = self._lease_s(prompt), time.monotonic()
+                lease_s, now = self._lease_s(effective_len), time.monotonic()
                 release_at = now + lease_s + self.core.config.lease.skew_margin_s
                 attempt = attempts.attempt + 1
                 plan = await self._reserve(request_id, attempts, partial(
@@ -219,6 +226,10 @@ class RemotePrefillClient:
             return Failure.PUBLISH_FAILED
         except PrefillWorkerGone:
             return Failure.WORKER_GONE
+        except PrefillDeclined as exc:
+            self.core.counters.num_declined_jobs += 1
+            log.info("request %s attempt %d: %s", request_id, plan.attempt, exc)
+            return Failure.DECLINED
         finally:
             self._forget(request_id)
         verify = self._verifier(ready) if self.core.config.kv_checksum else None
@@ -252,8 +263,13 @@ class RemotePrefillClient:
         await publish_job(self.core.broker.js, job, prefill_worker_id=self._direct_target(),
                           retry_for_s=lease_s / 4)
         self.core.counters.num_remote_attempts += 1
-        return await asyncio.wait_for(
-            waiting.kv_ready, timeout=waiting.attempts.remaining_s(time.monotonic()))
+        while True:  # a granted renewal moves the deadline while we wait
+            remaining_s = waiting.attempts.remaining_s(time.monotonic())
+            if remaining_s <= 0:
+                raise TimeoutError
+            done, _ = await asyncio.wait({waiting.kv_ready}, timeout=remaining_s)
+            if done:
+                return waiting.kv_ready.result()
 
     def _direct_target(self) -> str | None:
         """None (the shared subject) unless some prefill worker is excluded for clock
@@ -290,9 +306,14 @@ class RemotePrefillClient:
             dest_incarnation=self.core.incarnation, label=request.request_id,
             want_checksums=self.core.config.kv_checksum)
 
-    def _lease_s(self, prompt: list[int]) -> float:
-        lease = self.core.config.lease
-        return lease.base_s + lease.per_token_ms * len(prompt) / 1e3
+    def _lease_s(self, effective_len: int) -> float:
+        return self.desk.lease_s(effective_len, self.queue_depth,
+                                 len(self.usable_prefill_ids()))
+
+    async def _on_lease(self, request: LeaseRequest) -> LeaseReply:
+        """A prefill worker asks for more time for an attempt, or declines it."""
+        return await self.desk.answer(request, lambda: self._waiting.get(request.request_id),
+                                      self.engine)
 
     def _forget(self, request_id: str) -> None:
         waiting = self._waiting.pop(request_id, None)
