@@ -77,7 +77,9 @@ from chaos_workload import (
     reference_engine,
 )
 
-LEAK_WAIT_S = LEASE.base_s + LEASE.per_token_ms * LONG_TOKENS[1] / 1e3 + LEASE.skew_margin_s + 5
+# the longest an attempt's landing pages stay fenced (its lease at the cap, renewals
+# included, + the margin), + 5 s; rows with a longer lease wait for theirs
+LEAK_WAIT_S = LEASE.cap_s + LEASE.skew_margin_s + 5
 
 
 class Clusters:
@@ -163,7 +165,8 @@ async def run_row(fault: Fault, cluster: Cluster, requests: list[Request],
 async def wait_for_pages(row: Row) -> tuple[int | None, int | None]:
     """Pages used + quarantined on every running decode worker once the leases have
     expired (None: one did not answer), and the row's prefill workers' pages in use."""
-    deadline = time.monotonic() + LEAK_WAIT_S
+    lease = row.decode.config.lease
+    deadline = time.monotonic() + max(LEAK_WAIT_S, lease.cap_s + lease.skew_margin_s + 5)
     while True:
         statuses = await asyncio.gather(*(get_status(d.address)
                                           for d in row.cluster.role("decode")))

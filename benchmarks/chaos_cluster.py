@@ -34,7 +34,8 @@ from splitserve.rpc import admin_pb2, admin_pb2_grpc
 
 SPLITSERVE = [sys.executable, "-m", "splitserve.cli"]
 # Short leases resolve a fault in seconds: a 400-token prompt's lease is 3.8 s.
-LEASE = LeaseConfig(base_s=3.0, per_token_ms=2.0, skew_margin_s=0.3)
+# max_s: renewals (and the sizing) never hold an attempt's pages past 12 s
+LEASE = LeaseConfig(base_s=3.0, per_token_ms=2.0, skew_margin_s=0.3, max_s=12.0)
 # One torch thread per worker: two workers and the client share 2 cores.
 ENGINE = EngineConfig(kv_cache_memory_mb=96, max_num_seqs=16)
 ROUTING = RoutingConfig(prefill_length_threshold=40, moderate_length_threshold=40)
