@@ -11,6 +11,14 @@ from typing import Any, TypeVar
 import click
 
 from splitserve.errors import SplitserveError
+from splitserve.policy_admin import (
+    DEFAULT_NATS_URL,
+    POLICY_KEYS,
+    PolicyValue,
+    delete_policy,
+    get_policy,
+    set_policy,
+)
 
 T = TypeVar("T")
 
@@ -224,6 +232,67 @@ def admin_config(target: str, connect_timeout: float) -> None:
 
     resp = _run_remote(client.admin_config(target, connect_timeout_s=connect_timeout))
     click.echo(resp.config_yaml, nl=False)
+
+
+@admin.group("policy")
+def admin_policy() -> None:
+    """The live routing policy in the splitserve-policy bucket (straight to the broker).
+
+    Decode workers apply a write to their next requests, its fields over their config
+    file's `routing:` section (see README, "Live policy")."""
+
+
+_NATS_URL = click.option("--nats-url", default=DEFAULT_NATS_URL, show_default=True,
+                         help="The broker, as the workers' nats_url.")
+_POLICY_KEY = click.option("--key", default="routing", show_default=True,
+                           type=click.Choice(sorted(POLICY_KEYS)), help="The policy key.")
+_REVISION = click.option("--revision", "expected_revision", default=None,
+                         type=click.IntRange(min=0), help="Write only if the key is at this "
+                         "revision (0: it must not exist); default: the revision just read.")
+
+
+def _echo_policy(value: PolicyValue, as_json: bool) -> None:
+    from splitserve import client
+
+    click.echo(value.to_json() if as_json else client.format_table(value.rows()))
+
+
+@admin_policy.command("get")
+@_NATS_URL
+@_POLICY_KEY
+@_JSON
+@_CONNECT_TIMEOUT
+def policy_get(nats_url: str, key: str, as_json: bool, connect_timeout: float) -> None:
+    """Print the key's value and revision (0: not set, the config file is in force)."""
+    _echo_policy(_run_remote(get_policy(nats_url, key, connect_timeout)), as_json)
+
+
+@admin_policy.command("set")
+@_NATS_URL
+@_POLICY_KEY
+@_REVISION
+@_JSON
+@_CONNECT_TIMEOUT
+@click.argument("assignments", nargs=-1, required=True, metavar="FIELD=VALUE... | JSON")
+def policy_set(nats_url: str, key: str, expected_revision: int | None, as_json: bool,
+               connect_timeout: float, assignments: tuple[str, ...]) -> None:
+    """Set fields (FIELD=VALUE, FIELD=null drops one) or the whole value (one JSON
+    object), validated first, with compare-and-set on the revision; prints the new one."""
+    _echo_policy(_run_remote(set_policy(nats_url, key, assignments, expected_revision,
+                                        connect_timeout)), as_json)
+
+
+@admin_policy.command("delete")
+@_NATS_URL
+@_POLICY_KEY
+@_REVISION
+@_CONNECT_TIMEOUT
+def policy_delete(nats_url: str, key: str, expected_revision: int | None,
+                  connect_timeout: float) -> None:
+    """Delete the key (compare-and-set): the config file alone is in force again."""
+    old = _run_remote(delete_policy(nats_url, key, expected_revision, connect_timeout))
+    click.echo(f"{key}: revision {old.revision} deleted" if old.value is not None
+               else f"{key}: not set")
 
 
 from splitserve.cli_daemons import decode_cmd, prefill_cmd, up_cmd

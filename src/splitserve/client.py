@@ -182,6 +182,7 @@ def status_rows(status: admin_pb2.GetStatusResponse) -> list[tuple[str, str]]:
         ("model", status.model_fingerprint or "-"),
         ("config hash", status.config_hash or "-"),
         ("config reload error", status.config_reload_error or "none"),
+        ("routing policy", _policy_note(status)),
         ("KV pages", (f"{status.num_pages_used} used, {status.num_pages_free} free, "
                       f"{status.num_pages_quarantined} quarantined, "
                       f"{status.num_pages_total} total")),
@@ -193,6 +194,15 @@ def status_rows(status: admin_pb2.GetStatusResponse) -> list[tuple[str, str]]:
         ("finished", str(c.num_requests_finished)),
         ("rejected", str(c.num_rejects)),
     ]
+
+
+def _policy_note(status: admin_pb2.GetStatusResponse) -> str:
+    """Which routing a decode worker applies: a splitserve-policy revision over its file."""
+    if status.role != "decode":
+        return "-"
+    note = (f"revision {status.policy_revision} over the config file" if status.policy_revision
+            else "config file")
+    return f"{note}; {status.policy_error}" if status.policy_error else note
 
 
 def reload_rows(result: admin_pb2.ReloadResponse) -> list[tuple[str, str]]:

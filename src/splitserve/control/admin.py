@@ -117,6 +117,7 @@ def status_to_proto(status: WorkerStatus) -> pb.GetStatusResponse:
         counters=pb.GetStatusResponse.Counters(**dataclasses.asdict(c)),
         config_reload_error=status.config_reload_error, uptime_s=status.uptime_s,
         model_fingerprint=status.model_fingerprint, incarnation=status.incarnation,
+        policy_revision=status.policy_revision, policy_error=status.policy_error,
         peer_clocks=[pb.GetStatusResponse.PeerClock(**dataclasses.asdict(p))
                      for p in status.peer_clocks])
 

@@ -67,6 +67,10 @@ class WorkerStatus:
     model_fingerprint: str = ""
     incarnation: str = ""
     peer_clocks: tuple[PeerClock, ...] = ()
+    # decode: the splitserve-policy revision in force (0: the file alone) and why the
+    # newest value was refused ("" when it is in force)
+    policy_revision: int = 0
+    policy_error: str = ""
 
 
 @dataclass(frozen=True)

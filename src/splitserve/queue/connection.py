@@ -144,7 +144,7 @@ async def connect(
             connect_timeout_s,
         )
     except TimeoutError:
-        await nc.close()
+        await conn.close()  # as closing: no "disconnected" warning for a broker never reached
         raise BrokerUnavailable(server_list, time.monotonic() - start) from None
     conn._connected.set()
     logger.info("nats connection %s: connected to %s", name,

@@ -151,3 +151,12 @@ class PolicyConflict(SplitserveError):
         self.key = key
         self.expected_revision = expected_revision
         self.current_revision = current_revision
+
+
+class PolicyBucketMissing(SplitserveError):
+    """The policy bucket does not exist on this broker: no worker has connected yet."""
+
+    def __init__(self, bucket: str) -> None:
+        super().__init__(f"bucket {bucket} does not exist on this broker (a worker creates "
+                         "it when it first connects)")
+        self.bucket = bucket

@@ -4,15 +4,26 @@ The bucket's current contents come first (live keys only: tombstones of keys
 deleted or expired before the watch started are skipped), then every change.
 Deletes, purges and the server's expiry markers (TTL) all arrive as value None.
 Across a broker restart the client's ordered consumer notices the missing
-heartbeats (~10 s) and resumes after the last event it delivered.
+heartbeats (~10 s) and resumes after the last event it delivered; `restarting_watch`
+instead starts a fresh watch as soon as the client reconnects.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from splitserve.queue.connection import BrokerConnection
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E")
 
 
 @dataclass(frozen=True)
@@ -27,8 +38,11 @@ def is_tombstone(entry: KeyValue.Entry) -> bool:
     return entry.operation in (KV_DEL, KV_PURGE)
 
 
-async def watch_bucket(kv: KeyValue, keys: str = ">") -> AsyncIterator[KVEvent]:
-    """Async iterator over KVEvents for `keys` (a KV key or wildcard pattern)."""
+async def watch_bucket(kv: KeyValue, keys: str = ">", *, deleted_in_snapshot: bool = False
+                       ) -> AsyncIterator[KVEvent]:
+    """Async iterator over KVEvents for `keys` (a KV key or wildcard pattern). With
+    `deleted_in_snapshot` the snapshot also reports keys whose last entry is a delete
+    (value None), for a watcher that must notice a delete it did not see happen."""
     watcher = await kv.watch(keys)
     initial = True
     try:
@@ -37,7 +51,7 @@ async def watch_bucket(kv: KeyValue, keys: str = ">") -> AsyncIterator[KVEvent]:
                 initial = False
                 continue
             tombstone = is_tombstone(entry)
-            if initial and tombstone:
+            if initial and tombstone and not deleted_in_snapshot:
                 continue
             yield KVEvent(key=entry.key, value=None if tombstone else entry.value,
                           revision=int(entry.revision or 0), initial=initial)
@@ -61,3 +75,41 @@ async def read_bucket(kv: KeyValue, keys: str = ">") -> dict[str, KVEvent]:
     finally:
         await watcher.stop()
     return entries
+
+
+async def restarting_watch(broker: BrokerConnection, open_watch: Callable[[], AsyncIterator[E]],
+                           what: str, retry_s: float = 1.0) -> AsyncIterator[E | None]:
+    """The events of `open_watch()`, never ending: a fresh watch after an error and as
+    soon as the client reconnects to the broker (left to itself, the client's watch
+    resumes ~19 s after a broker restart, measured here). None marks a restart: the
+    events that follow start again with a snapshot of the live keys."""
+    while True:
+        reconnects = broker.num_reconnects
+        events: asyncio.Queue[E] = asyncio.Queue()
+        task = asyncio.create_task(_pump(open_watch(), events))
+        try:
+            while broker.num_reconnects == reconnects and not task.done():
+                try:
+                    yield await asyncio.wait_for(events.get(), 0.5)
+                except TimeoutError:
+                    continue
+            while not events.empty():
+                yield events.get_nowait()
+            ended = task.done()
+            if ended and not task.cancelled() and task.exception() is not None:
+                log.warning("%s watch failed (%r); retrying in %.0f s", what, task.exception(),
+                            retry_s)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # logged above
+                await task
+        if ended:
+            await asyncio.sleep(retry_s)
+        else:
+            log.info("reconnected to the broker: restarting the %s watch", what)
+        yield None
+
+
+async def _pump(watch: AsyncIterator[E], events: asyncio.Queue[E]) -> None:
+    async for event in watch:
+        await events.put(event)

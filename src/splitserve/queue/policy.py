@@ -14,16 +14,32 @@ import re
 from collections.abc import AsyncIterator
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+)
 from nats.js.kv import KeyValue
 
-from splitserve.queue.errors import InvalidKVValue, PolicyConflict
-from splitserve.queue.kv_watch import KVEvent, is_tombstone, read_bucket, watch_bucket
+from splitserve.queue.connection import BrokerConnection
+from splitserve.queue.errors import InvalidKVValue, PolicyBucketMissing, PolicyConflict
+from splitserve.queue.kv_watch import (
+    KVEvent,
+    is_tombstone,
+    read_bucket,
+    restarting_watch,
+    watch_bucket,
+)
 from splitserve.queue.settings import BucketSettings
 from splitserve.queue.streams import ensure_policy_bucket
 from splitserve.queue.subjects import BUCKET_POLICY
 
 logger = logging.getLogger(__name__)
+
+# The server's "wrong last sequence" error codes (a compare-and-set lost).
+_WRONG_LAST_SEQUENCE = (10071, 10164)
 
 # KV keys are subject tokens joined by '.': "routing.thresholds", "qos.interactive".
 _KEY_RE = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
@@ -46,6 +62,15 @@ class PolicyStore:
     @classmethod
     async def open(cls, js: JetStreamContext, settings: BucketSettings) -> PolicyStore:
         return cls(await ensure_policy_bucket(js, settings))
+
+    @classmethod
+    async def bind(cls, js: JetStreamContext) -> PolicyStore:
+        """The bucket as the workers created it (an admin tool must not impose its own
+        bucket settings); PolicyBucketMissing when no worker has created it yet."""
+        try:
+            return cls(await js.key_value(BUCKET_POLICY))
+        except BucketNotFoundError:
+            raise PolicyBucketMissing(BUCKET_POLICY) from None
 
     async def get(self, key: str) -> PolicyEntry | None:
         """The current value and revision of `key`, or None if never set or deleted."""
@@ -77,8 +102,18 @@ class PolicyStore:
         logger.info("policy %s set (revision %d, %d bytes)", key, revision, len(value))
         return int(revision)
 
-    async def delete(self, key: str) -> None:
-        await self._kv.delete(validate_policy_key(key))
+    async def delete(self, key: str, *, expected_revision: int | None = None) -> None:
+        """Delete `key` (watchers see value None). With `expected_revision` only if the
+        key is still at that revision, else PolicyConflict."""
+        validate_policy_key(key)
+        try:
+            await self._kv.delete(key, last=expected_revision)
+        except APIError as err:
+            if err.err_code not in _WRONG_LAST_SEQUENCE:
+                raise
+            current = await self.get(key)
+            raise PolicyConflict(key, expected_revision or 0,
+                                 current.revision if current else 0) from err
         logger.info("policy %s deleted", key)
 
     async def items(self) -> dict[str, PolicyEntry]:
@@ -94,8 +129,18 @@ class PolicyStore:
         return [KVEvent(key=key, value=None if is_tombstone(e) else e.value,
                         revision=int(e.revision or 0), initial=True) for e in entries]
 
-    async def watch(self, keys: str = ">") -> AsyncIterator[PolicyEntry]:
+    async def watch(self, keys: str = ">", *, deleted_in_snapshot: bool = False
+                    ) -> AsyncIterator[PolicyEntry]:
         """Current values of `keys` (a key or wildcard), then every change; a deletion
-        arrives with value None."""
-        async for event in watch_bucket(self._kv, keys):
+        arrives with value None (with `deleted_in_snapshot`, a key deleted before the
+        watch started too)."""
+        async for event in watch_bucket(self._kv, keys, deleted_in_snapshot=deleted_in_snapshot):
             yield event
+
+    def watch_forever(self, broker: BrokerConnection, keys: str = ">", retry_s: float = 1.0
+                      ) -> AsyncIterator[PolicyEntry | None]:
+        """`watch(keys)` that never ends, restarted at once when the client reconnects
+        (`kv_watch.restarting_watch`). None marks a restart: a fresh snapshot follows,
+        deleted keys included (value None), so a delete meanwhile is not missed."""
+        return restarting_watch(broker, lambda: self.watch(keys, deleted_in_snapshot=True),
+                                "policy", retry_s)

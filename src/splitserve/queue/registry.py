@@ -20,7 +20,7 @@ from nats.js.kv import KeyValue
 
 from splitserve.queue.connection import BrokerConnection
 from splitserve.queue.errors import InvalidKVValue
-from splitserve.queue.kv_watch import read_bucket, watch_bucket
+from splitserve.queue.kv_watch import read_bucket, restarting_watch, watch_bucket
 from splitserve.queue.settings import BucketSettings
 from splitserve.queue.streams import ensure_workers_bucket
 from splitserve.queue.subjects import BUCKET_WORKERS, validate_worker_id
@@ -107,41 +107,12 @@ class WorkerRegistry:
                 seen[event.key] = event.value
                 yield event.key, event.value
 
-    async def watch_forever(self, broker: BrokerConnection, retry_s: float = 1.0
-                            ) -> AsyncIterator[tuple[str, bytes | None] | None]:
-        """`watch()` that never ends: restarted after an error and as soon as the
-        client reconnects to the broker (left to itself, the client's watch resumes
-        ~19 s after a broker restart, measured here). None marks a restart: the events
+    def watch_forever(self, broker: BrokerConnection, retry_s: float = 1.0
+                      ) -> AsyncIterator[tuple[str, bytes | None] | None]:
+        """`watch()` that never ends (`kv_watch.restarting_watch`): restarted after an
+        error and as soon as the client reconnects. None marks a restart: the events
         that follow start again with a snapshot of the live workers."""
-        while True:
-            reconnects = broker.num_reconnects
-            events: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
-            task = asyncio.create_task(self._pump_watch(events))
-            try:
-                while broker.num_reconnects == reconnects and not task.done():
-                    try:
-                        yield await asyncio.wait_for(events.get(), 0.5)
-                    except TimeoutError:
-                        continue
-                while not events.empty():
-                    yield events.get_nowait()
-                ended = task.done()
-                if ended and not task.cancelled() and task.exception() is not None:
-                    logger.warning("registry watch failed (%r); retrying in %.0f s",
-                                   task.exception(), retry_s)
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):  # logged above
-                    await task
-            if ended:
-                await asyncio.sleep(retry_s)
-            else:
-                logger.info("reconnected to the broker: restarting the registry watch")
-            yield None
-
-    async def _pump_watch(self, events: asyncio.Queue[tuple[str, bytes | None]]) -> None:
-        async for event in self.watch():
-            await events.put(event)
+        return restarting_watch(broker, self.watch, "registry", retry_s)
 
     async def _heartbeat(self, worker_id: str) -> None:
         failing = False

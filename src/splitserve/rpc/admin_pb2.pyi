@@ -21,7 +21,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("role", "worker_id", "config_hash", "state", "num_pages_used", "num_pages_free", "num_pages_quarantined", "num_pages_total", "num_waiting", "num_running", "num_in_flight", "counters", "config_reload_error", "uptime_s", "model_fingerprint", "incarnation", "peer_clocks")
+    __slots__ = ("role", "worker_id", "config_hash", "state", "num_pages_used", "num_pages_free", "num_pages_quarantined", "num_pages_total", "num_waiting", "num_running", "num_in_flight", "counters", "config_reload_error", "uptime_s", "model_fingerprint", "incarnation", "peer_clocks", "policy_revision", "policy_error")
     class Counters(_message.Message):
         __slots__ = ("num_local_prefills", "num_remote_prefills", "num_transfers", "num_transfer_failures", "num_fallbacks", "num_rejects", "num_requests_finished", "num_expired_jobs", "num_stale_notifications", "num_incarnation_mismatches", "num_checksum_failures", "num_duplicate_ids", "num_duplicate_publishes", "num_accept_failures", "num_rejected_jobs", "num_clock_skew_jobs")
         NUM_LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,8 @@ class GetStatusResponse(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     PEER_CLOCKS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_REVISION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_ERROR_FIELD_NUMBER: _ClassVar[int]
     role: str
     worker_id: str
     config_hash: str
@@ -102,7 +104,9 @@ class GetStatusResponse(_message.Message):
     model_fingerprint: str
     incarnation: str
     peer_clocks: _containers.RepeatedCompositeFieldContainer[GetStatusResponse.PeerClock]
-    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., state: _Optional[_Union[ServingState, str]] = ..., num_pages_used: _Optional[int] = ..., num_pages_free: _Optional[int] = ..., num_pages_quarantined: _Optional[int] = ..., num_pages_total: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., counters: _Optional[_Union[GetStatusResponse.Counters, _Mapping]] = ..., config_reload_error: _Optional[str] = ..., uptime_s: _Optional[float] = ..., model_fingerprint: _Optional[str] = ..., incarnation: _Optional[str] = ..., peer_clocks: _Optional[_Iterable[_Union[GetStatusResponse.PeerClock, _Mapping]]] = ...) -> None: ...
+    policy_revision: int
+    policy_error: str
+    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[str] = ..., config_hash: _Optional[str] = ..., state: _Optional[_Union[ServingState, str]] = ..., num_pages_used: _Optional[int] = ..., num_pages_free: _Optional[int] = ..., num_pages_quarantined: _Optional[int] = ..., num_pages_total: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., counters: _Optional[_Union[GetStatusResponse.Counters, _Mapping]] = ..., config_reload_error: _Optional[str] = ..., uptime_s: _Optional[float] = ..., model_fingerprint: _Optional[str] = ..., incarnation: _Optional[str] = ..., peer_clocks: _Optional[_Iterable[_Union[GetStatusResponse.PeerClock, _Mapping]]] = ..., policy_revision: _Optional[int] = ..., policy_error: _Optional[str] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

@@ -21,6 +21,7 @@ from splitserve.control.errors import ReloadUnsupported
 from splitserve.control.tracker import RequestTracker
 from splitserve.rpc.worker_pb2 import WorkerDescriptor
 from splitserve.worker.core import WorkerCore
+from splitserve.worker.policy import PolicyView
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class WorkerAdminBackend:
         c = core.counters
         transfers = core.agent.counters if core.agent is not None else None
         in_flight = getattr(self.role_service, "num_in_flight", 0)
+        policy = self._policy()
         return WorkerStatus(
             role=core.role, worker_id=core.worker_id, config_hash=self.config_hash,
             state=DRAINING if self._draining else SERVING, engine=core.async_engine.stats,
@@ -87,7 +89,14 @@ class WorkerAdminBackend:
             model_fingerprint=core.async_engine.info.fingerprint,
             incarnation=core.incarnation,
             peer_clocks=self._peer_clocks(),
+            policy_revision=policy.revision if policy is not None else 0,
+            policy_error=policy.error if policy is not None else "",
         )
+
+    def _policy(self) -> PolicyView | None:
+        """The live routing policy of a decode worker (prefill workers have none)."""
+        remote = getattr(self.role_service, "remote", None)
+        return remote.policy if remote is not None else None
 
     def _peer_clocks(self) -> tuple[PeerClock, ...]:
         remote = getattr(self.role_service, "remote", None)  # decode workers measure them

@@ -7,7 +7,10 @@ Life cycle of a request:
 1. tokenize and validate off the event loop (typed errors → INVALID_ARGUMENT /
    RESOURCE_EXHAUSTED);
 2. on the engine thread, in one call: measure the prefix-cache hit, decide local vs
-   remote prefill (`routing.should_offload_prefill`) and, if local, queue the request;
+   remote prefill (`routing.should_offload_prefill`) and, if local, queue the request.
+   The thresholds are the routing policy in force when the request arrives: the config
+   file's `routing:` with the fields of key `routing` in `splitserve-policy` on top,
+   followed live (`worker/policy.py`; GetStatus.policy_revision says which revision);
 3. local: the engine prefills in chunks between decode steps, then decodes;
 4. remote: `RemotePrefillClient` (worker/remote.py) lands the prompt's KV through
    one or more leased attempts, or queues a local prefill when they fail;

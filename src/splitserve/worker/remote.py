@@ -54,6 +54,7 @@ from splitserve.rpc.jobs_pb2 import KVReady, LeaseReply, LeaseRequest, PrefillJo
 from splitserve.transfer.checksum import ChecksumCountMismatch, verify_page_checksums
 from splitserve.worker.core import WorkerCore, logged_task, parse_descriptor
 from splitserve.worker.leases import LeaseDesk, PrefillDeclined
+from splitserve.worker.policy import PolicyView
 from splitserve.worker.queue_depth import QueueDepth
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class RemotePrefillClient:
         self._incarnations: dict[str, str] = {}  # prefill worker → registered incarnation
         self.clocks = ClockOffsets()
         self.desk = LeaseDesk(core)
+        self.policy = PolicyView(lambda: core.config.routing)  # + splitserve-policy
         self._waiting: dict[str, _Waiting] = {}  # internal request id → its attempt
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -111,12 +113,15 @@ class RemotePrefillClient:
                        logged_task(self.depth.poll_forever(), "queue depth poller"),
                        logged_task(self._watch_prefill_workers(), "prefill worker watch")]
         await self.desk.start(self._on_lease)
+        assert self.core.broker is not None
+        await self.policy.start(self.core.broker, self.core.bucket_settings)
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.desk.stop()
+        await self.policy.stop()
 
     @property
     def num_waiting(self) -> int:
@@ -134,11 +139,11 @@ class RemotePrefillClient:
 
     def offload_rule(self, priority: str) -> Callable[[int, float], bool]:
         """`(effective prompt length, decode load) -> go remote?`, with this moment's
-        routing config, queue depth and prefill workers captured: a pure function the
+        routing policy, queue depth and prefill workers captured: a pure function the
         engine thread can evaluate. Never remote while no usable prefill worker is
         registered (the job would wait out a whole lease for nobody)."""
         usable = bool(self.usable_prefill_ids())
-        routing, depth = self.core.config.routing, self.queue_depth
+        routing, depth = self.policy.routing, self.queue_depth
         return lambda effective_len, decode_load: usable and should_offload_prefill(
             routing, effective_len, depth, decode_load, priority)
 
@@ -154,7 +159,7 @@ class RemotePrefillClient:
         # pages' release (release_at = deadline_s + margin) derive from it, so the
         # quarantine always outlasts the lease by the full margin.
         lease_s, now = self._lease_s(effective_len), time.monotonic()
-        attempts = RemoteAttempts.start(self.core.config.routing.max_remote_attempts, now,
+        attempts = RemoteAttempts.start(self.policy.routing.max_remote_attempts, now,
                                         lease_s)
         release_at = attempts.deadline_s + self.core.config.lease.skew_margin_s
         plan = await self._reserve(request_id, attempts, lambda e: e.reserve_remote(
