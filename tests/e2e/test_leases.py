@@ -11,7 +11,15 @@ import contextlib
 import time
 
 import pytest
-from cluster import generate, nats_server, start_daemon, stop_daemons, wait_ready, worker_config
+from cluster import (
+    admin_status,
+    generate,
+    nats_server,
+    start_daemon,
+    stop_daemons,
+    wait_ready,
+    worker_config,
+)
 from test_faults import expected_outputs, long_prompts, wait_no_leaks
 from test_metrics import scrape
 
@@ -57,6 +65,9 @@ def test_a_job_that_would_outrun_its_lease_is_renewed_not_thrown_away(
         assert d["splitserve:lease_expiries_total"][()] == 0
         assert d["splitserve:remote_fallbacks_total"][()] == 0
         assert p["splitserve:expired_jobs_total"][()] == 0
+        counters = admin_status(decode.address)["counters"]  # grpcurl Admin/GetStatus
+        assert int(counters["num_lease_renewals"]) == d["splitserve:lease_renewals_total"][()]
+        assert int(counters["num_remote_attempts"]) == 2
         wait_no_leaks(decode.address, timeout_s=30)
 
 

@@ -39,6 +39,12 @@ class StatusCounters:
     num_accept_failures: int = 0
     num_rejected_jobs: int = 0
     num_clock_skew_jobs: int = 0
+    num_offload_local: int = 0
+    num_offload_remote: int = 0
+    num_remote_attempts: int = 0
+    num_lease_expiries: int = 0
+    num_lease_renewals: int = 0
+    num_declined_jobs: int = 0
 
 
 @dataclass(frozen=True)

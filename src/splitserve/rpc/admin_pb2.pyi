@@ -23,7 +23,7 @@ class GetStatusRequest(_message.Message):
 class GetStatusResponse(_message.Message):
     __slots__ = ("role", "worker_id", "config_hash", "state", "num_pages_used", "num_pages_free", "num_pages_quarantined", "num_pages_total", "num_waiting", "num_running", "num_in_flight", "counters", "config_reload_error", "uptime_s", "model_fingerprint", "incarnation", "peer_clocks", "policy_revision", "policy_error")
     class Counters(_message.Message):
-        __slots__ = ("num_local_prefills", "num_remote_prefills", "num_transfers", "num_transfer_failures", "num_fallbacks", "num_rejects", "num_requests_finished", "num_expired_jobs", "num_stale_notifications", "num_incarnation_mismatches", "num_checksum_failures", "num_duplicate_ids", "num_duplicate_publishes", "num_accept_failures", "num_rejected_jobs", "num_clock_skew_jobs")
+        __slots__ = ("num_local_prefills", "num_remote_prefills", "num_transfers", "num_transfer_failures", "num_fallbacks", "num_rejects", "num_requests_finished", "num_expired_jobs", "num_stale_notifications", "num_incarnation_mismatches", "num_checksum_failures", "num_duplicate_ids", "num_duplicate_publishes", "num_accept_failures", "num_rejected_jobs", "num_clock_skew_jobs", "num_offload_local", "num_offload_remote", "num_remote_attempts", "num_lease_expiries", "num_lease_renewals", "num_declined_jobs")
         NUM_LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
         NUM_REMOTE_PREFILLS_FIELD_NUMBER: _ClassVar[int]
         NUM_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,12 @@ class GetStatusResponse(_message.Message):
         NUM_ACCEPT_FAILURES_FIELD_NUMBER: _ClassVar[int]
         NUM_REJECTED_JOBS_FIELD_NUMBER: _ClassVar[int]
         NUM_CLOCK_SKEW_JOBS_FIELD_NUMBER: _ClassVar[int]
+        NUM_OFFLOAD_LOCAL_FIELD_NUMBER: _ClassVar[int]
+        NUM_OFFLOAD_REMOTE_FIELD_NUMBER: _ClassVar[int]
+        NUM_REMOTE_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+        NUM_LEASE_EXPIRIES_FIELD_NUMBER: _ClassVar[int]
+        NUM_LEASE_RENEWALS_FIELD_NUMBER: _ClassVar[int]
+        NUM_DECLINED_JOBS_FIELD_NUMBER: _ClassVar[int]
         num_local_prefills: int
         num_remote_prefills: int
         num_transfers: int
@@ -56,7 +62,13 @@ class GetStatusResponse(_message.Message):
         num_accept_failures: int
         num_rejected_jobs: int
         num_clock_skew_jobs: int
-        def __init__(self, num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_transfers: _Optional[int] = ..., num_transfer_failures: _Optional[int] = ..., num_fallbacks: _Optional[int] = ..., num_rejects: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_expired_jobs: _Optional[int] = ..., num_stale_notifications: _Optional[int] = ..., num_incarnation_mismatches: _Optional[int] = ..., num_checksum_failures: _Optional[int] = ..., num_duplicate_ids: _Optional[int] = ..., num_duplicate_publishes: _Optional[int] = ..., num_accept_failures: _Optional[int] = ..., num_rejected_jobs: _Optional[int] = ..., num_clock_skew_jobs: _Optional[int] = ...) -> None: ...
+        num_offload_local: int
+        num_offload_remote: int
+        num_remote_attempts: int
+        num_lease_expiries: int
+        num_lease_renewals: int
+        num_declined_jobs: int
+        def __init__(self, num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_transfers: _Optional[int] = ..., num_transfer_failures: _Optional[int] = ..., num_fallbacks: _Optional[int] = ..., num_rejects: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_expired_jobs: _Optional[int] = ..., num_stale_notifications: _Optional[int] = ..., num_incarnation_mismatches: _Optional[int] = ..., num_checksum_failures: _Optional[int] = ..., num_duplicate_ids: _Optional[int] = ..., num_duplicate_publishes: _Optional[int] = ..., num_accept_failures: _Optional[int] = ..., num_rejected_jobs: _Optional[int] = ..., num_clock_skew_jobs: _Optional[int] = ..., num_offload_local: _Optional[int] = ..., num_offload_remote: _Optional[int] = ..., num_remote_attempts: _Optional[int] = ..., num_lease_expiries: _Optional[int] = ..., num_lease_renewals: _Optional[int] = ..., num_declined_jobs: _Optional[int] = ...) -> None: ...
     class PeerClock(_message.Message):
         __slots__ = ("worker_id", "offset_min_ms", "offset_max_ms", "excluded")
         WORKER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -30,7 +30,8 @@ _SHARED_COUNTERS = (
     "num_local_prefills", "num_remote_prefills", "num_fallbacks", "num_expired_jobs",
     "num_stale_notifications", "num_incarnation_mismatches", "num_checksum_failures",
     "num_duplicate_ids", "num_duplicate_publishes", "num_accept_failures", "num_rejected_jobs",
-    "num_clock_skew_jobs",
+    "num_clock_skew_jobs", "num_offload_local", "num_offload_remote", "num_remote_attempts",
+    "num_lease_expiries", "num_lease_renewals", "num_declined_jobs",
 )
 
 
