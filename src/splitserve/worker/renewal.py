@@ -13,7 +13,6 @@ granted deadlines ever count (`JobLease`).
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
 import time
@@ -23,7 +22,6 @@ from splitserve.queue.lease import request_lease
 from splitserve.routing.lease import JobLease, Refusal
 from splitserve.rpc.jobs_pb2 import LeaseReply, LeaseRequest, PrefillJob
 from splitserve.worker.core import WorkerCore
-from splitserve.worker.windows import PREFILL_LENGTH_EDGES
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +116,7 @@ class LeaseKeeper:
 
     def _estimate_s(self, num_tokens: int) -> float:
         """This worker's measured rate for prompts of this length, else per_token_ms."""
-        lease = self.core.config.lease
-        rates = {r.min_tokens: r.tokens_per_s
-                 for r in self.core.windows.summary(time.monotonic()).prefill_rates}
-        edges = (0, *PREFILL_LENGTH_EDGES)
-        rate = rates.get(edges[bisect.bisect_right(edges, num_tokens) - 1])
-        prefill_s = num_tokens / rate if rate else lease.per_token_ms * num_tokens / 1e3
-        return prefill_s
+        rate = self.core.windows.prefill_rate(time.monotonic(), num_tokens)
+        if rate:
+            return num_tokens / rate
+        return self.core.config.lease.per_token_ms * num_tokens / 1e3

@@ -126,16 +126,21 @@ class WorkerWindows:
     def transfer(self, now: float, num_bytes: int, duration_s: float) -> None:
         self.transfers.add(now, num_bytes, duration_s)
 
+    def prefill_rate(self, now: float, num_tokens: int) -> float | None:
+        """Measured tokens/s of prompts in `num_tokens`' length bucket (None: none)."""
+        samples = self.prefills[bisect.bisect_right(PREFILL_LENGTH_EDGES, num_tokens)].values(now)
+        return _rate(samples)
+
     # --- the summary -------------------------------------------------------------
     def summary(self, now: float) -> WindowSummary:
         ttft, itl, queue = self.ttft.first(now), self.itl.first(now), self.queue.first(now)
         rates = []
         for i, window in enumerate(self.prefills):
             samples = window.values(now)
-            if samples:
+            rate = _rate(samples)
+            if rate is not None:
                 lo, hi = _bounds(PREFILL_LENGTH_EDGES, i)
-                tokens, secs = sum(s[0] for s in samples), sum(s[1] for s in samples)
-                rates.append(RateBucket(lo, hi, tokens / secs, len(samples)))
+                rates.append(RateBucket(lo, hi, rate, len(samples)))
         steps = []
         for i, window in enumerate(self.steps):
             samples = window.values(now)
@@ -159,3 +164,9 @@ class WorkerWindows:
 def _mean(values: Iterable[float]) -> float:
     items = list(values)
     return sum(items) / len(items) if items else 0.0
+
+
+def _rate(samples: Sequence[tuple[float, ...]]) -> float | None:
+    """Tokens per second over (tokens, seconds) samples."""
+    secs = sum(s[1] for s in samples)
+    return sum(s[0] for s in samples) / secs if secs > 0 else None
