@@ -6,10 +6,12 @@ import asyncio
 import logging
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from splitserve.calibrate import DEFAULT_LENGTHS
 from splitserve.errors import SplitserveError
 from splitserve.policy_admin import (
     DEFAULT_NATS_URL,
@@ -293,6 +295,57 @@ def policy_delete(nats_url: str, key: str, expected_revision: int | None,
     old = _run_remote(delete_policy(nats_url, key, expected_revision, connect_timeout))
     click.echo(f"{key}: revision {old.revision} deleted" if old.value is not None
                else f"{key}: not set")
+
+
+def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(v) for v in value.split(",") if v.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@main.command()
+@_TARGET
+@_NATS_URL
+@click.option("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), show_default=True,
+              callback=_lengths, help="Prompt lengths to measure, in tokens (comma-separated).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Requests per length and path.")
+@click.option("--load", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Decode streams kept running on the target meanwhile (prefill under load).")
+@click.option("--plot", "plot_path", default="calibration.png", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="Where to write the PNG.")
+@click.option("--dry-run", is_flag=True, help="Print the break-even; leave the policy as it was.")
+@click.option("--seed", default=None, type=int,
+              help="Seed of the random prompts (default: fresh ones every run; the same "
+              "seed twice on one worker hits its prefix cache).")
+@_JSON
+@_CONNECT_TIMEOUT
+def calibrate(target: str, nats_url: str, lengths: tuple[int, ...], repeats: int, load: int,
+              plot_path: Path, dry_run: bool, seed: int | None, as_json: bool,
+              connect_timeout: float) -> None:
+    """Measure local vs remote prefill time by prompt length on a decode worker, find the
+    break-even, plot both curves and write it as prefill_length_threshold to the live
+    policy (splitserve-policy `routing`). Forces every decode worker all-local, then
+    all-remote, for the few seconds each round takes."""
+    from splitserve import client
+    from splitserve.calibrate import CalibrationPlan
+    from splitserve.calibrate import calibrate as run_calibration
+    from splitserve.calibrate_report import plot, rows, summary, to_json
+
+    try:
+        plan = CalibrationPlan(target, nats_url, lengths, repeats, load, seed, dry_run,
+                               connect_timeout)
+    except SplitserveError as exc:
+        raise click.UsageError(str(exc)) from None
+    result = _run_remote(run_calibration(plan))
+    plot(result, plot_path, f"prefill break-even on {target}")
+    if as_json:
+        click.echo(to_json(result, plot_path))
+        return
+    click.echo(client.format_table(rows(result)))
+    for line in (*summary(result), f"plot: {plot_path}"):
+        click.echo(line)
 
 
 from splitserve.cli_daemons import decode_cmd, prefill_cmd, up_cmd

@@ -109,7 +109,7 @@ def edit_fields(current: PolicyValue, assignments: Sequence[str]) -> dict[str, A
 
 
 @asynccontextmanager
-async def _store(nats_url: str, connect_timeout_s: float) -> AsyncIterator[PolicyStore]:
+async def policy_store(nats_url: str, connect_timeout_s: float) -> AsyncIterator[PolicyStore]:
     conn = await connect(nats_url, name="splitserve-admin", connect_timeout_s=connect_timeout_s)
     try:
         yield await PolicyStore.bind(conn.js)
@@ -119,7 +119,7 @@ async def _store(nats_url: str, connect_timeout_s: float) -> AsyncIterator[Polic
         await conn.close()
 
 
-async def _read(store: PolicyStore, key: str) -> PolicyValue:
+async def read_policy(store: PolicyStore, key: str) -> PolicyValue:
     entry = await store.get(key)
     return (PolicyValue(key, entry.revision, entry.value) if entry is not None
             else PolicyValue(key, 0, None))
@@ -136,14 +136,14 @@ def _expect(current: PolicyValue, expected_revision: int | None) -> int:
 
 
 async def get_policy(nats_url: str, key: str, connect_timeout_s: float) -> PolicyValue:
-    async with _store(nats_url, connect_timeout_s) as store:
-        return await _read(store, key)
+    async with policy_store(nats_url, connect_timeout_s) as store:
+        return await read_policy(store, key)
 
 
 async def set_policy(nats_url: str, key: str, assignments: Sequence[str],
                      expected_revision: int | None, connect_timeout_s: float) -> PolicyValue:
-    async with _store(nats_url, connect_timeout_s) as store:
-        current = await _read(store, key)
+    async with policy_store(nats_url, connect_timeout_s) as store:
+        current = await read_policy(store, key)
         expected = _expect(current, expected_revision)
         value = encode_override(edit_fields(current, assignments))
         POLICY_KEYS[key](value)  # refused here as the workers would refuse it
@@ -154,8 +154,8 @@ async def set_policy(nats_url: str, key: str, assignments: Sequence[str],
 async def delete_policy(nats_url: str, key: str, expected_revision: int | None,
                         connect_timeout_s: float) -> PolicyValue:
     """Delete the key (the config file alone is in force again); the value deleted."""
-    async with _store(nats_url, connect_timeout_s) as store:
-        current = await _read(store, key)
+    async with policy_store(nats_url, connect_timeout_s) as store:
+        current = await read_policy(store, key)
         expected = _expect(current, expected_revision)
         if current.value is not None:
             await store.delete(key, expected_revision=expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -121,3 +123,18 @@ def admin_status(address: str) -> dict:
                          check=False, timeout=30)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+@contextlib.contextmanager
+def decode_and_prefill(workdir: Path) -> Iterator[tuple[NatsServer, Daemon, Daemon]]:
+    """A broker with decode-0 and prefill-0 (`worker_config`'s defaults), ready; all
+    stopped when the block ends."""
+    broker = nats_server(workdir)
+    daemons = [start_daemon(worker_config(role, f"{role}-0", broker.url), workdir)
+               for role in ("decode", "prefill")]
+    try:
+        wait_ready(daemons)
+        yield broker, daemons[0], daemons[1]
+    finally:
+        stop_daemons(daemons)
+        broker.stop()

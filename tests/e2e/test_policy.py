@@ -38,13 +38,8 @@ def wait_revision(address: str, revision: int) -> dict:
 
 def test_a_policy_write_routes_the_next_request_by_the_new_threshold(
         tmp_path, smollm, smollm_engine) -> None:
-    broker = cluster.nats_server(tmp_path)
     # The file says remote from 40 tokens (cluster.worker_config); the bucket overrides it.
-    daemons = [cluster.start_daemon(cluster.worker_config(role, f"{role}-0", broker.url),
-                                    tmp_path) for role in ("decode", "prefill")]
-    try:
-        cluster.wait_ready(daemons)
-        decode = daemons[0]
+    with cluster.decode_and_prefill(tmp_path) as (broker, decode, _):
         assert int(cluster.admin_status(decode.address).get("policy_revision", 0)) == 0
         prompts = long_prompts(smollm.tokenizer, 2, words=52)
         assert all(55 <= len(p) <= 70 for p in prompts), [len(p) for p in prompts]
@@ -75,6 +70,3 @@ def test_a_policy_write_routes_the_next_request_by_the_new_threshold(
         deleted = policy(broker.url, "delete")
         assert deleted.strip() == f"routing: revision {remote['revision']} deleted"
         wait_revision(decode.address, 0)
-    finally:
-        cluster.stop_daemons(daemons)
-        broker.stop()

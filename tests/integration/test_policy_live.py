@@ -9,6 +9,8 @@ what a config reload calls."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -22,6 +24,7 @@ from splitserve.queue.policy import PolicyStore
 from splitserve.queue.settings import BucketSettings
 from splitserve.routing.offload import RoutingConfig
 from splitserve.routing.policy import ROUTING_POLICY_KEY
+from splitserve.worker import policy as policy_module
 from splitserve.worker.core import WorkerCore
 from splitserve.worker.policy import PolicyView
 
@@ -151,3 +154,25 @@ async def test_the_watch_survives_a_broker_restart(
     rev2 = await store.put(KEY, b'{"prefill_length_threshold": 90}')
     await within(1.0, lambda: view.revision == rev2, "a write after the restart")
     assert view.routing.prefill_length_threshold == 90
+
+
+async def test_a_broker_that_does_not_answer_at_start_does_not_stop_the_worker(
+        nats_server: NatsServer, nats_conn: BrokerConnection, core: WorkerCore,
+        store: PolicyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a 3-node cluster electing its leaders: the read at start times out. The view
+    starts on the file's routing, and the watch delivers the key once the broker answers."""
+    rev = await store.put(KEY, b'{"prefill_length_threshold": 40}')
+    monkeypatch.setattr(policy_module, "READ_AT_START_S", 1.0)
+    assert nats_server.pid is not None
+    os.kill(nats_server.pid, signal.SIGSTOP)
+    view = PolicyView(lambda: core.config.routing)
+    try:
+        await view.start(nats_conn, SETTINGS)  # nats requests time out (5 s): no raise
+        assert (view.revision, view.routing) == (0, core.config.routing)
+    finally:
+        os.kill(nats_server.pid, signal.SIGCONT)
+    try:
+        await within(15.0, lambda: view.revision == rev, "the key once the broker answers")
+        assert view.routing.prefill_length_threshold == 40
+    finally:
+        await view.stop()

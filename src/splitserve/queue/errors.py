@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import nats.errors
+from nats.js.errors import APIError
+
 from splitserve.errors import SplitserveError
+
+# What a broker call raises when the broker is slow, restarting or electing a leader:
+# worth retrying, never a reason for a daemon to exit.
+TRANSIENT_BROKER_ERRORS = (nats.errors.Error, APIError, asyncio.TimeoutError)
 
 
 class InvalidSubjectToken(SplitserveError):

@@ -13,21 +13,18 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import nats.errors
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, KeyNotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from splitserve.queue.connection import BrokerConnection
-from splitserve.queue.errors import InvalidKVValue
+from splitserve.queue.errors import TRANSIENT_BROKER_ERRORS, InvalidKVValue
 from splitserve.queue.kv_watch import read_bucket, restarting_watch, watch_bucket
 from splitserve.queue.settings import BucketSettings
 from splitserve.queue.streams import ensure_workers_bucket
 from splitserve.queue.subjects import BUCKET_WORKERS, validate_worker_id
 
 logger = logging.getLogger(__name__)
-
-_TRANSIENT = (nats.errors.Error, APIError, asyncio.TimeoutError)
 
 
 class WorkerRegistry:
@@ -121,7 +118,7 @@ class WorkerRegistry:
                                 min(1.0, self.heartbeat_interval_s))
             try:
                 await self._kv.put(worker_id, self._descriptors[worker_id])
-            except _TRANSIENT as err:
+            except TRANSIENT_BROKER_ERRORS as err:
                 if not failing:
                     logger.warning("worker %s: registry heartbeat failed (%s: %s); retrying",
                                    worker_id, type(err).__name__, err)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from splitserve.errors import ConfigError
 from splitserve.queue.connection import BrokerConnection
+from splitserve.queue.errors import TRANSIENT_BROKER_ERRORS
 from splitserve.queue.kv_watch import KVEvent
 from splitserve.queue.policy import PolicyStore
 from splitserve.queue.settings import BucketSettings
@@ -31,6 +33,8 @@ from splitserve.routing.policy import ROUTING_POLICY_KEY, effective_routing
 from splitserve.worker.core import logged_task
 
 log = logging.getLogger(__name__)
+
+READ_AT_START_S = 10.0  # a 3-node JetStream cluster elects its stream leaders in seconds
 
 
 class PolicyView:
@@ -93,19 +97,41 @@ class PolicyView:
 
     # --- the watch ----------------------------------------------------------------------
     async def start(self, broker: BrokerConnection, settings: BucketSettings) -> None:
-        """Read the key once, then follow it in a background task."""
-        store = await PolicyStore.open(broker.js, settings)
-        entry = await store.get(ROUTING_POLICY_KEY)
+        """Read the key once, then follow it in a background task. A broker that does
+        not answer (a JetStream cluster still electing its leaders) is retried for
+        READ_AT_START_S; after that the file's routing applies until the watch, which
+        keeps retrying, delivers the key: a slow broker never stops a worker starting."""
+        deadline = time.monotonic() + READ_AT_START_S
+        store: PolicyStore | None = None
+        while True:
+            try:
+                store = store or await PolicyStore.open(broker.js, settings)
+                entry = await store.get(ROUTING_POLICY_KEY)
+                break
+            except TRANSIENT_BROKER_ERRORS as exc:
+                if time.monotonic() >= deadline:
+                    log.warning("routing policy: reading key %r at start failed (%s: %s); "
+                                "the config file's routing applies until the watch "
+                                "delivers it", ROUTING_POLICY_KEY, type(exc).__name__, exc)
+                    entry = None
+                    break
+                await asyncio.sleep(0.5)
         if entry is not None:
             self.apply(entry)
-        self._task = logged_task(self._follow(store, broker), "routing policy watch")
+        self._task = logged_task(self._follow(store, broker, settings), "routing policy watch")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _follow(self, store: PolicyStore, broker: BrokerConnection) -> None:
+    async def _follow(self, store: PolicyStore | None, broker: BrokerConnection,
+                      settings: BucketSettings) -> None:
+        while store is None:  # the broker did not answer at start
+            try:
+                store = await PolicyStore.open(broker.js, settings)
+            except TRANSIENT_BROKER_ERRORS:
+                await asyncio.sleep(1.0)
         async for event in store.watch_forever(broker, ROUTING_POLICY_KEY):
             if event is not None:  # None: restarted, a fresh snapshot follows
                 self.apply(event)

@@ -268,6 +268,8 @@ class RemotePrefillClient:
         await publish_job(self.core.broker.js, job, prefill_worker_id=self._direct_target(),
                           retry_for_s=lease_s / 4)
         self.core.counters.num_remote_attempts += 1
+        log.info("request %s (%s) attempt %d: published, %d prompt tokens, lease %.2f s",
+                 request_id, request.request_id, plan.attempt, len(prompt), lease_s)
         while True:  # a granted renewal moves the deadline while we wait
             remaining_s = waiting.attempts.remaining_s(time.monotonic())
             if remaining_s <= 0:
