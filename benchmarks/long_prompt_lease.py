@@ -5,7 +5,8 @@ state/), one invocation sends the same-length prompt twice, each with fresh rand
 token ids (no prefix-cache hits):
 (a) idle: the cluster alone (the baseline);
 (b) busy: `--stress` processes (default: one per core) spin in a Python loop meanwhile.
-For each it reports the Timing (TTFT, path, attempts), the decode worker's counter
+Before each, it waits until the decode worker holds no pages (the landing pages of an
+accepted remote prefill stay fenced until its lease ends). For each it reports the Timing (TTFT, path, attempts), the decode worker's counter
 deltas (remote attempts, lease expiries, renewals, declined jobs, fallbacks) and the
 lease of each attempt and its renewals, read from the workers' logs (`--decode-log`,
 `--prefill-log`). `--json` prints one object with the busy/idle TTFT ratio.
@@ -57,6 +58,20 @@ def lease_lines(request_id: str, decode_log: Path, prefill_log: Path,
             "granted_total_s": (leases[-1] if leases else 0.0) + sum(renewals)}
 
 
+async def pages_all_free(target: str, timeout_s: float = 300.0) -> float:
+    """Wait until the decode worker holds no pages (an accepted remote prefill's landing
+    pages stay fenced until its lease ends: a late duplicate write may still land), so
+    the next long prompt finds room for its landing pages; the seconds waited."""
+    start = time.monotonic()
+    while True:
+        status = await client.admin_status(target)
+        if status.num_pages_free == status.num_pages_total:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"{target}: pages still held after {timeout_s:g} s")
+        await asyncio.sleep(0.5)
+
+
 async def one(args: argparse.Namespace, label: str, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     request_id = f"long-{label}-{os.getpid()}-{seed}"
@@ -82,7 +97,9 @@ async def one(args: argparse.Namespace, label: str, seed: int) -> dict[str, Any]
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    await pages_all_free(args.target)
     idle = await one(args, "idle", args.seed)
+    waited_s = await pages_all_free(args.target)
     procs = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.stress)]
     for proc in procs:
         proc.start()
@@ -93,7 +110,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for proc in procs:
             proc.kill()
     return {"tokens": args.tokens, "stress_processes": args.stress, "cpus": os.cpu_count(),
-            "idle": idle, "busy": busy,
+            "idle": idle, "busy": busy, "waited_for_pages_s": round(waited_s, 1),
             "ttft_ratio_busy_over_idle": round(busy["ttft_ms"] / idle["ttft_ms"], 2)}
 
 

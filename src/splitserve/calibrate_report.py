@@ -68,16 +68,22 @@ def to_json(calibration: Calibration, plot_path: Path | None) -> str:
 
 
 def plot(calibration: Calibration, path: Path, title: str) -> None:
-    """Samples, medians and fitted lines of both paths, and the crossing, as a PNG."""
+    """A PNG of two panels over the prompt length (log scale, as the lengths are
+    geometric): above, each path's samples, medians and fitted line; below, the
+    difference of the medians (remote - local: below zero, remote is faster), where
+    the break-even is easy to see even when both curves nearly coincide."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
     result = calibration.result
-    top = max(result.measured[1],
-              result.length if result.length is not None else 0) * 1.05
-    fig, ax = pyplot.subplots(figsize=(8, 5), dpi=120)
+    low, high = result.measured
+    if result.length:
+        low, high = min(low, result.length), max(high, result.length)
+    grid = [low * (high / low) ** (i / 64) for i in range(65)]
+    fig, (ax, diff) = pyplot.subplots(2, 1, sharex=True, figsize=(8, 7), dpi=120,
+                                      gridspec_kw={"height_ratios": [2, 1]})
     try:
         for prefill_path, fit in ((PrefillPath.LOCAL, result.local),
                                   (PrefillPath.REMOTE, result.remote)):
@@ -87,19 +93,27 @@ def plot(calibration: Calibration, path: Path, title: str) -> None:
                        color=color)
             ax.plot(*zip(*fit.points, strict=True), "o", color=color,
                     label=f"{prefill_path.value} median")
-            ax.plot([0, top], [fit.at(0), fit.at(top)], "-", color=color,
+            ax.plot(grid, [fit.at(x) for x in grid], "-", color=color, alpha=0.6,
                     label=f"{prefill_path.value}: {_line(fit)}")
-        if result.length is not None:
-            ax.axvline(result.length, linestyle="--", color="tab:gray",
-                       label=f"break-even {result.length} tokens"
-                             + (" (extrapolated)" if result.extrapolated else ""))
-        ax.set_xlabel("effective prompt length (tokens not in the prefix cache)")
+        remote_at = dict(result.remote.points)
+        shared = [(x, remote_at[x] - y) for x, y in result.local.points if x in remote_at]
+        diff.plot(*zip(*shared, strict=True), "o-", color="tab:purple",
+                  label="remote - local (medians)")
+        diff.axhline(0, color="black", linewidth=0.8)
+        for axes in (ax, diff):
+            if result.length:
+                axes.axvline(result.length, linestyle="--", color="tab:gray",
+                             label=f"break-even {result.length} tokens"
+                                   + (" (extrapolated)" if result.extrapolated else ""))
+            axes.set_xscale("log", base=2)
+            axes.grid(alpha=0.3)
+            axes.legend(loc="upper left", fontsize="small")
         ax.set_ylabel("time to first token (ms)")
-        ax.set_title(title)
-        ax.set_xlim(0, top)
         ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", fontsize="small")
+        ax.set_title(f"{title}: {result.describe()}", fontsize="medium")
+        diff.set_ylabel("remote - local (ms)")
+        diff.set_xlabel("effective prompt length (tokens not in the prefix cache)")
+        fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
     finally:

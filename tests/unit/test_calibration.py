@@ -108,3 +108,35 @@ def test_the_report_tables_jsons_and_plots_a_calibration(tmp_path) -> None:
     assert report["remote"]["medians"][0] == {"tokens": 64, "ttft_ms": 137.0}
     plot(calibration, tmp_path / "out" / "p.png", "test")
     assert (tmp_path / "out" / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def points(path: PrefillPath, *pairs: tuple[int, float]) -> list[Sample]:
+    return [Sample(path, x, y) for x, y in pairs]
+
+
+def test_the_break_even_is_where_remote_turns_faster_for_the_last_time() -> None:
+    # Measured (the idle 2-core run's shape): remote slower, nearly equal, then faster;
+    # the crossing lies between 1024 (40 ms slower) and 2048 (160 ms faster).
+    local = points(LOCAL, (32, 158), (256, 638), (512, 1542), (1024, 3167), (2048, 7411))
+    remote = points(REMOTE, (32, 280), (256, 630), (512, 1713), (1024, 3207), (2048, 7251))
+    result = break_even([*local, *remote])
+    assert result.length == 1229  # 1024 + 1024 * 40 / 200, rounded up
+    assert (result.measured, result.extrapolated) == ((32, 2048), False)
+
+
+def test_beyond_the_measured_lengths_the_lines_decide() -> None:
+    # remote faster at every measured length (from 32); the lines cross at 20
+    below = break_even([*samples_of(LOCAL, 0.0, 2.0), *samples_of(REMOTE, 20.0, 1.0)])
+    assert (below.length, below.extrapolated) == (20, True)
+    # remote slower at the largest length; the lines cross beyond it
+    above = break_even([*samples_of(LOCAL, 0.0, 1.0), *samples_of(REMOTE, 700.0, 0.5)])
+    assert (above.length, above.extrapolated) == (1400, True)
+    # remote slower at the largest length and the lines crossed already below it: never
+    noisy = points(LOCAL, (32, 100), (64, 200), (128, 400)) + points(
+        REMOTE, (32, 90), (64, 150), (128, 401))
+    assert break_even(noisy).length is None
+
+
+def test_paths_measured_at_different_lengths_cannot_be_compared() -> None:
+    with pytest.raises(ValueError, match="share 1 measured length"):
+        break_even(points(LOCAL, (32, 1), (64, 2)) + points(REMOTE, (64, 1), (128, 2)))

@@ -5,16 +5,20 @@ What is measured (by `splitserve calibrate` on a running cluster, and later from
 stats by the planner) is one `Sample` per request: its path, its effective prompt
 length (prompt tokens not served from the prefix cache) and its time to first token,
 which for a remote prefill includes the job's queue wait, the prefill, the KV transfer
-and the notification. Each path is summarized by a straight line fitted to its
-per-length medians (medians: one slow request on a noisy machine moves a mean, not a
-median), `ttft_ms = intercept_ms + slope_ms_per_token * length`:
-- the local line starts near zero and rises with the decode worker's prefill rate;
-- the remote line starts higher (queue + transfer + notification overhead) and rises
+and the notification. Each path is summarized by its per-length medians (one slow
+request on a noisy machine moves a mean, not a median), and by a least-squares line
+through them, `ttft_ms = intercept_ms + slope_ms_per_token * length`:
+- the local curve starts near zero and rises with the decode worker's prefill rate;
+- the remote curve starts higher (queue + transfer + notification overhead) and rises
   with the prefill pool's rate (plus transfer per token).
-The break-even is where the lines cross. Remote wins above it when its slope is the
-smaller one; if the remote line is nowhere below the local one there is no break-even
-(`length` None: keep prompts local by length). A crossing outside the measured lengths
-is reported as `extrapolated`.
+The break-even is the length from which remote stays faster: where the remote medians
+drop below the local ones for the last time, interpolated linearly between the two
+measured lengths around it (no model of the curves' shape: prefill is not linear in
+length, attention grows with its square). Beyond the measured lengths the lines
+extrapolate: if remote is slower at the largest length measured, the lines' crossing
+(if they cross further out) is the break-even, marked `extrapolated`; if remote is
+faster at every measured length, it is the smaller of the smallest length and the
+lines' crossing. None: remote is not expected to be faster at any length.
 
 Pure functions, no I/O and no clock: unit-tested in tests/unit/test_calibration.py.
 """
@@ -80,8 +84,8 @@ class BreakEven:
     def describe(self) -> str:
         low, high = self.measured
         if self.length is None:
-            return (f"remote prefill is not faster than local at any length (measured "
-                    f"{low}-{high} tokens): no break-even")
+            return (f"remote prefill is slower than local at {high} tokens, the largest "
+                    "measured, and the lines do not cross beyond: no break-even")
         if self.length == 0:
             return "remote prefill is faster than local at every length: break-even 0 tokens"
         where = (f", extrapolated beyond the measured {low}-{high} tokens"
@@ -121,9 +125,27 @@ def crossing(local: Line, remote: Line) -> int | None:
 
 
 def break_even(samples: Iterable[Sample]) -> BreakEven:
-    """Fit both paths and cross them; ValueError when a path lacks two lengths."""
+    """Medians, lines and the break-even of both paths; ValueError when a path lacks two
+    lengths, or the paths share fewer than two."""
     samples = tuple(samples)
     local = fit_line(medians(samples, PrefillPath.LOCAL))
     remote = fit_line(medians(samples, PrefillPath.REMOTE))
-    lengths = [x for x, _ in local.points + remote.points]
-    return BreakEven(local, remote, crossing(local, remote), (min(lengths), max(lengths)))
+    remote_at = dict(remote.points)
+    gains = [(x, y - remote_at[x]) for x, y in local.points if x in remote_at]
+    if len(gains) < 2:
+        raise ValueError(f"the paths share {len(gains)} measured length(s); two are needed")
+    return BreakEven(local, remote, _break_even(gains, local, remote),
+                     (gains[0][0], gains[-1][0]))
+
+
+def _break_even(gains: list[tuple[int, float]], local: Line, remote: Line) -> int | None:
+    """From `gains` ((length, local - remote median ms), ascending): where the gain turns
+    positive for the last time, interpolated; beyond the measured lengths, the lines."""
+    lines = crossing(local, remote)
+    if gains[-1][1] <= 0:  # remote not faster at the largest length measured
+        return lines if lines is not None and lines > gains[-1][0] else None
+    slower = [i for i, (_, gain) in enumerate(gains) if gain <= 0]
+    if not slower:  # faster at every measured length
+        return min(gains[0][0], lines if lines is not None else gains[0][0])
+    (x0, g0), (x1, g1) = gains[slower[-1]], gains[slower[-1] + 1]
+    return math.ceil(x0 + (x1 - x0) * -g0 / (g1 - g0))
