@@ -65,7 +65,7 @@ class CalibrationPlan:
     load: int = 0
     seed: int | None = None  # None: fresh prompts every run (a rerun would hit the cache)
     dry_run: bool = False
-    connect_timeout_s: float = client.DEFAULT_CONNECT_TIMEOUT_S
+    call: client.CallOptions = client.DEFAULT_CALL  # TLS, token, connect timeout
     request_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -131,8 +131,7 @@ class _PolicySwitch:
     async def _wait_in_force(self) -> None:
         deadline = time.monotonic() + POLICY_WAIT_S
         while True:
-            status = await client.admin_status(
-                self._plan.target, connect_timeout_s=self._plan.connect_timeout_s)
+            status = await client.admin_status(self._plan.target, self._plan.call)
             if status.policy_revision == self.revision:
                 return
             if time.monotonic() > deadline:
@@ -147,8 +146,9 @@ async def _timing(plan: CalibrationPlan, request: generation_pb2.GenerateRequest
                   ) -> generation_pb2.GenerateChunk.Timing:
     timing = None
     async for chunk in client.stream_generate(plan.target, request,
-                                              connect_timeout_s=plan.connect_timeout_s,
-                                              timeout_s=plan.request_timeout_s):
+                                              connect_timeout_s=plan.call.connect_timeout_s,
+                                              timeout_s=plan.request_timeout_s,
+                                              security=plan.call.security):
         if chunk.HasField("timing"):
             timing = chunk.timing
     if timing is None:
@@ -221,12 +221,12 @@ def _break_even(samples: Sequence[Sample], num_discarded: int) -> BreakEven:
 
 
 async def calibrate(plan: CalibrationPlan) -> Calibration:
-    status = await client.admin_status(plan.target, connect_timeout_s=plan.connect_timeout_s)
+    status = await client.admin_status(plan.target, plan.call)
     if status.role != "decode":
         raise CalibrationError(f"{plan.target} is a {status.role or 'unknown'} worker: "
                                "calibrate a decode worker")
     requests = _Requests(plan.seed)
-    async with policy_store(plan.nats_url, plan.connect_timeout_s) as store:
+    async with policy_store(plan.nats_url, plan.call.connect_timeout_s) as store:
         original = await read_policy(store, ROUTING_POLICY_KEY)
         switch = _PolicySwitch(store, plan, original)  # ConfigError: the value in force is bad
         threshold = None

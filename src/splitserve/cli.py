@@ -7,11 +7,12 @@ import logging
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from splitserve.calibrate import DEFAULT_LENGTHS
+from splitserve.cli_options import _CONNECT_TIMEOUT, _JSON, _TARGET, call_options
 from splitserve.errors import SplitserveError
 from splitserve.policy_admin import (
     DEFAULT_NATS_URL,
@@ -21,6 +22,9 @@ from splitserve.policy_admin import (
     get_policy,
     set_policy,
 )
+
+if TYPE_CHECKING:
+    from splitserve.client import CallOptions
 
 T = TypeVar("T")
 
@@ -47,16 +51,15 @@ def main(log_level: str) -> None:
               type=click.Choice(["float32", "bfloat16"]))
 @click.option("--target", default=None, metavar="HOST:PORT",
               help="Stream from a running decode worker over gRPC instead of loading a model.")
-@click.option("--connect-timeout", default=5.0, show_default=True, type=float,
-              help="With --target: seconds to wait for the worker to accept the connection.")
+@call_options
 def generate(prompt: str, chat: bool, max_tokens: int, temperature: float, top_p: float,
              top_k: int, seed: int | None, model: str | None, dtype: str, target: str | None,
-             connect_timeout: float) -> None:
+             call: CallOptions) -> None:
     """Generate text and stream it to stdout (in this process, or on --target)."""
     if target is not None:
         if model is not None:
             raise click.UsageError("--model applies only without --target")
-        _generate_remote(target, connect_timeout, text=prompt, chat=chat, max_tokens=max_tokens,
+        _generate_remote(target, call, text=prompt, chat=chat, max_tokens=max_tokens,
                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         return
     from splitserve.config.schema import EngineConfig
@@ -123,13 +126,14 @@ def model_info(source: str | None, page_size: int, dtype: str) -> None:
         click.echo(f"{key:<{width}}  {value}")
 
 
-def _generate_remote(target: str, connect_timeout_s: float, **fields: Any) -> None:
+def _generate_remote(target: str, call: CallOptions, **fields: Any) -> None:
     from splitserve import client
 
     async def stream() -> None:
         request = client.generate_request(**fields)
-        async for chunk in client.stream_generate(target, request,
-                                                  connect_timeout_s=connect_timeout_s):
+        async for chunk in client.stream_generate(
+                target, request, connect_timeout_s=call.connect_timeout_s,
+                security=call.security):
             click.echo(chunk.text, nl=False)
             sys.stdout.flush()
         click.echo()
@@ -145,11 +149,6 @@ def _run_remote(call: Coroutine[Any, Any, T]) -> T:
         raise click.ClickException(str(exc)) from exc
 
 
-_TARGET = click.option("--target", required=True, metavar="HOST:PORT",
-                       help="gRPC address of the daemon.")
-_JSON = click.option("--json", "as_json", is_flag=True, help="Print the response as JSON.")
-_CONNECT_TIMEOUT = click.option("--connect-timeout", default=5.0, show_default=True, type=float,
-                                help="Seconds to wait for the daemon to accept the connection.")
 
 
 @main.group()
@@ -160,12 +159,12 @@ def admin() -> None:
 @admin.command("status")
 @_TARGET
 @_JSON
-@_CONNECT_TIMEOUT
-def admin_status(target: str, as_json: bool, connect_timeout: float) -> None:
+@call_options
+def admin_status(target: str, as_json: bool, call: CallOptions) -> None:
     """State, KV pages, queue and counters of one daemon."""
     from splitserve import client
 
-    resp = _run_remote(client.admin_status(target, connect_timeout_s=connect_timeout))
+    resp = _run_remote(client.admin_status(target, call))
     click.echo(client.to_json(resp) if as_json
                else client.format_table(client.status_rows(resp)))
 
@@ -173,12 +172,12 @@ def admin_status(target: str, as_json: bool, connect_timeout: float) -> None:
 @admin.command("workers")
 @_TARGET
 @_JSON
-@_CONNECT_TIMEOUT
-def admin_workers(target: str, as_json: bool, connect_timeout: float) -> None:
+@call_options
+def admin_workers(target: str, as_json: bool, call: CallOptions) -> None:
     """Workers the daemon knows of (itself, or the cluster registry)."""
     from splitserve import client
 
-    resp = _run_remote(client.admin_workers(target, connect_timeout_s=connect_timeout))
+    resp = _run_remote(client.admin_workers(target, call))
     click.echo(client.to_json(resp) if as_json
                else client.format_table(client.worker_rows(resp)))
 
@@ -188,12 +187,12 @@ def admin_workers(target: str, as_json: bool, connect_timeout: float) -> None:
 @click.option("--grace", "grace_s", default=30.0, show_default=True, type=float,
               help="Seconds to wait for in-flight requests (0: return at once).")
 @_JSON
-@_CONNECT_TIMEOUT
-def admin_drain(target: str, grace_s: float, as_json: bool, connect_timeout: float) -> None:
+@call_options
+def admin_drain(target: str, grace_s: float, as_json: bool, call: CallOptions) -> None:
     """Stop admitting requests and wait for in-flight ones."""
     from splitserve import client
 
-    resp = _run_remote(client.admin_drain(target, grace_s, connect_timeout_s=connect_timeout))
+    resp = _run_remote(client.admin_drain(target, grace_s, call))
     click.echo(client.to_json(resp) if as_json else
                f"state {client.state_name(resp.state)}, {resp.num_in_flight} requests in flight")
 
@@ -201,24 +200,24 @@ def admin_drain(target: str, grace_s: float, as_json: bool, connect_timeout: flo
 @admin.command("resume")
 @_TARGET
 @_JSON
-@_CONNECT_TIMEOUT
-def admin_resume(target: str, as_json: bool, connect_timeout: float) -> None:
+@call_options
+def admin_resume(target: str, as_json: bool, call: CallOptions) -> None:
     """Admit requests again after a drain."""
     from splitserve import client
 
-    resp = _run_remote(client.admin_resume(target, connect_timeout_s=connect_timeout))
+    resp = _run_remote(client.admin_resume(target, call))
     click.echo(client.to_json(resp) if as_json else f"state {client.state_name(resp.state)}")
 
 
 @admin.command("reload")
 @_TARGET
 @_JSON
-@_CONNECT_TIMEOUT
-def admin_reload(target: str, as_json: bool, connect_timeout: float) -> None:
+@call_options
+def admin_reload(target: str, as_json: bool, call: CallOptions) -> None:
     """Re-read the daemon's config file now (as SIGHUP does); exit 1 if it was refused."""
     from splitserve import client
 
-    resp = _run_remote(client.admin_reload(target, connect_timeout_s=connect_timeout))
+    resp = _run_remote(client.admin_reload(target, call))
     click.echo(client.to_json(resp) if as_json
                else client.format_table(client.reload_rows(resp)))
     if resp.error:
@@ -227,12 +226,12 @@ def admin_reload(target: str, as_json: bool, connect_timeout: float) -> None:
 
 @admin.command("config")
 @_TARGET
-@_CONNECT_TIMEOUT
-def admin_config(target: str, connect_timeout: float) -> None:
+@call_options
+def admin_config(target: str, call: CallOptions) -> None:
     """Print the config in force (after reloads) as YAML."""
     from splitserve import client
 
-    resp = _run_remote(client.admin_config(target, connect_timeout_s=connect_timeout))
+    resp = _run_remote(client.admin_config(target, call))
     click.echo(resp.config_yaml, nl=False)
 
 
@@ -320,10 +319,10 @@ def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
               help="Seed of the random prompts (default: fresh ones every run; the same "
               "seed twice on one worker hits its prefix cache).")
 @_JSON
-@_CONNECT_TIMEOUT
+@call_options
 def calibrate(target: str, nats_url: str, lengths: tuple[int, ...], repeats: int, load: int,
               plot_path: Path, dry_run: bool, seed: int | None, as_json: bool,
-              connect_timeout: float) -> None:
+              call: CallOptions) -> None:
     """Measure local vs remote prefill time by prompt length on a decode worker, find the
     break-even, plot both curves and write it as prefill_length_threshold to the live
     policy (splitserve-policy `routing`). Forces every decode worker all-local, then
@@ -334,8 +333,7 @@ def calibrate(target: str, nats_url: str, lengths: tuple[int, ...], repeats: int
     from splitserve.calibrate_report import plot, rows, summary, to_json
 
     try:
-        plan = CalibrationPlan(target, nats_url, lengths, repeats, load, seed, dry_run,
-                               connect_timeout)
+        plan = CalibrationPlan(target, nats_url, lengths, repeats, load, seed, dry_run, call)
     except SplitserveError as exc:
         raise click.UsageError(str(exc)) from None
     result = _run_remote(run_calibration(plan))
@@ -348,9 +346,10 @@ def calibrate(target: str, nats_url: str, lengths: tuple[int, ...], repeats: int
         click.echo(line)
 
 
+from splitserve.cli_certs import certs_cmd
 from splitserve.cli_daemons import decode_cmd, prefill_cmd, up_cmd
 
-for _command in (decode_cmd, prefill_cmd, up_cmd):
+for _command in (decode_cmd, prefill_cmd, up_cmd, certs_cmd):
     main.add_command(_command)
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -35,20 +37,72 @@ class RpcFailed(SplitserveError):
         self.details = details
 
 
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How to reach a daemon with TLS and auth on (config/security.py): the CA that
+    signed its certificate, our certificate and key for mTLS, a bearer token. Empty:
+    plaintext, no token."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    token: str = ""
+
+    @classmethod
+    def from_files(cls, ca_file: str = "", cert_file: str = "", key_file: str = "",
+                   token_file: str = "") -> ClientSecurity:
+        """The token is the file's first line that is not blank or a comment."""
+        token = ""
+        if token_file:
+            lines = [line.split("#", 1)[0].strip() for line in _read(token_file).splitlines()]
+            token = next((line for line in lines if line), "")
+            if not token:
+                raise SplitserveError(f"{token_file}: no token in the file")
+        return cls(ca_file, cert_file, key_file, token)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca_file or self.cert_file)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read_bytes(self.ca_file) if self.ca_file else None,
+            private_key=_read_bytes(self.key_file) if self.key_file else None,
+            certificate_chain=_read_bytes(self.cert_file) if self.cert_file else None)
+
+
+PLAINTEXT = ClientSecurity()
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SplitserveError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _read(path: str) -> str:
+    return _read_bytes(path).decode(errors="replace")
+
+
 @contextlib.asynccontextmanager
-async def connect(target: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
-                  ) -> AsyncIterator[grpc.aio.Channel]:
-    """An insecure channel to `target` (host:port), ready, or RpcFailed(UNAVAILABLE)."""
-    channel = grpc.aio.insecure_channel(target, options=[
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ])
+async def connect(target: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                  security: ClientSecurity = PLAINTEXT) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to `target` (host:port), ready, or RpcFailed(UNAVAILABLE)."""
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    channel = (grpc.aio.secure_channel(target, security.channel_credentials(), options)
+               if security.tls else grpc.aio.insecure_channel(target, options))
     try:
         try:
             await asyncio.wait_for(channel.channel_ready(), timeout_s)
         except TimeoutError:
+            hint = " (TLS handshake failed? check --tls-ca)" if security.tls else ""
             raise RpcFailed(target, "UNAVAILABLE",
-                            f"cannot connect to {target} within {timeout_s:g}s") from None
+                            f"cannot connect to {target} within {timeout_s:g}s{hint}") from None
         yield channel
     finally:
         await channel.close()
@@ -93,10 +147,12 @@ async def stream_generate(
     *,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     timeout_s: float | None = None,
+    security: ClientSecurity = PLAINTEXT,
 ) -> AsyncIterator[generation_pb2.GenerateChunk]:
     """Yield the chunks of one Generate call; leaving early cancels the request."""
-    async with connect(target, connect_timeout_s) as channel:
-        call = generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=timeout_s)
+    async with connect(target, connect_timeout_s, security) as channel:
+        call = generation_pb2_grpc.GenerationStub(channel).Generate(
+            request, timeout=timeout_s, metadata=security.metadata())
         try:
             async for chunk in call:
                 yield chunk
@@ -106,59 +162,69 @@ async def stream_generate(
             call.cancel()  # no-op when the call already ended
 
 
-async def _unary(target: str, method: str, request: Message, connect_timeout_s: float,
-                 timeout_s: float) -> Any:
-    async with connect(target, connect_timeout_s) as channel:
+@dataclass(frozen=True)
+class CallOptions:
+    """How one Admin call reaches its daemon."""
+
+    security: ClientSecurity = PLAINTEXT
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+
+
+DEFAULT_CALL = CallOptions()
+
+
+async def _unary(target: str, method: str, request: Message, options: CallOptions) -> Any:
+    async with connect(target, options.connect_timeout_s, options.security) as channel:
         stub = admin_pb2_grpc.AdminStub(channel)
         try:
-            return await getattr(stub, method)(request, timeout=timeout_s)
+            return await getattr(stub, method)(request, timeout=options.timeout_s,
+                                               metadata=options.security.metadata())
         except grpc.aio.AioRpcError as exc:
             raise RpcFailed(target, exc.code().name, exc.details() or "") from None
 
 
-async def admin_status(target: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-                       timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> admin_pb2.GetStatusResponse:
+async def admin_status(target: str, options: CallOptions = DEFAULT_CALL
+                       ) -> admin_pb2.GetStatusResponse:
     resp: admin_pb2.GetStatusResponse = await _unary(
-        target, "GetStatus", admin_pb2.GetStatusRequest(), connect_timeout_s, timeout_s)
+        target, "GetStatus", admin_pb2.GetStatusRequest(), options)
     return resp
 
 
-async def admin_workers(target: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-                        timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+async def admin_workers(target: str, options: CallOptions = DEFAULT_CALL
                         ) -> admin_pb2.ListWorkersResponse:
     resp: admin_pb2.ListWorkersResponse = await _unary(
-        target, "ListWorkers", admin_pb2.ListWorkersRequest(), connect_timeout_s, timeout_s)
+        target, "ListWorkers", admin_pb2.ListWorkersRequest(), options)
     return resp
 
 
-async def admin_drain(target: str, grace_s: float, *,
-                      connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+async def admin_drain(target: str, grace_s: float, options: CallOptions = DEFAULT_CALL
                       ) -> admin_pb2.DrainResponse:
     """Drain; the call may take up to `grace_s`, so its deadline allows for that."""
     resp: admin_pb2.DrainResponse = await _unary(
-        target, "Drain", admin_pb2.DrainRequest(grace_s=grace_s), connect_timeout_s,
-        grace_s + DEFAULT_CALL_TIMEOUT_S)
+        target, "Drain", admin_pb2.DrainRequest(grace_s=grace_s),
+        replace(options, timeout_s=grace_s + options.timeout_s))
     return resp
 
 
-async def admin_resume(target: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-                       timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> admin_pb2.ResumeResponse:
+async def admin_resume(target: str, options: CallOptions = DEFAULT_CALL
+                       ) -> admin_pb2.ResumeResponse:
     resp: admin_pb2.ResumeResponse = await _unary(
-        target, "Resume", admin_pb2.ResumeRequest(), connect_timeout_s, timeout_s)
+        target, "Resume", admin_pb2.ResumeRequest(), options)
     return resp
 
 
-async def admin_reload(target: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-                       timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> admin_pb2.ReloadResponse:
+async def admin_reload(target: str, options: CallOptions = DEFAULT_CALL
+                       ) -> admin_pb2.ReloadResponse:
     resp: admin_pb2.ReloadResponse = await _unary(
-        target, "Reload", admin_pb2.ReloadRequest(), connect_timeout_s, timeout_s)
+        target, "Reload", admin_pb2.ReloadRequest(), options)
     return resp
 
 
-async def admin_config(target: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-                       timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> admin_pb2.GetConfigResponse:
+async def admin_config(target: str, options: CallOptions = DEFAULT_CALL
+                       ) -> admin_pb2.GetConfigResponse:
     resp: admin_pb2.GetConfigResponse = await _unary(
-        target, "GetConfig", admin_pb2.GetConfigRequest(), connect_timeout_s, timeout_s)
+        target, "GetConfig", admin_pb2.GetConfigRequest(), options)
     return resp
 
 

@@ -25,6 +25,7 @@ from splitserve.errors import ConfigError
 from splitserve.queue.connection import connect
 from splitserve.queue.errors import BrokerError, PolicyConflict
 from splitserve.queue.policy import PolicyStore
+from splitserve.redact import redact_url
 from splitserve.routing.offload import RoutingConfig
 from splitserve.routing.policy import (
     ROUTING_POLICY_KEY,
@@ -114,7 +115,7 @@ async def policy_store(nats_url: str, connect_timeout_s: float) -> AsyncIterator
     try:
         yield await PolicyStore.bind(conn.js)
     except (nats.errors.Error, APIError, TimeoutError) as exc:
-        raise BrokerError(f"{nats_url}: {type(exc).__name__}: {exc}") from exc
+        raise BrokerError(f"{redact_url(nats_url)}: {type(exc).__name__}: {exc}") from exc
     finally:
         await conn.close()
 

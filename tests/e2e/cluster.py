@@ -65,14 +65,14 @@ def start_daemon(config: WorkerConfig, workdir: Path) -> Daemon:
     return Daemon(config, log_path, process)
 
 
-def wait_ready(daemons: list[Daemon], timeout_s: float = 120.0) -> None:
+def wait_ready(daemons: list[Daemon], timeout_s: float = 120.0, ca_file: str = "") -> None:
     deadline = time.monotonic() + timeout_s
     pending = list(daemons)
     while pending:
         for d in list(pending):
             if d.process.poll() is not None:
                 raise RuntimeError(f"{d.config.worker_id} exited:\n{d.log_tail()}")
-            if health_serving(d.address):
+            if health_serving(d.address, ca_file=ca_file):
                 pending.remove(d)
         if pending and time.monotonic() > deadline:
             raise RuntimeError(f"not ready: {[d.config.worker_id for d in pending]}\n"

@@ -1,20 +1,28 @@
 """One grpc.aio server per daemon: Generation (decode workers), Admin, health, reflection.
 
 Every server enables reflection and the standard health service, so
-`grpcurl -plaintext host:port list` works without proto files.
+`grpcurl -plaintext host:port list` works without proto files (`-cacert ca.pem`
+instead of `-plaintext` on a TLS server). With `grpc_tls` the port is TLS (mutual with
+a client CA); with `auth` (or mTLS) every call passes the guard of control/auth.py. A
+server on a non-loopback address with neither logs a warning: anyone who reaches it
+can drive it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from splitserve.config.security import AuthConfig, TlsConfig
 from splitserve.control.admin import AdminServicer, drain, resume
+from splitserve.control.auth import AuthInterceptor, Guard
 from splitserve.control.backend import AdminBackend
 from splitserve.control.errors import BindError
 from splitserve.control.generation import (
@@ -23,6 +31,7 @@ from splitserve.control.generation import (
     add_generation_servicer,
 )
 from splitserve.control.health import HealthStatus
+from splitserve.errors import ConfigError
 from splitserve.ingress import GenerationService
 from splitserve.rpc import admin_pb2, admin_pb2_grpc
 
@@ -44,6 +53,43 @@ class ExtraService:
     name: str
     add_to_server: Callable[[grpc.aio.Server], None]
     gated: bool = False  # NOT_SERVING in health while draining
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """TLS and auth of one server (both off: plaintext, open)."""
+
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+    @property
+    def guarded(self) -> bool:
+        return self.auth.enabled or self.tls.mutual
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read: {exc.strerror}") from None
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """ConfigError naming a file that cannot be read."""
+    return grpc.ssl_server_credentials(
+        [(_read(tls.key_file), _read(tls.cert_file))],
+        root_certificates=_read(tls.client_ca_file) if tls.mutual else None,
+        require_client_auth=tls.mutual)
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -83,15 +129,20 @@ async def start_grpc_server(
     extra: Sequence[ExtraService] = (),
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     serving: bool = True,
+    security: ServerSecurity = ServerSecurity(),
 ) -> GrpcServer:
     """Bind `address` ("host:0" picks a free port), register the services, start.
 
     `generation` is None on daemons that do not serve requests (prefill, planner).
     `serving=False` starts with health NOT_SERVING, for daemons that finish their
     start-up (broker, registration) before calling `set_serving(True)`.
-    Raises BindError when the address cannot be bound.
+    Raises BindError when the address cannot be bound, ConfigError when a TLS or
+    tokens file cannot be read or parsed.
     """
-    server = grpc.aio.server(options=[
+    credentials = server_credentials(security.tls) if security.tls.enabled else None
+    interceptors = [AuthInterceptor(Guard(security.auth, security.tls))] if security.guarded \
+        else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # grpc sets SO_REUSEPORT by default: a second worker configured with the same
@@ -114,11 +165,18 @@ async def start_grpc_server(
     reflection.enable_server_reflection(names, server)
 
     try:
-        port = server.add_insecure_port(address)
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
     except RuntimeError as exc:
         raise BindError(address, str(exc)) from exc
     host = address.rsplit(":", 1)[0]
     bound = f"{host}:{port}"
     await server.start()
-    log.info("gRPC server on %s: %s", bound, ", ".join(names))
+    log.info("gRPC server on %s (%s, %s): %s", bound,
+             ("mTLS" if security.tls.mutual else "TLS") if credentials else "plaintext",
+             "auth on" if security.guarded else "auth off", ", ".join(names))
+    if not security.guarded and not is_loopback(host):
+        log.warning("gRPC server on %s without auth: anyone who can reach it can drive "
+                    "it (Drain, Reload, GetConfig); set auth.tokens_file or "
+                    "grpc_tls.client_ca_file, or bind 127.0.0.1", bound)
     return GrpcServer(server, bound, port, health, admin)

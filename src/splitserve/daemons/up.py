@@ -199,9 +199,12 @@ class LocalCluster:
         return "\n".join(lines)
 
 
-def health_serving(address: str, timeout_s: float = 0.5) -> bool:
+def health_serving(address: str, timeout_s: float = 0.5, ca_file: str = "") -> bool:
+    """Health of "" is SERVING; `ca_file`: over TLS, verifying the server with it."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(
+            Path(ca_file).read_bytes())) if ca_file else grpc.insecure_channel(address))
+        with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

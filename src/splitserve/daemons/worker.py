@@ -25,7 +25,8 @@ from splitserve.config.daemon import (
 )
 from splitserve.config.reload import ConfigReloader
 from splitserve.config.watch import ChangeDetector, watch_file
-from splitserve.control.server import start_grpc_server
+from splitserve.control.server import ServerSecurity, start_grpc_server
+from splitserve.redact import redact_url
 from splitserve.worker.admin import WorkerAdminBackend
 from splitserve.worker.core import WorkerCore, logged_task
 from splitserve.worker.decode import DecodeService
@@ -80,13 +81,13 @@ async def serve(config: WorkerConfig, cfg_hash: str = "",
     # NOT_SERVING until the broker and the registry are reached
     server = await start_grpc_server(
         config.grpc_address, role if isinstance(role, DecodeService) else None, admin,
-        serving=False)
+        serving=False, security=ServerSecurity(config.grpc_tls, config.auth))
     try:
         await core.start_messaging(server.address)
         await role.start()
         server.set_serving(True)
         log.info("worker %s ready: role %s, gRPC %s, NATS %s", core.worker_id, config.role,
-                 server.address, config.nats_url)
+                 server.address, redact_url(config.nats_url))
         await _first_set(stop, engine.crashed)
         if engine.crashed.is_set():
             server.set_serving(False)  # the finally below stops and deregisters

@@ -20,6 +20,7 @@ import sys
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -118,6 +119,7 @@ class NatsServer:
         stop_timeout_s: float = 5.0,
         server_name: str | None = None,
         route: ClusterRoute | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.port = port
         self.host = host
@@ -129,6 +131,7 @@ class NatsServer:
         self.stop_timeout_s = stop_timeout_s
         self.server_name = server_name or f"splitserve-{port}-{uuid.uuid4().hex[:8]}"
         self.route = route
+        self.extra_args = tuple(extra_args)  # e.g. ("--user", u, "--pass", p)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
 
@@ -151,7 +154,7 @@ class NatsServer:
             cmd += ["-m", str(self.monitor_port)]
         if self.route is not None:
             cmd += ["-c", str(self.config_path)]
-        return cmd
+        return cmd + list(self.extra_args)
 
     @property
     def config_path(self) -> Path:

@@ -21,6 +21,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from splitserve.queue.errors import BrokerUnavailable
+from splitserve.redact import host_port
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class BrokerConnection:
         self._disconnected_at = None
         self._connected.set()
         logger.warning("nats connection %s: reconnected to %s after %.2fs", self.name,
-                       self.nc.connected_url.netloc if self.nc.connected_url else "?", down_s)
+                       host_port(self.nc.connected_url), down_s)
 
     async def _on_error(self, err: Exception) -> None:
         # While the broker is down every attempt fails; one line per attempt at
@@ -148,6 +149,6 @@ async def connect(
         raise BrokerUnavailable(server_list, time.monotonic() - start) from None
     conn._connected.set()
     logger.info("nats connection %s: connected to %s", name,
-                nc.connected_url.netloc if nc.connected_url else server_list)
+                host_port(nc.connected_url) if nc.connected_url else "?")
     return conn
 

@@ -10,6 +10,7 @@ import nats.errors
 from nats.js.errors import APIError
 
 from splitserve.errors import SplitserveError
+from splitserve.redact import redact_url
 
 # What a broker call raises when the broker is slow, restarting or electing a leader:
 # worth retrying, never a reason for a daemon to exit.
@@ -49,8 +50,9 @@ class BrokerUnavailable(BrokerError):
     """No connection to any broker URL within the allowed time."""
 
     def __init__(self, servers: Sequence[str], waited_s: float) -> None:
-        super().__init__(f"no NATS broker reachable at {list(servers)} after {waited_s:.1f}s")
-        self.servers = tuple(servers)
+        shown = [redact_url(server) for server in servers]
+        super().__init__(f"no NATS broker reachable at {shown} after {waited_s:.1f}s")
+        self.servers = tuple(shown)
         self.waited_s = waited_s
 
 

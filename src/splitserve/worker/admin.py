@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
 from splitserve.config.daemon import WorkerConfig, config_to_yaml
 from splitserve.config.reload import ConfigReloader, ReloadResult
@@ -19,6 +20,7 @@ from splitserve.control.backend import (
 )
 from splitserve.control.errors import ReloadUnsupported
 from splitserve.control.tracker import RequestTracker
+from splitserve.redact import redact_url
 from splitserve.rpc.worker_pb2 import WorkerDescriptor
 from splitserve.worker.core import WorkerCore
 from splitserve.worker.policy import PolicyView
@@ -65,7 +67,9 @@ class WorkerAdminBackend:
         return self.reloader.reload("Admin.Reload")
 
     async def config(self) -> ConfigView:
-        return ConfigView(config_to_yaml(self.core.config), self.config_hash)
+        config = self.core.config  # the URL may carry a password or a token
+        return ConfigView(config_to_yaml(replace(config, nats_url=redact_url(config.nats_url))),
+                          self.config_hash)
 
     async def status(self) -> WorkerStatus:
         core = self.core
