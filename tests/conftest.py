@@ -97,3 +97,9 @@ def hf_smollm():  # type: ignore[no-untyped-def]
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-requests", type=int, default=400,
+                     help="mutated requests of tests/integration/test_grpc_fuzz.py "
+                     "(the issue's full run: 10000)")
