@@ -134,7 +134,8 @@ def cluster_config(mode: str, state_dir: str, routing: RoutingConfig) -> Cluster
         state_dir=state_dir, nats_port=find_free_port(), base_grpc_port=find_free_port(),
         num_decode_workers=1 if mode == "disaggregated" else 2,
         num_prefill_workers=1 if mode == "disaggregated" else 0,
-        worker=worker, pin_cores=True)
+        worker=worker, pin_cores=True,
+        secure=False)  # plaintext loopback, as the numbers recorded before TLS existed
 
 
 def summarize(results: list[Result], wall_s: float) -> dict:

@@ -38,6 +38,12 @@ CLIENT_IDENTITIES = ("decode", "prefill", "planner", "admin")
 CA_DAYS = 3650
 LEAF_DAYS = 825  # the longest leaf lifetime browsers and most TLS stacks accept
 TOKEN_BYTES = 32  # 256 bits, URL-safe base64: 43 characters
+# The tokens `certs init` and `splitserve up` write: name → scopes (control/auth.py).
+DEFAULT_GRANTS = {
+    "admin": "admin:read,admin:write,generate",
+    "monitor": "admin:read",
+    "client": "generate",
+}
 
 
 class CertsError(SplitserveError):

@@ -9,13 +9,6 @@ import click
 
 from splitserve.errors import SplitserveError
 
-# The tokens `certs init --tokens` writes: name → scopes (control/auth.py).
-DEFAULT_GRANTS = {
-    "admin": "admin:read,admin:write,generate",
-    "monitor": "admin:read",
-    "client": "generate",
-}
-
 
 @click.group("certs")
 def certs_cmd() -> None:
@@ -31,7 +24,7 @@ def certs_cmd() -> None:
               help="Also write DIR/tokens and DIR/<name>.token (admin, monitor, client).")
 def certs_init(directory: Path, hosts: tuple[str, ...], tokens: bool) -> None:
     """Create a CA and the certificates (and tokens) missing in DIR; keep what exists."""
-    from splitserve.certs import init_certs, write_tokens
+    from splitserve.certs import DEFAULT_GRANTS, init_certs, write_tokens
 
     try:
         issued = init_certs(directory, hosts)

@@ -15,8 +15,7 @@ from pathlib import Path
 import cluster
 import pytest
 
-from splitserve.certs import init_certs, write_tokens
-from splitserve.cli_certs import DEFAULT_GRANTS
+from splitserve.certs import DEFAULT_GRANTS, init_certs, write_tokens
 from splitserve.config.security import AuthConfig, TlsConfig
 from splitserve.queue.broker import NatsServer, find_free_port
 

@@ -16,8 +16,7 @@ import pytest_asyncio
 from grpc_fixtures import GRPCURL, SPLITSERVE, run_tool
 
 from splitserve import client
-from splitserve.certs import init_certs, write_tokens
-from splitserve.cli_certs import DEFAULT_GRANTS
+from splitserve.certs import DEFAULT_GRANTS, init_certs, write_tokens
 from splitserve.client import CallOptions, ClientSecurity, RpcFailed
 from splitserve.config.security import AuthConfig, TlsConfig
 from splitserve.control import auth as auth_module

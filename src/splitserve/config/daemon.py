@@ -197,6 +197,9 @@ class ClusterConfig:
     worker: WorkerConfig = field(default_factory=WorkerConfig)  # template for every worker
     pin_cores: bool = False  # worker i on core i mod cpu_count, one torch thread each
     ready_timeout_s: float = 180.0
+    # TLS and tokens on every worker's gRPC port, from <state_dir>/certs (made on first
+    # start by `certs init`); a template that sets grpc_tls or auth itself keeps them.
+    secure: bool = True
 
     def __post_init__(self) -> None:
         if self.num_decode_workers < 1:

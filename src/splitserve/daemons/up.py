@@ -6,6 +6,10 @@ With `nats_cluster_size: 3` the broker is a 3-node JetStream cluster instead (lo
 Each worker is a subprocess running `splitserve decode|prefill --config` with a
 config written under the state dir; logs go to `<state>/<worker_id>.log`.
 Ctrl-C (or SIGTERM) stops the workers (they drain) and then the broker.
+With `secure: true` (the default) every worker's gRPC port runs TLS and checks tokens:
+`<state>/certs` gets a CA, a server certificate and a tokens file on first start
+(certs.py; kept across restarts), and the banner's commands carry `--tls-ca` and
+`--token-file` (`-cacert` and `-H authorization` for grpcurl).
 When the cluster file changes (or on SIGHUP), the workers' files are derived again
 from its `worker:` template and rewritten by rename; each worker's own watcher then
 reloads what may change live. The cluster's layout (counts, ports, state dir)
@@ -26,6 +30,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from splitserve.certs import DEFAULT_GRANTS, init_certs, write_tokens
 from splitserve.config.daemon import (
     ClusterConfig,
     WorkerConfig,
@@ -33,6 +38,7 @@ from splitserve.config.daemon import (
     load_cluster_config,
 )
 from splitserve.config.reload import diff_fields
+from splitserve.config.security import AuthConfig, TlsConfig
 from splitserve.config.watch import ChangeDetector
 from splitserve.errors import SplitserveError
 from splitserve.queue.broker import NatsServer
@@ -51,9 +57,16 @@ class WorkerProcess:
     process: subprocess.Popen[bytes] | None = None
 
 
-def worker_configs(cluster: ClusterConfig, nats_url: str) -> list[WorkerConfig]:
+def worker_configs(cluster: ClusterConfig, nats_url: str,
+                   certs_dir: Path | None = None) -> list[WorkerConfig]:
     """Decode workers first (ports base, base+1, ...), then prefill workers; one
-    replica of the queue per NATS node (`nats_url` lists them all, comma-separated)."""
+    replica of the queue per NATS node (`nats_url` lists them all, comma-separated).
+    With `certs_dir`, TLS and tokens from there, unless the template sets its own."""
+    template = cluster.worker
+    if certs_dir is not None and not (template.grpc_tls.enabled or template.auth.enabled):
+        template = replace(template, grpc_tls=TlsConfig(
+            str(certs_dir / "server.pem"), str(certs_dir / "server.key")),
+            auth=AuthConfig(str(certs_dir / "tokens")))
     roles = ["decode"] * cluster.num_decode_workers + ["prefill"] * cluster.num_prefill_workers
     configs = []
     counts = {"decode": 0, "prefill": 0}
@@ -61,7 +74,7 @@ def worker_configs(cluster: ClusterConfig, nats_url: str) -> list[WorkerConfig]:
     for i, role in enumerate(roles):
         index = counts[role]
         counts[role] += 1
-        config = replace(cluster.worker, role=role, worker_id=f"{role}-{index}",  # type: ignore[arg-type]
+        config = replace(template, role=role, worker_id=f"{role}-{index}",  # type: ignore[arg-type]
                          grpc_address=f"127.0.0.1:{cluster.base_grpc_port + i}",
                          nats_url=nats_url,
                          nats=replace(cluster.worker.nats, replicas=cluster.nats_cluster_size))
@@ -100,6 +113,12 @@ class LocalCluster:
             self.nats = NatsCluster(base_node_ports(cluster.nats_port, cluster.nats_cluster_size),
                                     self.state_dir / "nats", log_dir=self.state_dir)
         self.workers: list[WorkerProcess] = []
+        self.certs_dir = self.state_dir / "certs" if cluster.secure else None
+
+    @property
+    def ca_file(self) -> str:
+        """The CA the workers' certificates chain to ("" when not secure)."""
+        return str(self.certs_dir / "ca.pem") if self.certs_dir is not None else ""
 
     def start(self) -> None:
         self.nats.start()
@@ -115,7 +134,10 @@ class LocalCluster:
     def write_worker_configs(self) -> None:
         """One config file per worker under the state dir (`workers`, not started yet)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        for config in worker_configs(self.cluster, self.nats.url):
+        if self.certs_dir is not None:
+            init_certs(self.certs_dir)
+            write_tokens(self.certs_dir, DEFAULT_GRANTS)
+        for config in worker_configs(self.cluster, self.nats.url, self.certs_dir):
             path = self.state_dir / f"{config.worker_id}.yaml"
             write_config(config, path)
             self.workers.append(
@@ -129,7 +151,8 @@ class LocalCluster:
         layout = [n for n in diff_fields(self.cluster, cluster) if not n.startswith("worker.")]
         self.cluster = replace(self.cluster, worker=cluster.worker)
         rewritten = []
-        for worker, config in zip(self.workers, worker_configs(self.cluster, self.nats.url)):
+        for worker, config in zip(self.workers, worker_configs(self.cluster, self.nats.url,
+                                                               self.certs_dir)):
             worker.config = config
             if write_config(config, worker.config_path):
                 rewritten.append(worker.config_path)
@@ -145,7 +168,7 @@ class LocalCluster:
                     raise ClusterStartError(
                         f"{worker.config.worker_id} exited with {worker.process.returncode}; "
                         f"last lines of {worker.log_path}:\n{_tail(worker.log_path)}")
-                if health_serving(worker.config.grpc_address):
+                if health_serving(worker.config.grpc_address, ca_file=self.ca_file):
                     pending.remove(worker)
             if pending and time.monotonic() > deadline:
                 names = ", ".join(w.config.worker_id for w in pending)
@@ -181,16 +204,25 @@ class LocalCluster:
         target = decode[0]
         exe = Path(sys.executable).parent / "splitserve"
         grpcurl = Path(sys.executable).parent / "grpcurl"
+        tls, admin, curl_tls, curl_admin = "", "", "-plaintext", ""
+        if self.certs_dir is not None:
+            token_file = self.certs_dir / "admin.token"
+            lines.insert(2, f"  certs      {self.certs_dir}  (CA ca.pem, tokens file tokens; "
+                            "TLS and tokens on every gRPC port)")
+            tls, admin = f" --tls-ca {self.ca_file}", f" --token-file {token_file}"
+            curl_tls = f"-cacert {self.ca_file}"
+            curl_admin = f' -H "authorization: Bearer $(cat {token_file})"'
+        body = ('{"text": "What is the capital of France?", "chat": true, "max_tokens": 16, '
+                '"temperature": 0}')
         lines += [
             "",
             "Try:",
-            (f"  {exe} generate --target {target} --chat --temperature 0 "
+            (f"  {exe} generate --target {target}{tls} --chat --temperature 0 "
              "--prompt 'What is the capital of France?'"),
-            f"  {exe} admin status --target {target}",
-            f"  {grpcurl} -plaintext {target} list",
-            (f"  {grpcurl} -plaintext -d '{{\"text\": \"What is the capital of France?\", "
-             f"\"chat\": true, \"max_tokens\": 16, \"temperature\": 0}}' {target} "
-             "splitserve.v1.Generation/Generate"),
+            f"  {exe} admin status --target {target}{tls}{admin}",
+            f"  {grpcurl} {curl_tls} {target} list",
+            f"  {grpcurl} {curl_tls} -d '{body}' {target} splitserve.v1.Generation/Generate",
+            f"  {grpcurl} {curl_tls}{curl_admin} {target} splitserve.v1.Admin/GetStatus",
             *([f"  curl -s {metrics[0]} | grep '^splitserve:time_to_first_token'"]
               if metrics else []),
             "",
