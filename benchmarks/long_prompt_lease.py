@@ -41,8 +41,8 @@ def spin() -> None:
         pass
 
 
-async def counters(target: str) -> dict[str, int]:
-    status = await client.admin_status(target)
+async def counters(target: str, call: client.CallOptions) -> dict[str, int]:
+    status = await client.admin_status(target, call)
     return {name: getattr(status.counters, name) for name in COUNTERS}
 
 
@@ -58,13 +58,14 @@ def lease_lines(request_id: str, decode_log: Path, prefill_log: Path,
             "granted_total_s": (leases[-1] if leases else 0.0) + sum(renewals)}
 
 
-async def pages_all_free(target: str, timeout_s: float = 300.0) -> float:
+async def pages_all_free(target: str, call: client.CallOptions,
+                         timeout_s: float = 300.0) -> float:
     """Wait until the decode worker holds no pages (an accepted remote prefill's landing
     pages stay fenced until its lease ends: a late duplicate write may still land), so
     the next long prompt finds room for its landing pages; the seconds waited."""
     start = time.monotonic()
     while True:
-        status = await client.admin_status(target)
+        status = await client.admin_status(target, call)
         if status.num_pages_free == status.num_pages_total:
             return time.monotonic() - start
         if time.monotonic() - start > timeout_s:
@@ -79,16 +80,17 @@ async def one(args: argparse.Namespace, label: str, seed: int) -> dict[str, Any]
         token_ids=[rng.randrange(32, 256) for _ in range(args.tokens)], max_tokens=8,
         temperature=0.0, ignore_eos=True, request_id=request_id)
     offsets = (args.decode_log.stat().st_size, args.prefill_log.stat().st_size)
-    before = await counters(args.target)
+    before = await counters(args.target, args.call)
     start = time.monotonic()
     timing = None
-    async for chunk in client.stream_generate(args.target, request, timeout_s=600):
+    async for chunk in client.stream_generate(args.target, request, timeout_s=600,
+                                              security=args.call.security):
         if chunk.HasField("timing"):
             timing = chunk.timing
     wall_s = time.monotonic() - start
     assert timing is not None
     await asyncio.sleep(0.5)  # log lines flushed
-    after = await counters(args.target)
+    after = await counters(args.target, args.call)
     return {"ttft_ms": round(timing.ttft_ms, 1), "queue_ms": round(timing.queue_ms, 1),
             "prefill": timing.prefill, "num_attempts": timing.num_attempts,
             "num_prompt_tokens": timing.num_prompt_tokens, "wall_s": round(wall_s, 2),
@@ -97,9 +99,9 @@ async def one(args: argparse.Namespace, label: str, seed: int) -> dict[str, Any]
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    await pages_all_free(args.target)
+    await pages_all_free(args.target, args.call)
     idle = await one(args, "idle", args.seed)
-    waited_s = await pages_all_free(args.target)
+    waited_s = await pages_all_free(args.target, args.call)
     procs = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.stress)]
     for proc in procs:
         proc.start()
@@ -122,8 +124,14 @@ def main() -> None:
     parser.add_argument("--decode-log", type=Path, default=Path("state/decode-0.log"))
     parser.add_argument("--prefill-log", type=Path, default=Path("state/prefill-0.log"))
     parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument("--certs", type=Path, default=Path("state/certs"),
+                        help="make run's TLS CA and admin token (ignored when absent)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    secure = (args.certs / "ca.pem").exists()
+    args.call = client.CallOptions(client.ClientSecurity.from_files(
+        str(args.certs / "ca.pem"), token_file=str(args.certs / "admin.token"))
+        if secure else client.PLAINTEXT)
     result = asyncio.run(run(args))
     print(json.dumps(result, indent=None if args.json else 2))
 
