@@ -37,7 +37,7 @@ from typing import Any
 from splitserve import client
 from splitserve.errors import SplitserveError
 from splitserve.planner.calibration import BreakEven, PrefillPath, Sample, break_even
-from splitserve.policy_admin import PolicyValue, policy_store, read_policy
+from splitserve.policy_admin import BrokerTarget, PolicyValue, policy_store, read_policy
 from splitserve.queue.errors import PolicyConflict
 from splitserve.queue.policy import PolicyStore
 from splitserve.routing.policy import ROUTING_POLICY_KEY, encode_override
@@ -59,7 +59,7 @@ class CalibrationError(SplitserveError):
 @dataclass(frozen=True)
 class CalibrationPlan:
     target: str
-    nats_url: str
+    broker: BrokerTarget
     lengths: tuple[int, ...] = DEFAULT_LENGTHS
     repeats: int = 3
     load: int = 0
@@ -226,7 +226,7 @@ async def calibrate(plan: CalibrationPlan) -> Calibration:
         raise CalibrationError(f"{plan.target} is a {status.role or 'unknown'} worker: "
                                "calibrate a decode worker")
     requests = _Requests(plan.seed)
-    async with policy_store(plan.nats_url, plan.call.connect_timeout_s) as store:
+    async with policy_store(plan.broker, plan.call.connect_timeout_s) as store:
         original = await read_policy(store, ROUTING_POLICY_KEY)
         switch = _PolicySwitch(store, plan, original)  # ConfigError: the value in force is bad
         threshold = None

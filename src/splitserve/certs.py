@@ -171,3 +171,12 @@ def write_tokens(directory: str | Path, grants: dict[str, str]) -> Path:
         _write_private(path / f"{name}.token", f"{token}\n".encode())
     _write_private(tokens_file, ("\n".join(lines) + "\n").encode())
     return tokens_file
+
+
+def password_file(directory: str | Path, name: str) -> Path:
+    """`directory/<name>.nats-password` with a fresh random password (0600) unless it
+    exists: a broker user's password, as `nats_auth.password_file` names it."""
+    path = Path(directory) / f"{name}.nats-password"
+    if not path.exists():
+        _write_private(path, f"{secrets.token_urlsafe(TOKEN_BYTES)}\n".encode())
+    return path

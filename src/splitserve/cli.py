@@ -12,11 +12,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from splitserve.calibrate import DEFAULT_LENGTHS
-from splitserve.cli_options import _CONNECT_TIMEOUT, _JSON, _TARGET, call_options
+from splitserve.cli_options import (
+    _CONNECT_TIMEOUT,
+    _JSON,
+    _TARGET,
+    broker_options,
+    call_options,
+)
 from splitserve.errors import SplitserveError
 from splitserve.policy_admin import (
-    DEFAULT_NATS_URL,
     POLICY_KEYS,
+    BrokerTarget,
     PolicyValue,
     delete_policy,
     get_policy,
@@ -243,8 +249,6 @@ def admin_policy() -> None:
     file's `routing:` section (see README, "Live policy")."""
 
 
-_NATS_URL = click.option("--nats-url", default=DEFAULT_NATS_URL, show_default=True,
-                         help="The broker, as the workers' nats_url.")
 _POLICY_KEY = click.option("--key", default="routing", show_default=True,
                            type=click.Choice(sorted(POLICY_KEYS)), help="The policy key.")
 _REVISION = click.option("--revision", "expected_revision", default=None,
@@ -259,39 +263,39 @@ def _echo_policy(value: PolicyValue, as_json: bool) -> None:
 
 
 @admin_policy.command("get")
-@_NATS_URL
+@broker_options
 @_POLICY_KEY
 @_JSON
 @_CONNECT_TIMEOUT
-def policy_get(nats_url: str, key: str, as_json: bool, connect_timeout: float) -> None:
+def policy_get(broker: BrokerTarget, key: str, as_json: bool, connect_timeout: float) -> None:
     """Print the key's value and revision (0: not set, the config file is in force)."""
-    _echo_policy(_run_remote(get_policy(nats_url, key, connect_timeout)), as_json)
+    _echo_policy(_run_remote(get_policy(broker, key, connect_timeout)), as_json)
 
 
 @admin_policy.command("set")
-@_NATS_URL
+@broker_options
 @_POLICY_KEY
 @_REVISION
 @_JSON
 @_CONNECT_TIMEOUT
 @click.argument("assignments", nargs=-1, required=True, metavar="FIELD=VALUE... | JSON")
-def policy_set(nats_url: str, key: str, expected_revision: int | None, as_json: bool,
+def policy_set(broker: BrokerTarget, key: str, expected_revision: int | None, as_json: bool,
                connect_timeout: float, assignments: tuple[str, ...]) -> None:
     """Set fields (FIELD=VALUE, FIELD=null drops one) or the whole value (one JSON
     object), validated first, with compare-and-set on the revision; prints the new one."""
-    _echo_policy(_run_remote(set_policy(nats_url, key, assignments, expected_revision,
+    _echo_policy(_run_remote(set_policy(broker, key, assignments, expected_revision,
                                         connect_timeout)), as_json)
 
 
 @admin_policy.command("delete")
-@_NATS_URL
+@broker_options
 @_POLICY_KEY
 @_REVISION
 @_CONNECT_TIMEOUT
-def policy_delete(nats_url: str, key: str, expected_revision: int | None,
+def policy_delete(broker: BrokerTarget, key: str, expected_revision: int | None,
                   connect_timeout: float) -> None:
     """Delete the key (compare-and-set): the config file alone is in force again."""
-    old = _run_remote(delete_policy(nats_url, key, expected_revision, connect_timeout))
+    old = _run_remote(delete_policy(broker, key, expected_revision, connect_timeout))
     click.echo(f"{key}: revision {old.revision} deleted" if old.value is not None
                else f"{key}: not set")
 
@@ -305,7 +309,7 @@ def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 
 @main.command()
 @_TARGET
-@_NATS_URL
+@broker_options
 @click.option("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), show_default=True,
               callback=_lengths, help="Prompt lengths to measure, in tokens (comma-separated).")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
@@ -320,7 +324,7 @@ def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
               "seed twice on one worker hits its prefix cache).")
 @_JSON
 @call_options
-def calibrate(target: str, nats_url: str, lengths: tuple[int, ...], repeats: int, load: int,
+def calibrate(target: str, broker: BrokerTarget, lengths: tuple[int, ...], repeats: int, load: int,
               plot_path: Path, dry_run: bool, seed: int | None, as_json: bool,
               call: CallOptions) -> None:
     """Measure local vs remote prefill time by prompt length on a decode worker, find the
@@ -333,7 +337,7 @@ def calibrate(target: str, nats_url: str, lengths: tuple[int, ...], repeats: int
     from splitserve.calibrate_report import plot, rows, summary, to_json
 
     try:
-        plan = CalibrationPlan(target, nats_url, lengths, repeats, load, seed, dry_run, call)
+        plan = CalibrationPlan(target, broker, lengths, repeats, load, seed, dry_run, call)
     except SplitserveError as exc:
         raise click.UsageError(str(exc)) from None
     result = _run_remote(run_calibration(plan))

@@ -42,3 +42,30 @@ def call_options(command: Callable[..., None]) -> Callable[..., None]:
         command(*args, call=CallOptions(security, connect_timeout), **kwargs)
 
     return wrapper
+
+
+def broker_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--nats-url and the broker login (--nats-user, --nats-password-file, --nats-ca) for
+    a command that talks to NATS: the command gets them as `broker` (BrokerTarget)."""
+    from splitserve.policy_admin import DEFAULT_NATS_URL
+
+    @click.option("--nats-url", default=DEFAULT_NATS_URL, show_default=True,
+                  help="The broker, as the workers' nats_url.")
+    @click.option("--nats-user", default="", help="Broker user (`splitserve up`: admin).")
+    @click.option("--nats-password-file", default=None, type=_FILE,
+                  help="A file whose first line is that user's password.")
+    @click.option("--nats-ca", default=None, type=_FILE,
+                  help="The broker runs TLS: verify it against this CA (PEM).")
+    @functools.wraps(command)
+    def wrapper(*args: Any, nats_url: str, nats_user: str, nats_password_file: str | None,
+                nats_ca: str | None, **kwargs: Any) -> None:
+        from splitserve.config.security import NatsAuthConfig
+        from splitserve.policy_admin import BrokerTarget
+
+        try:
+            auth = NatsAuthConfig(nats_user, nats_password_file or "", nats_ca or "")
+        except SplitserveError as exc:
+            raise click.UsageError(str(exc)) from None
+        command(*args, broker=BrokerTarget(nats_url, auth), **kwargs)
+
+    return wrapper

@@ -14,13 +14,14 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
 from nats.js.errors import APIError
 
 from splitserve.config.daemon import WorkerConfig
+from splitserve.config.security import NatsAuthConfig
 from splitserve.errors import ConfigError
 from splitserve.queue.connection import connect
 from splitserve.queue.errors import BrokerError, PolicyConflict
@@ -37,6 +38,14 @@ from splitserve.routing.policy import (
 log = logging.getLogger(__name__)
 
 DEFAULT_NATS_URL = WorkerConfig.nats_url  # the broker the workers use by default
+
+
+@dataclass(frozen=True)
+class BrokerTarget:
+    """The broker and how to log in (`splitserve up` makes an `admin` user; see README)."""
+
+    url: str = DEFAULT_NATS_URL
+    auth: NatsAuthConfig = field(default_factory=NatsAuthConfig)
 
 # The keys an operator may write, each with the check the workers apply to its value
 # (per-field checks: the defaults stand in for any config file's fields).
@@ -110,12 +119,14 @@ def edit_fields(current: PolicyValue, assignments: Sequence[str]) -> dict[str, A
 
 
 @asynccontextmanager
-async def policy_store(nats_url: str, connect_timeout_s: float) -> AsyncIterator[PolicyStore]:
-    conn = await connect(nats_url, name="splitserve-admin", connect_timeout_s=connect_timeout_s)
+async def policy_store(broker: BrokerTarget, connect_timeout_s: float
+                       ) -> AsyncIterator[PolicyStore]:
+    conn = await connect(broker.url, name="splitserve-admin", auth=broker.auth,
+                         connect_timeout_s=connect_timeout_s)
     try:
         yield await PolicyStore.bind(conn.js)
     except (nats.errors.Error, APIError, TimeoutError) as exc:
-        raise BrokerError(f"{redact_url(nats_url)}: {type(exc).__name__}: {exc}") from exc
+        raise BrokerError(f"{redact_url(broker.url)}: {type(exc).__name__}: {exc}") from exc
     finally:
         await conn.close()
 
@@ -136,14 +147,14 @@ def _expect(current: PolicyValue, expected_revision: int | None) -> int:
     return expected_revision
 
 
-async def get_policy(nats_url: str, key: str, connect_timeout_s: float) -> PolicyValue:
-    async with policy_store(nats_url, connect_timeout_s) as store:
+async def get_policy(broker: BrokerTarget, key: str, connect_timeout_s: float) -> PolicyValue:
+    async with policy_store(broker, connect_timeout_s) as store:
         return await read_policy(store, key)
 
 
-async def set_policy(nats_url: str, key: str, assignments: Sequence[str],
+async def set_policy(broker: BrokerTarget, key: str, assignments: Sequence[str],
                      expected_revision: int | None, connect_timeout_s: float) -> PolicyValue:
-    async with policy_store(nats_url, connect_timeout_s) as store:
+    async with policy_store(broker, connect_timeout_s) as store:
         current = await read_policy(store, key)
         expected = _expect(current, expected_revision)
         value = encode_override(edit_fields(current, assignments))
@@ -152,10 +163,10 @@ async def set_policy(nats_url: str, key: str, assignments: Sequence[str],
         return PolicyValue(key, revision, value)
 
 
-async def delete_policy(nats_url: str, key: str, expected_revision: int | None,
+async def delete_policy(broker: BrokerTarget, key: str, expected_revision: int | None,
                         connect_timeout_s: float) -> PolicyValue:
     """Delete the key (the config file alone is in force again); the value deleted."""
-    async with policy_store(nats_url, connect_timeout_s) as store:
+    async with policy_store(broker, connect_timeout_s) as store:
         current = await read_policy(store, key)
         expected = _expect(current, expected_revision)
         if current.value is not None:

@@ -56,8 +56,8 @@ def test_up_is_secure_by_default_and_its_banner_commands_work(tmp_path: Path) ->
                           stderr=subprocess.STDOUT, text=True)
     try:
         commands = banner_commands(up)
-        assert len(commands) == 6, commands
-        generate, status, listing, grpc_generate, grpc_status, metrics = commands
+        assert len(commands) == 7, commands
+        generate, status, listing, grpc_generate, grpc_status, policy, metrics = commands
         assert "--tls-ca" in generate and "--token-file" in status
         assert "-plaintext" not in " ".join(commands)
         results = {cmd: bash(cmd) for cmd in commands}
@@ -71,11 +71,24 @@ def test_up_is_secure_by_default_and_its_banner_commands_work(tmp_path: Path) ->
                                   .split("\0"))
         assert json.loads(results[grpc_status].stdout)["worker_id"] == "decode-0"
         assert "splitserve:time_to_first_token" in results[metrics].stdout
+        assert "--nats-password-file" in policy and "revision" in results[policy].stdout
+        # a long prompt goes remote over the secured broker: every permission it needs
+        long = bash(generate.replace("'What is the capital of France?'",
+                                     "'" + "Tell me about Paris. " * 40 + "'"))
+        assert long.returncode == 0, long.stderr
+        counters = json.loads(bash(grpc_status).stdout)["counters"]
+        assert int(counters.get("num_remote_prefills", 0)) == 1, counters
+        assert int(counters.get("num_fallbacks", 0)) == 0, counters
+        # the broker refuses a login without the admin's password
+        anonymous = bash(policy.split(" --nats-user ")[0])
+        assert anonymous.returncode == 1 and "no NATS broker reachable" in anonymous.stderr
         # the same GetStatus without the token header is refused
         unauthenticated = bash(grpc_status.split(" -H ")[0] + " " +
                                " ".join(grpc_status.split(")\" ")[1:]))
         assert unauthenticated.returncode != 0 and "Unauthenticated" in unauthenticated.stderr
         state = tmp_path / "state"
+        logs = {p.name: p.read_text() for p in state.glob("*-0.log")}
+        assert len(logs) == 2 and not [n for n, t in logs.items() if "violation" in t.lower()]
         assert (state / "certs" / "ca.pem").exists()
         assert "grpc_tls" in (state / "decode-0.yaml").read_text()
     finally:

@@ -20,6 +20,7 @@ from splitserve.planner.calibration import (
     fit_line,
     medians,
 )
+from splitserve.policy_admin import BrokerTarget
 
 LOCAL, REMOTE = PrefillPath.LOCAL, PrefillPath.REMOTE
 LENGTHS = (32, 64, 128, 256, 512)
@@ -84,11 +85,11 @@ def test_break_even_of_measured_lines_and_extrapolation() -> None:
 
 def test_plans_refuse_what_cannot_be_fitted() -> None:
     with pytest.raises(CalibrationError, match="two distinct positive lengths"):
-        CalibrationPlan("127.0.0.1:1", "nats://127.0.0.1:4222", lengths=(64, 64))
+        CalibrationPlan("127.0.0.1:1", BrokerTarget(), lengths=(64, 64))
     with pytest.raises(CalibrationError, match="two distinct positive lengths"):
-        CalibrationPlan("127.0.0.1:1", "nats://127.0.0.1:4222", lengths=(0, 64))
+        CalibrationPlan("127.0.0.1:1", BrokerTarget(), lengths=(0, 64))
     with pytest.raises(CalibrationError, match="repeats"):
-        CalibrationPlan("127.0.0.1:1", "nats://127.0.0.1:4222", repeats=0)
+        CalibrationPlan("127.0.0.1:1", BrokerTarget(), repeats=0)
 
 
 def test_the_report_tables_jsons_and_plots_a_calibration(tmp_path) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from splitserve.config.schema import EngineConfig, from_mapping
-from splitserve.config.security import AuthConfig, TlsConfig
+from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
 from splitserve.errors import ConfigError
 from splitserve.routing.offload import RoutingConfig
 
@@ -153,6 +153,7 @@ class WorkerConfig:
     nats: NatsConfig = field(default_factory=NatsConfig)
     grpc_tls: TlsConfig = field(default_factory=TlsConfig)  # config/security.py
     auth: AuthConfig = field(default_factory=AuthConfig)
+    nats_auth: NatsAuthConfig = field(default_factory=NatsAuthConfig)
     # Prefill workers send an xxh3-64 checksum per written page; decode workers verify
     # it before use (a mismatch fails the attempt). Set on the decode worker: its jobs ask.
     kv_checksum: bool = False

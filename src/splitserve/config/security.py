@@ -18,6 +18,7 @@ config can be printed, logged and returned by Admin/GetConfig as it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from splitserve.errors import ConfigError
 
@@ -76,3 +77,33 @@ class AuthConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.tokens_file)
+
+
+@dataclass(frozen=True)
+class NatsAuthConfig:
+    """How a daemon proves itself to the broker (the URL carries no secret).
+
+    - user / password_file: a user of the broker's `authorization` block, its password
+      read from the file (first line);
+    - ca_file: the broker runs TLS; verify its certificate against this CA.
+    All empty: no credentials, plaintext (a broker on loopback, as in the tests).
+    """
+
+    user: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.user) != bool(self.password_file):
+            raise ConfigError("nats_auth", "user and password_file go together")
+
+    def password(self) -> str:
+        """The password; ConfigError naming the file when it cannot be read."""
+        try:
+            text = Path(self.password_file).read_text()
+        except OSError as exc:
+            raise ConfigError(self.password_file, f"cannot read: {exc.strerror}") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise ConfigError(self.password_file, "no password in the file")
+        return lines[0]

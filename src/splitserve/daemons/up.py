@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitserve.certs import DEFAULT_GRANTS, init_certs, write_tokens
+from splitserve.certs import DEFAULT_GRANTS, init_certs, password_file, write_tokens
 from splitserve.config.daemon import (
     ClusterConfig,
     WorkerConfig,
@@ -38,11 +38,12 @@ from splitserve.config.daemon import (
     load_cluster_config,
 )
 from splitserve.config.reload import diff_fields
-from splitserve.config.security import AuthConfig, TlsConfig
+from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
 from splitserve.config.watch import ChangeDetector
 from splitserve.errors import SplitserveError
 from splitserve.queue.broker import NatsServer
 from splitserve.queue.cluster import NatsCluster, base_node_ports
+from splitserve.queue.permissions import Identity, server_config
 
 
 class ClusterStartError(SplitserveError):
@@ -57,11 +58,12 @@ class WorkerProcess:
     process: subprocess.Popen[bytes] | None = None
 
 
-def worker_configs(cluster: ClusterConfig, nats_url: str,
-                   certs_dir: Path | None = None) -> list[WorkerConfig]:
+def worker_configs(cluster: ClusterConfig, nats_url: str, certs_dir: Path | None = None,
+                   nats_auth: dict[str, NatsAuthConfig] | None = None) -> list[WorkerConfig]:
     """Decode workers first (ports base, base+1, ...), then prefill workers; one
     replica of the queue per NATS node (`nats_url` lists them all, comma-separated).
-    With `certs_dir`, TLS and tokens from there, unless the template sets its own."""
+    With `certs_dir`, TLS and tokens from there, unless the template sets its own;
+    `nats_auth`: each worker's broker login, by worker id."""
     template = cluster.worker
     if certs_dir is not None and not (template.grpc_tls.enabled or template.auth.enabled):
         template = replace(template, grpc_tls=TlsConfig(
@@ -78,6 +80,8 @@ def worker_configs(cluster: ClusterConfig, nats_url: str,
                          grpc_address=f"127.0.0.1:{cluster.base_grpc_port + i}",
                          nats_url=nats_url,
                          nats=replace(cluster.worker.nats, replicas=cluster.nats_cluster_size))
+        if nats_auth and config.worker_id in nats_auth:
+            config = replace(config, nats_auth=nats_auth[config.worker_id])
         if cluster.base_metrics_port:
             config = replace(config, metrics_address=f"127.0.0.1:{cluster.base_metrics_port + i}")
         if cluster.pin_cores:
@@ -114,6 +118,7 @@ class LocalCluster:
                                     self.state_dir / "nats", log_dir=self.state_dir)
         self.workers: list[WorkerProcess] = []
         self.certs_dir = self.state_dir / "certs" if cluster.secure else None
+        self.nats_auth: dict[str, NatsAuthConfig] = {}  # broker logins by user name
 
     @property
     def ca_file(self) -> str:
@@ -121,6 +126,7 @@ class LocalCluster:
         return str(self.certs_dir / "ca.pem") if self.certs_dir is not None else ""
 
     def start(self) -> None:
+        self.prepare_security()
         self.nats.start()
         self.write_worker_configs()
         for worker in self.workers:
@@ -133,11 +139,9 @@ class LocalCluster:
 
     def write_worker_configs(self) -> None:
         """One config file per worker under the state dir (`workers`, not started yet)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self.certs_dir is not None:
-            init_certs(self.certs_dir)
-            write_tokens(self.certs_dir, DEFAULT_GRANTS)
-        for config in worker_configs(self.cluster, self.nats.url, self.certs_dir):
+        self.prepare_security()
+        for config in worker_configs(self.cluster, self.nats.url, self.certs_dir,
+                                     self.nats_auth):
             path = self.state_dir / f"{config.worker_id}.yaml"
             write_config(config, path)
             self.workers.append(
@@ -151,12 +155,32 @@ class LocalCluster:
         layout = [n for n in diff_fields(self.cluster, cluster) if not n.startswith("worker.")]
         self.cluster = replace(self.cluster, worker=cluster.worker)
         rewritten = []
-        for worker, config in zip(self.workers, worker_configs(self.cluster, self.nats.url,
-                                                               self.certs_dir)):
+        for worker, config in zip(self.workers, worker_configs(
+                self.cluster, self.nats.url, self.certs_dir, self.nats_auth)):
             worker.config = config
             if write_config(config, worker.config_path):
                 rewritten.append(worker.config_path)
         return layout, rewritten
+
+    def prepare_security(self) -> None:
+        """With `secure`: the certificates and tokens in `certs_dir` and, on a single
+        broker, its TLS and one user per worker plus admin and planner, each with the
+        permissions of queue/permissions.py (passwords in `<name>.nats-password`)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.certs_dir is None or self.nats_auth:
+            return
+        init_certs(self.certs_dir)
+        write_tokens(self.certs_dir, DEFAULT_GRANTS)
+        if not isinstance(self.nats, NatsServer):  # a 3-node cluster: plaintext for now
+            return
+        users = [(c.worker_id, c.role) for c in worker_configs(self.cluster, self.nats.url)]
+        identities = []
+        for name, role in [*users, ("admin", "admin"), ("planner", "planner")]:
+            path = password_file(self.certs_dir, name)
+            identities.append(Identity(name, role, path.read_text().strip()))  # type: ignore[arg-type]
+            self.nats_auth[name] = NatsAuthConfig(name, str(path), self.ca_file)
+        self.nats.config_text = server_config(identities, str(self.certs_dir / "server.pem"),
+                                              str(self.certs_dir / "server.key"))
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.cluster.ready_timeout_s
@@ -191,10 +215,19 @@ class LocalCluster:
                 worker.process.wait()
         self.nats.stop()
 
+    def _broker_login(self) -> str:
+        admin = self.nats_auth.get("admin")
+        if admin is None:
+            return ""
+        return (f" --nats-user admin --nats-password-file {admin.password_file} "
+                f"--nats-ca {admin.ca_file}")
+
     def banner(self) -> str:
         decode = [w.config.grpc_address for w in self.workers if w.config.role == "decode"]
         lines = [f"splitserve cluster up (state in {self.state_dir})",
-                 f"  nats       {self.nats.url}"]
+                 f"  nats       {self.nats.url}" + (
+                     "  (TLS, a user per worker with least privilege: README, \"Trust\")"
+                     if self.nats_auth else "")]
         lines += [f"  {w.config.worker_id:<10} {w.config.grpc_address}  (log {w.log_path})"
                   for w in self.workers]
         with_metrics = [w for w in self.workers if w.config.metrics_address]
@@ -223,6 +256,7 @@ class LocalCluster:
             f"  {grpcurl} {curl_tls} {target} list",
             f"  {grpcurl} {curl_tls} -d '{body}' {target} splitserve.v1.Generation/Generate",
             f"  {grpcurl} {curl_tls}{curl_admin} {target} splitserve.v1.Admin/GetStatus",
+            f"  {exe} admin policy get --nats-url {self.nats.url}{self._broker_login()}",
             *([f"  curl -s {metrics[0]} | grep '^splitserve:time_to_first_token'"]
               if metrics else []),
             "",

@@ -120,6 +120,7 @@ class NatsServer:
         server_name: str | None = None,
         route: ClusterRoute | None = None,
         extra_args: Sequence[str] = (),
+        config_text: str = "",
     ) -> None:
         self.port = port
         self.host = host
@@ -132,6 +133,8 @@ class NatsServer:
         self.server_name = server_name or f"splitserve-{port}-{uuid.uuid4().hex[:8]}"
         self.route = route
         self.extra_args = tuple(extra_args)  # e.g. ("--user", u, "--pass", p)
+        # More of the server's config file (TLS, authorization: queue/permissions.py)
+        self.config_text = config_text
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
 
@@ -152,7 +155,7 @@ class NatsServer:
                "-sd", str(self.store_dir), "-n", self.server_name]
         if self.monitor_port is not None:
             cmd += ["-m", str(self.monitor_port)]
-        if self.route is not None:
+        if self.route is not None or self.config_text:
             cmd += ["-c", str(self.config_path)]
         return cmd + list(self.extra_args)
 
@@ -175,8 +178,11 @@ class NatsServer:
         try:
             self.store_dir.mkdir(parents=True, exist_ok=True)
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            if self.route is not None:
-                self.config_path.write_text(self.route.config_text(self.host))
+            parts = [self.route.config_text(self.host)] if self.route is not None else []
+            if parts or self.config_text:
+                fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as config:  # may hold passwords: owner only
+                    config.write("\n".join([*parts, self.config_text]))
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         except OSError as err:
             raise self._error(f"cannot prepare store dir or log: {err}") from err

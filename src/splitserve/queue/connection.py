@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from typing import Any
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from splitserve.config.security import NatsAuthConfig
+from splitserve.errors import ConfigError
 from splitserve.queue.errors import BrokerUnavailable
 from splitserve.redact import host_port
 
@@ -97,11 +100,19 @@ class BrokerConnection:
     async def _on_error(self, err: Exception) -> None:
         # While the broker is down every attempt fails; one line per attempt at
         # DEBUG, the disconnect itself is logged once at WARNING.
-        logger.debug("nats connection %s: %s: %s", self.name, type(err).__name__, err)
+        # A refusal by the broker's permissions or authorization is a misconfiguration
+        # (or an attack): WARNING, every time.
+        refused = any(word in str(err).lower() for word in ("permissions violation",
+                                                              "authorization violation"))
+        logger.log(logging.WARNING if refused else logging.DEBUG, "nats connection %s: %s: %s",
+                   self.name, type(err).__name__, err)
 
     async def _on_closed(self) -> None:
         self._connected.clear()
         logger.info("nats connection %s: closed", self.name)
+
+
+NO_AUTH = NatsAuthConfig()
 
 
 async def connect(
@@ -110,9 +121,20 @@ async def connect(
     name: str = "splitserve",
     backoff: ReconnectBackoff = ReconnectBackoff(),
     connect_timeout_s: float | None = 30.0,
+    auth: NatsAuthConfig = NO_AUTH,
 ) -> BrokerConnection:
     """Connect, retrying until `connect_timeout_s` (None: forever), and reconnect
-    forever after that. Raises BrokerUnavailable if the first connect times out."""
+    forever after that. Raises BrokerUnavailable if the first connect times out
+    (wrong credentials included: the broker's refusal is logged), ConfigError if a
+    password or CA file cannot be read."""
+    credentials: dict[str, Any] = {}
+    if auth.user:
+        credentials.update(user=auth.user, password=auth.password())
+    if auth.ca_file:
+        try:
+            credentials["tls"] = ssl.create_default_context(cafile=auth.ca_file)
+        except OSError as exc:
+            raise ConfigError(auth.ca_file, f"cannot read CA: {exc.strerror}") from None
     # "nats://a:4222,nats://b:4222" (a cluster, as `splitserve up` writes it): nats.py
     # takes a list, not a comma-separated string.
     server_list = ([s.strip() for s in servers.split(",") if s.strip()]
@@ -141,6 +163,7 @@ async def connect(
                 reconnected_cb=conn._on_reconnected,
                 error_cb=conn._on_error,
                 closed_cb=conn._on_closed,
+                **credentials,
             ),
             connect_timeout_s,
         )

@@ -128,7 +128,8 @@ class WorkerCore:
                                    self.engine.loaded.fingerprint, self.role, grpc_address,
                                    fail_every=self.config.faults.fail_transfer_every)
         self.agent.descriptor.incarnation = self.incarnation
-        self.broker = await connect(self.config.nats_url, name=self.worker_id)
+        self.broker = await connect(self.config.nats_url, name=self.worker_id,
+                                    auth=self.config.nats_auth)
         await ensure_messaging(self.broker.js, self.queue_settings, self.bucket_settings)
         self.registry = await WorkerRegistry.open(self.broker.js, self.bucket_settings)
         await self.registry.register(self.worker_id, self.agent.descriptor.SerializeToString())

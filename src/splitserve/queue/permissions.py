@@ -1,0 +1,89 @@
+"""Least privilege on the broker: one NATS user per worker (and one each for the admin
+and the planner), each allowed only the subjects its role needs.
+
+What each identity may publish (everything else is refused by the server):
+- every identity: the JetStream API (`$JS.API.>`: stream and KV lookups, consumers,
+  direct gets) except deleting or purging streams and deleting messages, flow-control
+  replies (`$JS.FC.>`) and replies to requests (`_INBOX.>`);
+- a decode worker: prefill jobs (`splitserve.prefill.>`: only decode workers do),
+  its own registry key (`$KV.splitserve-workers.<id>`) and its own stats;
+- a prefill worker: acks of the jobs it pulls (`$JS.ACK.>`), lease requests to decode
+  workers (`splitserve.lease.*`), its own registry key and its own stats;
+- the admin and the planner: the policy bucket (`$KV.splitserve-policy.>`); no other
+  identity writes it.
+Subscriptions: every identity its inboxes (`_INBOX.>`: API replies, watches); a decode
+worker also its lease subject and the prefill workers' stats; admin and planner all stats.
+
+So a prefill worker (or a stolen prefill password) cannot inject a `PrefillJob`, no
+worker can rewrite another's registry entry (and so redirect KV to a rogue agent), and
+only the planner or an operator changes routing. `server_config` renders the server's
+`tls` and `authorization` blocks (NATS config syntax accepts JSON values).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from splitserve.queue.subjects import (
+    BUCKET_POLICY,
+    BUCKET_WORKERS,
+    LEASE_PREFIX,
+    STATS_PREFIX,
+    validate_worker_id,
+)
+
+Role = Literal["decode", "prefill", "admin", "planner"]
+
+COMMON_PUBLISH = ("$JS.API.>", "$JS.FC.>", "_INBOX.>")
+COMMON_DENY = ("$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>",
+               "$JS.API.STREAM.MSG.DELETE.>")
+COMMON_SUBSCRIBE = ("_INBOX.>",)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A broker user: `name` is the worker id for workers, else the role."""
+
+    name: str
+    role: Role
+    password: str
+
+    def publish(self) -> list[str]:
+        own = [f"$KV.{BUCKET_WORKERS}.{self.name}", f"{STATS_PREFIX}.{self.role}.{self.name}"]
+        extra = {
+            "decode": ["splitserve.prefill.>", *own],
+            "prefill": ["$JS.ACK.>", f"{LEASE_PREFIX}.*", *own],
+            "admin": [f"$KV.{BUCKET_POLICY}.>"],
+            "planner": [f"$KV.{BUCKET_POLICY}.>"],
+        }[self.role]
+        return [*COMMON_PUBLISH, *extra]
+
+    def subscribe(self) -> list[str]:
+        extra = {
+            "decode": [f"{LEASE_PREFIX}.{self.name}", f"{STATS_PREFIX}.prefill.*"],
+            "prefill": [],
+            "admin": [f"{STATS_PREFIX}.>"],
+            "planner": [f"{STATS_PREFIX}.>"],
+        }[self.role]
+        return [*COMMON_SUBSCRIBE, *extra]
+
+    def __post_init__(self) -> None:
+        if self.role in ("decode", "prefill"):
+            validate_worker_id(self.name)
+
+
+def server_config(identities: Sequence[Identity], cert_file: str = "", key_file: str = "",
+                  ) -> str:
+    """The `tls` (when a certificate is given) and `authorization` blocks."""
+    users = [{"user": i.name, "password": i.password, "permissions": {
+        "publish": {"allow": i.publish(), "deny": list(COMMON_DENY)},
+        "subscribe": {"allow": i.subscribe()}}} for i in identities]
+    blocks = []
+    if cert_file:
+        tls = {"cert_file": cert_file, "key_file": key_file, "timeout": 5}
+        blocks.append(f"tls {json.dumps(tls, indent=2)}")
+    blocks.append(f"authorization {json.dumps({'users': users}, indent=2)}")
+    return "\n".join(blocks) + "\n"
