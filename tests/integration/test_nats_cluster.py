@@ -165,3 +165,30 @@ def test_up_with_a_3_node_cluster_gives_workers_every_url_and_3_replicas(tmp_pat
     with pytest.raises(ConfigError) as info:
         ClusterConfig(nats_cluster_size=2)
     assert info.value.field == "nats_cluster_size"
+
+
+async def test_a_secure_3_node_cluster_needs_a_login_on_every_node(tmp_path: Path) -> None:
+    from splitserve.queue.errors import BrokerUnavailable
+    from splitserve.queue.policy import PolicyStore
+
+    ports = free_node_ports(3)
+    local = LocalCluster(ClusterConfig(state_dir=str(tmp_path / "state"),
+                                       nats_port=ports[0].client, nats_cluster_size=3))
+    assert isinstance(local.nats, NatsCluster)
+    local.nats = NatsCluster(ports, local.state_dir / "nats", log_dir=local.state_dir)
+    local.prepare_security()
+    assert sorted(local.nats_auth) == ["admin", "decode-0", "planner", "prefill-0"]
+    await asyncio.to_thread(local.nats.start)
+    try:
+        for url in local.nats.urls:
+            with pytest.raises(BrokerUnavailable):
+                await connect(url, name="anonymous", connect_timeout_s=2)
+        conn = await connect(local.nats.url, name="admin", auth=local.nats_auth["admin"],
+                             backoff=TEST_BACKOFF, connect_timeout_s=10)
+        try:
+            store = await PolicyStore.open(conn.js, BUCKETS)
+            assert await store.put("routing", b'{"prefill_length_threshold": 64}') >= 1
+        finally:
+            await conn.close()
+    finally:
+        await asyncio.to_thread(local.nats.stop)

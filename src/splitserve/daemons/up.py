@@ -171,8 +171,6 @@ class LocalCluster:
             return
         init_certs(self.certs_dir)
         write_tokens(self.certs_dir, DEFAULT_GRANTS)
-        if not isinstance(self.nats, NatsServer):  # a 3-node cluster: plaintext for now
-            return
         users = [(c.worker_id, c.role) for c in worker_configs(self.cluster, self.nats.url)]
         identities = []
         for name, role in [*users, ("admin", "admin"), ("planner", "planner")]:

@@ -73,6 +73,16 @@ class NatsCluster:
                 server_name=f"{name}-n{i}", route=ClusterRoute(name, own.route, peers)))
 
     @property
+    def config_text(self) -> str:
+        """More of every node's config file (TLS, authorization): as NatsServer's."""
+        return self.nodes[0].config_text if self.nodes else ""
+
+    @config_text.setter
+    def config_text(self, text: str) -> None:
+        for node in self.nodes:
+            node.config_text = text
+
+    @property
     def urls(self) -> list[str]:
         return [node.url for node in self.nodes]
 
