@@ -133,6 +133,13 @@ RELOADABLE_WORKER_FIELDS: frozenset[str] = frozenset({
 })
 
 
+# The longest drain a worker grants in-flight work on SIGTERM. The systemd units
+# (systemd/splitserve-*@.service) stop the worker with TimeoutStopSec=90: this bound plus
+# 30 s for what follows the drain (gRPC stop, deregistration, engine and NIXL shutdown),
+# so a drain always ends before systemd's SIGKILL. Raise both together.
+MAX_DRAIN_GRACE_S = 60.0
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """One worker daemon (`splitserve decode|prefill --config F`).
@@ -165,8 +172,8 @@ class WorkerConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def __post_init__(self) -> None:
-        # systemd's stop timeout must exceed the grace; an hour is beyond any request.
-        _check_range("drain_grace_s", self.drain_grace_s, 0.0, 3600.0)
+        # Bounded so that the drain ends within the units' TimeoutStopSec (see above).
+        _check_range("drain_grace_s", self.drain_grace_s, 0.0, MAX_DRAIN_GRACE_S)
         _check_range("stats_interval_s", self.stats_interval_s, 0.0, 3600.0, low_open=True)
         if self.metrics_address:
             _check_address("metrics_address", self.metrics_address)

@@ -8,6 +8,10 @@ Engine thread crash: health NOT_SERVING at once, no drain (the engine cannot fin
 anything), stop the role, deregister, exit 1 so that systemd restarts the worker.
 SIGHUP, a change of the config file (watched from the start) and Admin.Reload:
 reload the config (config/reload.py); the reloadable fields apply at once.
+Under systemd (daemons/notify.py): READY=1 once SERVING, RELOADING=1 … READY=1 around
+each reload after that, STOPPING=1 when the drain (or the crash exit) begins, STATUS=
+lines throughout; with WatchdogSec=, WATCHDOG=1 every half interval while the engine
+thread answers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
 from splitserve.config.daemon import (
     RELOADABLE_WORKER_FIELDS,
@@ -23,9 +28,10 @@ from splitserve.config.daemon import (
     config_hash,
     load_worker_config,
 )
-from splitserve.config.reload import ConfigReloader
+from splitserve.config.reload import ConfigReloader, ReloadResult
 from splitserve.config.watch import ChangeDetector, watch_file
 from splitserve.control.server import ServerSecurity, start_grpc_server
+from splitserve.daemons.notify import EngineProbe, Notifier, run_watchdog, watchdog_period_s
 from splitserve.redact import redact_url
 from splitserve.worker.admin import WorkerAdminBackend
 from splitserve.worker.core import WorkerCore, logged_task
@@ -64,13 +70,14 @@ async def serve(config: WorkerConfig, cfg_hash: str = "",
     Returns the process exit code: 0 after a signal, 1 after an engine crash.
     """
     core = WorkerCore(config)
+    notifier = Notifier.from_environ()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reloader, watcher = None, None
+    reloader, watcher, watchdog = None, None, None
     if changes is not None:
-        reloader = _reloader(core, changes.path, cfg_hash)
+        reloader = _reloader(core, changes.path, cfg_hash, notifier)
         loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
         watcher = logged_task(watch_file(changes, lambda: reloader.reload("file change")),
                               "config watcher")
@@ -88,23 +95,35 @@ async def serve(config: WorkerConfig, cfg_hash: str = "",
         server.set_serving(True)
         log.info("worker %s ready: role %s, gRPC %s, NATS %s", core.worker_id, config.role,
                  server.address, redact_url(config.nats_url))
+        notifier.ready(f"serving: {config.role} worker {core.worker_id}, gRPC {server.address}")
+        period_s = watchdog_period_s()
+        if period_s is not None:
+            watchdog = logged_task(run_watchdog(notifier, period_s, EngineProbe(engine)),
+                                   "systemd watchdog")
         await _first_set(stop, engine.crashed)
         if engine.crashed.is_set():
             server.set_serving(False)  # the finally below stops and deregisters
             log.error("worker %s: engine thread died (%r); stopping without a drain, "
                       "exit code %d", core.worker_id, engine.error, ENGINE_CRASH_EXIT_CODE)
+            notifier.stopping(f"engine crashed ({type(engine.error).__name__}); exiting "
+                              f"with {ENGINE_CRASH_EXIT_CODE}")
             return ENGINE_CRASH_EXIT_CODE
-        grace_s = core.config.drain_grace_s  # reloadable
+        # Reloadable, bounded by MAX_DRAIN_GRACE_S (config/daemon.py) so that the drain
+        # and the stop after it end within the units' TimeoutStopSec (systemd/).
+        grace_s = core.config.drain_grace_s
         log.info("worker %s: draining (grace %.0f s)", core.worker_id, grace_s)
+        notifier.stopping(f"draining (grace {grace_s:.0f} s)")
         await server.drain(grace_s)  # health NOT_SERVING, in-flight finish
         return 0
     finally:
-        if watcher is not None:
-            watcher.cancel()
+        for task in (watcher, watchdog):
+            if task is not None:
+                task.cancel()
         await role.stop()
         await server.stop(grace_s=1.0)
         await core.stop()
         log.info("worker %s stopped", core.worker_id)
+        notifier.close()
 
 
 async def _first_set(*events: asyncio.Event) -> None:
@@ -117,7 +136,8 @@ async def _first_set(*events: asyncio.Event) -> None:
             wait.cancel()
 
 
-def _reloader(core: WorkerCore, path: Path, cfg_hash: str) -> ConfigReloader[WorkerConfig]:
+def _reloader(core: WorkerCore, path: Path, cfg_hash: str,
+              notifier: Notifier) -> ConfigReloader[WorkerConfig]:
     def load(p: Path) -> WorkerConfig:
         return load_worker_config(p, core.role)
 
@@ -125,5 +145,25 @@ def _reloader(core: WorkerCore, path: Path, cfg_hash: str) -> ConfigReloader[Wor
         logging.getLogger().setLevel(config.log_level)
         core.apply_config(config)
 
-    return ConfigReloader(path, load, core.config, reloadable=RELOADABLE_WORKER_FIELDS,
-                          apply=apply, config_hash_value=cfg_hash)
+    return _NotifyingReloader(path, load, core.config, reloadable=RELOADABLE_WORKER_FIELDS,
+                              apply=apply, config_hash_value=cfg_hash, notifier=notifier)
+
+
+class _NotifyingReloader(ConfigReloader[WorkerConfig]):
+    """Tells systemd about each reload once the worker is serving: RELOADING=1 (with
+    MONOTONIC_USEC) before it, READY=1 with the outcome in STATUS after it. A reload
+    while starting or draining says nothing (READY=1 then would be a lie)."""
+
+    def __init__(self, *args: Any, notifier: Notifier, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.notifier = notifier
+
+    def reload(self, trigger: str) -> ReloadResult:
+        if self.notifier.state != "ready":
+            return super().reload(trigger)
+        self.notifier.reloading(f"reloading config ({trigger})")
+        result = super().reload(trigger)  # never raises
+        outcome = (f"refused ({result.error})" if result.error
+                   else f"config {result.config_hash}")
+        self.notifier.ready(f"serving; last reload ({trigger}): {outcome}")
+        return result
