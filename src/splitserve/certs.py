@@ -14,6 +14,9 @@ Keys are written 0600, and an existing file is never overwritten (`init` again o
 the same DIR keeps what is there and adds what is missing, so rotating means a new
 DIR). `write_tokens` makes a tokens file (control/auth.py's format) with fresh
 random tokens, and one file per token for the CLI's `--token-file`.
+`broker_auth` makes a password file per broker user and renders the broker's `tls`
+and `authorization` blocks (`splitserve certs nats-auth`, `splitserve up`), optionally
+with bcrypt hashes (the `bcrypt` package: pyca's binding, the library everyone uses).
 """
 
 from __future__ import annotations
@@ -27,16 +30,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import bcrypt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from splitserve.errors import SplitserveError
+from splitserve.queue.permissions import Identity, Role, server_config
+from splitserve.queue.subjects import validate_worker_id
 
 CLIENT_IDENTITIES = ("decode", "prefill", "planner", "admin")
 CA_DAYS = 3650
 LEAF_DAYS = 825  # the longest leaf lifetime browsers and most TLS stacks accept
+BCRYPT_ROUNDS = 11  # nats-server's own default cost (`nats server passwd`)
 TOKEN_BYTES = 32  # 256 bits, URL-safe base64: 43 characters
 # The tokens `certs init` and `splitserve up` write: name → scopes (control/auth.py).
 DEFAULT_GRANTS = {
@@ -66,7 +73,14 @@ def _name(common_name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes, replace: bool = False) -> None:
+    """`data` into a new file readable by its owner only (0600 from the start); an
+    existing file is an error unless `replace`, which swaps it in atomically."""
+    if replace:
+        staged = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        write_private(staged, data)
+        os.replace(staged, path)
+        return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as file:
         file.write(data)
@@ -100,7 +114,7 @@ def _new_ca(directory: Path) -> None:
             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
                                          False), critical=True)
             .sign(key, hashes.SHA256()))
-    _write_private(directory / "ca.key", _key_bytes(key))
+    write_private(directory / "ca.key", _key_bytes(key))
     (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
@@ -119,7 +133,7 @@ def _leaf(directory: Path, stem: str, common_name: str, usages: Sequence[x509.Ob
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
-    _write_private(directory / f"{stem}.key", _key_bytes(key))
+    write_private(directory / f"{stem}.key", _key_bytes(key))
     (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
@@ -168,8 +182,8 @@ def write_tokens(directory: str | Path, grants: dict[str, str]) -> Path:
     for name, scopes in grants.items():
         token = secrets.token_urlsafe(TOKEN_BYTES)
         lines.append(f"{name} {scopes} {token}")
-        _write_private(path / f"{name}.token", f"{token}\n".encode())
-    _write_private(tokens_file, ("\n".join(lines) + "\n").encode())
+        write_private(path / f"{name}.token", f"{token}\n".encode())
+    write_private(tokens_file, ("\n".join(lines) + "\n").encode())
     return tokens_file
 
 
@@ -178,5 +192,40 @@ def password_file(directory: str | Path, name: str) -> Path:
     exists: a broker user's password, as `nats_auth.password_file` names it."""
     path = Path(directory) / f"{name}.nats-password"
     if not path.exists():
-        _write_private(path, f"{secrets.token_urlsafe(TOKEN_BYTES)}\n".encode())
+        write_private(path, f"{secrets.token_urlsafe(TOKEN_BYTES)}\n".encode())
     return path
+
+
+@dataclass(frozen=True)
+class BrokerAuth:
+    """The broker's users: each name's password file, and the server's config blocks."""
+
+    password_files: dict[str, Path]
+    config_text: str
+
+
+def broker_auth(directory: str | Path, workers: Sequence[tuple[str, Role]],
+                hashed: bool = False) -> BrokerAuth:
+    """One broker user per worker `(worker id, role)` plus `admin` and `planner`, with
+    the permissions of queue/permissions.py; passwords in `directory/<name>.nats-password`
+    (kept when present), TLS from `directory/server.pem` (`init_certs` first). `hashed`:
+    the config holds bcrypt hashes (nats-server checks `$2b$` passwords with bcrypt), so
+    reading it reveals no password; each login then costs the broker a bcrypt check."""
+    path = Path(directory)
+    users = [*workers, ("admin", "admin"), ("planner", "planner")]
+    names = [name for name, _ in users]
+    if len(set(names)) != len(names):
+        raise CertsError(f"broker users must be unique, got {names}")
+    for name, _ in workers:
+        validate_worker_id(name)  # before any file is written
+    files = {name: password_file(path, name) for name in names}
+    identities = [Identity(name, role, _broker_secret(files[name], hashed)) for name, role in users]
+    text = server_config(identities, str(path / "server.pem"), str(path / "server.key"))
+    return BrokerAuth(files, text)
+
+
+def _broker_secret(password_file: Path, hashed: bool) -> str:
+    password = password_file.read_text().strip()
+    if not hashed:
+        return password
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(BCRYPT_ROUNDS)).decode()

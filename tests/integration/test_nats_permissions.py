@@ -6,7 +6,6 @@ stream), and the refused client stays connected and useful."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,12 +13,12 @@ import nats.errors
 import pytest
 import pytest_asyncio
 
-from splitserve.certs import init_certs
+from splitserve.certs import broker_auth, init_certs
 from splitserve.config.security import NatsAuthConfig
 from splitserve.queue.broker import NatsServer, find_free_port
 from splitserve.queue.connection import BrokerConnection, connect
 from splitserve.queue.errors import BrokerUnavailable
-from splitserve.queue.permissions import Identity, server_config
+from splitserve.queue.permissions import Role
 from splitserve.queue.policy import PolicyStore
 from splitserve.queue.registry import WorkerRegistry
 from splitserve.queue.settings import BucketSettings, PrefillQueueSettings
@@ -29,21 +28,21 @@ from splitserve.queue.subjects import STREAM_PREFILL, shared_subject
 pytestmark = pytest.mark.timeout(120)
 
 REFUSED = (TimeoutError, nats.errors.TimeoutError)  # the server drops it; no ack comes
-IDENTITIES = [("decode-0", "decode"), ("prefill-0", "prefill"), ("admin", "admin")]
+WORKERS: list[tuple[str, Role]] = [("decode-0", "decode"), ("prefill-0", "prefill")]
 
 
 @pytest.fixture
 def secured(tmp_path: Path) -> tuple[NatsServer, dict[str, NatsAuthConfig]]:
+    """The broker as `splitserve certs nats-auth` configures it: bcrypt hashes in its
+    config, the passwords in the clients' files."""
     certs = tmp_path / "certs"
     init_certs(certs)
-    identities, auths = [], {}
-    for name, role in IDENTITIES:
-        password = secrets.token_urlsafe(16)
-        (certs / f"{name}.nats").write_text(password + "\n")
-        identities.append(Identity(name, role, password))  # type: ignore[arg-type]
-        auths[name] = NatsAuthConfig(name, str(certs / f"{name}.nats"), str(certs / "ca.pem"))
-    server = NatsServer(find_free_port(), tmp_path / "nats", config_text=server_config(
-        identities, str(certs / "server.pem"), str(certs / "server.key")))
+    auth = broker_auth(certs, WORKERS, hashed=True)
+    assert all(f.read_text().strip() not in auth.config_text
+               for f in auth.password_files.values())
+    auths = {name: NatsAuthConfig(name, str(path), str(certs / "ca.pem"))
+             for name, path in auth.password_files.items()}
+    server = NatsServer(find_free_port(), tmp_path / "nats", config_text=auth.config_text)
     server.start()
     yield server, auths
     server.stop()

@@ -9,19 +9,20 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from splitserve.config.daemon import MAX_DRAIN_GRACE_S
 from splitserve.queue.broker import find_nats_server
-from splitserve.queue.permissions import Identity, server_config
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = sorted((ROOT / "systemd").glob("*.service"))
 WORKER_UNITS = [u for u in UNITS if u.name.startswith(("splitserve-decode@", "splitserve-prefill@"))]
 MAX_EXPOSURE = 3.0
 STOP_MARGIN_S = 20.0  # the stop after the drain: gRPC, deregistration, engine, NIXL
+SPLITSERVE = str(Path(sys.executable).parent / "splitserve")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or ""
 needs_systemd_analyze = pytest.mark.skipif(not SYSTEMD_ANALYZE,
                                            reason="systemd-analyze is not installed")
@@ -109,18 +110,31 @@ def test_decode_and_prefill_units_differ_only_in_the_role() -> None:
     assert all(without_role(d) == without_role(p) for d, p in differing), differing
 
 
+def splitserve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SPLITSERVE, *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
 def test_broker_config_takes_the_generated_auth_blocks(tmp_path: Path) -> None:
-    """configs/nats.conf with the `include` of what server_config() renders is valid."""
+    """configs/nats.conf with the `include` of what `splitserve certs nats-auth` writes is
+    valid, and that file names one user per worker plus admin and planner (0600)."""
     binary = find_nats_server()
     if binary is None:
         pytest.skip("nats-server is not installed")
-    from splitserve.certs import init_certs
-
-    init_certs(tmp_path / "certs")
-    identities = [Identity("decode-0", "decode", "pw-d"), Identity("prefill-0", "prefill", "pw-p"),
-                  Identity("admin", "admin", "pw-a")]
-    (tmp_path / "nats-auth.conf").write_text(server_config(
-        identities, str(tmp_path / "certs" / "server.pem"), str(tmp_path / "certs" / "server.key")))
+    certs = tmp_path / "certs"
+    assert splitserve("certs", "init", str(certs)).returncode == 0
+    made = splitserve("certs", "nats-auth", str(certs), "--decode", "decode-0", "--decode",
+                      "decode-1", "--prefill", "prefill-0", "--out", str(tmp_path / "nats-auth.conf"))
+    assert made.returncode == 0, made.stderr
+    auth = tmp_path / "nats-auth.conf"
+    assert auth.stat().st_mode & 0o777 == 0o600
+    text = auth.read_text()
+    assert text.count('"password": "$2b$11$') == 5
+    for name in ("decode-0", "decode-1", "prefill-0", "admin", "planner"):
+        password = (certs / f"{name}.nats-password").read_text().strip()
+        assert f'"user": "{name}"' in text and password not in text  # bcrypt hashes
+        assert f"password_file: {certs / f'{name}.nats-password'}" in made.stdout
+        assert password not in made.stdout
     template = (ROOT / "configs" / "nats.conf").read_text()
     assert "# include ./nats-auth.conf" in template
     config = tmp_path / "nats.conf"
@@ -130,3 +144,20 @@ def test_broker_config_takes_the_generated_auth_blocks(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     store = service_section(ROOT / "systemd" / "splitserve-nats.service")["StateDirectory"]
     assert f"store_dir: /var/lib/{store[0]}" in template
+
+
+@pytest.mark.parametrize(("setup", "args", "message"), [
+    (False, ["--decode", "decode-0"], "run `splitserve certs init"),
+    (True, ["--decode", "w-0", "--prefill", "w-0"], "broker users must be unique"),
+    (True, ["--decode", "admin"], "broker users must be unique"),
+    (True, ["--decode", "bad id!"], "invalid worker id 'bad id!'"),
+])
+def test_nats_auth_refuses_what_it_cannot_serve(tmp_path: Path, setup: bool, args: list[str],
+                                                message: str) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    if setup:
+        assert splitserve("certs", "init", str(certs)).returncode == 0
+    out = splitserve("certs", "nats-auth", str(certs), *args)
+    assert out.returncode == 1 and message in out.stderr, out.stderr
+    assert not list(certs.glob("*nats*"))  # nothing half-written

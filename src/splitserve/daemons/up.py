@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitserve.certs import DEFAULT_GRANTS, init_certs, password_file, write_tokens
+from splitserve.certs import DEFAULT_GRANTS, broker_auth, init_certs, write_tokens
 from splitserve.config.daemon import (
     ClusterConfig,
     WorkerConfig,
@@ -43,7 +43,6 @@ from splitserve.config.watch import ChangeDetector
 from splitserve.errors import SplitserveError
 from splitserve.queue.broker import NatsServer
 from splitserve.queue.cluster import NatsCluster, base_node_ports
-from splitserve.queue.permissions import Identity, server_config
 
 
 class ClusterStartError(SplitserveError):
@@ -172,13 +171,10 @@ class LocalCluster:
         init_certs(self.certs_dir)
         write_tokens(self.certs_dir, DEFAULT_GRANTS)
         users = [(c.worker_id, c.role) for c in worker_configs(self.cluster, self.nats.url)]
-        identities = []
-        for name, role in [*users, ("admin", "admin"), ("planner", "planner")]:
-            path = password_file(self.certs_dir, name)
-            identities.append(Identity(name, role, path.read_text().strip()))  # type: ignore[arg-type]
+        auth = broker_auth(self.certs_dir, users)
+        for name, path in auth.password_files.items():
             self.nats_auth[name] = NatsAuthConfig(name, str(path), self.ca_file)
-        self.nats.config_text = server_config(identities, str(self.certs_dir / "server.pem"),
-                                              str(self.certs_dir / "server.key"))
+        self.nats.config_text = auth.config_text
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.cluster.ready_timeout_s
