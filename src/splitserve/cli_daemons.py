@@ -1,4 +1,4 @@
-"""`splitserve decode|prefill|up`: the daemon commands (registered in cli.py)."""
+"""`splitserve decode|prefill|router|up`: the daemon commands (registered in cli.py)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,18 @@ def decode_cmd(config_path: Path) -> None:
 def prefill_cmd(config_path: Path) -> None:
     """Run a prefill worker: pull jobs, prefill, write KV pages to decode workers."""
     _run_worker(config_path, "prefill")
+
+
+@click.command("router")
+@_CONFIG
+def router_cmd(config_path: Path) -> None:
+    """Run a router: OpenAI-compatible HTTP and gRPC in front of the decode workers."""
+    from splitserve.daemons.router import run_router
+
+    try:
+        run_router(config_path)
+    except SplitserveError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.command("up")

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import grpc
 
 from splitserve.config.daemon import WorkerConfig
+from splitserve.config.router import RouterConfig
 from splitserve.config.schema import EngineConfig
 from splitserve.daemons.up import health_serving, write_config
 from splitserve.queue.broker import NatsServer, find_free_port
@@ -138,3 +141,76 @@ def decode_and_prefill(workdir: Path) -> Iterator[tuple[NatsServer, Daemon, Daem
     finally:
         stop_daemons(daemons)
         broker.stop()
+
+
+def wait_no_leaks(address: str, timeout_s: float = 15.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = admin_status(address)
+        used = int(s.get("num_pages_used", 0))
+        quarantined = int(s.get("num_pages_quarantined", 0))
+        if (used == 0 and quarantined == 0) or time.monotonic() > deadline:
+            assert used == 0 and quarantined == 0, s
+            return s
+        time.sleep(0.3)
+
+
+@dataclasses.dataclass
+class Router(Daemon):
+    config: RouterConfig  # type: ignore[assignment]
+
+    @property
+    def address(self) -> str:
+        return self.config.grpc_address
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.config.http_address}/v1"
+
+
+def start_router(nats_url: str, workdir: Path, **overrides: object) -> Router:
+    config = RouterConfig(http_address=f"127.0.0.1:{find_free_port()}",
+                          grpc_address=f"127.0.0.1:{find_free_port()}", nats_url=nats_url,
+                          drain_grace_s=5.0, unavailable_backoff_s=2.0)
+    config = replace(config, **overrides)  # type: ignore[arg-type]
+    path = workdir / "router.yaml"
+    write_config(config, path)
+    log_path = workdir / "router.log"
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen([*SPLITSERVE, "router", "--config", str(path)],
+                                   stdout=log_file, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return Router(config, log_path, process)
+
+
+def router_health(router: Router) -> dict:
+    """GET /health (any status), or {} while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://{router.config.http_address}/health",
+                                    timeout=5) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read())
+    except OSError:
+        return {}
+
+
+def wait_router(router: Router, num_workers: int, timeout_s: float = 120.0) -> None:
+    """Until the router answers and sees `num_workers` decode workers serving."""
+    deadline = time.monotonic() + timeout_s
+    while router_health(router).get("num_workers_serving") != num_workers:
+        if router.process.poll() is not None:
+            raise RuntimeError(f"router exited:\n{router.log_tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"router not ready: {router_health(router)}\n{router.log_tail()}")
+        time.sleep(0.2)
+
+
+def stop_router(router: Router) -> int:
+    if router.process.poll() is None:
+        router.process.send_signal(signal.SIGTERM)
+    try:
+        return router.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        router.process.kill()
+        return router.process.wait()

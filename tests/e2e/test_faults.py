@@ -18,6 +18,7 @@ from cluster import (
     nats_server,
     start_daemon,
     stop_daemons,
+    wait_no_leaks,
     wait_ready,
     worker_config,
 )
@@ -57,18 +58,6 @@ def long_prompts(tokenizer, n: int, words: int = 250) -> list[list[int]]:
 def expected_outputs(smollm_engine, prompts, max_tokens=8):
     return smollm_engine().generate(prompts, SamplingParams(max_tokens=max_tokens,
                                                             temperature=0))
-
-
-def wait_no_leaks(address: str, timeout_s: float = 15.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        s = status(address)
-        used = int(s.get("num_pages_used", 0))
-        quarantined = int(s.get("num_pages_quarantined", 0))
-        if (used == 0 and quarantined == 0) or time.monotonic() > deadline:
-            assert used == 0 and quarantined == 0, s
-            return s
-        time.sleep(0.3)
 
 
 def counter(address: str, name: str) -> int:

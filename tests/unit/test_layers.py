@@ -31,6 +31,9 @@ def imports_of(folder: str) -> dict[str, set[str]]:
                 "splitserve.transfer", "splitserve.control", *PROCESS_LAYERS)),
     ("routing", ("nats", "grpc", "nixl_cu12", "splitserve.queue", "splitserve.transfer",
                  *PROCESS_LAYERS)),
+    # the router forwards requests: no engine to run, no KV to move, no worker inside
+    ("router", ("torch", "nixl", "nixl_cu12", "splitserve.transfer", "splitserve.worker",
+                "splitserve.daemons", "splitserve.planner", "splitserve.engine.llm_engine")),
 ])
 def test_layer_imports_point_one_way(folder: str, forbidden: tuple[str, ...]) -> None:
     bad = {path: sorted(n for n in names if n.split(".")[0] in forbidden

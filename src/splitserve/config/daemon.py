@@ -18,7 +18,7 @@ from splitserve.errors import ConfigError
 from splitserve.routing.offload import RoutingConfig
 
 
-def _check_range(name: str, value: float, low: float, high: float, *,
+def check_range(name: str, value: float, low: float, high: float, *,
                  low_open: bool = False, high_open: bool = False) -> None:
     """Raise ConfigError naming the dotted field unless `value` lies in the interval
     (NaN never does: every comparison with it is false)."""
@@ -56,11 +56,11 @@ class LeaseConfig:
     def __post_init__(self) -> None:
         # A lease beyond an hour would keep landing pages fenced off for that long
         # after a lost job; a skew margin of a minute means the clocks are broken.
-        _check_range("lease.base_s", self.base_s, 0.0, 3600.0, low_open=True)
-        _check_range("lease.per_token_ms", self.per_token_ms, 0.0, 1000.0)
-        _check_range("lease.skew_margin_s", self.skew_margin_s, 0.0, 60.0, high_open=True)
-        _check_range("lease.safety_factor", self.safety_factor, 1.0, 100.0)
-        _check_range("lease.max_s", self.max_s, 0.0, 3600.0, low_open=True)
+        check_range("lease.base_s", self.base_s, 0.0, 3600.0, low_open=True)
+        check_range("lease.per_token_ms", self.per_token_ms, 0.0, 1000.0)
+        check_range("lease.skew_margin_s", self.skew_margin_s, 0.0, 60.0, high_open=True)
+        check_range("lease.safety_factor", self.safety_factor, 1.0, 100.0)
+        check_range("lease.max_s", self.max_s, 0.0, 3600.0, low_open=True)
         if self.skew_margin_s >= self.base_s:
             # a prefill worker would find every short job's lease already spent
             raise ConfigError("lease.skew_margin_s", f"must be below base_s ({self.base_s!r}), "
@@ -75,11 +75,11 @@ class PrefillRoleConfig:
     transfer_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        _check_range("prefill.max_batch_jobs", self.max_batch_jobs, 1, 1024)
-        _check_range("prefill.batch_window_ms", self.batch_window_ms, 0.0, 10_000.0)
-        _check_range("prefill.nak_delay_s", self.nak_delay_s, 0.0, 600.0)
+        check_range("prefill.max_batch_jobs", self.max_batch_jobs, 1, 1024)
+        check_range("prefill.batch_window_ms", self.batch_window_ms, 0.0, 10_000.0)
+        check_range("prefill.nak_delay_s", self.nak_delay_s, 0.0, 600.0)
         # 0 would fail every job's transfer at once (a retry storm, no progress).
-        _check_range("prefill.transfer_timeout_s", self.transfer_timeout_s, 0.0, 600.0,
+        check_range("prefill.transfer_timeout_s", self.transfer_timeout_s, 0.0, 600.0,
                     low_open=True)
 
 
@@ -173,10 +173,10 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         # Bounded so that the drain ends within the units' TimeoutStopSec (see above).
-        _check_range("drain_grace_s", self.drain_grace_s, 0.0, MAX_DRAIN_GRACE_S)
-        _check_range("stats_interval_s", self.stats_interval_s, 0.0, 3600.0, low_open=True)
+        check_range("drain_grace_s", self.drain_grace_s, 0.0, MAX_DRAIN_GRACE_S)
+        check_range("stats_interval_s", self.stats_interval_s, 0.0, 3600.0, low_open=True)
         if self.metrics_address:
-            _check_address("metrics_address", self.metrics_address)
+            check_address("metrics_address", self.metrics_address)
 
     def resolved_worker_id(self) -> str:
         if self.worker_id:
@@ -235,7 +235,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _check_address(name: str, address: str) -> None:
+def check_address(name: str, address: str) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(name, f"expected host:port (port 0-65535), got {address!r}")

@@ -89,8 +89,8 @@ def worker_configs(cluster: ClusterConfig, nats_url: str, certs_dir: Path | None
     return configs
 
 
-def write_config(config: WorkerConfig, path: Path) -> bool:
-    """Write `config` to `path` by rename (a watcher never reads half a file); False
+def write_config(config: object, path: Path) -> bool:
+    """Write `config` (a config dataclass) to `path` by rename (a watcher never reads half a file); False
     when the file already says the same."""
     text = config_to_yaml(config)
     try:

@@ -147,3 +147,18 @@ def _file_digest(path: Path) -> str:
 def _with_progress(items, total: int, desc: str):  # type: ignore[no-untyped-def]
     # disable=None: a bar on a terminal, silence in logs (systemd, CI)
     return tqdm(items, total=total, desc=desc, unit="tensor", file=sys.stderr, disable=None)
+
+
+def load_tokenizer(source: str | Path | None = None) -> Tokenizer:
+    """The tokenizer (and chat template) of a model without its weights, for
+    processes that only tokenize (the router)."""
+    path = Path(source) if source else default_model_path()
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or directory")
+    if path.is_dir():
+        from splitserve.model.hf_loader import HFModelDir
+
+        return Tokenizer(HFModelDir(path).tokenizer_spec())
+    from splitserve.model.gguf_loader import GGUFModel
+
+    return Tokenizer(GGUFModel(path).tokenizer_spec())

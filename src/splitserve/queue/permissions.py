@@ -10,9 +10,11 @@ What each identity may publish (everything else is refused by the server):
 - a prefill worker: acks of the jobs it pulls (`$JS.ACK.>`), lease requests to decode
   workers (`splitserve.lease.*`), its own registry key and its own stats;
 - the admin and the planner: the policy bucket (`$KV.splitserve-policy.>`); no other
-  identity writes it.
+  identity writes it;
+- a router: nothing but the common subjects (it reads the registry and stats).
 Subscriptions: every identity its inboxes (`_INBOX.>`: API replies, watches); a decode
-worker also its lease subject and the prefill workers' stats; admin and planner all stats.
+worker also its lease subject and the prefill workers' stats; admin and planner all stats;
+a router the decode workers' stats.
 
 So a prefill worker (or a stolen prefill password) cannot inject a `PrefillJob`, no
 worker can rewrite another's registry entry (and so redirect KV to a rogue agent), and
@@ -35,7 +37,7 @@ from splitserve.queue.subjects import (
     validate_worker_id,
 )
 
-Role = Literal["decode", "prefill", "admin", "planner"]
+Role = Literal["decode", "prefill", "admin", "planner", "router"]
 
 COMMON_PUBLISH = ("$JS.API.>", "$JS.FC.>", "_INBOX.>")
 COMMON_DENY = ("$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>",
@@ -58,6 +60,7 @@ class Identity:
             "prefill": ["$JS.ACK.>", f"{LEASE_PREFIX}.*", *own],
             "admin": [f"$KV.{BUCKET_POLICY}.>"],
             "planner": [f"$KV.{BUCKET_POLICY}.>"],
+            "router": [],
         }[self.role]
         return [*COMMON_PUBLISH, *extra]
 
@@ -67,6 +70,7 @@ class Identity:
             "prefill": [],
             "admin": [f"{STATS_PREFIX}.>"],
             "planner": [f"{STATS_PREFIX}.>"],
+            "router": [f"{STATS_PREFIX}.decode.*"],
         }[self.role]
         return [*COMMON_SUBSCRIBE, *extra]
 

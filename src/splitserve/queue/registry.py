@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -23,6 +24,7 @@ from splitserve.queue.kv_watch import read_bucket, restarting_watch, watch_bucke
 from splitserve.queue.settings import BucketSettings
 from splitserve.queue.streams import ensure_workers_bucket
 from splitserve.queue.subjects import BUCKET_WORKERS, validate_worker_id
+from splitserve.rpc.worker_pb2 import WorkerDescriptor
 
 logger = logging.getLogger(__name__)
 
@@ -127,3 +129,18 @@ class WorkerRegistry:
             if failing:
                 logger.info("worker %s: registry heartbeat restored", worker_id)
             failing = False
+
+
+def parse_descriptor(worker_id: str, data: bytes) -> WorkerDescriptor | None:
+    """A registry entry, or None (logged) when it is not a WorkerDescriptor: one garbage
+    value must not take down a watch or a job."""
+    try:
+        descriptor = WorkerDescriptor.FromString(data)
+    except DecodeError as exc:
+        logger.warning("registry entry %s is not a WorkerDescriptor (%s); skipped", worker_id, exc)
+        return None
+    if descriptor.worker_id != worker_id or not descriptor.role:
+        logger.warning("registry entry %s names worker %r, role %r; skipped", worker_id,
+                    descriptor.worker_id, descriptor.role)
+        return None
+    return descriptor

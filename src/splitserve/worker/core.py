@@ -16,14 +16,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from google.protobuf.message import DecodeError
 
 from splitserve.config.daemon import WorkerConfig
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.llm_engine import Engine
 from splitserve.engine.stats import EMPTY_STATS
 from splitserve.queue.connection import BrokerConnection, connect
-from splitserve.queue.registry import WorkerRegistry
+from splitserve.queue.registry import WorkerRegistry, parse_descriptor
 from splitserve.queue.settings import BucketSettings, PrefillQueueSettings
 from splitserve.queue.stats import publish_stats
 from splitserve.queue.streams import ensure_messaging
@@ -217,21 +216,6 @@ def _crash_after(engine: Engine, num_steps: int) -> None:
         return step()
 
     engine.step = crashing_step  # type: ignore[method-assign]
-
-
-def parse_descriptor(worker_id: str, data: bytes) -> WorkerDescriptor | None:
-    """A registry entry, or None (logged) when it is not a WorkerDescriptor: one garbage
-    value must not take down a watch or a job."""
-    try:
-        descriptor = WorkerDescriptor.FromString(data)
-    except DecodeError as exc:
-        log.warning("registry entry %s is not a WorkerDescriptor (%s); skipped", worker_id, exc)
-        return None
-    if descriptor.worker_id != worker_id or not descriptor.role:
-        log.warning("registry entry %s names worker %r, role %r; skipped", worker_id,
-                    descriptor.worker_id, descriptor.role)
-        return None
-    return descriptor
 
 
 def logged_task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:

@@ -46,13 +46,14 @@ from splitserve.engine.remote_prefill import AcceptRefusal, LandingPlan
 from splitserve.ingress import GenerateRequest
 from splitserve.queue.errors import DuplicateJob, MalformedMessage, PublishFailed
 from splitserve.queue.messages import decode_kv_ready
+from splitserve.queue.registry import parse_descriptor
 from splitserve.queue.work_queue import publish_job
 from splitserve.routing.attempts import Failure, Next, RemoteAttempts, RetryContext
 from splitserve.routing.clock import ClockOffsets
 from splitserve.routing.offload import should_offload_prefill
 from splitserve.rpc.jobs_pb2 import KVReady, LeaseReply, LeaseRequest, PrefillJob
 from splitserve.transfer.checksum import ChecksumCountMismatch, verify_page_checksums
-from splitserve.worker.core import WorkerCore, logged_task, parse_descriptor
+from splitserve.worker.core import WorkerCore, logged_task
 from splitserve.worker.leases import LeaseDesk, PrefillDeclined
 from splitserve.worker.policy import PolicyView
 from splitserve.worker.queue_depth import QueueDepth

@@ -1,0 +1,92 @@
+"""Typed config of the router daemon (`splitserve router --config F`), loaded from YAML.
+
+```yaml
+http_address: 127.0.0.1:8000      # OpenAI-compatible HTTP API
+grpc_address: 127.0.0.1:50050     # splitserve.v1.Generation, forwarded ("" : none)
+nats_url: nats://127.0.0.1:4222   # the registry (which decode workers exist), their stats
+nats_auth: {user: router, password_file: ..., ca_file: ...}
+model: ""                         # the tokenizer's source; "" : the embedded SmolLM2
+served_model_name: ""             # the name in /v1/models; "" : the model file's stem
+workers:                          # how the router reaches the decode workers
+  ca_file: /etc/splitserve/certs/ca.pem
+  token_file: /etc/splitserve/certs/client.token   # a token with scope "generate"
+auth:                             # API keys for the router's own HTTP and gRPC
+  tokens_file: /etc/splitserve/certs/tokens
+  require_generate: true
+grpc_tls: {cert_file: ..., key_file: ...}           # also serves HTTPS when set
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from splitserve.config.daemon import NatsConfig, check_address, check_range, load_yaml
+from splitserve.config.schema import from_mapping
+from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
+from splitserve.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class WorkerClientConfig:
+    """The router as a client of the decode workers' gRPC: their CA (TLS), a client
+    certificate (mTLS) and a token with scope `generate` (when they require one)."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    token_file: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("workers", "cert_file and key_file go together")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    http_address: str = "127.0.0.1:8000"
+    grpc_address: str = "127.0.0.1:50050"
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_auth: NatsAuthConfig = field(default_factory=NatsAuthConfig)
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    model: str = ""
+    served_model_name: str = ""
+    workers: WorkerClientConfig = field(default_factory=WorkerClientConfig)
+    grpc_tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    # A request body above this is refused (413) before it is parsed.
+    max_body_bytes: int = 8 << 20
+    # One request's whole generation, end to end (DEADLINE_EXCEEDED / 504 past it).
+    request_timeout_s: float = 600.0
+    connect_timeout_s: float = 5.0
+    # A worker whose stats are older than this is scored by the router's own counts.
+    stats_max_age_s: float = 5.0
+    # After UNAVAILABLE from a worker (draining, gone) it gets no traffic for this long
+    # unless its health says SERVING again.
+    unavailable_backoff_s: float = 5.0
+    drain_grace_s: float = 30.0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def __post_init__(self) -> None:
+        check_address("http_address", self.http_address)
+        if self.grpc_address:
+            check_address("grpc_address", self.grpc_address)
+        check_range("max_body_bytes", self.max_body_bytes, 1024, 1 << 30)
+        check_range("request_timeout_s", self.request_timeout_s, 0.0, 86400.0, low_open=True)
+        check_range("connect_timeout_s", self.connect_timeout_s, 0.0, 600.0, low_open=True)
+        check_range("stats_max_age_s", self.stats_max_age_s, 0.0, 3600.0, low_open=True)
+        check_range("unavailable_backoff_s", self.unavailable_backoff_s, 0.0, 600.0)
+        check_range("drain_grace_s", self.drain_grace_s, 0.0, 60.0)
+
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model:
+            return Path(self.model).stem if Path(self.model).suffix else Path(self.model).name
+        return ""  # resolved by the daemon from the embedded model's file
+
+
+def load_router_config(path: str | Path) -> RouterConfig:
+    return from_mapping(RouterConfig, load_yaml(path))

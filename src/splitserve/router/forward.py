@@ -1,0 +1,129 @@
+"""One request through the router: pick a decode worker, stream its chunks back.
+
+Life cycle of a forwarded request:
+1. Wait (up to `connect_timeout_s`) for an eligible worker; none → UNAVAILABLE.
+2. Call `Generation.Generate` on the cheapest one (pool.py) with the router's
+   credentials for the workers and the time left of `request_timeout_s`.
+3. UNAVAILABLE before the first chunk (draining, stopping, gone, unreachable): nothing
+   was produced, so the same request (same id) goes to the next worker; each worker is
+   tried at most once. Any other error, or one after the first chunk, ends the request
+   with the worker's status code and message (`UpstreamError`).
+4. The caller leaving early (HTTP client gone, gRPC cancel) closes the stream, which
+   cancels the worker's call: the worker aborts the request and frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from splitserve.client import ClientSecurity
+from splitserve.router.pool import Backend, DecodePool
+from splitserve.rpc import generation_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class UpstreamError(Exception):
+    """The request failed with a gRPC status (the worker's, or the router's own)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, worker_id: str = "",
+                 trailing: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details, self.worker_id, self.trailing = code, details, worker_id, trailing
+
+
+@dataclass
+class ForwardCounters:
+    num_requests: int = 0
+    num_retries: int = 0  # another worker tried after UNAVAILABLE before the first chunk
+    num_no_worker: int = 0  # no eligible worker within connect_timeout_s
+    num_failed: int = 0  # ended with an error status
+    num_cancelled: int = 0  # the caller left early
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    request_timeout_s: float = 600.0
+    connect_timeout_s: float = 5.0
+
+
+class Forwarder:
+    def __init__(self, pool: DecodePool, security: ClientSecurity,
+                 settings: ForwardSettings = ForwardSettings()) -> None:
+        self.pool = pool
+        self.security = security
+        self.settings = settings
+        self.counters = ForwardCounters()
+
+    async def _next_backend(self, tried: set[str], deadline: float) -> Backend | None:
+        while True:
+            backend = self.pool.choose(tried)
+            left = deadline - time.monotonic()
+            if backend is not None or left <= 0 or tried:
+                return backend
+            self.pool.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.pool.changed.wait(), left)
+
+    async def stream(self, request: pb.GenerateRequest
+                     ) -> AsyncGenerator[pb.GenerateChunk, None]:
+        """The chunks of `request` (which carries its request id), from one worker."""
+        self.counters.num_requests += 1
+        start = time.monotonic()
+        tried: set[str] = set()
+        last: UpstreamError | None = None
+        try:
+            while True:
+                backend = await self._next_backend(
+                    tried, start + self.settings.connect_timeout_s)
+                if backend is None:
+                    if last is not None:
+                        raise last
+                    self.counters.num_no_worker += 1
+                    raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
+                                        "no decode worker is serving; retry later")
+                if tried:
+                    self.counters.num_retries += 1
+                tried.add(backend.worker_id)
+                timeout_s = self.settings.request_timeout_s - (time.monotonic() - start)
+                started = False
+                try:
+                    async for chunk in self._call(backend, request, timeout_s):
+                        started = True
+                        yield chunk
+                    return
+                except UpstreamError as exc:
+                    if exc.code is not grpc.StatusCode.UNAVAILABLE or started:
+                        raise
+                    self.pool.mark_unavailable(backend)
+                    last = exc
+        except UpstreamError:
+            self.counters.num_failed += 1
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            self.counters.num_cancelled += 1
+            raise
+
+    async def _call(self, backend: Backend, request: pb.GenerateRequest, timeout_s: float
+                    ) -> AsyncIterator[pb.GenerateChunk]:
+        backend.active += 1
+        call = backend.stub.Generate(request, timeout=max(timeout_s, 0.001),
+                                     metadata=self.security.metadata())
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            trailing = tuple((k, v) for k, v in (exc.trailing_metadata() or ())
+                             if isinstance(v, str))
+            raise UpstreamError(exc.code(), exc.details() or "", backend.worker_id,
+                                trailing) from None
+        finally:
+            backend.active -= 1
+            call.cancel()  # no-op when the call ended; else the worker aborts the request

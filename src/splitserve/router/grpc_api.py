@@ -1,0 +1,89 @@
+"""The router's gRPC server: `splitserve.v1.Generation`, forwarded, plus health and
+reflection (so `grpcurl list` works), with the same TLS and API keys as the workers.
+
+Life cycle of a forwarded Generate call: bytes that are no GenerateRequest →
+INVALID_ARGUMENT; the caller's request id is checked (or one assigned) and sent as
+initial metadata; the request goes to a worker unchanged (forward.py) and its chunks
+come back unchanged; a worker's error status, message and field come back as they
+were; the caller cancelling cancels the worker's call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from splitserve.control.auth import AuthInterceptor, Guard
+from splitserve.control.convert import UndecodableRequest, parse_generate_request
+from splitserve.control.errors import BindError
+from splitserve.control.health import HealthStatus
+from splitserve.control.server import MAX_MESSAGE_BYTES, ServerSecurity, server_credentials
+from splitserve.control.status import REQUEST_ID_KEY
+from splitserve.engine.errors import InvalidRequest
+from splitserve.ingress import check_request_id
+from splitserve.router.forward import Forwarder, UpstreamError
+from splitserve.rpc import generation_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class ForwardingGeneration:
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+
+    async def Generate(self, request: pb.GenerateRequest | UndecodableRequest,
+                       context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, UndecodableRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
+            return
+        try:
+            request_id = check_request_id(request.request_id)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
+        forwarded = pb.GenerateRequest()
+        forwarded.CopyFrom(request)
+        forwarded.request_id = request_id
+        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        try:
+            async with contextlib.aclosing(self.forwarder.stream(forwarded)) as chunks:
+                async for chunk in chunks:
+                    await context.write(chunk)
+        except UpstreamError as exc:
+            log.info("request %s: %s from %s", request_id, exc, exc.worker_id or "router")
+            await context.abort(exc.code, exc.details, exc.trailing)
+
+
+async def start_router_grpc(address: str, forwarder: Forwarder, security: ServerSecurity
+                            ) -> tuple[grpc.aio.Server, HealthStatus, str]:
+    """Bind and start; returns the server, its health and the bound address."""
+    interceptors = [AuthInterceptor(Guard(security.auth, security.tls))] if security.guarded \
+        else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0)])
+    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
+        ForwardingGeneration(forwarder).Generate, request_deserializer=parse_generate_request,
+        response_serializer=pb.GenerateChunk.SerializeToString)}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(GENERATION_SERVICE, handlers),))
+    health = HealthStatus([GENERATION_SERVICE], [], True)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [GENERATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
+    try:
+        port = (server.add_secure_port(address, server_credentials(security.tls))
+                if security.tls.enabled else server.add_insecure_port(address))
+    except RuntimeError as exc:
+        raise BindError(address, str(exc)) from exc
+    await server.start()
+    bound = f"{address.rsplit(':', 1)[0]}:{port}"
+    return server, health, bound

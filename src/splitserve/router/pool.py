@@ -1,0 +1,212 @@
+"""The decode workers a router can send requests to, and which one gets the next.
+
+Life cycle of a backend (one decode worker):
+1. It appears in `splitserve-workers` (registry watch): a channel to its gRPC
+   address is opened and its health is watched (`grpc.health.v1.Health/Watch` of the
+   Generation service). It gets traffic only while that says SERVING.
+2. Its `WorkerStats` (`splitserve.stats.decode.<id>`, about once a second) give its
+   queue depth and KV occupancy; stats older than `stats_max_age_s` are ignored and
+   the router's own count of requests it has open there is all that is left.
+3. A call that fails with UNAVAILABLE (draining, stopping, gone) takes it out of the
+   choice for `unavailable_backoff_s`, or until its health says SERVING again.
+4. It leaves the registry (clean stop or TTL expiry): its channel is closed; calls
+   still open on it end with UNAVAILABLE.
+A new incarnation under the same worker id replaces the backend.
+
+`choose` scores the eligible backends with `load_cost` (lowest wins; ties go round
+robin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from splitserve.client import MAX_MESSAGE_BYTES, ClientSecurity
+from splitserve.queue.connection import BrokerConnection
+from splitserve.queue.errors import TRANSIENT_BROKER_ERRORS
+from splitserve.queue.messages import WorkerStats
+from splitserve.queue.registry import WorkerRegistry, parse_descriptor
+from splitserve.queue.stats import StatsSubscription
+from splitserve.rpc import generation_pb2, generation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+HEALTH_RETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class CostWeights:
+    """How much each load signal costs a worker (lower total wins)."""
+
+    kv_occupancy: float = 3.0  # × the fraction of KV pages in use
+    active: float = 1.0  # × requests open on it (the router's count, or its queue)
+
+
+@dataclass
+class Backend:
+    worker_id: str
+    address: str
+    incarnation: str
+    channel: grpc.aio.Channel
+    stub: generation_pb2_grpc.GenerationStub
+    active: int = 0  # Generate calls this router has open on it
+    serving: bool = False  # its health, as last seen
+    unavailable_until: float = 0.0  # monotonic
+    stats: WorkerStats | None = None
+    stats_at: float = 0.0  # monotonic time the stats arrived
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def eligible(self, now: float) -> bool:
+        return self.serving and now >= self.unavailable_until
+
+
+def load_cost(backend: Backend, now: float, stats_max_age_s: float,
+              weights: CostWeights = CostWeights()) -> float:
+    """`active` × (its open requests, or its queue depth plus running sequences when
+    fresh stats say more) + `kv_occupancy` × the used fraction of its KV pages."""
+    active, kv = float(backend.active), 0.0
+    stats = backend.stats
+    if stats is not None and now - backend.stats_at <= stats_max_age_s:
+        active = max(active, float(stats.queue_depth))
+        total = stats.num_kv_pages_used + stats.num_kv_pages_free
+        kv = stats.num_kv_pages_used / total if total else 0.0
+    return weights.active * active + weights.kv_occupancy * kv
+
+
+class DecodePool:
+    def __init__(self, security: ClientSecurity, *, stats_max_age_s: float = 5.0,
+                 unavailable_backoff_s: float = 5.0, weights: CostWeights = CostWeights()
+                 ) -> None:
+        self.security = security
+        self.stats_max_age_s = stats_max_age_s
+        self.unavailable_backoff_s = unavailable_backoff_s
+        self.weights = weights
+        self.backends: dict[str, Backend] = {}
+        self._turn = itertools.count()
+        self.changed = asyncio.Event()  # set whenever a backend's eligibility may change
+
+    # -- choice --------------------------------------------------------------------
+
+    def choose(self, exclude: Iterable[str] = ()) -> Backend | None:
+        """The eligible backend with the lowest cost (not in `exclude`), or None."""
+        now = time.monotonic()
+        skip = set(exclude)
+        candidates = [b for b in self.backends.values()
+                      if b.eligible(now) and b.worker_id not in skip]
+        if not candidates:
+            return None
+        costs = [load_cost(b, now, self.stats_max_age_s, self.weights) for b in candidates]
+        best = min(costs)
+        tied = [b for b, c in zip(candidates, costs, strict=True) if c <= best + 1e-9]
+        return tied[next(self._turn) % len(tied)]
+
+    def mark_unavailable(self, backend: Backend) -> None:
+        backend.unavailable_until = time.monotonic() + self.unavailable_backoff_s
+        log.info("worker %s (%s): unavailable; no traffic for %.0f s or until it serves",
+                 backend.worker_id, backend.address, self.unavailable_backoff_s)
+
+    def num_eligible(self) -> int:
+        now = time.monotonic()
+        return sum(b.eligible(now) for b in self.backends.values())
+
+    # -- membership ----------------------------------------------------------------
+
+    def add(self, worker_id: str, address: str, incarnation: str) -> Backend:
+        """A backend for the worker (replacing one of another address or incarnation)."""
+        old = self.backends.get(worker_id)
+        if old is not None and (old.address, old.incarnation) == (address, incarnation):
+            return old
+        if old is not None:
+            self._close(old)
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        channel = (grpc.aio.secure_channel(address, self.security.channel_credentials(),
+                                           options)
+                   if self.security.tls else grpc.aio.insecure_channel(address, options))
+        backend = Backend(worker_id, address, incarnation, channel,
+                          generation_pb2_grpc.GenerationStub(channel))
+        backend.tasks.append(asyncio.create_task(self._watch_health(backend),
+                                                 name=f"health {worker_id}"))
+        self.backends[worker_id] = backend
+        log.info("decode worker %s joined at %s", worker_id, address)
+        return backend
+
+    def remove(self, worker_id: str) -> None:
+        backend = self.backends.pop(worker_id, None)
+        if backend is not None:
+            log.info("decode worker %s left", worker_id)
+            self._close(backend)
+            self.changed.set()
+
+    def _close(self, backend: Backend) -> None:
+        for task in backend.tasks:
+            task.cancel()
+        asyncio.get_running_loop().create_task(backend.channel.close(grace=None))
+
+    async def close(self) -> None:
+        for worker_id in list(self.backends):
+            self.remove(worker_id)
+        await asyncio.sleep(0)
+
+    async def _watch_health(self, backend: Backend) -> None:
+        stub = health_pb2_grpc.HealthStub(backend.channel)
+        request = health_pb2.HealthCheckRequest(service=GENERATION_SERVICE)
+        while True:
+            try:
+                async for reply in stub.Watch(request):
+                    self._set_serving(backend, reply.status == reply.SERVING)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("worker %s health watch: %s", backend.worker_id, exc.code().name)
+            self._set_serving(backend, False)
+            await asyncio.sleep(HEALTH_RETRY_S)
+
+    def _set_serving(self, backend: Backend, serving: bool) -> None:
+        if serving != backend.serving:
+            log.info("decode worker %s: %s", backend.worker_id,
+                     "SERVING" if serving else "not serving")
+        backend.serving = serving
+        if serving:
+            backend.unavailable_until = 0.0
+        self.changed.set()
+
+    # -- feeds ---------------------------------------------------------------------
+
+    async def follow_registry(self, registry: WorkerRegistry, broker: BrokerConnection) -> None:
+        """Keep `backends` equal to the registry's decode workers; runs until cancelled."""
+        async for event in registry.watch_forever(broker):
+            if event is None:  # restarted: drop whoever left while we were not watching
+                try:
+                    live = await registry.list()
+                except TRANSIENT_BROKER_ERRORS as exc:
+                    log.info("registry list after a watch restart failed (%r)", exc)
+                    continue
+                for worker_id in set(self.backends) - set(live):
+                    self.remove(worker_id)
+                continue
+            worker_id, data = event
+            descriptor = None if data is None else parse_descriptor(worker_id, data)
+            if descriptor is None:
+                self.remove(worker_id)
+            elif descriptor.role == "decode" and descriptor.grpc_address:
+                self.add(worker_id, descriptor.grpc_address, descriptor.incarnation)
+
+    async def follow_stats(self, broker: BrokerConnection) -> None:
+        subscription = await StatsSubscription.subscribe(broker.nc, role="decode")
+        try:
+            async for stats in subscription:
+                backend = self.backends.get(stats.worker_id)
+                if backend is not None:
+                    backend.stats, backend.stats_at = stats, time.monotonic()
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.close()

@@ -1,0 +1,211 @@
+"""The router in front of a real cluster (nats-server, decode-0, decode-1, prefill-0,
+`splitserve router`), driven by the real `openai` client, `curl` and gRPC: greedy
+outputs through it equal the single-process engine's, requests spread over both decode
+workers, and every bad input gets an OpenAI-shaped error while the router keeps serving
+and no page stays in use."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import openai
+import pytest
+from cluster import (
+    admin_status,
+    generate,
+    nats_server,
+    router_health,
+    start_daemon,
+    start_router,
+    stop_daemons,
+    stop_router,
+    wait_no_leaks,
+    wait_ready,
+    wait_router,
+    worker_config,
+)
+
+from splitserve.engine.sampling import SamplingParams
+from splitserve.model.loader import default_model_path
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+MODEL = default_model_path().stem
+PROMPTS = ["The capital of France is", "Once upon a time, in a quiet garden,",
+           "List three colours: red,", "def fibonacci(n):",
+           "Water boils at a temperature of " + "very " * 40 + "high degrees",
+           "The river", "In 1969, the first humans", "Stone, paper and"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("router")
+    broker = nats_server(workdir)
+    daemons = [start_daemon(worker_config(role, worker_id, broker.url), workdir)
+               for role, worker_id in (("decode", "decode-0"), ("decode", "decode-1"),
+                                       ("prefill", "prefill-0"))]
+    router = start_router(broker.url, workdir)
+    try:
+        wait_ready(daemons)
+        wait_router(router, num_workers=2)
+        yield {"router": router, "decode": daemons[:2], "broker": broker}
+    finally:
+        assert stop_router(router) == 0, router.log_tail()
+        stop_daemons(daemons)
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster["router"].base_url, api_key="none", max_retries=0,
+                         timeout=120)
+
+
+def reference(smollm, smollm_engine, token_lists: list[list[int]], max_tokens: int) -> list[str]:
+    outputs = smollm_engine().generate(token_lists, SamplingParams(max_tokens=max_tokens,
+                                                                   temperature=0))
+    return [smollm.tokenizer.decode(tokens) for tokens in outputs]
+
+
+def test_completions_equal_single_process_and_spread(cluster, client, smollm,
+                                                     smollm_engine) -> None:
+    before = [int(admin_status(d.address)["counters"].get("num_requests_finished", 0))
+              for d in cluster["decode"]]
+    expected = reference(smollm, smollm_engine, [smollm.tokenizer.encode(p) for p in PROMPTS],
+                         12)
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        answers = list(pool.map(lambda p: client.completions.create(
+            model=MODEL, prompt=p, max_tokens=12, temperature=0), PROMPTS))
+    assert [a.choices[0].text for a in answers] == expected
+    assert all(a.usage.completion_tokens == 12 or a.choices[0].finish_reason == "stop"
+               for a in answers)
+    assert [a.usage.prompt_tokens for a in answers] == [
+        len(smollm.tokenizer.encode(p)) for p in PROMPTS]
+    after = [int(admin_status(d.address)["counters"].get("num_requests_finished", 0))
+             for d in cluster["decode"]]
+    served = [a - b for a, b in zip(after, before, strict=True)]
+    assert sum(served) == len(PROMPTS) and min(served) >= 1, served
+
+
+def test_chat_streaming_equals_non_streaming_and_reference(cluster, client, smollm,
+                                                           smollm_engine) -> None:
+    messages = [{"role": "system", "content": "You answer briefly."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    prompt = smollm.tokenizer.encode(smollm.tokenizer.apply_chat_template(messages))
+    [expected] = reference(smollm, smollm_engine, [prompt], 16)
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
+                                           temperature=0)
+    assert whole.choices[0].message.content == expected
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.usage.prompt_tokens == len(prompt)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("stop", "length") and not any(finishes[:-1])
+    assert not chunks[-1].choices and chunks[-1].usage.total_tokens == (
+        whole.usage.total_tokens)
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+
+
+def test_curl_streams_server_sent_events(cluster) -> None:
+    body = json.dumps({"model": MODEL, "prompt": "The river", "max_tokens": 5,
+                       "temperature": 0, "stream": True})
+    out = subprocess.run(["curl", "-sS", "-N", f"{cluster['router'].base_url}/completions",
+                          "-H", "content-type: application/json", "-d", body],
+                         capture_output=True, text=True, timeout=120, check=True)
+    events = [line.removeprefix("data: ") for line in out.stdout.splitlines() if line]
+    assert events[-1] == "[DONE]", out.stdout
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(c["object"] == "text_completion" for c in chunks)
+
+
+def test_models_and_health(cluster, client) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert router_health(cluster["router"]) == {"status": "ok", "num_workers_serving": 2}
+
+
+def test_grpc_through_the_router_equals_direct(cluster, smollm) -> None:
+    prompt = smollm.tokenizer.encode("Stone, paper and")
+    direct, _ = generate(cluster["decode"][0].address, prompt, max_tokens=10)
+    routed, last = generate(cluster["router"].config.grpc_address, prompt, max_tokens=10)
+    assert routed == direct and last.timing.num_output_tokens == 10
+    with pytest.raises(grpc.RpcError) as err:
+        generate(cluster["router"].config.grpc_address, prompt, max_tokens=0)
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # the worker's, relayed
+
+
+BAD_INPUT = [  # (body, status, error type, param)
+    (b"{not json", 400, "invalid_request_error", None),
+    (b'{"model": "x", "prompt": "\xff\xfe"}', 400, "invalid_request_error", None),
+    (b"[1, 2]", 400, "invalid_request_error", ""),
+    (json.dumps({"prompt": "Hi"}).encode(), 400, "invalid_request_error", "model"),
+    (json.dumps({"model": "gpt-4", "prompt": "Hi"}).encode(), 404, "not_found_error", "model"),
+    (json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": -1}).encode(), 400,
+     "invalid_request_error", "max_tokens"),
+    (json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": "8"}).encode(), 400,
+     "invalid_request_error", "max_tokens"),
+    (json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 10**9}).encode(), 400,
+     "invalid_request_error", "max_tokens"),
+    (json.dumps({"model": MODEL, "prompt": "Hi", "n": 2}).encode(), 400,
+     "invalid_request_error", "n"),
+    (json.dumps({"model": MODEL, "prompt": "Hi", "temperature": 3}).encode(), 400,
+     "invalid_request_error", "temperature"),
+    (json.dumps({"model": MODEL, "prompt": ""}).encode(), 400, "invalid_request_error",
+     "prompt"),
+    (json.dumps({"model": MODEL, "prompt": "Hi", "logprobs": 2}).encode(), 400,
+     "invalid_request_error", "logprobs"),
+    (json.dumps({"model": MODEL, "prompt": [1, -5]}).encode(), 400, "invalid_request_error",
+     "prompt"),
+    (json.dumps({"model": MODEL, "prompt": "\ud800"}).encode(), 400,
+     "invalid_request_error", "prompt"),
+    (json.dumps({"model": MODEL, "prompt": "Hi", "priority": "urgent"}).encode(), 400,
+     "invalid_request_error", "priority"),
+]
+
+
+def post(base_url: str, path: str, body: bytes) -> tuple[int, dict]:
+    out = subprocess.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", f"{base_url}{path}",
+                          "-H", "content-type: application/json", "--data-binary", "@-"],
+                         input=body, capture_output=True, timeout=60, check=True)
+    text, _, code = out.stdout.decode().rpartition("\n")
+    return int(code), json.loads(text)
+
+
+@pytest.mark.parametrize(("body", "status", "kind", "param"), BAD_INPUT)
+def test_bad_input_gets_an_openai_error(cluster, body, status, kind, param) -> None:
+    code, reply = post(cluster["router"].base_url, "/completions", body)
+    assert code == status, reply
+    assert set(reply) == {"error"} and reply["error"]["type"] == kind, reply
+    if param is not None:
+        assert reply["error"]["param"] == param, reply
+    assert reply["error"]["message"]
+
+
+def test_oversized_body_is_refused_before_parsing(cluster) -> None:
+    body = b'{"model": "' + b"x" * (9 << 20) + b'"}'
+    code, reply = post(cluster["router"].base_url, "/completions", body)
+    assert code == 413 and "over" in reply["error"]["message"], reply
+
+
+def test_a_client_leaving_mid_stream_frees_everything(cluster, client) -> None:
+    with client.completions.create(model=MODEL, prompt="Count: one, two,", max_tokens=1500,
+                                   temperature=0, stream=True, extra_body={
+                                       "ignore_eos": True}) as stream:
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break  # closes the connection
+    for decode in cluster["decode"]:
+        wait_no_leaks(decode.address)
+    # and the router still serves
+    answer = client.completions.create(model=MODEL, prompt="The river", max_tokens=3,
+                                       temperature=0)
+    assert answer.usage.completion_tokens == 3
+    assert router_health(cluster["router"])["num_workers_serving"] == 2

@@ -1,0 +1,62 @@
+"""router/pool.py's choice: who is eligible, what a worker costs (fresh stats vs the
+router's own counts), ties in turn. Backends get channels that never connect."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from splitserve.client import PLAINTEXT
+from splitserve.queue.messages import WorkerStats
+from splitserve.router.pool import Backend, DecodePool, load_cost
+from splitserve.rpc import generation_pb2_grpc
+
+
+def backend(worker_id: str, **fields: object) -> Backend:
+    channel = grpc.aio.insecure_channel("127.0.0.1:9")
+    b = Backend(worker_id, "127.0.0.1:9", "inc", channel,
+                generation_pb2_grpc.GenerationStub(channel), serving=True)
+    for name, value in fields.items():
+        setattr(b, name, value)
+    return b
+
+
+def pool_of(*backends: Backend) -> DecodePool:
+    pool = DecodePool(PLAINTEXT, stats_max_age_s=5.0, unavailable_backoff_s=5.0)
+    pool.backends = {b.worker_id: b for b in backends}
+    return pool
+
+
+def stats(queue_depth: int, used: int, free: int) -> WorkerStats:
+    return WorkerStats(worker_id="w", role="decode", queue_depth=queue_depth,
+                       num_kv_pages_used=used, num_kv_pages_free=free)
+
+
+async def test_cost_uses_fresh_stats_and_ignores_stale_ones() -> None:
+    now = time.monotonic()
+    b = backend("a", active=1, stats=stats(4, 50, 50), stats_at=now)
+    assert load_cost(b, now, 5.0) == 4 + 3 * 0.5
+    assert load_cost(b, now + 6.0, 5.0) == 1.0  # stale: only the router's count
+
+
+async def test_the_cheapest_eligible_worker_wins() -> None:
+    now = time.monotonic()
+    busy = backend("busy", active=3)
+    full = backend("full", stats=stats(0, 90, 10), stats_at=now)  # cost 2.7
+    idle = backend("idle")
+    down = backend("down", serving=False)
+    backoff = backend("backoff", unavailable_until=now + 60)
+    pool = pool_of(busy, full, idle, down, backoff)
+    assert pool.choose().worker_id == "idle"
+    assert pool.choose(exclude={"idle"}).worker_id == "full"
+    assert pool.choose(exclude={"idle", "full", "busy"}) is None
+    assert pool.num_eligible() == 3
+
+
+async def test_ties_go_in_turn_and_unavailable_takes_a_worker_out() -> None:
+    a, b = backend("a"), backend("b")
+    pool = pool_of(a, b)
+    assert {pool.choose().worker_id for _ in range(4)} == {"a", "b"}
+    pool.mark_unavailable(a)
+    assert {pool.choose().worker_id for _ in range(4)} == {"b"}
