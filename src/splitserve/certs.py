@@ -217,7 +217,7 @@ def broker_auth(directory: str | Path, workers: Sequence[tuple[str, Role]],
     if len(set(names)) != len(names):
         raise CertsError(f"broker users must be unique, got {names}")
     for name, _ in workers:
-        validate_worker_id(name)  # before any file is written
+        validate_worker_id(name)  # before any file is written (routers too: a subject token)
     files = {name: password_file(path, name) for name in names}
     identities = [Identity(name, role, _broker_secret(files[name], hashed)) for name, role in users]
     text = server_config(identities, str(path / "server.pem"), str(path / "server.key"))

@@ -46,12 +46,14 @@ def certs_init(directory: Path, hosts: tuple[str, ...], tokens: bool) -> None:
               help="A decode worker's id (`worker_id` in its config); repeatable.")
 @click.option("--prefill", "prefill_ids", multiple=True, metavar="WORKER_ID",
               help="A prefill worker's id; repeatable.")
+@click.option("--router", "router_ids", multiple=True, metavar="NAME",
+              help="A router's broker user (e.g. router); repeatable.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the broker's blocks [default: DIR/nats-auth.conf].")
 @click.option("--bcrypt/--plain", "hashed", default=True, show_default=True,
               help="Write bcrypt hashes of the passwords, not the passwords.")
 def certs_nats_auth(directory: Path, decode_ids: tuple[str, ...], prefill_ids: tuple[str, ...],
-                    out: Path | None, hashed: bool) -> None:
+                    router_ids: tuple[str, ...], out: Path | None, hashed: bool) -> None:
     """The broker's `tls` and `authorization` blocks for `include ./nats-auth.conf`: one
     user per worker (plus admin and planner) with least privilege; passwords in
     DIR/<name>.nats-password (kept when present). Run `certs init DIR` first."""
@@ -60,7 +62,8 @@ def certs_nats_auth(directory: Path, decode_ids: tuple[str, ...], prefill_ids: t
     if not (directory / "server.pem").exists():
         raise click.ClickException(f"{directory}/server.pem missing: run `splitserve certs "
                                    f"init {directory}` first")
-    workers = [(i, "decode") for i in decode_ids] + [(i, "prefill") for i in prefill_ids]
+    workers = ([(i, "decode") for i in decode_ids] + [(i, "prefill") for i in prefill_ids]
+               + [(i, "router") for i in router_ids])
     try:
         auth = broker_auth(directory, workers, hashed)  # type: ignore[arg-type]
         target = out or directory / "nats-auth.conf"

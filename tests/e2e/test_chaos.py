@@ -167,10 +167,14 @@ REFERENCE = [5, 6, 6, 7]
 
 
 def _chaos_module(name: str) -> ModuleType:
-    """A module of benchmarks/ (the suite's own code)."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module(name)
+    """A module of benchmarks/ (the suite's own code). benchmarks/ is on sys.path only
+    while it imports: left there, its kernels.py would shadow the `kernels` package that
+    transformers looks for (and then fails to import from) in later tests."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def _outcome(outputs: list, partials: list, duplicate: bool = False,

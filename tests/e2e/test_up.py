@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def cluster_file(tmp_path: Path) -> Path:
     config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     config.update(state_dir=str(tmp_path / "state"), nats_port=find_free_port(),
-                  base_grpc_port=find_free_port(), base_metrics_port=find_free_port())
+                  base_grpc_port=find_free_port(), base_metrics_port=find_free_port(),
+                  router_http_port=find_free_port(), router_grpc_port=find_free_port())
     config["worker"]["engine"]["kv_cache_memory_mb"] = 96
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -56,8 +57,9 @@ def test_up_is_secure_by_default_and_its_banner_commands_work(tmp_path: Path) ->
                           stderr=subprocess.STDOUT, text=True)
     try:
         commands = banner_commands(up)
-        assert len(commands) == 7, commands
-        generate, status, listing, grpc_generate, grpc_status, policy, metrics = commands
+        assert len(commands) == 9, commands
+        (generate, status, listing, grpc_generate, grpc_status, policy, metrics, curl,
+         openai_client) = commands
         assert "--tls-ca" in generate and "--token-file" in status
         assert "-plaintext" not in " ".join(commands)
         results = {cmd: bash(cmd) for cmd in commands}
@@ -72,6 +74,13 @@ def test_up_is_secure_by_default_and_its_banner_commands_work(tmp_path: Path) ->
         assert json.loads(results[grpc_status].stdout)["worker_id"] == "decode-0"
         assert "splitserve:time_to_first_token" in results[metrics].stdout
         assert "--nats-password-file" in policy and "revision" in results[policy].stdout
+        # the router: HTTPS with an API key, through curl and the openai client
+        answer = json.loads(results[curl].stdout)
+        assert "Paris" in answer["choices"][0]["message"]["content"], answer
+        assert "Paris" in results[openai_client].stdout
+        assert "--cacert" in curl and "SSL_CERT_FILE" in openai_client
+        assert bash(curl.replace("authorization", "x-nothing")).stdout.count(
+            "invalid_api_key") == 1
         # a long prompt goes remote over the secured broker: every permission it needs
         long = bash(generate.replace("'What is the capital of France?'",
                                      "'" + "Tell me about Paris. " * 40 + "'"))

@@ -28,7 +28,8 @@ from splitserve.queue.subjects import STREAM_PREFILL, shared_subject
 pytestmark = pytest.mark.timeout(120)
 
 REFUSED = (TimeoutError, nats.errors.TimeoutError)  # the server drops it; no ack comes
-WORKERS: list[tuple[str, Role]] = [("decode-0", "decode"), ("prefill-0", "prefill")]
+WORKERS: list[tuple[str, Role]] = [("decode-0", "decode"), ("prefill-0", "prefill"),
+                                   ("router", "router")]
 
 
 @pytest.fixture
@@ -81,8 +82,9 @@ async def test_only_decode_workers_publish_jobs(conns: dict[str, BrokerConnectio
     assert ack.stream == STREAM_PREFILL
     with pytest.raises(REFUSED):
         await prefill.js.publish(shared_subject("normal"), b"forged job", timeout=1)
-    with pytest.raises(REFUSED):
-        await conns["admin"].js.publish(shared_subject("high"), b"forged job", timeout=1)
+    for name in ("admin", "router"):
+        with pytest.raises(REFUSED):
+            await conns[name].js.publish(shared_subject("high"), b"forged job", timeout=1)
     assert await stream_messages(decode) == 1
     with pytest.raises(REFUSED):  # deleting the evidence is refused too
         await prefill.js.purge_stream(STREAM_PREFILL)
@@ -99,6 +101,11 @@ async def test_a_worker_writes_only_its_own_registry_key(
         await decode.register("prefill-0", b"rogue agent")
     with pytest.raises(REFUSED):
         await prefill.register("decode-1", b"rogue agent")
+    router = await WorkerRegistry.open(conns["router"].js, BucketSettings())
+    with pytest.raises(REFUSED):  # the router only reads the registry
+        await router.register("decode-0", b"rogue agent")
+    assert await router.list() == {"decode-0": b"decode descriptor",
+                                   "prefill-0": b"prefill descriptor"}
     kv = await conns["admin"].js.key_value("splitserve-workers")
     assert (await kv.get("prefill-0")).value == b"prefill descriptor"
     assert (await kv.get("decode-0")).value == b"decode descriptor"
@@ -108,7 +115,7 @@ async def test_only_the_admin_identity_writes_the_policy(
         conns: dict[str, BrokerConnection]) -> None:
     admin = await PolicyStore.open(conns["admin"].js, BucketSettings())
     revision = await admin.put("routing", b'{"prefill_length_threshold": 64}')
-    for worker in ("decode-0", "prefill-0"):
+    for worker in ("decode-0", "prefill-0", "router"):
         store = await PolicyStore.open(conns[worker].js, BucketSettings())
         with pytest.raises(REFUSED):
             await store.put("routing", b'{"enable_remote_prefill": false}')

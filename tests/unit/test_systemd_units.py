@@ -52,7 +52,8 @@ def seconds(value: str) -> float:
 
 def test_the_units_are_there() -> None:
     assert [u.name for u in UNITS] == [
-        "splitserve-decode@.service", "splitserve-nats.service", "splitserve-prefill@.service"]
+        "splitserve-decode@.service", "splitserve-nats.service", "splitserve-prefill@.service",
+        "splitserve-router.service"]
 
 
 @needs_systemd_analyze
@@ -124,13 +125,13 @@ def test_broker_config_takes_the_generated_auth_blocks(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     assert splitserve("certs", "init", str(certs)).returncode == 0
     made = splitserve("certs", "nats-auth", str(certs), "--decode", "decode-0", "--decode",
-                      "decode-1", "--prefill", "prefill-0", "--out", str(tmp_path / "nats-auth.conf"))
+                      "decode-1", "--prefill", "prefill-0", "--router", "router", "--out", str(tmp_path / "nats-auth.conf"))
     assert made.returncode == 0, made.stderr
     auth = tmp_path / "nats-auth.conf"
     assert auth.stat().st_mode & 0o777 == 0o600
     text = auth.read_text()
-    assert text.count('"password": "$2b$11$') == 5
-    for name in ("decode-0", "decode-1", "prefill-0", "admin", "planner"):
+    assert text.count('"password": "$2b$11$') == 6
+    for name in ("decode-0", "decode-1", "prefill-0", "router", "admin", "planner"):
         password = (certs / f"{name}.nats-password").read_text().strip()
         assert f'"user": "{name}"' in text and password not in text  # bcrypt hashes
         assert f"password_file: {certs / f'{name}.nats-password'}" in made.stdout

@@ -202,6 +202,10 @@ class ClusterConfig:
     num_decode_workers: int = 1
     base_grpc_port: int = 50051  # decode workers first, then prefill workers
     base_metrics_port: int = 9400  # worker i serves /metrics on base+i; 0: no metrics
+    # `splitserve router` in front of the decode workers: OpenAI HTTP API and gRPC
+    router: bool = True
+    router_http_port: int = 8000
+    router_grpc_port: int = 50050
     worker: WorkerConfig = field(default_factory=WorkerConfig)  # template for every worker
     pin_cores: bool = False  # worker i on core i mod cpu_count, one torch thread each
     ready_timeout_s: float = 180.0
@@ -214,6 +218,8 @@ class ClusterConfig:
             raise ConfigError("num_decode_workers", "at least one decode worker is needed")
         if self.num_prefill_workers < 0:
             raise ConfigError("num_prefill_workers", "must be >= 0")
+        for name in ("router_http_port", "router_grpc_port"):
+            check_range(name, getattr(self, name), 0, 65535)
         if self.nats_cluster_size not in (1, 3):
             raise ConfigError("nats_cluster_size", f"must be 1 or 3, got {self.nats_cluster_size!r}")
         if self.nats_cluster_size > 1 and self.nats_port + 4000 + self.nats_cluster_size > 65536:

@@ -40,9 +40,11 @@ from splitserve.config.daemon import (
 from splitserve.config.reload import diff_fields
 from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
 from splitserve.config.watch import ChangeDetector
+from splitserve.daemons.up_router import ROUTER_USER, RouterProcess, router_config
 from splitserve.errors import SplitserveError
 from splitserve.queue.broker import NatsServer
 from splitserve.queue.cluster import NatsCluster, base_node_ports
+from splitserve.queue.permissions import Role
 
 
 class ClusterStartError(SplitserveError):
@@ -118,6 +120,7 @@ class LocalCluster:
         self.workers: list[WorkerProcess] = []
         self.certs_dir = self.state_dir / "certs" if cluster.secure else None
         self.nats_auth: dict[str, NatsAuthConfig] = {}  # broker logins by user name
+        self.router: RouterProcess | None = None
 
     @property
     def ca_file(self) -> str:
@@ -135,6 +138,20 @@ class LocalCluster:
                      str(worker.config_path)],
                     stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready()
+        if self.cluster.router:
+            self.router = RouterProcess(
+                router_config(self.cluster, self.nats.url, self.certs_dir,
+                              self.nats_auth.get(ROUTER_USER, NatsAuthConfig())),
+                self.state_dir / "router.yaml", self.state_dir / "router.log", self.certs_dir)
+            write_config(self.router.config, self.router.config_path)
+            self.router.start()
+            self.router.wait_ready(self.cluster.num_decode_workers, self.cluster.ready_timeout_s)
+
+    @property
+    def processes(self) -> list[tuple[str, subprocess.Popen[bytes] | None]]:
+        """(name, process) of every daemon started here, the router last."""
+        named = [(w.config.worker_id, w.process) for w in self.workers]
+        return named + ([("router", self.router.process)] if self.router else [])
 
     def write_worker_configs(self) -> None:
         """One config file per worker under the state dir (`workers`, not started yet)."""
@@ -170,7 +187,10 @@ class LocalCluster:
             return
         init_certs(self.certs_dir)
         write_tokens(self.certs_dir, DEFAULT_GRANTS)
-        users = [(c.worker_id, c.role) for c in worker_configs(self.cluster, self.nats.url)]
+        users: list[tuple[str, Role]] = [
+            (c.worker_id, c.role) for c in worker_configs(self.cluster, self.nats.url)]
+        if self.cluster.router:
+            users.append((ROUTER_USER, "router"))
         auth = broker_auth(self.certs_dir, users)
         for name, path in auth.password_files.items():
             self.nats_auth[name] = NatsAuthConfig(name, str(path), self.ca_file)
@@ -195,6 +215,8 @@ class LocalCluster:
             time.sleep(0.3)
 
     def stop(self, grace_s: float = 30.0) -> None:
+        if self.router is not None:  # first: no new requests reach draining workers
+            self.router.stop(grace_s)
         for worker in self.workers:
             if worker.process and worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
@@ -224,6 +246,9 @@ class LocalCluster:
                      if self.nats_auth else "")]
         lines += [f"  {w.config.worker_id:<10} {w.config.grpc_address}  (log {w.log_path})"
                   for w in self.workers]
+        if self.router is not None:
+            lines.append(f"  router     {self.router.base_url} (OpenAI API), gRPC "
+                         f"{self.router.config.grpc_address}  (log {self.router.log_path})")
         with_metrics = [w for w in self.workers if w.config.metrics_address]
         metrics = [f"http://{w.config.metrics_address}/metrics" for w in with_metrics]
         lines += [f"  metrics    {url}  ({w.config.worker_id})"
@@ -253,6 +278,7 @@ class LocalCluster:
             f"  {exe} admin policy get --nats-url {self.nats.url}{self._broker_login()}",
             *([f"  curl -s {metrics[0]} | grep '^splitserve:time_to_first_token'"]
               if metrics else []),
+            *(self.router.banner_lines() if self.router else []),
             "",
             "Ctrl-C stops the cluster.",
         ]
@@ -302,14 +328,13 @@ def run_up(cluster: ClusterConfig, changes: ChangeDetector | None = None) -> Non
     try:
         local.start()
         print(local.banner(), flush=True)
-        while all(w.process is not None and w.process.poll() is None for w in local.workers):
+        while all(p is not None and p.poll() is None for _, p in local.processes):
             time.sleep(0.5)
             if changes is not None and (changes.poll() or hangup):
                 hangup = False
                 _refresh(local, changes.path)
-        died = [w.config.worker_id for w in local.workers
-                if w.process is not None and w.process.poll() is not None]
-        print(f"worker(s) exited: {', '.join(died)}; stopping the cluster", file=sys.stderr)
+        died = [name for name, p in local.processes if p is not None and p.poll() is not None]
+        print(f"exited: {', '.join(died)}; stopping the cluster", file=sys.stderr)
     except KeyboardInterrupt:
         print("\nstopping the cluster...", file=sys.stderr)
     finally:

@@ -75,7 +75,7 @@ class Identity:
         return [*COMMON_SUBSCRIBE, *extra]
 
     def __post_init__(self) -> None:
-        if self.role in ("decode", "prefill"):
+        if self.role in ("decode", "prefill", "router"):
             validate_worker_id(self.name)
 
 
