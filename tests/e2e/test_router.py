@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -209,3 +210,20 @@ def test_a_client_leaving_mid_stream_frees_everything(cluster, client) -> None:
                                        temperature=0)
     assert answer.usage.completion_tokens == 3
     assert router_health(cluster["router"])["num_workers_serving"] == 2
+
+
+def test_a_prompt_goes_where_its_prefix_is_cached(cluster, client, smollm) -> None:
+    """Each prompt is first sent straight to one worker (the router does not see it); its
+    cache's events then steer the router's request for the same prompt to that worker.
+    38 tokens: below the workers' remote threshold (40), as landing pages of a remote
+    prefill never enter the prefix cache."""
+    decode = cluster["decode"]
+    prompts = [[1000 + i, *range(2000, 2037)] for i in range(4)]
+    for i, prompt in enumerate(prompts):
+        generate(decode[i % 2].address, prompt, max_tokens=1)
+    time.sleep(1.0)  # the events go out every 50 ms
+    for prompt in prompts:
+        answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                           temperature=0)
+        cached = answer.usage.prompt_tokens_details.cached_tokens
+        assert cached == 32, (len(prompt), cached)  # 2 full pages of 16

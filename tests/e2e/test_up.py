@@ -96,8 +96,9 @@ def test_up_is_secure_by_default_and_its_banner_commands_work(tmp_path: Path) ->
                                " ".join(grpc_status.split(")\" ")[1:]))
         assert unauthenticated.returncode != 0 and "Unauthenticated" in unauthenticated.stderr
         state = tmp_path / "state"
-        logs = {p.name: p.read_text() for p in state.glob("*-0.log")}
-        assert len(logs) == 2 and not [n for n, t in logs.items() if "violation" in t.lower()]
+        logs = {p.name: p.read_text() for p in state.glob("*.log") if p.name != "nats.log"}
+        assert sorted(logs) == ["decode-0.log", "decode-1.log", "prefill-0.log", "router.log"]
+        assert not [n for n, t in logs.items() if "violation" in t.lower()]
         assert (state / "certs" / "ca.pem").exists()
         assert "grpc_tls" in (state / "decode-0.yaml").read_text()
     finally:

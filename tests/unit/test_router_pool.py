@@ -15,7 +15,7 @@ from splitserve.rpc import generation_pb2_grpc
 
 def backend(worker_id: str, **fields: object) -> Backend:
     channel = grpc.aio.insecure_channel("127.0.0.1:9")
-    b = Backend(worker_id, "127.0.0.1:9", "inc", channel,
+    b = Backend(worker_id, "127.0.0.1:9", "inc", 4, channel,
                 generation_pb2_grpc.GenerationStub(channel), serving=True)
     for name, value in fields.items():
         setattr(b, name, value)

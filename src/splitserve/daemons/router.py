@@ -2,8 +2,8 @@
 
 Life cycle:
 1. Load the config and the model's tokenizer (no weights).
-2. Connect to the broker (retrying for `connect_timeout_s` × 6, then forever in the
-   background), open the registry, follow it and the decode workers' stats (pool.py).
+2. Connect to the broker, open the registry, follow it, the decode workers' stats and
+   their prefix-cache events (pool.py).
 3. Serve HTTP (OpenAI API, http_api.py) and gRPC (Generation forwarded, grpc_api.py);
    log "router ready" with both addresses; under systemd, READY=1.
 4. SIGTERM/SIGINT: health NOT_SERVING, STOPPING=1; open requests get `drain_grace_s`
@@ -84,7 +84,8 @@ async def serve(config: RouterConfig) -> int:
                            connect_timeout_s=BROKER_CONNECT_TIMEOUT_S)
     registry = await WorkerRegistry.open(broker.js, BucketSettings(replicas=config.nats.replicas))
     feeds = [logged_task(pool.follow_registry(registry, broker), "registry watch"),
-             logged_task(pool.follow_stats(broker), "stats feed")]
+             logged_task(pool.follow_stats(broker), "stats feed"),
+             logged_task(pool.follow_kv_events(broker), "KV events feed")]
     http = HttpApi(forwarder, tokenizer, model_name(config), config.auth)
     runner = web.AppRunner(http.app(config.max_body_bytes), handler_cancellation=True,
                            shutdown_timeout=config.drain_grace_s, access_log=None)

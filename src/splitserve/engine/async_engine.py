@@ -105,9 +105,9 @@ class AsyncEngine:
                 if dispatch and isinstance(result, RequestOutput):
                     self._dispatch([result])
             except BaseException as exc:  # noqa: BLE001 (handed to the awaiting caller)
-                loop.call_soon_threadsafe(self._answer, fut, None, exc, self.engine.stats())
+                loop.call_soon_threadsafe(self._answer, fut, None, exc, self._snapshot())
             else:
-                loop.call_soon_threadsafe(self._answer, fut, result, None, self.engine.stats())
+                loop.call_soon_threadsafe(self._answer, fut, result, None, self._snapshot())
 
         self._commands.put(command)
         return fut
@@ -214,7 +214,12 @@ class AsyncEngine:
 
     def _publish_stats(self) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._set_stats, self.engine.stats())
+        self._loop.call_soon_threadsafe(self._set_stats, self._snapshot())
+
+    def _snapshot(self) -> EngineStats:
+        """On the engine thread: a snapshot to deliver, with the prefix-cache changes
+        since the last one (each reaches the stats listeners exactly once)."""
+        return self.engine.stats(take_kv_events=True)
 
     def _set_stats(self, stats: EngineStats) -> None:
         self.stats = stats
@@ -225,7 +230,7 @@ class AsyncEngine:
         # The snapshot travels with the outputs: whoever sees an output sees stats at
         # least as new as the step that produced it.
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, outputs, self.engine.stats())
+        self._loop.call_soon_threadsafe(self._deliver, outputs, self._snapshot())
 
     def _answer(self, fut: asyncio.Future[Any], result: Any, exc: BaseException | None,
                 stats: EngineStats) -> None:

@@ -199,7 +199,12 @@ class Engine:
         hashes = page_hashes(list(prompt_token_ids[:-1]), ps)
         return self.allocator.count_cached_prefix(hashes) * ps
 
-    def stats(self) -> EngineStats:
+    def record_kv_events(self) -> None:
+        """From now on, snapshots taken with `take_kv_events` carry the prefix cache's
+        changes (EngineStats.kv_events); the caller must take them regularly."""
+        self.allocator.record_events = True
+
+    def stats(self, take_kv_events: bool = False) -> EngineStats:
         """A snapshot of the engine's state (call it on the engine's thread)."""
         alloc, sched = self.allocator, self.scheduler
         return EngineStats(
@@ -210,7 +215,8 @@ class Engine:
             num_pages_quarantined=alloc.num_quarantined_pages,
             num_pages_cached=alloc.num_cached_pages, num_pages_total=alloc.num_pages,
             max_num_seqs=sched.max_num_seqs, num_preemptions=sched.num_preemptions,
-            last_step=self.last_step)
+            last_step=self.last_step,
+            kv_events=alloc.take_events() if take_kv_events else ())
 
     # --- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -46,6 +46,10 @@ class PageAllocator:
         self._quarantine: list[tuple[float, int]] = []  # heap of (release_at, page_id)
         self.num_cache_hits = 0  # tokens served from the prefix cache
         self.num_evictions = 0
+        # With `record_events`: every change of the prefix cache, in order, until taken
+        # ((True, hash): cached; (False, hash): no longer), for the routers' prefix index.
+        self.record_events = False
+        self._events: list[tuple[bool, bytes]] = []
 
     # --- counts -----------------------------------------------------------------
     @property
@@ -151,6 +155,8 @@ class PageAllocator:
                 continue
             self._hash_of_page[page_id] = h
             self._page_of_hash[h] = page_id
+            if self.record_events:
+                self._events.append((True, h))
 
     def _uncache(self, page_id: int, evicted: bool) -> None:
         h = self._hash_of_page[page_id]
@@ -158,3 +164,10 @@ class PageAllocator:
             del self._page_of_hash[h]
             self._hash_of_page[page_id] = NO_HASH
             self.num_evictions += evicted
+            if self.record_events:
+                self._events.append((False, h))
+
+    def take_events(self) -> tuple[tuple[bool, bytes], ...]:
+        """The prefix-cache changes since the last call (see `record_events`)."""
+        events, self._events = tuple(self._events), []
+        return events

@@ -64,6 +64,10 @@ class EngineStats:
     max_num_seqs: int
     num_preemptions: int  # since start
     last_step: StepStats = StepStats()
+    # Prefix-cache changes since the previous snapshot AsyncEngine delivered, in order:
+    # (True, page hash) cached, (False, page hash) no longer. Only delivered snapshots
+    # carry them (`Engine.stats(take_kv_events=True)`), so each change arrives once.
+    kv_events: tuple[tuple[bool, bytes], ...] = ()
 
     @property
     def queue_depth(self) -> int:

@@ -13,11 +13,19 @@ from google.protobuf.message import DecodeError, Message
 
 from splitserve.queue.errors import InvalidSubjectToken, MalformedMessage
 from splitserve.queue.subjects import validate_priority, validate_role, validate_worker_id
-from splitserve.rpc.jobs_pb2 import KVReady, LeaseReply, LeaseRequest, PrefillJob, WorkerStats
+from splitserve.rpc.jobs_pb2 import (
+    KVCacheEvents,
+    KVReady,
+    LeaseReply,
+    LeaseRequest,
+    PrefillJob,
+    WorkerStats,
+)
 
 __all__ = [
-    "KVReady", "PrefillJob", "WorkerStats", "decode_job", "decode_kv_ready", "decode_stats",
-    "encode_job", "encode_kv_ready", "encode_stats", "job_msg_id", "validate_job",
+    "KVCacheEvents", "KVReady", "PrefillJob", "WorkerStats", "decode_job", "decode_kv_events",
+    "decode_kv_ready", "decode_stats", "encode_job", "encode_kv_ready", "encode_stats",
+    "job_msg_id", "validate_job",
 ]
 
 
@@ -113,6 +121,20 @@ def decode_stats(data: bytes) -> WorkerStats:
 def _validate_stats(stats: WorkerStats) -> None:
     _check_token("WorkerStats", validate_worker_id, stats.worker_id)
     _check_token("WorkerStats", validate_role, stats.role)
+
+
+PAGE_HASH_BYTES = 16  # engine/page_allocator.py: blake2b with digest_size=16
+
+
+def decode_kv_events(data: bytes) -> KVCacheEvents:
+    events = KVCacheEvents()
+    _parse(events, data)
+    _check_token("KVCacheEvents", validate_worker_id, events.worker_id)
+    if events.page_size < 1:
+        raise MalformedMessage("KVCacheEvents", "page_size must be >= 1")
+    if any(len(h) != PAGE_HASH_BYTES for h in (*events.stored, *events.removed)):
+        raise MalformedMessage("KVCacheEvents", f"page hashes are {PAGE_HASH_BYTES} bytes")
+    return events
 
 
 def decode_lease_request(data: bytes) -> LeaseRequest:

@@ -6,7 +6,8 @@ What each identity may publish (everything else is refused by the server):
   direct gets) except deleting or purging streams and deleting messages, flow-control
   replies (`$JS.FC.>`) and replies to requests (`_INBOX.>`);
 - a decode worker: prefill jobs (`splitserve.prefill.>`: only decode workers do),
-  its own registry key (`$KV.splitserve-workers.<id>`) and its own stats;
+  its own registry key (`$KV.splitserve-workers.<id>`), its own stats and its own
+  prefix-cache events (`splitserve.kv.<id>`);
 - a prefill worker: acks of the jobs it pulls (`$JS.ACK.>`), lease requests to decode
   workers (`splitserve.lease.*`), its own registry key and its own stats;
 - the admin and the planner: the policy bucket (`$KV.splitserve-policy.>`); no other
@@ -14,7 +15,7 @@ What each identity may publish (everything else is refused by the server):
 - a router: nothing but the common subjects (it reads the registry and stats).
 Subscriptions: every identity its inboxes (`_INBOX.>`: API replies, watches); a decode
 worker also its lease subject and the prefill workers' stats; admin and planner all stats;
-a router the decode workers' stats.
+a router the decode workers' stats and prefix-cache events.
 
 So a prefill worker (or a stolen prefill password) cannot inject a `PrefillJob`, no
 worker can rewrite another's registry entry (and so redirect KV to a rogue agent), and
@@ -32,6 +33,7 @@ from typing import Literal
 from splitserve.queue.subjects import (
     BUCKET_POLICY,
     BUCKET_WORKERS,
+    KV_EVENTS_PREFIX,
     LEASE_PREFIX,
     STATS_PREFIX,
     validate_worker_id,
@@ -56,7 +58,7 @@ class Identity:
     def publish(self) -> list[str]:
         own = [f"$KV.{BUCKET_WORKERS}.{self.name}", f"{STATS_PREFIX}.{self.role}.{self.name}"]
         extra = {
-            "decode": ["splitserve.prefill.>", *own],
+            "decode": ["splitserve.prefill.>", f"{KV_EVENTS_PREFIX}.{self.name}", *own],
             "prefill": ["$JS.ACK.>", f"{LEASE_PREFIX}.*", *own],
             "admin": [f"$KV.{BUCKET_POLICY}.>"],
             "planner": [f"$KV.{BUCKET_POLICY}.>"],
@@ -70,7 +72,7 @@ class Identity:
             "prefill": [],
             "admin": [f"{STATS_PREFIX}.>"],
             "planner": [f"{STATS_PREFIX}.>"],
-            "router": [f"{STATS_PREFIX}.decode.*"],
+            "router": [f"{STATS_PREFIX}.decode.*", f"{KV_EVENTS_PREFIX}.*"],
         }[self.role]
         return [*COMMON_SUBSCRIBE, *extra]
 

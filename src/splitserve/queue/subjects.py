@@ -24,6 +24,7 @@ BUCKET_POLICY = "splitserve-policy"
 
 STATS_PREFIX = "splitserve.stats"
 LEASE_PREFIX = "splitserve.lease"
+KV_EVENTS_PREFIX = "splitserve.kv"
 
 MAX_TOKEN_LEN = 128
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_=-]+$")
@@ -82,6 +83,11 @@ def direct_consumer_name(worker_id: str) -> str:
 
 def stats_subject(role: str, worker_id: str) -> str:
     return f"{STATS_PREFIX}.{validate_role(role)}.{validate_worker_id(worker_id)}"
+
+
+def kv_events_subject(worker_id: str) -> str:
+    """Where a decode worker announces its prefix cache's changes (KVCacheEvents)."""
+    return f"{KV_EVENTS_PREFIX}.{validate_worker_id(worker_id)}"
 
 
 def stats_filter(role: str | None = None, worker_id: str | None = None) -> str:

@@ -2,7 +2,8 @@
 
 Life cycle of a forwarded request:
 1. Wait (up to `connect_timeout_s`) for an eligible worker; none → UNAVAILABLE.
-2. Call `Generation.Generate` on the cheapest one (pool.py) with the router's
+2. Call `Generation.Generate` on the cheapest one for the prompt (pool.py: load and
+   cached prefix; a text prompt is placed by load alone) with the router's
    credentials for the workers and the time left of `request_timeout_s`.
 3. UNAVAILABLE before the first chunk (draining, stopping, gone, unreachable): nothing
    was produced, so the same request (same id) goes to the next worker; each worker is
@@ -18,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -62,9 +63,10 @@ class Forwarder:
         self.settings = settings
         self.counters = ForwardCounters()
 
-    async def _next_backend(self, tried: set[str], deadline: float) -> Backend | None:
+    async def _next_backend(self, tried: set[str], deadline: float, prompt: Sequence[int]
+                            ) -> Backend | None:
         while True:
-            backend = self.pool.choose(tried)
+            backend = self.pool.choose(tried, prompt)
             left = deadline - time.monotonic()
             if backend is not None or left <= 0 or tried:
                 return backend
@@ -82,7 +84,7 @@ class Forwarder:
         try:
             while True:
                 backend = await self._next_backend(
-                    tried, start + self.settings.connect_timeout_s)
+                    tried, start + self.settings.connect_timeout_s, request.token_ids)
                 if backend is None:
                     if last is not None:
                         raise last

@@ -14,7 +14,8 @@ Life cycle of a backend (one decode worker):
 A new incarnation under the same worker id replaces the backend.
 
 `choose` scores the eligible backends with `load_cost` (lowest wins; ties go round
-robin).
+robin): their load, minus what they hold of the prompt's prefix (prefix_index.py: the
+workers' `KVCacheEvents` on `splitserve.kv.*`, and where this router sent it lately).
 """
 
 from __future__ import annotations
@@ -24,18 +25,22 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from nats.aio.msg import Msg
 
 from splitserve.client import MAX_MESSAGE_BYTES, ClientSecurity
+from splitserve.engine.page_allocator import page_hashes
 from splitserve.queue.connection import BrokerConnection
-from splitserve.queue.errors import TRANSIENT_BROKER_ERRORS
-from splitserve.queue.messages import WorkerStats
+from splitserve.queue.errors import TRANSIENT_BROKER_ERRORS, MalformedMessage
+from splitserve.queue.messages import WorkerStats, decode_kv_events
 from splitserve.queue.registry import WorkerRegistry, parse_descriptor
 from splitserve.queue.stats import StatsSubscription
+from splitserve.queue.subjects import KV_EVENTS_PREFIX
+from splitserve.router.prefix_index import PrefixIndex, RecentRoutes
 from splitserve.rpc import generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -46,10 +51,13 @@ HEALTH_RETRY_S = 1.0
 
 @dataclass(frozen=True)
 class CostWeights:
-    """How much each load signal costs a worker (lower total wins)."""
+    """How much each signal costs a worker (lower total wins); the prefix terms are
+    bonuses, subtracted."""
 
     kv_occupancy: float = 3.0  # × the fraction of KV pages in use
     active: float = 1.0  # × requests open on it (the router's count, or its queue)
+    cached_prefix: float = 10.0  # × the fraction of the prompt's pages it has cached
+    recent_prefix: float = 1.0  # × the fraction this router sent it lately
 
 
 @dataclass
@@ -57,6 +65,7 @@ class Backend:
     worker_id: str
     address: str
     incarnation: str
+    page_size: int
     channel: grpc.aio.Channel
     stub: generation_pb2_grpc.GenerationStub
     active: int = 0  # Generate calls this router has open on it
@@ -71,16 +80,19 @@ class Backend:
 
 
 def load_cost(backend: Backend, now: float, stats_max_age_s: float,
-              weights: CostWeights = CostWeights()) -> float:
-    """`active` × (its open requests, or its queue depth plus running sequences when
-    fresh stats say more) + `kv_occupancy` × the used fraction of its KV pages."""
+              weights: CostWeights = CostWeights(), cached: float = 0.0,
+              recent: float = 0.0) -> float:
+    """`active` × (its open requests, or its queue depth when fresh stats say more) +
+    `kv_occupancy` × the used fraction of its KV pages − `cached_prefix` × `cached` −
+    `recent_prefix` × `recent` (the fractions of the prompt's pages it holds)."""
     active, kv = float(backend.active), 0.0
     stats = backend.stats
     if stats is not None and now - backend.stats_at <= stats_max_age_s:
         active = max(active, float(stats.queue_depth))
         total = stats.num_kv_pages_used + stats.num_kv_pages_free
         kv = stats.num_kv_pages_used / total if total else 0.0
-    return weights.active * active + weights.kv_occupancy * kv
+    return (weights.active * active + weights.kv_occupancy * kv
+            - weights.cached_prefix * cached - weights.recent_prefix * recent)
 
 
 class DecodePool:
@@ -92,23 +104,42 @@ class DecodePool:
         self.unavailable_backoff_s = unavailable_backoff_s
         self.weights = weights
         self.backends: dict[str, Backend] = {}
+        self.index = PrefixIndex()
+        self.recent = RecentRoutes()
         self._turn = itertools.count()
+        self.num_malformed_events = 0
         self.changed = asyncio.Event()  # set whenever a backend's eligibility may change
 
     # -- choice --------------------------------------------------------------------
 
-    def choose(self, exclude: Iterable[str] = ()) -> Backend | None:
-        """The eligible backend with the lowest cost (not in `exclude`), or None."""
+    def choose(self, exclude: Iterable[str] = (), prompt: Sequence[int] = ()
+               ) -> Backend | None:
+        """The eligible backend with the lowest cost for `prompt` (its token ids; empty:
+        by load alone), not in `exclude`, or None. The choice is remembered for the
+        prompt's pages (`recent`)."""
         now = time.monotonic()
         skip = set(exclude)
         candidates = [b for b in self.backends.values()
                       if b.eligible(now) and b.worker_id not in skip]
         if not candidates:
             return None
-        costs = [load_cost(b, now, self.stats_max_age_s, self.weights) for b in candidates]
+        hashes = {size: page_hashes(prompt, size)
+                  for size in {b.page_size for b in candidates}} if prompt else {}
+        costs = []
+        for b in candidates:
+            mine = hashes.get(b.page_size, [])
+            cached = recent = 0.0
+            if mine:
+                held = self.index.matched_pages(mine, [b.worker_id])[b.worker_id]
+                cached = held / len(mine)
+                recent = self.recent.matched_pages(mine, b.worker_id) / len(mine)
+            costs.append(load_cost(b, now, self.stats_max_age_s, self.weights, cached, recent))
         best = min(costs)
         tied = [b for b, c in zip(candidates, costs, strict=True) if c <= best + 1e-9]
-        return tied[next(self._turn) % len(tied)]
+        chosen = tied[next(self._turn) % len(tied)]
+        if hashes.get(chosen.page_size):
+            self.recent.record(hashes[chosen.page_size], chosen.worker_id)
+        return chosen
 
     def mark_unavailable(self, backend: Backend) -> None:
         backend.unavailable_until = time.monotonic() + self.unavailable_backoff_s
@@ -121,7 +152,8 @@ class DecodePool:
 
     # -- membership ----------------------------------------------------------------
 
-    def add(self, worker_id: str, address: str, incarnation: str) -> Backend:
+    def add(self, worker_id: str, address: str, incarnation: str, page_size: int = 16
+            ) -> Backend:
         """A backend for the worker (replacing one of another address or incarnation)."""
         old = self.backends.get(worker_id)
         if old is not None and (old.address, old.incarnation) == (address, incarnation):
@@ -133,7 +165,7 @@ class DecodePool:
         channel = (grpc.aio.secure_channel(address, self.security.channel_credentials(),
                                            options)
                    if self.security.tls else grpc.aio.insecure_channel(address, options))
-        backend = Backend(worker_id, address, incarnation, channel,
+        backend = Backend(worker_id, address, incarnation, page_size, channel,
                           generation_pb2_grpc.GenerationStub(channel))
         backend.tasks.append(asyncio.create_task(self._watch_health(backend),
                                                  name=f"health {worker_id}"))
@@ -146,6 +178,7 @@ class DecodePool:
         if backend is not None:
             log.info("decode worker %s left", worker_id)
             self._close(backend)
+            self.index.forget(worker_id)
             self.changed.set()
 
     def _close(self, backend: Backend) -> None:
@@ -198,7 +231,27 @@ class DecodePool:
             if descriptor is None:
                 self.remove(worker_id)
             elif descriptor.role == "decode" and descriptor.grpc_address:
-                self.add(worker_id, descriptor.grpc_address, descriptor.incarnation)
+                self.add(worker_id, descriptor.grpc_address, descriptor.incarnation,
+                         descriptor.geometry.page_size or 16)
+
+    async def follow_kv_events(self, broker: BrokerConnection) -> None:
+        """Feed the prefix index from `splitserve.kv.*`; runs until cancelled."""
+        async def on_message(msg: Msg) -> None:
+            try:
+                events = decode_kv_events(msg.data)
+            except MalformedMessage as exc:
+                self.num_malformed_events += 1
+                log.warning("KV events on %s dropped: %s", msg.subject, exc)
+                return
+            if events.worker_id in self.backends:
+                self.index.apply(events)
+
+        subscription = await broker.nc.subscribe(f"{KV_EVENTS_PREFIX}.*", cb=on_message)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
 
     async def follow_stats(self, broker: BrokerConnection) -> None:
         subscription = await StatsSubscription.subscribe(broker.nc, role="decode")

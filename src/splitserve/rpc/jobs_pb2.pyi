@@ -176,3 +176,21 @@ class WorkerStats(_message.Message):
     num_running: int
     kv_usage: float
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., num_kv_pages_used: _Optional[int] = ..., num_kv_pages_free: _Optional[int] = ..., num_kv_pages_quarantined: _Optional[int] = ..., ttft_p50_ms: _Optional[float] = ..., ttft_p99_ms: _Optional[float] = ..., itl_p50_ms: _Optional[float] = ..., itl_p99_ms: _Optional[float] = ..., num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_rejects: _Optional[int] = ..., timestamp_unix_ns: _Optional[int] = ..., window_s: _Optional[float] = ..., queue_p50_ms: _Optional[float] = ..., queue_p99_ms: _Optional[float] = ..., prefill_rates: _Optional[_Iterable[_Union[WorkerStats.PrefillRate, _Mapping]]] = ..., decode_steps: _Optional[_Iterable[_Union[WorkerStats.DecodeStep, _Mapping]]] = ..., transfer_bytes_per_s: _Optional[float] = ..., num_running: _Optional[int] = ..., kv_usage: _Optional[float] = ...) -> None: ...
+
+class KVCacheEvents(_message.Message):
+    __slots__ = ("worker_id", "incarnation", "seq", "page_size", "reset", "stored", "removed")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    incarnation: str
+    seq: int
+    page_size: int
+    reset: bool
+    stored: _containers.RepeatedScalarFieldContainer[bytes]
+    removed: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, worker_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., seq: _Optional[int] = ..., page_size: _Optional[int] = ..., reset: _Optional[bool] = ..., stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ...) -> None: ...

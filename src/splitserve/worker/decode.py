@@ -15,7 +15,8 @@ Life cycle of a request:
 4. remote: `RemotePrefillClient` (worker/remote.py) lands the prompt's KV through
    one or more leased attempts, or queues a local prefill when they fail;
 5. stream chunks; a client that goes away aborts the request (pages freed, landing
-   pages quarantined).
+   pages quarantined);
+6. what the prefix cache gained and lost goes to the routers (worker/kv_events.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from splitserve.ingress import (
     new_request_id,
     prepare_prompt,
 )
-from splitserve.worker.core import WorkerCore
+from splitserve.worker.core import WorkerCore, logged_task
+from splitserve.worker.kv_events import KVEventPublisher
 from splitserve.worker.observer import FirstToken
 from splitserve.worker.remote import PrefillPath, RemoteOutcome, RemotePrefillClient
 
@@ -59,11 +61,21 @@ class DecodeService:
         self.remote = RemotePrefillClient(core, self.engine)
         core.remote_queue_depth = lambda: self.remote.queue_depth
         self._labels: set[str] = set()  # caller request ids in flight
+        self.kv_events = KVEventPublisher(core.worker_id, core.incarnation,
+                                          self.engine.info.page_size)
+        self._kv_events_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.remote.start()
+        assert self.core.broker is not None
+        self.engine.stats_listeners.append(self.kv_events.on_stats)
+        await self.engine.call(lambda e: e.record_kv_events())
+        self._kv_events_task = logged_task(self.kv_events.run(self.core.broker),
+                                           "KV events publisher")
 
     async def stop(self) -> None:
+        if self._kv_events_task is not None:
+            self._kv_events_task.cancel()
         await self.remote.stop()
 
     @property
