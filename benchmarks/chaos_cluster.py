@@ -23,8 +23,8 @@ import nats
 import yaml
 from nats.js.api import StreamInfo
 
-from splitserve.config.daemon import LeaseConfig, NatsConfig, WorkerConfig, config_to_yaml
-from splitserve.config.schema import EngineConfig
+from splitserve.config.daemon import LeaseConfig, WorkerConfig, config_to_yaml
+from splitserve.config.schema import EngineConfig, NatsConfig
 from splitserve.daemons.up import health_serving, write_config
 from splitserve.queue.broker import NatsServer, find_free_port
 from splitserve.queue.cluster import NatsCluster, free_node_ports

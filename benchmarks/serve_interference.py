@@ -134,7 +134,7 @@ def cluster_config(mode: str, state_dir: str, routing: RoutingConfig) -> Cluster
         state_dir=state_dir, nats_port=find_free_port(), base_grpc_port=find_free_port(),
         num_decode_workers=1 if mode == "disaggregated" else 2,
         num_prefill_workers=1 if mode == "disaggregated" else 0,
-        worker=worker, pin_cores=True,
+        worker=worker, pin_cores=True, router=False,  # requests go to the workers directly
         secure=False)  # plaintext loopback, as the numbers recorded before TLS existed
 
 

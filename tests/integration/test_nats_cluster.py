@@ -177,7 +177,7 @@ async def test_a_secure_3_node_cluster_needs_a_login_on_every_node(tmp_path: Pat
     assert isinstance(local.nats, NatsCluster)
     local.nats = NatsCluster(ports, local.state_dir / "nats", log_dir=local.state_dir)
     local.prepare_security()
-    assert sorted(local.nats_auth) == ["admin", "decode-0", "planner", "prefill-0"]
+    assert sorted(local.nats_auth) == ["admin", "decode-0", "planner", "prefill-0", "router"]
     await asyncio.to_thread(local.nats.start)
     try:
         for url in local.nats.urls:

@@ -8,25 +8,22 @@ import os
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 
-from splitserve.config.schema import EngineConfig, from_mapping
+from splitserve.config.router import RouterConfig
+from splitserve.config.schema import (
+    EngineConfig,
+    NatsConfig,
+    check_address,
+    check_range,
+    from_mapping,
+    load_yaml,
+)
 from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
 from splitserve.errors import ConfigError
 from splitserve.routing.offload import RoutingConfig
-
-
-def check_range(name: str, value: float, low: float, high: float, *,
-                 low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ConfigError naming the dotted field unless `value` lies in the interval
-    (NaN never does: every comparison with it is false)."""
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (above and below):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ConfigError(name, f"must be in {interval}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -81,21 +78,6 @@ class PrefillRoleConfig:
         # 0 would fail every job's transfer at once (a retry storm, no progress).
         check_range("prefill.transfer_timeout_s", self.transfer_timeout_s, 0.0, 600.0,
                     low_open=True)
-
-
-@dataclass(frozen=True)
-class NatsConfig:
-    """How this daemon uses the broker (the URL stays `nats_url`).
-
-    - replicas: copies of the prefill stream and the KV buckets in a NATS cluster
-      (1 for a single server, 3 for a 3-node cluster: one node may die).
-    """
-
-    replicas: int = 1
-
-    def __post_init__(self) -> None:
-        if self.replicas not in (1, 3, 5):
-            raise ConfigError("nats.replicas", f"must be 1, 3 or 5, got {self.replicas}")
 
 
 @dataclass(frozen=True)
@@ -206,6 +188,8 @@ class ClusterConfig:
     router: bool = True
     router_http_port: int = 8000
     router_grpc_port: int = 50050
+    # template for the router (config/router.py); up sets its addresses, broker and security
+    router_settings: RouterConfig = field(default_factory=RouterConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)  # template for every worker
     pin_cores: bool = False  # worker i on core i mod cpu_count, one torch thread each
     ready_timeout_s: float = 180.0
@@ -225,26 +209,6 @@ class ClusterConfig:
         if self.nats_cluster_size > 1 and self.nats_port + 4000 + self.nats_cluster_size > 65536:
             raise ConfigError("nats_port", f"{self.nats_port} leaves no room for the cluster's "
                               "route and monitoring ports (+2000, +4000)")
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(str(path), f"cannot read config: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"invalid YAML: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(str(path), "the top level must be a mapping")
-    return data
-
-
-def check_address(name: str, address: str) -> None:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(name, f"expected host:port (port 0-65535), got {address!r}")
 
 
 def load_worker_config(path: str | Path, role: str | None = None) -> WorkerConfig:

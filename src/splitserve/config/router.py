@@ -23,8 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from splitserve.config.daemon import NatsConfig, check_address, check_range, load_yaml
-from splitserve.config.schema import from_mapping
+from splitserve.config.schema import (
+    NatsConfig,
+    check_address,
+    check_range,
+    from_mapping,
+    load_yaml,
+)
 from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
 from splitserve.errors import ConfigError
 
@@ -61,6 +66,8 @@ class RouterConfig:
     # One request's whole generation, end to end (DEADLINE_EXCEEDED / 504 past it).
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 5.0
+    # kv_aware: load and cached prefix; least_loaded: load alone; round_robin: in turn
+    balance: Literal["kv_aware", "least_loaded", "round_robin"] = "kv_aware"
     # A worker whose stats are older than this is scored by the router's own counts.
     stats_max_age_s: float = 5.0
     # After UNAVAILABLE from a worker (draining, gone) it gets no traffic for this long

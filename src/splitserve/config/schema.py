@@ -6,7 +6,10 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from splitserve.errors import ConfigError
 
@@ -121,3 +124,49 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"expected {hint.__name__}, got {value!r}")
         return value
     raise ConfigError(path, f"unsupported setting type {hint}")
+
+
+def check_range(name: str, value: float, low: float, high: float, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ConfigError naming the dotted field unless `value` lies in the interval
+    (NaN never does: every comparison with it is false)."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(name, f"must be in {interval}, got {value!r}")
+
+
+def check_address(name: str, address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(name, f"expected host:port (port 0-65535), got {address!r}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read config: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "the top level must be a mapping")
+    return data
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    """How this daemon uses the broker (the URL stays `nats_url`).
+
+    - replicas: copies of the prefill stream and the KV buckets in a NATS cluster
+      (1 for a single server, 3 for a 3-node cluster: one node may die).
+    """
+
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if self.replicas not in (1, 3, 5):
+            raise ConfigError("nats.replicas", f"must be 1, 3 or 5, got {self.replicas}")

@@ -77,7 +77,8 @@ async def serve(config: RouterConfig) -> int:
     security = ClientSecurity.from_files(workers.ca_file, workers.cert_file, workers.key_file,
                                          workers.token_file)
     pool = DecodePool(security, stats_max_age_s=config.stats_max_age_s,
-                      unavailable_backoff_s=config.unavailable_backoff_s)
+                      unavailable_backoff_s=config.unavailable_backoff_s,
+                      balance=config.balance)
     forwarder = Forwarder(pool, security, ForwardSettings(config.request_timeout_s,
                                                           config.connect_timeout_s))
     broker = await connect(config.nats_url, name="splitserve-router", auth=config.nats_auth,

@@ -1,7 +1,8 @@
 """The router of `splitserve up`: its config, process, readiness and banner lines.
 
 With `router: true` (the default) `up` starts `splitserve router` after the workers
-are ready, on `router_http_port` (OpenAI API) and `router_grpc_port` (Generation),
+are ready, configured by `router_settings:` (config/router.py; e.g. `balance`), on
+`router_http_port` (OpenAI API) and `router_grpc_port` (Generation),
 and waits until it sees every decode worker serving. With `secure`, the router serves
 HTTPS and gRPC with the cluster's server certificate, requires an API key (a token
 with scope `generate`: `<state>/certs/client.token`), reaches the workers over TLS
@@ -21,8 +22,9 @@ import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from splitserve.config.daemon import ClusterConfig, NatsConfig
+from splitserve.config.daemon import ClusterConfig
 from splitserve.config.router import RouterConfig, WorkerClientConfig
+from splitserve.config.schema import NatsConfig
 from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
 from splitserve.errors import SplitserveError
 from splitserve.model.loader import default_model_path
@@ -32,11 +34,12 @@ ROUTER_USER = "router"
 
 def router_config(cluster: ClusterConfig, nats_url: str, certs_dir: Path | None,
                   nats_auth: NatsAuthConfig) -> RouterConfig:
-    config = RouterConfig(
-        http_address=f"127.0.0.1:{cluster.router_http_port}",
+    template = cluster.router_settings
+    config = replace(
+        template, http_address=f"127.0.0.1:{cluster.router_http_port}",
         grpc_address=f"127.0.0.1:{cluster.router_grpc_port}", nats_url=nats_url,
         nats_auth=nats_auth, nats=NatsConfig(replicas=cluster.nats_cluster_size),
-        model=cluster.worker.engine.model or "", log_level=cluster.worker.log_level)
+        model=template.model or cluster.worker.engine.model or "")
     if certs_dir is None:
         return config
     return replace(

@@ -16,6 +16,8 @@ A new incarnation under the same worker id replaces the backend.
 `choose` scores the eligible backends with `load_cost` (lowest wins; ties go round
 robin): their load, minus what they hold of the prompt's prefix (prefix_index.py: the
 workers' `KVCacheEvents` on `splitserve.kv.*`, and where this router sent it lately).
+`balance: least_loaded` ignores the prefix; `round_robin` (a benchmark's baseline)
+takes the eligible workers in turn.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 HEALTH_RETRY_S = 1.0
+Balance = Literal["kv_aware", "least_loaded", "round_robin"]
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,10 @@ def load_cost(backend: Backend, now: float, stats_max_age_s: float,
 
 class DecodePool:
     def __init__(self, security: ClientSecurity, *, stats_max_age_s: float = 5.0,
-                 unavailable_backoff_s: float = 5.0, weights: CostWeights = CostWeights()
-                 ) -> None:
+                 unavailable_backoff_s: float = 5.0, weights: CostWeights = CostWeights(),
+                 balance: Balance = "kv_aware") -> None:
         self.security = security
+        self.balance = balance
         self.stats_max_age_s = stats_max_age_s
         self.unavailable_backoff_s = unavailable_backoff_s
         self.weights = weights
@@ -123,6 +128,11 @@ class DecodePool:
                       if b.eligible(now) and b.worker_id not in skip]
         if not candidates:
             return None
+        if self.balance == "round_robin":  # the baseline: in turn, blind to load and KV
+            candidates.sort(key=lambda b: b.worker_id)
+            return candidates[next(self._turn) % len(candidates)]
+        if self.balance == "least_loaded":
+            prompt = ()
         hashes = {size: page_hashes(prompt, size)
                   for size in {b.page_size for b in candidates}} if prompt else {}
         costs = []
