@@ -25,7 +25,7 @@ from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampler import skip_draw
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.scheduler import ScheduledSequence, Scheduler
-from splitserve.engine.sequence import Sequence
+from splitserve.engine.sequence import PRIORITY_RANK, Sequence
 from splitserve.engine.stats import EngineInfo, EngineStats, StepStats
 from splitserve.model.loader import LoadedModel, load_model
 
@@ -100,11 +100,13 @@ class Engine:
 
     def add_request(
         self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
-        hold_pages: bool = False,
+        hold_pages: bool = False, priority: str = "normal",
     ) -> Sequence:
-        """Queue a request. With `hold_pages` its pages outlive it until `release_held`."""
+        """Queue a request (ahead of lower `priority` classes: scheduler.py). With
+        `hold_pages` its pages outlive it until `release_held`."""
         seq = self._new_sequence(request_id, prompt_token_ids, params)
         seq.hold_pages = hold_pages
+        seq.rank = PRIORITY_RANK.get(priority, PRIORITY_RANK["normal"])
         self.scheduler.add(seq)
         log.debug("request %s admitted: %d prompt tokens", request_id, len(prompt_token_ids))
         return seq
@@ -129,10 +131,11 @@ class Engine:
     # --- remote prefill (see remote_prefill.py) ------------------------------------------
     def reserve_remote(
         self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
-        attempt: int, release_at: float,
+        attempt: int, release_at: float, priority: str = "normal",
     ) -> LandingPlan | None:
         """Landing pages for a remote prefill, or None if the pool has no room now."""
         seq = self._new_sequence(request_id, prompt_token_ids, params)
+        seq.rank = PRIORITY_RANK.get(priority, PRIORITY_RANK["normal"])
         plan = self.remote.reserve(seq, attempt, release_at)
         if plan is None:
             del self._trackers[request_id]

@@ -167,9 +167,10 @@ class RemotePrefills:
             seq.page_ids = [p for p in seq.page_ids if p not in landing_set]
 
     def _queue_local(self, seq: Sequence) -> None:
-        """Give up on remote prefill: the sequence waits for a local one, first in line."""
+        """Give up on remote prefill: the sequence waits for a local one, first in line
+        of its priority class."""
         seq.status = SequenceStatus.WAITING
-        self.scheduler.waiting.appendleft(seq)
+        self.scheduler.requeue(seq)
         self.num_fallbacks += 1
 
     def _drop_pending(self, request_id: str) -> Sequence | None:

@@ -4,11 +4,14 @@ Each step the scheduler hands the runner a list of (sequence, number of new toke
 under a token budget:
 1. running sequences first, in admission order: one token for a sequence in
    decode, a chunk of the remaining prompt for one still in prefill;
-2. then waiting sequences, oldest first, while the budget, `max_num_seqs` and
-   free pages allow; a waiting sequence first takes whatever prefix the cache holds.
+2. then waiting sequences, high priority before normal before low and oldest first
+   within a class, while the budget, `max_num_seqs` and free pages allow; a waiting
+   sequence first takes whatever prefix the cache holds.
 When a running sequence needs a page and none is free, the most recently admitted
-running sequence is preempted: its pages are freed (full ones stay in the prefix
-cache) and it goes back to the front of the waiting queue, to be recomputed.
+running sequence of the lowest priority class is preempted: its pages are freed (full
+ones stay in the prefix cache) and it goes back to the front of its class in the
+waiting queue, to be recomputed. A waiting sequence that does not fit may likewise
+preempt running sequences of a lower class than its own (never of its own or higher).
 """
 
 from __future__ import annotations
@@ -67,7 +70,32 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Behind every waiting sequence of its class or a higher one."""
+        index = next((i for i, other in enumerate(self.waiting) if other.rank > seq.rank),
+                     len(self.waiting))
+        self.waiting.insert(index, seq)
+
+    def requeue(self, seq: Sequence) -> None:
+        """At the front of its class (a preempted sequence keeps its turn)."""
+        index = next((i for i, other in enumerate(self.waiting) if other.rank >= seq.rank),
+                     len(self.waiting))
+        self.waiting.insert(index, seq)
+
+    def _victim(self, below_rank: int = -1) -> Sequence | None:
+        """The running sequence to preempt: the most recently admitted of the lowest
+        class; with `below_rank`, only of a class lower than that (else None)."""
+        candidates = [s for s in self.running if s.rank > below_rank]
+        if not candidates:
+            return None
+        lowest = max(s.rank for s in candidates)
+        return [s for s in candidates if s.rank == lowest][-1]
+
+    def _could_make_room(self, rank: int, num_pages: int) -> bool:
+        """Would preempting every running sequence of a class below `rank` free enough
+        pages? (Else preempting them would only waste their work.)"""
+        lower = [s for s in self.running if s.rank > rank]
+        freeable = sum(1 for s in lower for p in s.page_ids if self.allocator.ref_count(p) == 1)
+        return bool(lower) and self.allocator.num_free_pages + freeable >= num_pages
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -89,6 +117,12 @@ class Scheduler:
             self.take_cached_prefix(seq)
             num_new = min(seq.num_uncomputed_tokens, budget)
             num_pages = self._num_pages_needed(seq, num_new)
+            if not self.allocator.can_allocate(num_pages) and self._could_make_room(
+                    seq.rank, num_pages):
+                while not self.allocator.can_allocate(num_pages):
+                    victim = self._victim(below_rank=seq.rank)
+                    assert victim is not None
+                    budget += self._preempt_scheduled(victim, out)
             if not self.allocator.can_allocate(num_pages):
                 self.release_pages(seq)  # cached pages must not sit idle in the queue
                 break
@@ -128,21 +162,28 @@ class Scheduler:
     def _reserve_pages(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
         num_pages = self._num_pages_needed(seq, num_new)
         while not self.allocator.can_allocate(num_pages):
-            victim = self.running[-1]
-            self._preempt(victim)
-            out.preempted.append(victim)
-            out.scheduled = [s for s in out.scheduled if s.seq is not victim]
+            victim = self._victim()
+            assert victim is not None  # `seq` itself is running
+            self._preempt_scheduled(victim, out)
             if victim is seq:
                 return False
         seq.page_ids += self.allocator.allocate(num_pages)
         return True
+
+    def _preempt_scheduled(self, victim: Sequence, out: SchedulerOutput) -> int:
+        """Preempt `victim`, also out of this step; returns the budget it had taken."""
+        self._preempt(victim)
+        out.preempted.append(victim)
+        freed = sum(s.num_new_tokens for s in out.scheduled if s.seq is victim)
+        out.scheduled = [s for s in out.scheduled if s.seq is not victim]
+        return freed
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.release_pages(seq)
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.requeue(seq)
         self.num_preemptions += 1
 
     def release_pages(self, seq: Sequence) -> None:

@@ -115,7 +115,7 @@ class DecodeService:
             effective_len = len(prompt) - e.cached_prefix_tokens(prompt)
             if offload(effective_len, e.stats().decode_load):
                 return effective_len
-            e.add_request(request_id, prompt, request.params)
+            e.add_request(request_id, prompt, request.params, priority=request.priority)
             return None
 
         stream = self.engine.open_stream(request_id)
@@ -131,8 +131,8 @@ class DecodeService:
                 outcome = await self.remote.prefill(request_id, prompt, request, effective_len)
             if outcome.path is PrefillPath.NONE:  # no room for landing pages: local after all
                 outcome = RemoteOutcome(PrefillPath.LOCAL, 1)
-                await self.engine.call(lambda e: e.add_request(request_id, prompt,
-                                                               request.params))
+                await self.engine.call(lambda e: e.add_request(
+                    request_id, prompt, request.params, priority=request.priority))
                 self.core.counters.num_local_prefills += 1  # (fallbacks count in remote.py)
             log.debug("request %s runs as %s (%s prefill)", label, request_id,
                       outcome.path.value)

@@ -164,7 +164,7 @@ class RemotePrefillClient:
                                         lease_s)
         release_at = attempts.deadline_s + self.core.config.lease.skew_margin_s
         plan = await self._reserve(request_id, attempts, lambda e: e.reserve_remote(
-            request_id, prompt, request.params, 1, release_at))
+            request_id, prompt, request.params, 1, release_at, request.priority))
         if plan is None:
             return RemoteOutcome(PrefillPath.NONE, 0)
         while True:
