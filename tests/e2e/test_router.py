@@ -29,6 +29,7 @@ from cluster import (
     worker_config,
 )
 
+from splitserve.config.router import PerClass, QosConfig
 from splitserve.engine.sampling import SamplingParams
 from splitserve.model.loader import default_model_path
 
@@ -227,3 +228,36 @@ def test_a_prompt_goes_where_its_prefix_is_cached(cluster, client, smollm) -> No
                                            temperature=0)
         cached = answer.usage.prompt_tokens_details.cached_tokens
         assert cached == 32, (len(prompt), cached)  # 2 full pages of 16
+
+
+def test_admission_refuses_low_priority_early_and_admits_high(cluster, tmp_path,
+                                                              smollm) -> None:
+    """A second router whose low class accepts no wait: once it has measured the workers,
+    a low request is refused with 429 and Retry-After before any worker sees it; high and
+    normal ones are served."""
+    strict = QosConfig(reject_above_s=PerClass(normal=60.0, low=0.001))
+    router = start_router(cluster["broker"].url, tmp_path, qos=strict)
+    try:
+        wait_router(router, num_workers=2)
+        client = openai.OpenAI(base_url=router.base_url, api_key="none", max_retries=0,
+                               timeout=120)
+        prompt = smollm.tokenizer.encode("Priorities: " + "first things first " * 8)
+        for _ in range(2):  # a sample of each worker's speed
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                      temperature=0)
+        before = [int(admin_status(d.address)["counters"].get("num_requests_finished", 0))
+                  for d in cluster["decode"]]
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                      temperature=0, extra_headers={"x-priority": "low"})
+        assert refused.value.response.headers["retry-after"] == "1"
+        assert "priority low" in refused.value.message
+        for priority in ("high", "normal"):
+            answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                               temperature=0, extra_body={"priority": priority})
+            assert answer.usage.completion_tokens == 1
+        after = [int(admin_status(d.address)["counters"].get("num_requests_finished", 0))
+                 for d in cluster["decode"]]
+        assert sum(after) - sum(before) == 2  # the refused one never reached a worker
+    finally:
+        assert stop_router(router) == 0

@@ -50,6 +50,41 @@ class WorkerClientConfig:
 
 
 @dataclass(frozen=True)
+class PerClass:
+    """Seconds per priority class; 0: none (no limit)."""
+
+    high: float = 0.0
+    normal: float = 0.0
+    low: float = 0.0
+
+    def get(self, priority: str) -> float:
+        return float(getattr(self, priority or "normal"))
+
+    def __post_init__(self) -> None:
+        for name in ("high", "normal", "low"):
+            value = getattr(self, name)
+            if not 0 <= value <= 86400:
+                raise ConfigError(name, f"must be in [0, 86400] s, got {value!r}")
+
+
+@dataclass(frozen=True)
+class QosConfig:
+    """`qos:` of the router's config."""
+
+    admission: bool = True
+    # estimated TTFT above which a class is refused (0: never refused)
+    reject_above_s: PerClass = PerClass(high=0.0, normal=8.0, low=2.0)
+    # what each class is promised (benchmarks count goodput against these)
+    ttft_slo_s: PerClass = PerClass(high=2.0, normal=8.0, low=20.0)
+    max_in_flight: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_in_flight <= 1 << 20:
+            raise ConfigError("qos.max_in_flight", f"must be in [1, {1 << 20}], got "
+                              f"{self.max_in_flight}")
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     http_address: str = "127.0.0.1:8000"
     grpc_address: str = "127.0.0.1:50050"
@@ -68,6 +103,7 @@ class RouterConfig:
     connect_timeout_s: float = 5.0
     # kv_aware: load and cached prefix; least_loaded: load alone; round_robin: in turn
     balance: Literal["kv_aware", "least_loaded", "round_robin"] = "kv_aware"
+    qos: QosConfig = field(default_factory=QosConfig)  # admission control (router/admission.py)
     # A worker whose stats are older than this is scored by the router's own counts.
     stats_max_age_s: float = 5.0
     # After UNAVAILABLE from a worker (draining, gone) it gets no traffic for this long

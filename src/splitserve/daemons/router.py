@@ -79,8 +79,8 @@ async def serve(config: RouterConfig) -> int:
     pool = DecodePool(security, stats_max_age_s=config.stats_max_age_s,
                       unavailable_backoff_s=config.unavailable_backoff_s,
                       balance=config.balance)
-    forwarder = Forwarder(pool, security, ForwardSettings(config.request_timeout_s,
-                                                          config.connect_timeout_s))
+    forwarder = Forwarder(pool, security, ForwardSettings(
+        config.request_timeout_s, config.connect_timeout_s, config.qos))
     broker = await connect(config.nats_url, name="splitserve-router", auth=config.nats_auth,
                            connect_timeout_s=BROKER_CONNECT_TIMEOUT_S)
     registry = await WorkerRegistry.open(broker.js, BucketSettings(replicas=config.nats.replicas))

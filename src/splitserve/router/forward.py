@@ -1,7 +1,10 @@
 """One request through the router: pick a decode worker, stream its chunks back.
 
 Life cycle of a forwarded request:
+0. At most `qos.max_in_flight` requests are open here; beyond, RESOURCE_EXHAUSTED.
 1. Wait (up to `connect_timeout_s`) for an eligible worker; none → UNAVAILABLE.
+   Admission (admission.py): if the request's TTFT estimate there exceeds what its
+   priority class accepts, RESOURCE_EXHAUSTED now, before the worker sees it.
 2. Call `Generation.Generate` on the cheapest one for the prompt (pool.py: load and
    cached prefix; a text prompt is placed by load alone) with the router's
    credentials for the workers and the time left of `request_timeout_s`.
@@ -20,11 +23,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from splitserve.client import ClientSecurity
+from splitserve.config.router import QosConfig
+from splitserve.router.admission import refusal
 from splitserve.router.pool import Backend, DecodePool
 from splitserve.rpc import generation_pb2 as pb
 
@@ -47,12 +52,14 @@ class ForwardCounters:
     num_no_worker: int = 0  # no eligible worker within connect_timeout_s
     num_failed: int = 0  # ended with an error status
     num_cancelled: int = 0  # the caller left early
+    num_refused: int = 0  # RESOURCE_EXHAUSTED here: over a class's TTFT limit, or full
 
 
 @dataclass(frozen=True)
 class ForwardSettings:
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 5.0
+    qos: QosConfig = field(default_factory=QosConfig)
 
 
 class Forwarder:
@@ -62,6 +69,7 @@ class Forwarder:
         self.security = security
         self.settings = settings
         self.counters = ForwardCounters()
+        self.num_in_flight = 0
 
     async def _next_backend(self, tried: set[str], deadline: float, prompt: Sequence[int]
                             ) -> Backend | None:
@@ -81,6 +89,12 @@ class Forwarder:
         start = time.monotonic()
         tried: set[str] = set()
         last: UpstreamError | None = None
+        qos = self.settings.qos
+        if self.num_in_flight >= qos.max_in_flight:
+            self.counters.num_refused += 1
+            raise UpstreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the router has "
+                                f"{self.num_in_flight} requests open, its limit; retry later")
+        self.num_in_flight += 1
         try:
             while True:
                 backend = await self._next_backend(
@@ -91,13 +105,19 @@ class Forwarder:
                     self.counters.num_no_worker += 1
                     raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
                                         "no decode worker is serving; retry later")
+                tokens = self.pool.uncached_tokens(backend, request.token_ids)
+                reason = refusal(qos, request.priority, backend.ttft.estimate_s(tokens))
+                if reason is not None:
+                    self.counters.num_refused += 1
+                    raise UpstreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, reason,
+                                        backend.worker_id)
                 if tried:
                     self.counters.num_retries += 1
                 tried.add(backend.worker_id)
                 timeout_s = self.settings.request_timeout_s - (time.monotonic() - start)
                 started = False
                 try:
-                    async for chunk in self._call(backend, request, timeout_s):
+                    async for chunk in self._call(backend, request, timeout_s, tokens):
                         started = True
                         yield chunk
                     return
@@ -112,14 +132,20 @@ class Forwarder:
         except (asyncio.CancelledError, GeneratorExit):
             self.counters.num_cancelled += 1
             raise
+        finally:
+            self.num_in_flight -= 1
 
-    async def _call(self, backend: Backend, request: pb.GenerateRequest, timeout_s: float
-                    ) -> AsyncIterator[pb.GenerateChunk]:
+    async def _call(self, backend: Backend, request: pb.GenerateRequest, timeout_s: float,
+                    tokens: int) -> AsyncIterator[pb.GenerateChunk]:
         backend.active += 1
+        sent_s, ahead, first = time.monotonic(), backend.ttft.sent(tokens), False
         call = backend.stub.Generate(request, timeout=max(timeout_s, 0.001),
                                      metadata=self.security.metadata())
         try:
             async for chunk in call:
+                if not first:
+                    first = True
+                    backend.ttft.first_token(tokens, ahead, time.monotonic() - sent_s)
                 yield chunk
         except grpc.aio.AioRpcError as exc:
             trailing = tuple((k, v) for k, v in (exc.trailing_metadata() or ())
@@ -128,4 +154,6 @@ class Forwarder:
                                 trailing) from None
         finally:
             backend.active -= 1
+            if not first:
+                backend.ttft.gave_up(tokens)
             call.cancel()  # no-op when the call ended; else the worker aborts the request

@@ -43,6 +43,7 @@ from splitserve.queue.messages import WorkerStats, decode_kv_events
 from splitserve.queue.registry import WorkerRegistry, parse_descriptor
 from splitserve.queue.stats import StatsSubscription
 from splitserve.queue.subjects import KV_EVENTS_PREFIX
+from splitserve.router.admission import TtftModel
 from splitserve.router.prefix_index import PrefixIndex, RecentRoutes
 from splitserve.rpc import generation_pb2, generation_pb2_grpc
 
@@ -77,6 +78,7 @@ class Backend:
     unavailable_until: float = 0.0  # monotonic
     stats: WorkerStats | None = None
     stats_at: float = 0.0  # monotonic time the stats arrived
+    ttft: TtftModel = field(default_factory=TtftModel)  # admission.py
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def eligible(self, now: float) -> bool:
@@ -150,6 +152,14 @@ class DecodePool:
         if hashes.get(chosen.page_size):
             self.recent.record(hashes[chosen.page_size], chosen.worker_id)
         return chosen
+
+    def uncached_tokens(self, backend: Backend, prompt: Sequence[int]) -> int:
+        """Tokens of `prompt` the backend would have to prefill (its index says)."""
+        if not prompt:
+            return 0
+        hashes = page_hashes(prompt, backend.page_size)
+        held = self.index.matched_pages(hashes, [backend.worker_id])[backend.worker_id]
+        return max(1, len(prompt) - held * backend.page_size)
 
     def mark_unavailable(self, backend: Backend) -> None:
         backend.unavailable_until = time.monotonic() + self.unavailable_backoff_s

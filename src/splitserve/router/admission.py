@@ -1,0 +1,64 @@
+"""Admission control: estimate a request's TTFT on the worker chosen for it, and refuse
+it early when its priority class should not wait that long.
+
+The estimate (per worker, from what this router itself saw; no I/O, no clock of its
+own): TTFT ≈ `s_per_token` × (prompt tokens this router has in flight there without a
+first token yet + this prompt's uncached tokens). `s_per_token` is a moving average
+over the worker's recent first tokens of TTFT / (the tokens that were ahead of the
+request + its own), so it absorbs the worker's prefill speed and what decoding costs
+it meanwhile. A worker with no sample yet has no estimate: everything is admitted
+until one exists.
+
+The rule: a request whose class has a threshold in `reject_above_s` (defaults: low
+2 s, normal 8 s; high 0, none) is refused with RESOURCE_EXHAUSTED when the estimate
+exceeds it; HTTP clients get 429 with `Retry-After`. Besides, at most
+`max_in_flight` requests are open through this router at once (bounded queues).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitserve.config.router import QosConfig
+
+EMA_WEIGHT = 0.2  # of the newest sample
+
+
+@dataclass
+class TtftModel:
+    """One worker's queue as this router sees it."""
+
+    pending_tokens: int = 0  # prompt tokens sent there, no first token back yet
+    s_per_token: float | None = None  # moving average; None until the first sample
+
+    def estimate_s(self, uncached_tokens: int) -> float | None:
+        if self.s_per_token is None:
+            return None
+        return self.s_per_token * (self.pending_tokens + uncached_tokens)
+
+    def sent(self, tokens: int) -> int:
+        """A request with `tokens` uncached tokens went out; returns the tokens ahead."""
+        ahead = self.pending_tokens
+        self.pending_tokens += tokens
+        return ahead
+
+    def first_token(self, tokens: int, ahead: int, ttft_s: float) -> None:
+        self.pending_tokens = max(0, self.pending_tokens - tokens)
+        sample = ttft_s / max(1, ahead + tokens)
+        self.s_per_token = sample if self.s_per_token is None else (
+            (1 - EMA_WEIGHT) * self.s_per_token + EMA_WEIGHT * sample)
+
+    def gave_up(self, tokens: int) -> None:
+        """Ended (error, cancel) before its first token."""
+        self.pending_tokens = max(0, self.pending_tokens - tokens)
+
+
+def refusal(config: QosConfig, priority: str, estimate_s: float | None) -> str | None:
+    """Why a request of `priority` with this TTFT estimate is refused, or None."""
+    if not config.admission or estimate_s is None:
+        return None
+    limit = config.reject_above_s.get(priority)
+    if not limit or estimate_s <= limit:
+        return None
+    return (f"overloaded: estimated time to first token {estimate_s:.1f} s exceeds "
+            f"{limit:g} s for priority {priority or 'normal'}; retry later")

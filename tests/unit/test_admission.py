@@ -1,0 +1,51 @@
+"""router/admission.py: the TTFT model a router keeps per worker, the refusal rule per
+priority class, and the `qos:` config."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitserve.config.router import PerClass, QosConfig, RouterConfig
+from splitserve.config.schema import from_mapping
+from splitserve.errors import ConfigError
+from splitserve.router.admission import TtftModel, refusal
+
+
+def test_the_model_learns_seconds_per_token_of_work_ahead() -> None:
+    model = TtftModel()
+    assert model.estimate_s(100) is None  # no sample: no estimate
+    ahead = model.sent(100)
+    assert (ahead, model.pending_tokens) == (0, 100)
+    assert model.sent(300) == 100
+    model.first_token(100, 0, ttft_s=1.0)  # 0.01 s per token
+    assert model.s_per_token == pytest.approx(0.01) and model.pending_tokens == 300
+    assert model.estimate_s(200) == pytest.approx(0.01 * 500)
+    model.first_token(300, 100, ttft_s=8.0)  # 8 s for 400 tokens: 0.02 s/token
+    assert model.s_per_token == pytest.approx(0.8 * 0.01 + 0.2 * 0.02)
+    model.sent(50)
+    model.gave_up(50)
+    assert model.pending_tokens == 0
+
+
+def test_each_class_is_refused_above_its_own_limit() -> None:
+    config = QosConfig()  # low 2 s, normal 8 s, high never
+    assert refusal(config, "low", 1.9) is None
+    assert "priority low" in (refusal(config, "low", 2.5) or "")
+    assert refusal(config, "", 7.0) is None and refusal(config, "normal", 9.0)
+    assert refusal(config, "high", 1e6) is None
+    assert refusal(config, "low", None) is None  # no estimate yet
+    assert refusal(QosConfig(admission=False), "low", 1e6) is None
+
+
+def test_the_qos_config_from_yaml() -> None:
+    config = from_mapping(RouterConfig, {"qos": {"reject_above_s": {"low": 0.5},
+                                                 "max_in_flight": 8}})
+    assert config.qos.reject_above_s == PerClass(low=0.5)
+    assert config.qos.max_in_flight == 8
+    with pytest.raises(ConfigError) as err:
+        from_mapping(RouterConfig, {"qos": {"reject_above_s": {"urgent": 1}}})
+    assert err.value.field == "qos.reject_above_s.urgent"
+    with pytest.raises(ConfigError):
+        from_mapping(RouterConfig, {"qos": {"reject_above_s": {"low": -1}}})
+    with pytest.raises(ConfigError):
+        from_mapping(RouterConfig, {"qos": {"max_in_flight": 0}})
