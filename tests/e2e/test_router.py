@@ -234,8 +234,9 @@ def test_admission_refuses_low_priority_early_and_admits_high(cluster, tmp_path,
                                                               smollm) -> None:
     """A second router whose low class accepts no wait: once it has measured the workers,
     a low request is refused with 429 and Retry-After before any worker sees it; high and
-    normal ones are served."""
-    strict = QosConfig(reject_above_s=PerClass(normal=60.0, low=0.001))
+    normal ones are served, normal ones with max_tokens capped (graceful degradation)."""
+    strict = QosConfig(reject_above_s=PerClass(normal=60.0, low=0.001),
+                       degrade_above_s=PerClass(normal=0.001), degraded_max_tokens=3)
     router = start_router(cluster["broker"].url, tmp_path, qos=strict)
     try:
         wait_router(router, num_workers=2)
@@ -252,10 +253,17 @@ def test_admission_refuses_low_priority_early_and_admits_high(cluster, tmp_path,
                                       temperature=0, extra_headers={"x-priority": "low"})
         assert refused.value.response.headers["retry-after"] == "1"
         assert "priority low" in refused.value.message
-        for priority in ("high", "normal"):
-            answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
-                                               temperature=0, extra_body={"priority": priority})
-            assert answer.usage.completion_tokens == 1
+        high = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5,
+                                         temperature=0, extra_body={"priority": "high",
+                                                                    "ignore_eos": True})
+        assert high.usage.completion_tokens == 5
+        normal = client.completions.with_raw_response.create(
+            model=MODEL, prompt=prompt, max_tokens=5, temperature=0,
+            extra_body={"ignore_eos": True})
+        assert normal.headers["x-splitserve-degraded"] == "max_tokens=3"
+        answer = normal.parse()
+        assert answer.usage.completion_tokens == 3
+        assert answer.choices[0].finish_reason == "length"
         after = [int(admin_status(d.address)["counters"].get("num_requests_finished", 0))
                  for d in cluster["decode"]]
         assert sum(after) - sum(before) == 2  # the refused one never reached a worker

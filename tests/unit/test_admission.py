@@ -8,7 +8,7 @@ import pytest
 from splitserve.config.router import PerClass, QosConfig, RouterConfig
 from splitserve.config.schema import from_mapping
 from splitserve.errors import ConfigError
-from splitserve.router.admission import TtftModel, refusal
+from splitserve.router.admission import TtftModel, degraded_max_tokens, refusal
 
 
 def test_the_model_learns_seconds_per_token_of_work_ahead() -> None:
@@ -49,3 +49,13 @@ def test_the_qos_config_from_yaml() -> None:
         from_mapping(RouterConfig, {"qos": {"reject_above_s": {"low": -1}}})
     with pytest.raises(ConfigError):
         from_mapping(RouterConfig, {"qos": {"max_in_flight": 0}})
+
+
+def test_degradation_caps_max_tokens_above_the_class_limit() -> None:
+    config = QosConfig()  # low above 1 s: capped at 64
+    assert degraded_max_tokens(config, "low", 0.5, 500) is None
+    assert degraded_max_tokens(config, "low", 1.5, 500) == 64
+    assert degraded_max_tokens(config, "low", 1.5, 10) is None  # already below the cap
+    assert degraded_max_tokens(config, "low", 1.5, None) is None  # the default is 64
+    assert degraded_max_tokens(config, "normal", 100.0, 500) is None
+    assert degraded_max_tokens(config, "low", None, 500) is None

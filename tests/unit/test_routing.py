@@ -40,10 +40,21 @@ def test_disabled_keeps_everything_local() -> None:
     assert not should_offload_prefill(config, 100_000, 0, 1.0)
 
 
+def test_low_priority_goes_remote_only_to_an_idle_pool() -> None:
+    assert should_offload_prefill(CONFIG, 500, 0, 0.0, "low")
+    assert not should_offload_prefill(CONFIG, 500, 1, 0.0, "low")  # busy: local
+    assert should_offload_prefill(CONFIG, 500, 1, 0.0, "normal")
+    assert should_offload_prefill(CONFIG, 500, 3, 0.0, "high")
+    never = RoutingConfig(low_priority_queue_max=0)
+    assert not should_offload_prefill(never, 500, 0, 0.0, "low")
+    lenient = RoutingConfig(low_priority_queue_max=3)
+    assert should_offload_prefill(lenient, 500, 2, 0.0, "low")
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("prefill_length_threshold", -1), ("moderate_queue_max", -1),
     ("decode_load_threshold", 1.5), ("decode_load_threshold", -0.1),
-    ("max_remote_attempts", 0),
+    ("max_remote_attempts", 0), ("low_priority_queue_max", -1),
 ])
 def test_invalid_thresholds_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"routing.{field}"):

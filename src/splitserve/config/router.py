@@ -76,9 +76,16 @@ class QosConfig:
     reject_above_s: PerClass = PerClass(high=0.0, normal=8.0, low=2.0)
     # what each class is promised (benchmarks count goodput against these)
     ttft_slo_s: PerClass = PerClass(high=2.0, normal=8.0, low=20.0)
+    # graceful degradation: above this estimated TTFT a class's max_tokens is capped at
+    # degraded_max_tokens (0: never); the HTTP response says so in x-splitserve-degraded
+    degrade_above_s: PerClass = PerClass(low=1.0)
+    degraded_max_tokens: int = 64
     max_in_flight: int = 1024
 
     def __post_init__(self) -> None:
+        if not 1 <= self.degraded_max_tokens <= 1 << 20:
+            raise ConfigError("qos.degraded_max_tokens", f"must be in [1, {1 << 20}], got "
+                              f"{self.degraded_max_tokens}")
         if not 1 <= self.max_in_flight <= 1 << 20:
             raise ConfigError("qos.max_in_flight", f"must be in [1, {1 << 20}], got "
                               f"{self.max_in_flight}")

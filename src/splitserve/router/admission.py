@@ -13,6 +13,9 @@ The rule: a request whose class has a threshold in `reject_above_s` (defaults: l
 2 s, normal 8 s; high 0, none) is refused with RESOURCE_EXHAUSTED when the estimate
 exceeds it; HTTP clients get 429 with `Retry-After`. Besides, at most
 `max_in_flight` requests are open through this router at once (bounded queues).
+Graceful degradation: above `degrade_above_s` of its class (default: low, 1 s) a
+request's `max_tokens` is capped at `degraded_max_tokens`; it then ends with
+finish_reason "length" and the HTTP response carries `x-splitserve-degraded`.
 """
 
 from __future__ import annotations
@@ -62,3 +65,19 @@ def refusal(config: QosConfig, priority: str, estimate_s: float | None) -> str |
         return None
     return (f"overloaded: estimated time to first token {estimate_s:.1f} s exceeds "
             f"{limit:g} s for priority {priority or 'normal'}; retry later")
+
+
+DEFAULT_MAX_TOKENS = 64  # the workers' default when a request names none (generation.proto)
+
+
+def degraded_max_tokens(config: QosConfig, priority: str, estimate_s: float | None,
+                        max_tokens: int | None) -> int | None:
+    """The lower `max_tokens` a request of `priority` gets under this much load, or None
+    when it keeps its own."""
+    if not config.admission or estimate_s is None:
+        return None
+    limit = config.degrade_above_s.get(priority)
+    if not limit or estimate_s <= limit:
+        return None
+    own = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    return config.degraded_max_tokens if own > config.degraded_max_tokens else None

@@ -29,7 +29,7 @@ import grpc
 
 from splitserve.client import ClientSecurity
 from splitserve.config.router import QosConfig
-from splitserve.router.admission import refusal
+from splitserve.router.admission import degraded_max_tokens, refusal
 from splitserve.router.pool import Backend, DecodePool
 from splitserve.rpc import generation_pb2 as pb
 
@@ -53,6 +53,16 @@ class ForwardCounters:
     num_failed: int = 0  # ended with an error status
     num_cancelled: int = 0  # the caller left early
     num_refused: int = 0  # RESOURCE_EXHAUSTED here: over a class's TTFT limit, or full
+    num_degraded: int = 0  # max_tokens capped under load
+
+
+@dataclass
+class ForwardNote:
+    """What the forwarder did to a request, for the response: the max_tokens it was
+    capped at under load (graceful degradation), the worker that served it."""
+
+    degraded_max_tokens: int | None = None
+    worker_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,9 +92,11 @@ class Forwarder:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.pool.changed.wait(), left)
 
-    async def stream(self, request: pb.GenerateRequest
+    async def stream(self, request: pb.GenerateRequest, note: ForwardNote | None = None
                      ) -> AsyncGenerator[pb.GenerateChunk, None]:
-        """The chunks of `request` (which carries its request id), from one worker."""
+        """The chunks of `request` (which carries its request id), from one worker;
+        `note` learns what was changed on the way."""
+        note = note if note is not None else ForwardNote()
         self.counters.num_requests += 1
         start = time.monotonic()
         tried: set[str] = set()
@@ -106,11 +118,20 @@ class Forwarder:
                     raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
                                         "no decode worker is serving; retry later")
                 tokens = self.pool.uncached_tokens(backend, request.token_ids)
-                reason = refusal(qos, request.priority, backend.ttft.estimate_s(tokens))
+                estimate_s = backend.ttft.estimate_s(tokens)
+                reason = refusal(qos, request.priority, estimate_s)
                 if reason is not None:
                     self.counters.num_refused += 1
                     raise UpstreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, reason,
                                         backend.worker_id)
+                cap = degraded_max_tokens(qos, request.priority, estimate_s,
+                                          request.max_tokens
+                                          if request.HasField("max_tokens") else None)
+                if cap is not None:
+                    request.max_tokens = cap
+                    note.degraded_max_tokens = cap
+                    self.counters.num_degraded += 1
+                note.worker_id = backend.worker_id
                 if tried:
                     self.counters.num_retries += 1
                 tried.add(backend.worker_id)

@@ -13,9 +13,10 @@ Life cycle of `POST /v1/completions` and `POST /v1/chat/completions`:
    400), `parse_request` (bad field → 400 naming it; another model → 404).
 3. Tokenize here (the chat template over the messages), in a thread: the worker gets
    token ids, so every worker sees the same ids and a routed request equals a direct one.
-4. Forward (forward.py). Errors before the first chunk become HTTP statuses
-   (`STATUS_OF`); with `stream` the response starts at the first chunk, so a prompt
-   too long for the context is still a 400.
+4. Forward (forward.py: admission may refuse it, 429, or cap its max_tokens, which the
+   `x-splitserve-degraded` header then says). Errors before the first chunk become
+   HTTP statuses (`STATUS_OF`); with `stream` the response starts at the first chunk,
+   so a prompt too long for the context is still a 400.
 5. Non-streaming: one JSON answer with `usage`. Streaming: SSE `data:` events, then
    `data: [DONE]`; an error after the start is sent as a `data: {"error": ...}` event.
 """
@@ -40,7 +41,7 @@ from splitserve.control.status import FIELD_KEY
 from splitserve.engine.errors import InvalidRequest
 from splitserve.ingress import check_request_id
 from splitserve.model.tokenizer import ChatTemplateError, Tokenizer
-from splitserve.router.forward import Forwarder, UpstreamError
+from splitserve.router.forward import Forwarder, ForwardNote, UpstreamError
 from splitserve.router.openai_api import (
     Kind,
     OpenAIError,
@@ -64,6 +65,7 @@ STATUS_OF: dict[grpc.StatusCode, tuple[int, str]] = {
 }
 FINISH_REASON = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 RETRY_AFTER_S = "1"
+DEGRADED_HEADER = "x-splitserve-degraded"  # "max_tokens=N": capped under load
 
 
 def upstream_error(exc: UpstreamError) -> OpenAIError:
@@ -164,14 +166,18 @@ class HttpApi:
         except InvalidRequest as exc:
             raise OpenAIError(400, str(exc), param="x-request-id") from None
         proto = await asyncio.to_thread(self._to_proto, parsed, request_id)
-        async with contextlib.aclosing(self.forwarder.stream(proto)) as chunks:
+        note = ForwardNote()
+        async with contextlib.aclosing(self.forwarder.stream(proto, note)) as chunks:
             try:
                 first = await anext(chunks, None)
             except UpstreamError as exc:
                 raise upstream_error(exc) from None
+            headers = {"x-request-id": request_id}
+            if note.degraded_max_tokens is not None:
+                headers[DEGRADED_HEADER] = f"max_tokens={note.degraded_max_tokens}"
             if parsed.stream:
-                return await self._stream(request, parsed, request_id, first, chunks)
-            return await self._collect(parsed, request_id, first, chunks)
+                return await self._stream(request, parsed, request_id, first, chunks, headers)
+            return await self._collect(parsed, request_id, first, chunks, headers)
 
     def _to_proto(self, parsed: OpenAIRequest, request_id: str) -> pb.GenerateRequest:
         if parsed.kind == "chat":
@@ -192,7 +198,8 @@ class HttpApi:
 
     async def _collect(self, parsed: OpenAIRequest, request_id: str,
                        first: pb.GenerateChunk | None,
-                       chunks: AsyncIterator[pb.GenerateChunk]) -> web.Response:
+                       chunks: AsyncIterator[pb.GenerateChunk],
+                       headers: dict[str, str]) -> web.Response:
         texts, last = [], first
         try:
             if first is not None:
@@ -205,14 +212,13 @@ class HttpApi:
         finish, usage = _ending(last)
         return web.json_response(full_response(
             parsed.kind, request_id, int(time.time()), self.model_name, "".join(texts),
-            finish, usage), headers={"x-request-id": request_id})
+            finish, usage), headers=headers)
 
     async def _stream(self, request: web.Request, parsed: OpenAIRequest, request_id: str,
-                      first: pb.GenerateChunk | None,
-                      chunks: AsyncIterator[pb.GenerateChunk]) -> web.StreamResponse:
+                      first: pb.GenerateChunk | None, chunks: AsyncIterator[pb.GenerateChunk],
+                      headers: dict[str, str]) -> web.StreamResponse:
         response = web.StreamResponse(headers={
-            "content-type": "text/event-stream", "cache-control": "no-cache",
-            "x-request-id": request_id})
+            "content-type": "text/event-stream", "cache-control": "no-cache", **headers})
         await response.prepare(request)
         created, kind = int(time.time()), parsed.kind
 

@@ -21,6 +21,7 @@ _INT_BOUNDS: tuple[tuple[str, int, int], ...] = (
     ("prefill_queue_max", 0, 1 << 16),
     ("moderate_queue_max", 0, 1 << 16),
     ("max_remote_attempts", 1, 16),
+    ("low_priority_queue_max", 0, 1 << 16),
 )
 
 
@@ -43,6 +44,9 @@ class RoutingConfig:
       ran out, prefill worker gone) a new one is published while attempts remain, a
       prefill worker is registered and this policy still says remote, else the
       prompt is prefilled locally. 1: always fall back locally at once.
+    - low_priority_queue_max: graceful degradation: a low-priority prompt goes remote
+      only while fewer jobs than this are queued (default 1: only to an idle pool; 0:
+      never), so a busy prefill pool serves the other classes first.
     - enable_remote_prefill: false makes this worker colocated (everything local).
     """
 
@@ -53,6 +57,7 @@ class RoutingConfig:
     moderate_queue_max: int = 1
     decode_load_threshold: float = 0.5
     max_remote_attempts: int = 2
+    low_priority_queue_max: int = 1
 
     def __post_init__(self) -> None:
         for name, low, high in _INT_BOUNDS:
@@ -75,9 +80,10 @@ def should_offload_prefill(
 ) -> bool:
     """effective_len = prompt tokens not in the prefix cache; prefill_queue_depth =
     jobs queued or in progress; decode_load in [0, 1]."""
-    del priority  # every class follows the same thresholds in the seed policy
     if not config.enable_remote_prefill:
         return False
+    if priority == "low" and prefill_queue_depth >= config.low_priority_queue_max:
+        return False  # the pool is busy: it serves the other classes first
     if effective_len >= config.prefill_length_threshold:
         return prefill_queue_depth < config.prefill_queue_max
     return (decode_load >= config.decode_load_threshold
