@@ -1,9 +1,13 @@
 """Priority classes in the engine (scheduler.py): the waiting queue orders high > normal >
 low (first come first within a class), preemption takes the lowest class first, a high
-request preempts low ones when pages run out, and no request loses or changes tokens."""
+request preempts low ones when pages run out, and no request loses or changes tokens.
+The waiting queue is bounded (`max_num_waiting`)."""
 
 from __future__ import annotations
 
+import pytest
+
+from splitserve.engine.errors import QueueFull
 from splitserve.engine.llm_engine import Engine
 from splitserve.engine.sampling import SamplingParams
 
@@ -75,3 +79,15 @@ def test_a_normal_request_never_preempts_its_own_class(tiny_engine) -> None:
     engine.step()
     assert [s.request_id for s in engine.scheduler.running] == ["first"]
     assert [s.request_id for s in engine.scheduler.waiting] == ["second"]
+
+
+def test_the_waiting_queue_is_bounded(tiny_engine) -> None:
+    engine = tiny_engine(max_num_waiting=2, max_num_seqs=1)
+    engine.add_request("a", [1, 2, 3], GREEDY)
+    engine.add_request("b", [1, 2, 3], GREEDY)
+    with pytest.raises(QueueFull, match="max_num_waiting"):
+        engine.add_request("c", [1, 2, 3], GREEDY, priority="high")
+    engine.step()  # "a" runs: one place free
+    engine.add_request("c", [1, 2, 3], GREEDY, priority="high")
+    order, _ = run(engine)
+    assert order == ["a", "c", "b"]  # "a" runs on (one sequence at a time), then high first

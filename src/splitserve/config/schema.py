@@ -29,6 +29,9 @@ class EngineConfig:
     num_pages: int | None = None
     kv_cache_memory_mb: int = 512
     max_num_seqs: int = 64
+    # Requests queued for a prefill (local, or landing pages reserved for a remote one)
+    # beyond which new ones get RESOURCE_EXHAUSTED: no queue grows without bound.
+    max_num_waiting: int = 1024
     # Tokens per step (decode tokens + prefill chunks). On 2 CPU cores a 256-token
     # step takes ~0.3 s with SmolLM2, which bounds how long a prefill chunk delays
     # the running sequences' next token.
@@ -43,7 +46,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "page_size", "max_num_seqs", "max_num_batched_tokens",
-                  "kv_cache_memory_mb")
+                  "kv_cache_memory_mb", "max_num_waiting")
         if self.num_pages is not None and self.num_pages < 1:
             raise ConfigError("num_pages", f"must be >= 1, got {self.num_pages}")
         if self.max_model_len is not None and self.max_model_len < 1:

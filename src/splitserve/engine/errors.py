@@ -22,6 +22,11 @@ class CapacityExceeded(SplitserveError):
         self.request_id = request_id
 
 
+class QueueFull(CapacityExceeded):
+    """The worker's queue is at its bound (`max_num_waiting`): overloaded, retry later
+    (→ RESOURCE_EXHAUSTED)."""
+
+
 class DuplicateRequest(InvalidRequest):
     def __init__(self, request_id: str) -> None:
         super().__init__("request_id", f"request id {request_id!r} is already running")

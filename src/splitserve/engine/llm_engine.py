@@ -16,7 +16,12 @@ import torch
 
 from splitserve.config.schema import EngineConfig
 from splitserve.engine.attention_backend import make_attention
-from splitserve.engine.errors import CapacityExceeded, DuplicateRequest, InvalidRequest
+from splitserve.engine.errors import (
+    CapacityExceeded,
+    DuplicateRequest,
+    InvalidRequest,
+    QueueFull,
+)
 from splitserve.engine.kv_pool import KVPool, PageGeometry, dtype_from_name
 from splitserve.engine.output import OutputTracker, RequestOutput
 from splitserve.engine.page_allocator import PageAllocator, page_hashes
@@ -117,6 +122,10 @@ class Engine:
         if request_id in self._trackers or request_id in self._held:
             raise DuplicateRequest(request_id)
         self.validate(prompt_token_ids, params)
+        queued = len(self.scheduler.waiting) + self.remote.num_pending
+        if queued >= self.config.max_num_waiting:
+            raise QueueFull(request_id, f"{queued} requests are waiting for a prefill here, "
+                            "the limit (engine.max_num_waiting); retry later or elsewhere")
         num_pages = -(-(len(prompt_token_ids) + params.max_tokens) // self.config.page_size)
         if num_pages > self.allocator.num_pages:
             raise CapacityExceeded(request_id, f"request needs {num_pages} KV pages, this "
