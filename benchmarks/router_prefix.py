@@ -95,9 +95,9 @@ async def chat(client: openai.AsyncOpenAI, model: str, system: str, turns: list[
         messages.append({"role": "assistant", "content": "".join(text)})
 
 
-def cluster_config(state_dir: str, balance: str) -> ClusterConfig:
+def cluster_config(state_dir: str, balance: str, kv_cache_mb: int) -> ClusterConfig:
     worker = WorkerConfig(
-        engine=EngineConfig(kv_cache_memory_mb=1024, max_num_seqs=32),
+        engine=EngineConfig(kv_cache_memory_mb=kv_cache_mb, max_num_seqs=32),
         routing=RoutingConfig(enable_remote_prefill=False), log_level="WARNING")
     return ClusterConfig(
         state_dir=state_dir, nats_port=find_free_port(), base_grpc_port=find_free_port(),
@@ -121,7 +121,7 @@ async def drive(base_url: str, args: argparse.Namespace) -> Run:
 
 def measure(balance: str, args: argparse.Namespace) -> Run:
     with tempfile.TemporaryDirectory() as state:
-        local = LocalCluster(cluster_config(state, balance))
+        local = LocalCluster(cluster_config(state, balance, args.kv_cache_mb))
         try:
             local.start()
             assert local.router is not None
@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--system-prompts", type=int, default=2)
     parser.add_argument("--system-words", type=int, default=120)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--kv-cache-mb", type=int, default=1024,
+                        help="each decode worker's KV pool (SmolLM2 fp32: 45 KiB a token)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
