@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -28,6 +29,7 @@ from cluster import (
     wait_router,
     worker_config,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from splitserve.config.router import PerClass, QosConfig
 from splitserve.engine.sampling import SamplingParams
@@ -129,9 +131,31 @@ def test_curl_streams_server_sent_events(cluster) -> None:
     assert all(c["object"] == "text_completion" for c in chunks)
 
 
-def test_models_and_health(cluster, client) -> None:
+def test_models_health_and_metrics(cluster, client) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert router_health(cluster["router"]) == {"status": "ok", "num_workers_serving": 2}
+    before = router_metrics(cluster["router"])
+    client.completions.create(model=MODEL, prompt="The river", max_tokens=2, temperature=0)
+    after = router_metrics(cluster["router"])
+    assert after['splitserve:router_requests_total{outcome="requests"}'] == (
+        before['splitserve:router_requests_total{outcome="requests"}'] + 1)
+    ttft_count = f'splitserve:router_time_to_first_token_seconds_count{{model_name="{MODEL}"}}'
+    assert after[ttft_count] == before.get(ttft_count, 0) + 1
+    assert after["splitserve:router_workers_serving"] == 2
+
+
+def router_metrics(router) -> dict[str, float]:
+    """GET /metrics: `name{labels}` → value."""
+    with urllib.request.urlopen(f"http://{router.config.http_address}/metrics",
+                                timeout=10) as reply:
+        text = reply.read().decode()
+    return {f"{s.name}{_labels(s.labels)}": s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels \
+        else ""
 
 
 def test_grpc_through_the_router_equals_direct(cluster, smollm) -> None:

@@ -42,6 +42,7 @@ from splitserve.engine.errors import InvalidRequest
 from splitserve.ingress import check_request_id
 from splitserve.model.tokenizer import ChatTemplateError, Tokenizer
 from splitserve.router.forward import Forwarder, ForwardNote, UpstreamError
+from splitserve.router.metrics import CONTENT_TYPE, RouterMetrics
 from splitserve.router.openai_api import (
     Kind,
     OpenAIError,
@@ -91,11 +92,13 @@ class HttpApi:
         self.tokens = TokenFile(auth.tokens_file) if auth.require_generate else None
         self.created = int(time.time())
         self.max_body_bytes = 0
+        self.metrics = RouterMetrics(forwarder, model_name)
 
     def app(self, max_body_bytes: int) -> web.Application:
         self.max_body_bytes = max_body_bytes
         app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
@@ -134,6 +137,10 @@ class HttpApi:
         return web.json_response({"status": "ok" if num else "no decode worker serving",
                                   "num_workers_serving": num}, status=200 if num else 503)
 
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(),
+                            headers={"content-type": CONTENT_TYPE})
+
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": self.created,
@@ -155,6 +162,7 @@ class HttpApi:
             raise OpenAIError(400, f"the body is not valid JSON ({exc})") from None
 
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        received_s = time.monotonic()
         parsed = parse_request(kind, await self._body(request),
                                request.headers.get("x-priority", "").strip().lower())
         if parsed.model != self.model_name:
@@ -172,6 +180,8 @@ class HttpApi:
                 first = await anext(chunks, None)
             except UpstreamError as exc:
                 raise upstream_error(exc) from None
+            if first is not None:
+                self.metrics.first_token(time.monotonic() - received_s)
             headers = {"x-request-id": request_id}
             if note.degraded_max_tokens is not None:
                 headers[DEGRADED_HEADER] = f"max_tokens={note.degraded_max_tokens}"

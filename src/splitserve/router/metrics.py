@@ -1,0 +1,61 @@
+"""Prometheus metrics of a router, served at `GET /metrics` on its HTTP port.
+
+prometheus-client, as on the workers (worker/metrics.py): the TTFT the router's
+clients see (request received → first token, a histogram with vLLM's
+`time_to_first_token_seconds` name under the `splitserve:router_` prefix), and, read at
+scrape time, the forwarder's counters (requests, retries, refusals, degradations,
+failures, cancellations), the requests open and the decode workers serving and the
+size of the prefix index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import fields
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from splitserve.router.forward import ForwardCounters, Forwarder
+
+PREFIX = "splitserve:router_"
+TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                  80.0, 160.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _State(Collector):
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+
+    def collect(self) -> Iterator[Metric]:
+        counters = self.forwarder.counters
+        family = CounterMetricFamily(f"{PREFIX}requests", "Requests by what became of them",
+                                     labels=["outcome"])
+        for field in fields(ForwardCounters):
+            family.add_metric([field.name.removeprefix("num_")], getattr(counters, field.name))
+        yield family
+        pool = self.forwarder.pool
+        for name, help_text, value in (
+                ("requests_open", "Requests open through this router",
+                 self.forwarder.num_in_flight),
+                ("workers_serving", "Decode workers that get traffic", pool.num_eligible()),
+                ("prefix_index_pages", "Page hashes in the prefix index", len(pool.index))):
+            yield GaugeMetricFamily(f"{PREFIX}{name}", help_text, value=value)
+
+
+class RouterMetrics:
+    def __init__(self, forwarder: Forwarder, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.ttft = Histogram(f"{PREFIX}time_to_first_token_seconds",
+                              "Request received to first token, as the router's clients see it",
+                              ["model_name"], buckets=TTFT_BUCKETS_S, registry=self.registry)
+        self.model_name = model_name
+        self.registry.register(_State(forwarder))
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.labels(self.model_name).observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
