@@ -21,6 +21,7 @@ import nats.errors
 from nats.js.errors import APIError
 
 from splitserve.config.daemon import WorkerConfig
+from splitserve.config.router import RouterPolicy
 from splitserve.config.security import NatsAuthConfig
 from splitserve.errors import ConfigError
 from splitserve.queue.connection import connect
@@ -29,7 +30,9 @@ from splitserve.queue.policy import PolicyStore
 from splitserve.redact import redact_url
 from splitserve.routing.offload import RoutingConfig
 from splitserve.routing.policy import (
+    ROUTER_POLICY_KEY,
     ROUTING_POLICY_KEY,
+    effective_router_policy,
     effective_routing,
     encode_override,
     parse_override,
@@ -51,6 +54,7 @@ class BrokerTarget:
 # (per-field checks: the defaults stand in for any config file's fields).
 POLICY_KEYS: dict[str, Callable[[bytes], object]] = {
     ROUTING_POLICY_KEY: lambda value: effective_routing(RoutingConfig(), value),
+    ROUTER_POLICY_KEY: lambda value: effective_router_policy(RouterPolicy(), value),
 }
 
 
@@ -64,7 +68,7 @@ class PolicyValue:
 
     def fields(self) -> dict[str, Any] | None:
         """The value as a JSON object; None when unset; ConfigError when it is not one."""
-        return None if self.value is None else parse_override(self.value)
+        return None if self.value is None else parse_override(self.value, self.key)
 
     def problem(self) -> str:
         """Why the workers refuse this value; "" when they take it (or it is unset)."""
@@ -96,7 +100,7 @@ def edit_fields(current: PolicyValue, assignments: Sequence[str]) -> dict[str, A
     update the current one (value parsed as JSON, else taken as a string; `field=null`
     drops the field, so the config file's value applies again)."""
     if len(assignments) == 1 and assignments[0].lstrip().startswith("{"):
-        return parse_override(assignments[0].encode())
+        return parse_override(assignments[0].encode(), current.key)
     try:
         fields = current.fields() or {}
     except ConfigError as exc:

@@ -6,6 +6,7 @@ and no page stays in use."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
@@ -34,6 +35,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from splitserve.config.router import PerClass, QosConfig
 from splitserve.engine.sampling import SamplingParams
 from splitserve.model.loader import default_model_path
+from splitserve.queue.connection import connect
+from splitserve.queue.policy import PolicyStore
+from splitserve.queue.settings import BucketSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -293,3 +297,41 @@ def test_admission_refuses_low_priority_early_and_admits_high(cluster, tmp_path,
         assert sum(after) - sum(before) == 2  # the refused one never reached a worker
     finally:
         assert stop_router(router) == 0
+
+
+async def _put_router_policy(url: str, value: bytes | None) -> None:
+    conn = await connect(url, name="test-admin", connect_timeout_s=10)
+    try:
+        store = await PolicyStore.open(conn.js, BucketSettings())
+        if value is None:
+            await store.delete("router")
+        else:
+            await store.put("router", value)
+    finally:
+        await conn.close()
+
+
+def test_the_policy_bucket_retunes_the_router_live(cluster, client, smollm) -> None:
+    """The `router` key of splitserve-policy makes the running router refuse low priority
+    at once (it has measured the workers by now); deleting it restores the file's QoS."""
+    url, prompt = cluster["broker"].url, smollm.tokenizer.encode("Live policy " * 10)
+
+    def low() -> int:
+        try:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                      temperature=0, extra_body={"priority": "low"})
+        except openai.RateLimitError:
+            return 429
+        return 200
+
+    assert low() == 200
+    asyncio.run(_put_router_policy(url, b'{"qos": {"reject_above_s": {"low": 0.0001}}}'))
+    deadline = time.monotonic() + 10
+    while low() == 200:
+        assert time.monotonic() < deadline, "the router never applied the policy"
+        time.sleep(0.2)
+    asyncio.run(_put_router_policy(url, None))
+    deadline = time.monotonic() + 10
+    while low() == 429:
+        assert time.monotonic() < deadline, "the router never restored the file's policy"
+        time.sleep(0.2)

@@ -7,10 +7,18 @@ from dataclasses import replace
 
 import pytest
 
+from splitserve.config.router import CostWeights, PerClass, QosConfig, RouterPolicy
 from splitserve.errors import ConfigError
 from splitserve.policy_admin import PolicyValue, edit_fields
+from splitserve.queue.kv_watch import KVEvent
+from splitserve.router.policy_watch import RouterPolicyWatch
 from splitserve.routing.offload import RoutingConfig, should_offload_prefill
-from splitserve.routing.policy import effective_routing, encode_override, parse_override
+from splitserve.routing.policy import (
+    effective_router_policy,
+    effective_routing,
+    encode_override,
+    parse_override,
+)
 
 FILE = RoutingConfig(prefill_length_threshold=128, moderate_length_threshold=48,
                      max_remote_attempts=3)
@@ -100,3 +108,40 @@ def test_a_json_object_replaces_the_whole_value() -> None:
 def test_an_assignment_without_a_field_name_is_refused(assignment: str) -> None:
     with pytest.raises(ConfigError, match="expected FIELD=VALUE"):
         edit_fields(CURRENT, [assignment])
+
+
+# --- the router's key: cost weights and QoS, merged at any depth -----------------------
+
+def test_the_router_key_overrides_only_what_it_names() -> None:
+    file_policy = RouterPolicy(CostWeights(active=2.0), QosConfig(max_in_flight=10))
+    policy = effective_router_policy(file_policy, b'{"qos": {"reject_above_s": {"low": 0.5}},'
+                                                  b' "weights": {"cached_prefix": 4}}')
+    assert policy.weights == CostWeights(active=2.0, cached_prefix=4.0)
+    assert policy.qos.reject_above_s == PerClass(normal=8.0, low=0.5)
+    assert policy.qos.max_in_flight == 10  # from the file
+    assert effective_router_policy(file_policy, None) is file_policy
+
+
+@pytest.mark.parametrize(("value", "field"), [
+    (b'{"qos": {"reject_above_s": {"urgent": 1}}}', "router.qos.reject_above_s.urgent"),
+    (b'{"weights": {"active": "x"}}', "router.weights.active"),
+    (b'{"speed": 1}', "router.speed"),
+    (b"[1]", "policy.router"),
+])
+def test_a_bad_router_value_names_the_field(value: bytes, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        effective_router_policy(RouterPolicy(), value)
+    assert err.value.field == field
+
+
+def test_the_router_watch_applies_refuses_and_restores() -> None:
+    applied: list[RouterPolicy] = []
+    watch = RouterPolicyWatch(RouterPolicy(), applied.append)
+    watch.on_entry(KVEvent("router", b'{"qos": {"admission": false}}', 3, True))
+    assert watch.revision == 3 and applied[-1].qos.admission is False
+    watch.on_entry(KVEvent("router", b'{"qos": {"max_in_flight": 0}}', 4, False))
+    assert watch.revision == 3 and "revision 4 refused" in watch.error and len(applied) == 1
+    watch.on_entry(KVEvent("router", b'{"qos": {"admission": true}}', 4, False))  # not newer
+    assert len(applied) == 1
+    watch.on_entry(KVEvent("router", None, 5, False))  # deleted: the file again
+    assert watch.revision == 0 and applied[-1] == RouterPolicy() and watch.error == ""

@@ -50,6 +50,17 @@ class WorkerClientConfig:
 
 
 @dataclass(frozen=True)
+class CostWeights:
+    """How much each signal costs a worker (lower total wins); the prefix terms are
+    bonuses, subtracted."""
+
+    kv_occupancy: float = 3.0  # × the fraction of KV pages in use
+    active: float = 1.0  # × requests open on it (the router's count, or its queue)
+    cached_prefix: float = 10.0  # × the fraction of the prompt's pages it has cached
+    recent_prefix: float = 1.0  # × the fraction this router sent it lately
+
+
+@dataclass(frozen=True)
 class PerClass:
     """Seconds per priority class; 0: none (no limit)."""
 
@@ -110,6 +121,7 @@ class RouterConfig:
     connect_timeout_s: float = 5.0
     # kv_aware: load and cached prefix; least_loaded: load alone; round_robin: in turn
     balance: Literal["kv_aware", "least_loaded", "round_robin"] = "kv_aware"
+    weights: CostWeights = field(default_factory=CostWeights)  # of kv_aware's cost
     qos: QosConfig = field(default_factory=QosConfig)  # admission control (router/admission.py)
     # A worker whose stats are older than this is scored by the router's own counts.
     stats_max_age_s: float = 5.0
@@ -130,6 +142,10 @@ class RouterConfig:
         check_range("unavailable_backoff_s", self.unavailable_backoff_s, 0.0, 600.0)
         check_range("drain_grace_s", self.drain_grace_s, 0.0, 60.0)
 
+    def policy(self) -> RouterPolicy:
+        """What the `router` key of splitserve-policy may override live."""
+        return RouterPolicy(self.weights, self.qos)
+
     def model_name(self) -> str:
         if self.served_model_name:
             return self.served_model_name
@@ -140,3 +156,12 @@ class RouterConfig:
 
 def load_router_config(path: str | Path) -> RouterConfig:
     return from_mapping(RouterConfig, load_yaml(path))
+
+
+@dataclass(frozen=True)
+class RouterPolicy:
+    """A router's live knobs: the file's `weights:` and `qos:`, overridden field by field
+    from the `router` key of splitserve-policy (routing/policy.py)."""
+
+    weights: CostWeights = field(default_factory=CostWeights)
+    qos: QosConfig = field(default_factory=QosConfig)

@@ -2,8 +2,9 @@
 
 Life cycle:
 1. Load the config and the model's tokenizer (no weights).
-2. Connect to the broker, open the registry, follow it, the decode workers' stats and
-   their prefix-cache events (pool.py).
+2. Connect to the broker, open the registry, follow it, the decode workers' stats,
+   their prefix-cache events (pool.py) and the `router` key of splitserve-policy
+   (live cost weights and QoS limits, policy_watch.py).
 3. Serve HTTP (OpenAI API, http_api.py) and gRPC (Generation forwarded, grpc_api.py);
    log "router ready" with both addresses; under systemd, READY=1.
 4. SIGTERM/SIGINT: health NOT_SERVING, STOPPING=1; open requests get `drain_grace_s`
@@ -20,12 +21,13 @@ import contextlib
 import logging
 import signal
 import ssl
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
 
 from splitserve.client import ClientSecurity
-from splitserve.config.router import RouterConfig, load_router_config
+from splitserve.config.router import RouterConfig, RouterPolicy, load_router_config
 from splitserve.control.server import ServerSecurity
 from splitserve.daemons.notify import Notifier
 from splitserve.daemons.worker import configure_logging
@@ -37,6 +39,7 @@ from splitserve.redact import redact_url
 from splitserve.router.forward import Forwarder, ForwardSettings
 from splitserve.router.grpc_api import start_router_grpc
 from splitserve.router.http_api import HttpApi
+from splitserve.router.policy_watch import RouterPolicyWatch
 from splitserve.router.pool import DecodePool
 from splitserve.worker.core import logged_task
 
@@ -78,13 +81,21 @@ async def serve(config: RouterConfig) -> int:
                                          workers.token_file)
     pool = DecodePool(security, stats_max_age_s=config.stats_max_age_s,
                       unavailable_backoff_s=config.unavailable_backoff_s,
-                      balance=config.balance)
+                      weights=config.weights, balance=config.balance)
     forwarder = Forwarder(pool, security, ForwardSettings(
         config.request_timeout_s, config.connect_timeout_s, config.qos))
     broker = await connect(config.nats_url, name="splitserve-router", auth=config.nats_auth,
                            connect_timeout_s=BROKER_CONNECT_TIMEOUT_S)
-    registry = await WorkerRegistry.open(broker.js, BucketSettings(replicas=config.nats.replicas))
+    buckets = BucketSettings(replicas=config.nats.replicas)
+    registry = await WorkerRegistry.open(broker.js, buckets)
+
+    def apply_policy(policy: RouterPolicy) -> None:
+        pool.weights = policy.weights
+        forwarder.settings = replace(forwarder.settings, qos=policy.qos)
+
+    policy = RouterPolicyWatch(config.policy(), apply_policy)
     feeds = [logged_task(pool.follow_registry(registry, broker), "registry watch"),
+             logged_task(policy.run(broker, buckets), "router policy watch"),
              logged_task(pool.follow_stats(broker), "stats feed"),
              logged_task(pool.follow_kv_events(broker), "KV events feed")]
     http = HttpApi(forwarder, tokenizer, model_name(config), config.auth)

@@ -36,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.aio.msg import Msg
 
 from splitserve.client import MAX_MESSAGE_BYTES, ClientSecurity
+from splitserve.config.router import CostWeights
 from splitserve.engine.page_allocator import page_hashes
 from splitserve.queue.connection import BrokerConnection
 from splitserve.queue.errors import TRANSIENT_BROKER_ERRORS, MalformedMessage
@@ -52,17 +53,7 @@ log = logging.getLogger(__name__)
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 HEALTH_RETRY_S = 1.0
 Balance = Literal["kv_aware", "least_loaded", "round_robin"]
-
-
-@dataclass(frozen=True)
-class CostWeights:
-    """How much each signal costs a worker (lower total wins); the prefix terms are
-    bonuses, subtracted."""
-
-    kv_occupancy: float = 3.0  # × the fraction of KV pages in use
-    active: float = 1.0  # × requests open on it (the router's count, or its queue)
-    cached_prefix: float = 10.0  # × the fraction of the prompt's pages it has cached
-    recent_prefix: float = 1.0  # × the fraction this router sent it lately
+DEFAULT_WEIGHTS = CostWeights()
 
 
 @dataclass
@@ -86,7 +77,7 @@ class Backend:
 
 
 def load_cost(backend: Backend, now: float, stats_max_age_s: float,
-              weights: CostWeights = CostWeights(), cached: float = 0.0,
+              weights: CostWeights = DEFAULT_WEIGHTS, cached: float = 0.0,
               recent: float = 0.0) -> float:
     """`active` × (its open requests, or its queue depth when fresh stats say more) +
     `kv_occupancy` × the used fraction of its KV pages − `cached_prefix` × `cached` −
@@ -103,7 +94,7 @@ def load_cost(backend: Backend, now: float, stats_max_age_s: float,
 
 class DecodePool:
     def __init__(self, security: ClientSecurity, *, stats_max_age_s: float = 5.0,
-                 unavailable_backoff_s: float = 5.0, weights: CostWeights = CostWeights(),
+                 unavailable_backoff_s: float = 5.0, weights: CostWeights = DEFAULT_WEIGHTS,
                  balance: Balance = "kv_aware") -> None:
         self.security = security
         self.balance = balance
