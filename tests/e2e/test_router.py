@@ -335,3 +335,32 @@ def test_the_policy_bucket_retunes_the_router_live(cluster, client, smollm) -> N
     while low() == 429:
         assert time.monotonic() < deadline, "the router never restored the file's policy"
         time.sleep(0.2)
+
+
+def test_hedging_races_a_late_high_request_on_an_idle_worker(cluster, tmp_path,
+                                                             smollm) -> None:
+    """A router whose high class is promised an impossible TTFT races every high request
+    on both (idle) workers: the answer is the single-process one, the loser's pages are
+    freed, and the race is counted."""
+    hedging = QosConfig(hedge=True, ttft_slo_s=PerClass(high=0.0001, normal=60, low=60))
+    router = start_router(cluster["broker"].url, tmp_path, qos=hedging)
+    try:
+        wait_router(router, num_workers=2)
+        client = openai.OpenAI(base_url=router.base_url, api_key="none", max_retries=0,
+                               timeout=120)
+        prompt = smollm.tokenizer.encode("Hedge your bets: " + "twice is nice " * 6)
+        for _ in range(2):  # samples of the workers' speed
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                      temperature=0)
+        before = router_metrics(router)
+        direct, _ = generate(cluster["decode"][0].address, prompt, max_tokens=8)
+        answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
+                                           temperature=0, extra_body={"priority": "high"})
+        assert answer.choices[0].text == smollm.tokenizer.decode(direct)
+        after = router_metrics(router)
+        hedged = 'splitserve:router_requests_total{outcome="hedged"}'
+        assert after[hedged] == before[hedged] + 1
+        for decode in cluster["decode"]:
+            wait_no_leaks(decode.address)
+    finally:
+        assert stop_router(router) == 0

@@ -91,12 +91,19 @@ class QosConfig:
     # degraded_max_tokens (0: never); the HTTP response says so in x-splitserve-degraded
     degrade_above_s: PerClass = PerClass(low=1.0)
     degraded_max_tokens: int = 64
+    # hedging: a high-priority request whose estimate on the chosen worker exceeds its
+    # TTFT SLO also goes to an idle worker; the first to answer wins, the other is
+    # cancelled. At most max_hedges such races at once.
+    hedge: bool = False
+    max_hedges: int = 4
     max_in_flight: int = 1024
 
     def __post_init__(self) -> None:
         if not 1 <= self.degraded_max_tokens <= 1 << 20:
             raise ConfigError("qos.degraded_max_tokens", f"must be in [1, {1 << 20}], got "
                               f"{self.degraded_max_tokens}")
+        if not 0 <= self.max_hedges <= 1024:
+            raise ConfigError("qos.max_hedges", f"must be in [0, 1024], got {self.max_hedges}")
         if not 1 <= self.max_in_flight <= 1 << 20:
             raise ConfigError("qos.max_in_flight", f"must be in [1, {1 << 20}], got "
                               f"{self.max_in_flight}")

@@ -8,6 +8,9 @@ Life cycle of a forwarded request:
 2. Call `Generation.Generate` on the cheapest one for the prompt (pool.py: load and
    cached prefix; a text prompt is placed by load alone) with the router's
    credentials for the workers and the time left of `request_timeout_s`.
+   Hedging (qos.hedge, high priority only): when the estimate there exceeds the class's
+   TTFT SLO and another worker is idle, both get the request; the first chunk wins and
+   the other call is cancelled.
 3. UNAVAILABLE before the first chunk (draining, stopping, gone, unreachable): nothing
    was produced, so the same request (same id) goes to the next worker; each worker is
    tried at most once. Any other error, or one after the first chunk, ends the request
@@ -22,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -54,6 +57,7 @@ class ForwardCounters:
     num_cancelled: int = 0  # the caller left early
     num_refused: int = 0  # RESOURCE_EXHAUSTED here: over a class's TTFT limit, or full
     num_degraded: int = 0  # max_tokens capped under load
+    num_hedged: int = 0  # high-priority requests raced on two workers
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Forwarder:
         self.settings = settings
         self.counters = ForwardCounters()
         self.num_in_flight = 0
+        self.num_hedging = 0
 
     async def _next_backend(self, tried: set[str], deadline: float, prompt: Sequence[int]
                             ) -> Backend | None:
@@ -136,11 +141,15 @@ class Forwarder:
                     self.counters.num_retries += 1
                 tried.add(backend.worker_id)
                 timeout_s = self.settings.request_timeout_s - (time.monotonic() - start)
+                hedge = self._hedge_partner(backend, request, estimate_s, tried)
+                calls = (self._call(backend, request, timeout_s, tokens) if hedge is None else
+                         self._race(backend, tokens, hedge, request, timeout_s))
                 started = False
                 try:
-                    async for chunk in self._call(backend, request, timeout_s, tokens):
-                        started = True
-                        yield chunk
+                    async with contextlib.aclosing(calls):  # closed at once if we are
+                        async for chunk in calls:
+                            started = True
+                            yield chunk
                     return
                 except UpstreamError as exc:
                     if exc.code is not grpc.StatusCode.UNAVAILABLE or started:
@@ -156,8 +165,73 @@ class Forwarder:
         finally:
             self.num_in_flight -= 1
 
+    def _hedge_partner(self, backend: Backend, request: pb.GenerateRequest,
+                       estimate_s: float | None, tried: set[str]) -> Backend | None:
+        """An idle worker to race `backend` with, when hedging applies (see QosConfig)."""
+        qos = self.settings.qos
+        slo = qos.ttft_slo_s.get(request.priority)
+        if (not qos.hedge or request.priority != "high" or estimate_s is None or not slo
+                or estimate_s <= slo or self.num_hedging >= qos.max_hedges):
+            return None
+        now = time.monotonic()
+        idle = [b for b in self.pool.backends.values()
+                if b is not backend and b.worker_id not in tried and b.eligible(now)
+                and b.active == 0 and b.ttft.pending_tokens == 0]
+        return idle[0] if idle else None
+
+    async def _race(self, first: Backend, first_tokens: int, second: Backend,
+                    request: pb.GenerateRequest, timeout_s: float
+                    ) -> AsyncGenerator[pb.GenerateChunk, None]:
+        """The same request on two workers: the first to send a chunk wins and streams;
+        the other's call is cancelled (its worker aborts the request and frees its
+        pages). If both fail, the first failure is raised."""
+        self.counters.num_hedged += 1
+        self.num_hedging += 1
+        calls = [self._call(first, request, timeout_s, first_tokens),
+                 self._call(second, request, timeout_s,
+                            self.pool.uncached_tokens(second, request.token_ids))]
+        pending = {asyncio.ensure_future(anext(call)): call for call in calls}
+        winner: tuple[AsyncGenerator[pb.GenerateChunk, None], pb.GenerateChunk] | None = None
+        losers: list[AsyncGenerator[pb.GenerateChunk, None]] = []
+        errors: list[UpstreamError] = []
+        try:
+            while pending and winner is None:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    call = pending.pop(task)
+                    try:
+                        chunk = task.result()
+                    except UpstreamError as exc:
+                        errors.append(exc)
+                    except StopAsyncIteration:
+                        errors.append(UpstreamError(grpc.StatusCode.INTERNAL,
+                                                    "the call ended without a chunk"))
+                    else:
+                        if winner is None:
+                            winner = (call, chunk)
+                        else:
+                            losers.append(call)  # answered in the same instant
+        finally:
+            self.num_hedging -= 1
+            for task in pending:  # the loser (or both, when we are cancelled)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, UpstreamError,
+                                         StopAsyncIteration):
+                    await task
+            for call in losers:
+                await call.aclose()
+        if winner is None:
+            raise errors[0]
+        call, chunk = winner
+        try:
+            yield chunk
+            async for chunk in call:
+                yield chunk
+        finally:
+            await call.aclose()
+
     async def _call(self, backend: Backend, request: pb.GenerateRequest, timeout_s: float,
-                    tokens: int) -> AsyncIterator[pb.GenerateChunk]:
+                    tokens: int) -> AsyncGenerator[pb.GenerateChunk, None]:
         backend.active += 1
         sent_s, ahead, first = time.monotonic(), backend.ttft.sent(tokens), False
         call = backend.stub.Generate(request, timeout=max(timeout_s, 0.001),
