@@ -7,16 +7,19 @@ and no page stays in use."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import openai
 import pytest
 from cluster import (
+    Router,
     admin_status,
     generate,
     nats_server,
@@ -258,6 +261,24 @@ def test_a_prompt_goes_where_its_prefix_is_cached(cluster, client, smollm) -> No
         assert cached == 32, (len(prompt), cached)  # 2 full pages of 16
 
 
+@contextlib.contextmanager
+def measured_router(cluster, tmp_path, qos: QosConfig, prompt: list[int]
+                    ) -> Iterator[tuple[Router, openai.OpenAI]]:
+    """A second router on the cluster with `qos`, after two requests of `prompt` (so it
+    has measured both workers); stopped cleanly at the end."""
+    router = start_router(cluster["broker"].url, tmp_path, qos=qos)
+    try:
+        wait_router(router, num_workers=2)
+        client = openai.OpenAI(base_url=router.base_url, api_key="none", max_retries=0,
+                               timeout=120)
+        for _ in range(2):
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                      temperature=0)
+        yield router, client
+    finally:
+        assert stop_router(router) == 0
+
+
 def test_admission_refuses_low_priority_early_and_admits_high(cluster, tmp_path,
                                                               smollm) -> None:
     """A second router whose low class accepts no wait: once it has measured the workers,
@@ -265,15 +286,8 @@ def test_admission_refuses_low_priority_early_and_admits_high(cluster, tmp_path,
     normal ones are served, normal ones with max_tokens capped (graceful degradation)."""
     strict = QosConfig(reject_above_s=PerClass(normal=60.0, low=0.001),
                        degrade_above_s=PerClass(normal=0.001), degraded_max_tokens=3)
-    router = start_router(cluster["broker"].url, tmp_path, qos=strict)
-    try:
-        wait_router(router, num_workers=2)
-        client = openai.OpenAI(base_url=router.base_url, api_key="none", max_retries=0,
-                               timeout=120)
-        prompt = smollm.tokenizer.encode("Priorities: " + "first things first " * 8)
-        for _ in range(2):  # a sample of each worker's speed
-            client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
-                                      temperature=0)
+    prompt = smollm.tokenizer.encode("Priorities: " + "first things first " * 8)
+    with measured_router(cluster, tmp_path, strict, prompt) as (_, client):
         before = [int(admin_status(d.address)["counters"].get("num_requests_finished", 0))
                   for d in cluster["decode"]]
         with pytest.raises(openai.RateLimitError) as refused:
@@ -295,8 +309,6 @@ def test_admission_refuses_low_priority_early_and_admits_high(cluster, tmp_path,
         after = [int(admin_status(d.address)["counters"].get("num_requests_finished", 0))
                  for d in cluster["decode"]]
         assert sum(after) - sum(before) == 2  # the refused one never reached a worker
-    finally:
-        assert stop_router(router) == 0
 
 
 async def _put_router_policy(url: str, value: bytes | None) -> None:
@@ -343,15 +355,8 @@ def test_hedging_races_a_late_high_request_on_an_idle_worker(cluster, tmp_path,
     on both (idle) workers: the answer is the single-process one, the loser's pages are
     freed, and the race is counted."""
     hedging = QosConfig(hedge=True, ttft_slo_s=PerClass(high=0.0001, normal=60, low=60))
-    router = start_router(cluster["broker"].url, tmp_path, qos=hedging)
-    try:
-        wait_router(router, num_workers=2)
-        client = openai.OpenAI(base_url=router.base_url, api_key="none", max_retries=0,
-                               timeout=120)
-        prompt = smollm.tokenizer.encode("Hedge your bets: " + "twice is nice " * 6)
-        for _ in range(2):  # samples of the workers' speed
-            client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
-                                      temperature=0)
+    prompt = smollm.tokenizer.encode("Hedge your bets: " + "twice is nice " * 6)
+    with measured_router(cluster, tmp_path, hedging, prompt) as (router, client):
         before = router_metrics(router)
         direct, _ = generate(cluster["decode"][0].address, prompt, max_tokens=8)
         answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
@@ -362,5 +367,3 @@ def test_hedging_races_a_late_high_request_on_an_idle_worker(cluster, tmp_path,
         assert after[hedged] == before[hedged] + 1
         for decode in cluster["decode"]:
             wait_no_leaks(decode.address)
-    finally:
-        assert stop_router(router) == 0
