@@ -61,7 +61,11 @@ def test_a_job_that_would_outrun_its_lease_is_renewed_not_thrown_away(
         d, p = scrape(metrics["decode"]), scrape(metrics["prefill"])
         # the first job is renewed; later ones may fit a lease sized from the measured rate
         assert d["splitserve:lease_renewals_total"][()] >= 1
-        assert p["splitserve:lease_renewals_total"][()] == d["splitserve:lease_renewals_total"][()]
+        # the prefill worker counts the grants it received: one whose reply came after its
+        # request timed out (seen under CPU load in CI) is given but never used, which is
+        # safe (the old deadline stands); a grant is never counted that was not given
+        assert 1 <= p["splitserve:lease_renewals_total"][()] <= (
+            d["splitserve:lease_renewals_total"][()])
         assert d["splitserve:lease_expiries_total"][()] == 0
         assert d["splitserve:remote_fallbacks_total"][()] == 0
         assert p["splitserve:expired_jobs_total"][()] == 0

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import nats.errors
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from splitserve.queue.connection import BrokerConnection
@@ -59,19 +60,41 @@ async def watch_bucket(kv: KeyValue, keys: str = ">", *, deleted_in_snapshot: bo
         await watcher.stop()
 
 
-async def read_bucket(kv: KeyValue, keys: str = ">") -> dict[str, KVEvent]:
-    """The live entries matching `keys` now (one pass, no waiting for changes)."""
+async def read_bucket(kv: KeyValue, keys: str = ">", timeout_s: float = 10.0
+                      ) -> dict[str, KVEvent]:
+    """The live entries matching `keys` now (one pass, no waiting for changes).
+
+    The client's "caught up" marker (None) can come before the entries: it decides from
+    the consumer's pending count, which is 0 once everything is on its way to us, even
+    when nothing has been processed yet (seen here under load: `list()` answered {}
+    for a bucket of 2 keys). So the pass ends at the entry with nothing pending after
+    it (`delta` 0); a marker ends it only when the stream is empty, or nothing more
+    arrives within a second of it (a `keys` pattern that matches nothing).
+    """
+    expect_entries = (await kv.status()).stream_info.state.messages > 0
     watcher = await kv.watch(keys)
     entries: dict[str, KVEvent] = {}
+    marker_seen = False
     try:
-        async for entry in watcher:
-            if entry is None:  # caught up
-                break
+        while True:
+            try:
+                entry = await watcher.updates(timeout=1.0 if marker_seen else timeout_s)
+            except nats.errors.TimeoutError:
+                if marker_seen:
+                    break
+                raise
+            if entry is None:
+                if not expect_entries or entries:
+                    break
+                marker_seen = True  # maybe early: the entries may still be on their way
+                continue
             if is_tombstone(entry):
                 entries.pop(entry.key, None)
             else:
                 entries[entry.key] = KVEvent(key=entry.key, value=entry.value,
                                              revision=int(entry.revision or 0), initial=True)
+            if not entry.delta:
+                break
     finally:
         await watcher.stop()
     return entries
