@@ -22,6 +22,7 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.llm_engine import Engine
 from splitserve.engine.stats import EMPTY_STATS
 from splitserve.queue.connection import BrokerConnection, connect
+from splitserve.queue.errors import TRANSIENT_BROKER_ERRORS
 from splitserve.queue.registry import WorkerRegistry, parse_descriptor
 from splitserve.queue.settings import BucketSettings, PrefillQueueSettings
 from splitserve.queue.stats import publish_stats
@@ -34,6 +35,8 @@ from splitserve.worker.observer import Observer
 from splitserve.worker.windows import WorkerWindows
 
 log = logging.getLogger(__name__)
+
+MESSAGING_SETUP_S = 60.0  # how long start-up waits for the broker's streams and buckets
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the `model_name` label of the embedded model
 
@@ -129,7 +132,20 @@ class WorkerCore:
         self.agent.descriptor.incarnation = self.incarnation
         self.broker = await connect(self.config.nats_url, name=self.worker_id,
                                     auth=self.config.nats_auth)
-        await ensure_messaging(self.broker.js, self.queue_settings, self.bucket_settings)
+        # A JetStream cluster still electing its leaders times out API requests for a
+        # while after the nodes start: retry rather than exit (seen in fresh-clone CI).
+        deadline = time.monotonic() + MESSAGING_SETUP_S
+        while True:
+            try:
+                await ensure_messaging(self.broker.js, self.queue_settings,
+                                       self.bucket_settings)
+                break
+            except TRANSIENT_BROKER_ERRORS as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("worker %s: broker not ready (%s: %s); retrying", self.worker_id,
+                            type(exc).__name__, exc)
+                await asyncio.sleep(1.0)
         self.registry = await WorkerRegistry.open(self.broker.js, self.bucket_settings)
         await self.registry.register(self.worker_id, self.agent.descriptor.SerializeToString())
         self._stats_task = logged_task(self._publish_stats_forever(), "stats publisher")
