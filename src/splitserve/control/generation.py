@@ -20,7 +20,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import NoReturn, cast
+from typing import NoReturn, Protocol, cast
 
 import grpc
 
@@ -103,7 +103,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         log.debug("request %s: done after %d chunks", request_id, num_chunks)
 
 
-def add_generation_servicer(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+class GenerateHandler(Protocol):
+    """Anything that serves Generate: this module's servicer, the router's forwarder."""
+
+    async def Generate(self, request: pb.GenerateRequest | UndecodableRequest,
+                       context: grpc.aio.ServicerContext) -> None: ...
+
+
+def add_generation_servicer(servicer: GenerateHandler, server: grpc.aio.Server) -> None:
     """`add_GenerationServicer_to_server`, with `parse_generate_request` as the request
     deserializer (see step 0 of the module docstring)."""
     handlers = {"Generate": grpc.unary_stream_rpc_method_handler(

@@ -14,14 +14,20 @@ import contextlib
 import logging
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from splitserve.control.auth import AuthInterceptor, Guard
-from splitserve.control.convert import UndecodableRequest, parse_generate_request
+from splitserve.control.convert import UndecodableRequest
 from splitserve.control.errors import BindError
+from splitserve.control.generation import GENERATION_SERVICE, add_generation_servicer
 from splitserve.control.health import HealthStatus
-from splitserve.control.server import MAX_MESSAGE_BYTES, ServerSecurity, server_credentials
+from splitserve.control.server import (
+    HEALTH_SERVICE,
+    MAX_MESSAGE_BYTES,
+    ServerSecurity,
+    server_credentials,
+)
 from splitserve.control.status import REQUEST_ID_KEY
 from splitserve.engine.errors import InvalidRequest
 from splitserve.ingress import check_request_id
@@ -30,8 +36,6 @@ from splitserve.rpc import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
-HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 class ForwardingGeneration:
@@ -70,11 +74,7 @@ async def start_router_grpc(address: str, forwarder: Forwarder, security: Server
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0)])
-    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
-        ForwardingGeneration(forwarder).Generate, request_deserializer=parse_generate_request,
-        response_serializer=pb.GenerateChunk.SerializeToString)}
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(GENERATION_SERVICE, handlers),))
+    add_generation_servicer(ForwardingGeneration(forwarder), server)
     health = HealthStatus([GENERATION_SERVICE], [], True)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

@@ -37,6 +37,7 @@ from nats.aio.msg import Msg
 
 from splitserve.client import MAX_MESSAGE_BYTES, ClientSecurity
 from splitserve.config.router import CostWeights
+from splitserve.control.generation import GENERATION_SERVICE
 from splitserve.engine.page_allocator import page_hashes
 from splitserve.queue.connection import BrokerConnection
 from splitserve.queue.errors import TRANSIENT_BROKER_ERRORS, MalformedMessage
@@ -46,11 +47,10 @@ from splitserve.queue.stats import StatsSubscription
 from splitserve.queue.subjects import KV_EVENTS_PREFIX
 from splitserve.router.admission import TtftModel
 from splitserve.router.prefix_index import PrefixIndex, RecentRoutes
-from splitserve.rpc import generation_pb2, generation_pb2_grpc
+from splitserve.rpc import generation_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 HEALTH_RETRY_S = 1.0
 Balance = Literal["kv_aware", "least_loaded", "round_robin"]
 DEFAULT_WEIGHTS = CostWeights()
