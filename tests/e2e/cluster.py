@@ -46,6 +46,18 @@ class Daemon:
     def log_tail(self, num_lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
 
+    def exit_code(self, timeout_s: float = 60.0) -> int:
+        """The exit code; on a hang, the failure shows the log with every thread's stack
+        (the daemons run with PYTHONFAULTHANDLER=1: SIGABRT dumps them)."""
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=5)
+            raise AssertionError(f"{self.config.worker_id} did not exit within {timeout_s} s:"
+                                 f"\n{self.log_tail(200)}") from None
+
 
 def worker_config(role: str, worker_id: str, nats_url: str, **overrides: object) -> WorkerConfig:
     base = WorkerConfig(
@@ -64,7 +76,7 @@ def start_daemon(config: WorkerConfig, workdir: Path) -> Daemon:
     with log_path.open("ab") as log_file:
         process = subprocess.Popen([*SPLITSERVE, config.role, "--config", str(path)],
                                    stdout=log_file, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
     return Daemon(config, log_path, process)
 
 
@@ -179,7 +191,7 @@ def start_router(nats_url: str, workdir: Path, **overrides: object) -> Router:
     with log_path.open("ab") as log_file:
         process = subprocess.Popen([*SPLITSERVE, "router", "--config", str(path)],
                                    stdout=log_file, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
     return Router(config, log_path, process)
 
 

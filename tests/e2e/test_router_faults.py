@@ -6,7 +6,6 @@ under the same id gets traffic again. Counted, not read from logs."""
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,20 +37,7 @@ def wait_for(condition, timeout_s: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def exit_code(daemon, timeout_s: float = 60.0) -> int:
-    """The daemon's exit code; on a hang, its threads' stacks (faulthandler) in the
-    failure message."""
-    try:
-        return daemon.process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        daemon.signal(signal.SIGABRT)
-        time.sleep(3)
-        raise AssertionError(f"{daemon.config.worker_id} did not exit:\n"
-                             f"{daemon.log_tail(200)}") from None
-
-
-def test_workers_leaving_and_returning(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
+def test_workers_leaving_and_returning(tmp_path) -> None:
     broker = nats_server(tmp_path)
     configs = [worker_config("decode", f"decode-{i}", broker.url, drain_grace_s=20.0)
                for i in range(2)]
@@ -77,7 +63,7 @@ def test_workers_leaving_and_returning(tmp_path, monkeypatch) -> None:
             later = [pool.submit(complete, i) for i in range(8, 24)]
             tokens = [f.result() for f in first + later]
         assert tokens == [12] * 24  # none lost, none cut short
-        assert exit_code(daemons[1]) == 0
+        assert daemons[1].exit_code() == 0
         wait_for(lambda: router_health(router).get("num_workers_serving") == 1)
 
         # 2. the last worker dies: 503 + Retry-After, the router stays up

@@ -73,7 +73,7 @@ def start_notifying_daemon(config: WorkerConfig, workdir: Path, notify_name: str
     config_path = workdir / f"{config.worker_id}.yaml"
     write_config(config, config_path)
     log_path = workdir / f"{config.worker_id}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NOTIFY_SOCKET": f"@{notify_name}",
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "NOTIFY_SOCKET": f"@{notify_name}",
            "WATCHDOG_USEC": str(WATCHDOG_USEC)}
     with log_path.open("ab") as log_file:
         process = subprocess.Popen([*SPLITSERVE, config.role, "--config", str(config_path)],
@@ -116,7 +116,7 @@ def test_ready_watchdog_reloading_stopping_in_order(
         daemon.signal(signal.SIGTERM)
         stopping = inbox.wait_for(lambda m: "STOPPING" in m, timeout_s=30)
         assert stopping["STATUS"] == "draining (grace 5 s)"
-        assert daemon.process.wait(timeout=60) == 0
+        assert daemon.exit_code() == 0
     finally:
         stop_daemons([daemon])
         broker.stop()
@@ -142,7 +142,7 @@ def test_engine_crash_says_stopping_and_the_pings_end(
             generate(daemon.address, list(range(100, 120)), max_tokens=16)
         stopping = inbox.wait_for(lambda m: "STOPPING" in m, timeout_s=30)
         assert stopping["STATUS"].startswith("engine crashed (")
-        assert daemon.process.wait(timeout=60) == 1
+        assert daemon.exit_code() == 1
     finally:
         stop_daemons([daemon])
         broker.stop()

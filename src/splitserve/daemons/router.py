@@ -41,7 +41,7 @@ from splitserve.router.grpc_api import start_router_grpc
 from splitserve.router.http_api import HttpApi
 from splitserve.router.policy_watch import RouterPolicyWatch
 from splitserve.router.pool import DecodePool
-from splitserve.worker.core import logged_task
+from splitserve.tasks import STOP_DEADLINE_S, arm_stop_deadline, logged_task, stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +123,13 @@ async def serve(config: RouterConfig) -> int:
             health.set_serving(False)
         return 0
     finally:
-        await runner.cleanup()  # refuses new connections, waits for open requests
-        if grpc_server is not None:
-            await grpc_server.stop(config.drain_grace_s)
-        for task in feeds:
-            task.cancel()
+        # Both fronts drain at once, within the grace; past it and STOP_DEADLINE_S more,
+        # the stacks go to the log and the process exits 70 (tasks.py).
+        arm_stop_deadline("router", config.drain_grace_s + STOP_DEADLINE_S)
+        # each refuses new requests and waits for the open ones
+        await asyncio.gather(runner.cleanup(), *(
+            [grpc_server.stop(config.drain_grace_s)] if grpc_server is not None else []))
+        await stop_tasks(*feeds)
         await pool.close()
         with contextlib.suppress(Exception):
             await registry.close()

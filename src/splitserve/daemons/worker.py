@@ -33,8 +33,9 @@ from splitserve.config.watch import ChangeDetector, watch_file
 from splitserve.control.server import ServerSecurity, start_grpc_server
 from splitserve.daemons.notify import EngineProbe, Notifier, run_watchdog, watchdog_period_s
 from splitserve.redact import redact_url
+from splitserve.tasks import arm_stop_deadline, first_set, logged_task, stop_tasks
 from splitserve.worker.admin import WorkerAdminBackend
-from splitserve.worker.core import WorkerCore, logged_task
+from splitserve.worker.core import WorkerCore
 from splitserve.worker.decode import DecodeService
 from splitserve.worker.prefill import PrefillService
 
@@ -100,7 +101,7 @@ async def serve(config: WorkerConfig, cfg_hash: str = "",
         if period_s is not None:
             watchdog = logged_task(run_watchdog(notifier, period_s, EngineProbe(engine)),
                                    "systemd watchdog")
-        await _first_set(stop, engine.crashed)
+        await first_set(stop, engine.crashed)
         if engine.crashed.is_set():
             server.set_serving(False)  # the finally below stops and deregisters
             log.error("worker %s: engine thread died (%r); stopping without a drain, "
@@ -116,24 +117,13 @@ async def serve(config: WorkerConfig, cfg_hash: str = "",
         await server.drain(grace_s)  # health NOT_SERVING, in-flight finish
         return 0
     finally:
-        for task in (watcher, watchdog):
-            if task is not None:
-                task.cancel()
+        arm_stop_deadline(f"worker {core.worker_id}")  # exits 70 if the rest hangs
+        await stop_tasks(watcher, watchdog)
         await role.stop()
         await server.stop(grace_s=1.0)
         await core.stop()
         log.info("worker %s stopped", core.worker_id)
         notifier.close()
-
-
-async def _first_set(*events: asyncio.Event) -> None:
-    """Return once any of `events` is set."""
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
 
 
 def _reloader(core: WorkerCore, path: Path, cfg_hash: str,

@@ -11,7 +11,6 @@ instead starts a fresh watch as soon as the client reconnects.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import nats.errors
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from splitserve.queue.connection import BrokerConnection
+from splitserve.tasks import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,11 @@ async def restarting_watch(broker: BrokerConnection, open_watch: Callable[[], As
         try:
             while broker.num_reconnects == reconnects and not task.done():
                 try:
-                    yield await asyncio.wait_for(events.get(), 0.5)
+                    async with asyncio.timeout(0.5):  # not wait_for: see tasks.py
+                        event = await events.get()
                 except TimeoutError:
                     continue
+                yield event
             while not events.empty():
                 yield events.get_nowait()
             ended = task.done()
@@ -123,9 +125,7 @@ async def restarting_watch(broker: BrokerConnection, open_watch: Callable[[], As
                 log.warning("%s watch failed (%r); retrying in %.0f s", what, task.exception(),
                             retry_s)
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # logged above
-                await task
+            await stop_tasks(task)  # its failure was logged above
         if ended:
             await asyncio.sleep(retry_s)
         else:

@@ -9,7 +9,6 @@ writes an expiry marker, so watchers see it go; a clean shutdown deletes at once
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -25,6 +24,7 @@ from splitserve.queue.settings import BucketSettings
 from splitserve.queue.streams import ensure_workers_bucket
 from splitserve.queue.subjects import BUCKET_WORKERS, validate_worker_id
 from splitserve.rpc.worker_pb2 import WorkerDescriptor
+from splitserve.tasks import stop_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +62,7 @@ class WorkerRegistry:
         """Stop refreshing `worker_id`; its entry expires after the bucket TTL."""
         task = self._heartbeats.pop(worker_id, None)
         self._descriptors.pop(worker_id, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(task)
 
     async def deregister(self, worker_id: str) -> None:
         """Clean shutdown: stop the heartbeat and delete the entry now."""

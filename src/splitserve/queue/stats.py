@@ -68,7 +68,8 @@ class StatsSubscription:
 
     async def next(self, timeout_s: float | None = None) -> WorkerStats:
         """The next stats message; asyncio.TimeoutError after `timeout_s`."""
-        return await asyncio.wait_for(self._queue.get(), timeout_s)
+        async with asyncio.timeout(timeout_s):  # not wait_for: see tasks.py
+            return await self._queue.get()
 
     def __aiter__(self) -> StatsSubscription:
         return self

@@ -48,6 +48,7 @@ from splitserve.queue.subjects import KV_EVENTS_PREFIX
 from splitserve.router.admission import TtftModel
 from splitserve.router.prefix_index import PrefixIndex, RecentRoutes
 from splitserve.rpc import generation_pb2_grpc
+from splitserve.tasks import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +199,10 @@ class DecodePool:
         asyncio.get_running_loop().create_task(backend.channel.close(grace=None))
 
     async def close(self) -> None:
+        tasks = [task for backend in self.backends.values() for task in backend.tasks]
         for worker_id in list(self.backends):
             self.remove(worker_id)
-        await asyncio.sleep(0)
+        await stop_tasks(*tasks)
 
     async def _watch_health(self, backend: Backend) -> None:
         stub = health_pb2_grpc.HealthStub(backend.channel)

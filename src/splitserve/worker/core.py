@@ -11,7 +11,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,6 +29,7 @@ from splitserve.queue.stats import publish_stats
 from splitserve.queue.streams import ensure_messaging
 from splitserve.rpc.jobs_pb2 import WorkerStats
 from splitserve.rpc.worker_pb2 import WorkerDescriptor
+from splitserve.tasks import logged_task, stop_tasks
 from splitserve.transfer.agent import TransferAgent
 from splitserve.worker.metrics import COUNTERS, RequestMetrics, WorkerState
 from splitserve.worker.observer import Observer
@@ -163,8 +164,7 @@ class WorkerCore:
         return None if data is None else parse_descriptor(worker_id, data)
 
     async def stop(self) -> None:
-        if self._stats_task is not None:
-            self._stats_task.cancel()
+        await stop_tasks(self._stats_task)
         if self.registry is not None:
             try:
                 await self.registry.deregister(self.worker_id)
@@ -232,16 +232,3 @@ def _crash_after(engine: Engine, num_steps: int) -> None:
         return step()
 
     engine.step = crashing_step  # type: ignore[method-assign]
-
-
-def logged_task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-    """A background task whose crash is logged at once, not when it is garbage-collected."""
-    task = asyncio.create_task(coro, name=name)
-
-    def report(t: asyncio.Task[None]) -> None:
-        if not t.cancelled() and t.exception() is not None:
-            log.error("background task %s crashed", name, exc_info=t.exception())
-
-    task.add_done_callback(report)
-    return task
-

@@ -39,7 +39,8 @@ from splitserve.ingress import (
     new_request_id,
     prepare_prompt,
 )
-from splitserve.worker.core import WorkerCore, logged_task
+from splitserve.tasks import logged_task, stop_tasks
+from splitserve.worker.core import WorkerCore
 from splitserve.worker.kv_events import KVEventPublisher
 from splitserve.worker.observer import FirstToken
 from splitserve.worker.remote import PrefillPath, RemoteOutcome, RemotePrefillClient
@@ -74,8 +75,7 @@ class DecodeService:
                                            "KV events publisher")
 
     async def stop(self) -> None:
-        if self._kv_events_task is not None:
-            self._kv_events_task.cancel()
+        await stop_tasks(self._kv_events_task)
         await self.remote.stop()
 
     @property

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -28,7 +27,8 @@ from splitserve.queue.stats import StatsSubscription
 from splitserve.routing.attempts import RemoteAttempts
 from splitserve.routing.lease import Refusal, size_lease
 from splitserve.rpc.jobs_pb2 import KVReady, LeaseReply, LeaseRequest, WorkerStats
-from splitserve.worker.core import WorkerCore, logged_task
+from splitserve.tasks import logged_task, stop_tasks
+from splitserve.worker.core import WorkerCore
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,7 @@ class LeaseDesk:
         self._task = logged_task(self._collect_stats(), "prefill stats collector")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_tasks(self._task)
         for closer in (self._responder, self._stats):
             if closer is not None:
                 await closer.close()

@@ -30,7 +30,7 @@ from splitserve.queue.policy import PolicyStore
 from splitserve.queue.settings import BucketSettings
 from splitserve.routing.offload import RoutingConfig
 from splitserve.routing.policy import ROUTING_POLICY_KEY, effective_routing
-from splitserve.worker.core import logged_task
+from splitserve.tasks import logged_task, stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,7 @@ class PolicyView:
         self._task = logged_task(self._follow(store, broker, settings), "routing policy watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await stop_tasks(self._task)
 
     async def _follow(self, store: PolicyStore | None, broker: BrokerConnection,
                       settings: BucketSettings) -> None:

@@ -56,6 +56,7 @@ from splitserve.queue.streams import (
 from splitserve.queue.work_queue import JobConsumer, JobDelivery
 from splitserve.rpc.jobs_pb2 import KVReady, PrefillJob
 from splitserve.rpc.worker_pb2 import WorkerDescriptor
+from splitserve.tasks import logged_task, stop_tasks
 from splitserve.transfer.checksum import page_checksums
 from splitserve.transfer.errors import (
     DescriptorMismatch,
@@ -63,7 +64,7 @@ from splitserve.transfer.errors import (
     InvalidPageIds,
     TransferError,
 )
-from splitserve.worker.core import WorkerCore, logged_task
+from splitserve.worker.core import WorkerCore
 from splitserve.worker.renewal import LeaseKeeper, UpFront
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,7 @@ class PrefillService:
 
     async def stop(self) -> None:
         self._accepting = False
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await stop_tasks(self._task)
         for consumer in self._consumers:
             await consumer.close()
 
@@ -220,11 +219,10 @@ class PrefillService:
             log.exception("job %s: failed; terminated", tag)
             await delivery.term()
         finally:
-            heartbeat.cancel()
-            renewer.cancel()
             self.num_in_flight -= 1
             if engine.is_running:
                 engine.call(lambda e: e.release_held(local_id))
+            await stop_tasks(heartbeat, renewer)
 
     def _clock_behind_s(self, job: PrefillJob, dequeue_ns: int) -> float:
         """How far our clock is provably behind the job's decode worker (≥ 0 s): the

@@ -52,8 +52,9 @@ from splitserve.routing.attempts import Failure, Next, RemoteAttempts, RetryCont
 from splitserve.routing.clock import ClockOffsets
 from splitserve.routing.offload import should_offload_prefill
 from splitserve.rpc.jobs_pb2 import KVReady, LeaseReply, LeaseRequest, PrefillJob
+from splitserve.tasks import logged_task, stop_tasks
 from splitserve.transfer.checksum import ChecksumCountMismatch, verify_page_checksums
-from splitserve.worker.core import WorkerCore, logged_task
+from splitserve.worker.core import WorkerCore
 from splitserve.worker.leases import LeaseDesk, PrefillDeclined
 from splitserve.worker.policy import PolicyView
 from splitserve.worker.queue_depth import QueueDepth
@@ -118,9 +119,7 @@ class RemotePrefillClient:
         await self.policy.start(self.core.broker, self.core.bucket_settings)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(*self._tasks)
         await self.desk.stop()
         await self.policy.stop()
 
