@@ -27,6 +27,25 @@ def test_the_model_learns_seconds_per_token_of_work_ahead() -> None:
     assert model.pending_tokens == 0
 
 
+def test_a_request_waits_only_for_its_class_and_higher_ones() -> None:
+    """The workers' queues order high > normal > low: low work queued ahead does not
+    make a normal request look late, and a high one waits for high ones only."""
+    model = TtftModel(s_per_token=0.01)
+    assert model.sent(1000, "low") == 0
+    assert model.sent(200, "normal") == 0  # the low tokens are not ahead of it
+    assert model.sent(100, "high") == 0
+    assert model.ahead("low") == 1300 and model.ahead("normal") == 300
+    assert model.ahead("") == model.ahead("normal")  # no priority: normal
+    assert model.estimate_s(100, "high") == pytest.approx(0.01 * 200)
+    assert model.estimate_s(100, "normal") == pytest.approx(0.01 * 400)
+    assert model.estimate_s(100, "low") == pytest.approx(0.01 * 1400)
+    model.first_token(100, 0, ttft_s=1.0, priority="high")  # settles the high tokens
+    model.gave_up(1000, "low")
+    assert model.pending == [0, 200, 0] and model.pending_tokens == 200
+    model.gave_up(500, "normal")  # never below zero
+    assert model.pending_tokens == 0
+
+
 def test_each_class_is_refused_above_its_own_limit() -> None:
     config = QosConfig()  # low 2 s, normal 8 s, high never
     assert refusal(config, "low", 1.9) is None

@@ -2,12 +2,15 @@
 it early when its priority class should not wait that long.
 
 The estimate (per worker, from what this router itself saw; no I/O, no clock of its
-own): TTFT ≈ `s_per_token` × (prompt tokens this router has in flight there without a
-first token yet + this prompt's uncached tokens). `s_per_token` is a moving average
-over the worker's recent first tokens of TTFT / (the tokens that were ahead of the
-request + its own), so it absorbs the worker's prefill speed and what decoding costs
-it meanwhile. A worker with no sample yet has no estimate: everything is admitted
-until one exists.
+own): TTFT ≈ `s_per_token` × (prompt tokens ahead of the request + its own uncached
+tokens). Ahead are the prompt tokens this router has in flight there without a first
+token yet *of the request's class or a higher one*: the worker's waiting queue orders
+high > normal > low, so a high-priority request waits for high ones only, and a
+queue of low-priority prompts does not make a normal request look late.
+`s_per_token` is a moving average over the worker's recent first tokens of TTFT /
+(the tokens that were ahead of the request + its own), so it absorbs the worker's
+prefill speed and what decoding costs it meanwhile. A worker with no sample yet has
+no estimate: everything is admitted until one exists.
 
 The rule: a request whose class has a threshold in `reject_above_s` (defaults: low
 2 s, normal 8 s; high 0, none) is refused with RESOURCE_EXHAUSTED when the estimate
@@ -20,40 +23,61 @@ finish_reason "length" and the HTTP response carries `x-splitserve-degraded`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from splitserve.config.router import QosConfig
 
 EMA_WEIGHT = 0.2  # of the newest sample
 
 
+PRIORITIES = ("high", "normal", "low")  # the order of the workers' waiting queues
+
+
+def _rank(priority: str) -> int:
+    return PRIORITIES.index(priority) if priority in PRIORITIES else 1  # "": normal
+
+
 @dataclass
 class TtftModel:
     """One worker's queue as this router sees it."""
 
-    pending_tokens: int = 0  # prompt tokens sent there, no first token back yet
+    pending: list[int] = field(default_factory=lambda: [0] * len(PRIORITIES))  # by class
     s_per_token: float | None = None  # moving average; None until the first sample
 
-    def estimate_s(self, uncached_tokens: int) -> float | None:
+    @property
+    def pending_tokens(self) -> int:
+        """Prompt tokens sent there with no first token back yet, every class."""
+        return sum(self.pending)
+
+    def ahead(self, priority: str) -> int:
+        """Pending tokens a request of `priority` waits for: its class and higher ones."""
+        return sum(self.pending[:_rank(priority) + 1])
+
+    def estimate_s(self, uncached_tokens: int, priority: str = "normal") -> float | None:
         if self.s_per_token is None:
             return None
-        return self.s_per_token * (self.pending_tokens + uncached_tokens)
+        return self.s_per_token * (self.ahead(priority) + uncached_tokens)
 
-    def sent(self, tokens: int) -> int:
+    def sent(self, tokens: int, priority: str = "normal") -> int:
         """A request with `tokens` uncached tokens went out; returns the tokens ahead."""
-        ahead = self.pending_tokens
-        self.pending_tokens += tokens
+        ahead = self.ahead(priority)
+        self.pending[_rank(priority)] += tokens
         return ahead
 
-    def first_token(self, tokens: int, ahead: int, ttft_s: float) -> None:
-        self.pending_tokens = max(0, self.pending_tokens - tokens)
+    def first_token(self, tokens: int, ahead: int, ttft_s: float,
+                    priority: str = "normal") -> None:
+        self._settle(tokens, priority)
         sample = ttft_s / max(1, ahead + tokens)
         self.s_per_token = sample if self.s_per_token is None else (
             (1 - EMA_WEIGHT) * self.s_per_token + EMA_WEIGHT * sample)
 
-    def gave_up(self, tokens: int) -> None:
+    def gave_up(self, tokens: int, priority: str = "normal") -> None:
         """Ended (error, cancel) before its first token."""
-        self.pending_tokens = max(0, self.pending_tokens - tokens)
+        self._settle(tokens, priority)
+
+    def _settle(self, tokens: int, priority: str) -> None:
+        rank = _rank(priority)
+        self.pending[rank] = max(0, self.pending[rank] - tokens)
 
 
 def refusal(config: QosConfig, priority: str, estimate_s: float | None) -> str | None:

@@ -123,7 +123,7 @@ class Forwarder:
                     raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
                                         "no decode worker is serving; retry later")
                 tokens = self.pool.uncached_tokens(backend, request.token_ids)
-                estimate_s = backend.ttft.estimate_s(tokens)
+                estimate_s = backend.ttft.estimate_s(tokens, request.priority)
                 reason = refusal(qos, request.priority, estimate_s)
                 if reason is not None:
                     self.counters.num_refused += 1
@@ -233,14 +233,16 @@ class Forwarder:
     async def _call(self, backend: Backend, request: pb.GenerateRequest, timeout_s: float,
                     tokens: int) -> AsyncGenerator[pb.GenerateChunk, None]:
         backend.active += 1
-        sent_s, ahead, first = time.monotonic(), backend.ttft.sent(tokens), False
+        priority = request.priority
+        sent_s, ahead, first = time.monotonic(), backend.ttft.sent(tokens, priority), False
         call = backend.stub.Generate(request, timeout=max(timeout_s, 0.001),
                                      metadata=self.security.metadata())
         try:
             async for chunk in call:
                 if not first:
                     first = True
-                    backend.ttft.first_token(tokens, ahead, time.monotonic() - sent_s)
+                    backend.ttft.first_token(tokens, ahead, time.monotonic() - sent_s,
+                                             priority)
                 yield chunk
         except grpc.aio.AioRpcError as exc:
             trailing = tuple((k, v) for k, v in (exc.trailing_metadata() or ())
@@ -250,5 +252,5 @@ class Forwarder:
         finally:
             backend.active -= 1
             if not first:
-                backend.ttft.gave_up(tokens)
+                backend.ttft.gave_up(tokens, priority)
             call.cancel()  # no-op when the call ended; else the worker aborts the request
