@@ -4,7 +4,19 @@ Workload (seeded): `--conversations` chats, each opened with one of `--system-pr
 shared system prompts (~`--system-words` words), then `--turns` user turns of ~30
 words; every turn re-sends the whole history (system, earlier turns and the replies
 the server gave) to `POST /v1/chat/completions` (streaming, greedy, `--max-tokens`).
-The conversations run concurrently, each turn after the previous one's reply.
+Conversations start at random (Poisson, `--arrival-rate` a second) and overlap; each
+turn follows the previous one's reply after a random think time (exponential, mean
+`--think-s`), as users do: no two conversations move in lockstep, so round-robin places
+a conversation's turns on the workers at random, not by accident on the same one.
+
+The default KV pool (`--kv-cache-mb` 128 a worker: ~2,900 tokens of SmolLM2 in fp32)
+holds about a third of the histories the default workload builds (~8,700 tokens, in
+the JSON as `working_set_tokens`): as in production, where a worker's cache keeps
+minutes of traffic, not all of it. Round-robin then keeps each conversation on both
+workers and evicts what the next turn needs; prefix-aware routing keeps each on one. With a pool that holds
+everything (`--kv-cache-mb 1024`) both hit almost every prefix (round-robin misses
+only the turns since a conversation last visited a worker) and the gap is small; so
+does a long shared system prompt (`--system-words`), which both always hit.
 
 Two runs, one after the other, each on a fresh local cluster (`LocalCluster`: nats,
 2 decode workers pinned to a core each, remote prefill off, so every prefill is local
@@ -53,25 +65,41 @@ class Run:
     samples: list[Sample] = field(default_factory=list)
     wall_s: float = 0.0
     errors: int = 0
+    history_tokens: list[int] = field(default_factory=list)  # each chat's last prompt
 
 
 def words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def conversations(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+@dataclass
+class Conversation:
+    system: str
+    turns: list[str]
+    start_s: float  # after the run starts
+    think_s: list[float]  # before each turn (the first: 0)
+
+
+def conversations(args: argparse.Namespace) -> list[Conversation]:
     rng = random.Random(args.seed)
     systems = [f"You are assistant {i}. Context: {words(rng, args.system_words)}."
                for i in range(args.system_prompts)]
-    return [(systems[c % len(systems)],
-             [f"Question {t} of chat {c}: {words(rng, 30)}?" for t in range(args.turns)])
-            for c in range(args.conversations)]
+    chats, start_s = [], 0.0
+    for c in range(args.conversations):
+        turns = [f"Question {t} of chat {c}: {words(rng, 30)}?" for t in range(args.turns)]
+        think_s = [0.0] + [rng.expovariate(1 / args.think_s) for _ in turns[1:]]
+        chats.append(Conversation(systems[c % len(systems)], turns, start_s, think_s))
+        start_s += rng.expovariate(args.arrival_rate)
+    return chats
 
 
 async def chat(client: openai.AsyncOpenAI, model: str, system: str, turns: list[str],
-               max_tokens: int, run: Run) -> None:
+               start_s: float, think_s: list[float], max_tokens: int, run: Run) -> None:
+    await asyncio.sleep(start_s)
     messages = [{"role": "system", "content": system}]
-    for user in turns:
+    history_tokens = 0
+    for user, pause_s in zip(turns, think_s, strict=True):
+        await asyncio.sleep(pause_s)
         messages.append({"role": "user", "content": user})
         sent = time.monotonic()
         first, text, usage = None, [], None
@@ -93,6 +121,8 @@ async def chat(client: openai.AsyncOpenAI, model: str, system: str, turns: list[
         run.samples.append(Sample((first or time.monotonic()) - sent, usage.prompt_tokens,
                                   details.cached_tokens if details else 0))
         messages.append({"role": "assistant", "content": "".join(text)})
+        history_tokens = usage.prompt_tokens
+    run.history_tokens.append(history_tokens)
 
 
 def cluster_config(state_dir: str, balance: str, kv_cache_mb: int) -> ClusterConfig:
@@ -113,8 +143,8 @@ async def drive(base_url: str, args: argparse.Namespace) -> Run:
     async with openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0,
                                   timeout=600) as client:
         start = time.monotonic()
-        await asyncio.gather(*(chat(client, model, system, turns, args.max_tokens, run)
-                               for system, turns in conversations(args)))
+        await asyncio.gather(*(chat(client, model, c.system, c.turns, c.start_s, c.think_s,
+                                    args.max_tokens, run) for c in conversations(args)))
         run.wall_s = time.monotonic() - start
     return run
 
@@ -142,17 +172,22 @@ def summary(run: Run) -> dict[str, float]:
             "hit_rate": round(sum(s.cached_tokens for s in run.samples) / max(prompt, 1), 4),
             "ttft_p50_s": round(pct(ttft, 50), 4), "ttft_p99_s": round(pct(ttft, 99), 4),
             "requests_per_s": round(len(run.samples) / run.wall_s, 4),
+            "working_set_tokens": sum(run.history_tokens),
             "wall_s": round(run.wall_s, 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--conversations", type=int, default=8)
-    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--conversations", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=8)
+    parser.add_argument("--arrival-rate", type=float, default=1.0,
+                        help="conversations starting a second (Poisson)")
+    parser.add_argument("--think-s", type=float, default=2.0,
+                        help="mean pause before each later turn (exponential)")
     parser.add_argument("--system-prompts", type=int, default=2)
-    parser.add_argument("--system-words", type=int, default=120)
+    parser.add_argument("--system-words", type=int, default=40)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--kv-cache-mb", type=int, default=1024,
+    parser.add_argument("--kv-cache-mb", type=int, default=128,
                         help="each decode worker's KV pool (SmolLM2 fp32: 45 KiB a token)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
