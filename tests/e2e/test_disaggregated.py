@@ -7,6 +7,7 @@ seeded sampling).
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 from cluster import (
@@ -72,3 +73,24 @@ def test_seeded_sampling_equals_single_process(cluster, smollm, smollm_engine) -
     results = [generate(cluster["decode"].address, p, **sampled) for p in prompts]
     assert [tokens for tokens, _ in results] == expected
     assert [last.timing.prefill for _, last in results] == ["remote", "remote"]
+
+
+def test_a_remote_prefill_serves_later_prompts_once_its_fence_ends(
+        cluster, smollm, smollm_engine) -> None:
+    """The accepted attempt's landing pages enter the prefix cache when their lease
+    (plus the skew margin) is over: the next turn of a conversation whose history was
+    prefilled remotely computes only its new tokens, with the same output."""
+    history = mixed_prompts(smollm.tokenizer, 8, seed=2)[7]  # 200 words: remote
+    turn = history + smollm.tokenizer.encode(" And then what happened?")
+    expected = smollm_engine().generate([turn], SamplingParams(max_tokens=16, temperature=0))
+    address = cluster["decode"].address
+    _, first = generate(address, history)
+    assert first.timing.prefill == "remote"
+    deadline = time.monotonic() + 120
+    while admin_status(address).get("num_pages_quarantined", 0):
+        assert time.monotonic() < deadline, "landing pages still fenced"
+        time.sleep(0.5)
+    tokens, last = generate(address, turn)
+    assert [tokens] == expected
+    assert last.timing.num_cached_tokens >= len(history) // 16 * 16 - 16
+    assert last.timing.prefill == "local"  # only the new tokens were left: below threshold

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from splitserve.engine.page_allocator import page_hashes
 from splitserve.engine.remote_prefill import AcceptRefusal
 from splitserve.engine.sampling import SamplingParams
 
@@ -278,3 +279,60 @@ def test_failed_accept_changes_nothing_and_the_fallback_fences_the_pages(tiny_en
     assert decode.allocator.num_quarantined_pages == len(plan.landing_page_ids)
     assert decode.allocator.num_used_pages == 0  # the owned page is free again
     assert run_to_end(decode, "r") == expected
+
+
+def _cached_page_ids(engine, prompt) -> list[int]:
+    """The pages the prefix cache holds for `prompt`'s full pages (references dropped)."""
+    hashes = page_hashes(prompt, engine.config.page_size)
+    page_ids = engine.allocator.match_prefix(hashes)
+    engine.allocator.free(page_ids)
+    return page_ids
+
+
+def test_accepted_landing_pages_enter_the_cache_once_their_fence_ends(tiny_engine) -> None:
+    prompt = list(range(110, 123))  # 13 tokens: 3 full landing pages and a partial one
+    more = prompt + [7, 8, 9, 10, 11]
+    [expected] = tiny_engine().generate([more], GREEDY)
+    decode, prefill = tiny_engine(num_pages=32), tiny_engine()
+    release_at = time.monotonic() + 3600.0
+    plan = decode.reserve_remote("r", prompt, GREEDY, attempt=1, release_at=release_at)
+    first = remote_prefill(prefill, decode, "r", prompt, plan)
+    checks = []
+    decode.accept_remote("r", 1, first, verify=lambda pool, ids: checks.append(ids) or True)
+    run_to_end(decode, "r")
+    assert _cached_page_ids(decode, prompt) == []  # fenced: a late write may still land
+    decode.allocator.release_quarantined(release_at)
+    assert _cached_page_ids(decode, prompt) == plan.landing_page_ids[:3]
+    assert checks == [plan.landing_page_ids] * 2  # at accept, and again at the release
+    assert decode.allocator.num_published == 3
+    # the next request reuses them, with the single-process engine's output
+    hits = decode.allocator.num_cache_hits
+    decode.add_request("next", more, GREEDY)
+    assert run_to_end(decode, "next") == expected
+    assert decode.allocator.num_cache_hits - hits == 12
+
+
+def test_landing_pages_that_fail_the_check_at_release_are_not_published(tiny_engine) -> None:
+    prompt = list(range(130, 146))  # 4 full pages
+    decode, prefill = tiny_engine(num_pages=32), tiny_engine()
+    plan = decode.reserve_remote("r", prompt, GREEDY, attempt=1, release_at=FAR)
+    first = remote_prefill(prefill, decode, "r", prompt, plan)
+    verdicts = iter([True, False])  # intact at accept; a duplicate write changed them later
+    decode.accept_remote("r", 1, first, verify=lambda pool, ids: next(verdicts))
+    run_to_end(decode, "r")
+    decode.allocator.release_quarantined(FAR)
+    assert _cached_page_ids(decode, prompt) == [] and decode.allocator.num_published == 0
+    assert decode.allocator.num_free_pages == 32
+
+
+def test_pages_of_an_attempt_given_up_are_never_published(tiny_engine) -> None:
+    prompt = list(range(150, 166))  # 4 full pages
+    decode = tiny_engine(num_pages=32)
+    stale = decode.reserve_remote("r", prompt, GREEDY, attempt=1, release_at=FAR)
+    decode.pool.tensor[stale.landing_page_ids] = float("nan")  # a zombie's write
+    assert decode.fallback_remote("r")
+    run_to_end(decode, "r")  # the local prefill publishes its own pages
+    local = _cached_page_ids(decode, prompt)
+    decode.allocator.release_quarantined(FAR)
+    assert _cached_page_ids(decode, prompt) == local and decode.allocator.num_published == 0
+    assert not set(local) & set(stale.landing_page_ids)

@@ -9,7 +9,9 @@ Page states:
 - *quarantined*: count 0 but not allocatable before a release time. Landing pages
   of a remote-prefill attempt wait here until the attempt's lease has expired, so a
   late one-sided write can never land in another request's KV (the fence
-  invariant). Quarantined pages are never in the prefix cache.
+  invariant). Quarantined pages are never in the prefix cache; a quarantine may
+  carry a `Publication`: when it ends (no write can land any more) and its check
+  passes, its full pages enter the cache as they return to the free queue.
 """
 
 from __future__ import annotations
@@ -17,9 +19,21 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 NO_HASH = b""
+
+
+@dataclass(frozen=True)
+class Publication:
+    """Pages to publish to the prefix cache when their quarantine ends: `hashes` by
+    page id (full pages only), after `check(page_ids)` (e.g. checksums of the landed
+    data) still holds for the group `page_ids`."""
+
+    page_ids: tuple[int, ...]
+    hashes: dict[int, bytes]
+    check: Callable[[list[int]], bool] | None = None
 
 
 def page_hashes(token_ids: Sequence[int], page_size: int) -> list[bytes]:
@@ -44,6 +58,8 @@ class PageAllocator:
         self._hash_of_page: list[bytes] = [NO_HASH] * num_pages
         self._page_of_hash: dict[bytes, int] = {}
         self._quarantine: list[tuple[float, int]] = []  # heap of (release_at, page_id)
+        self._publications: dict[int, Publication] = {}  # quarantined page id → its group
+        self.num_published = 0  # quarantined pages that entered the cache on release
         self.num_cache_hits = 0  # tokens served from the prefix cache
         self.num_evictions = 0
         # With `record_events`: every change of the prefix cache, in order, until taken
@@ -96,22 +112,40 @@ class PageAllocator:
             if self._ref_counts[page_id] == 0:
                 self._free[page_id] = None
 
-    def quarantine(self, page_ids: Sequence[int], release_at: float) -> None:
-        """Drop one reference; pages reaching zero wait until `release_at` (monotonic s)."""
+    def quarantine(self, page_ids: Sequence[int], release_at: float,
+                   publish: Publication | None = None) -> None:
+        """Drop one reference; pages reaching zero wait until `release_at` (monotonic s),
+        then go to the free queue, those of `publish` into the prefix cache too."""
         for page_id in page_ids:
             self._ref_counts[page_id] -= 1
             assert self._ref_counts[page_id] >= 0, f"page {page_id} freed twice"
             if self._ref_counts[page_id] == 0:
                 self._uncache(page_id, evicted=False)
                 heapq.heappush(self._quarantine, (release_at, page_id))
+                if publish is not None:
+                    self._publications[page_id] = publish
 
     def release_quarantined(self, now: float) -> list[int]:
-        """Return pages whose quarantine ended by `now` to the free queue."""
-        released = []
+        """Return pages whose quarantine ended by `now` to the free queue, and publish
+        those whose group was released whole and passes its check."""
+        released: list[int] = []
         while self._quarantine and self._quarantine[0][0] <= now:
             _, page_id = heapq.heappop(self._quarantine)
             self._free[page_id] = None
             released.append(page_id)
+        groups: dict[int, Publication] = {}
+        for page_id in released:
+            group = self._publications.pop(page_id, None)
+            if group is not None:
+                groups[id(group)] = group
+        for group in groups.values():
+            if any(page_id in self._publications for page_id in group.page_ids):
+                continue  # part of it is still fenced (a group shares one release time)
+            if group.check is None or group.check(list(group.page_ids)):
+                pages = [p for p in group.page_ids if p in group.hashes and p in self._free]
+                before = self.num_cached_pages
+                self.cache_pages(pages, [group.hashes[p] for p in pages])
+                self.num_published += self.num_cached_pages - before
         return released
 
     def next_quarantine_release(self) -> float | None:

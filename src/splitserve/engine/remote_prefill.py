@@ -13,7 +13,9 @@ Decode side (the fence invariant, ARCHITECTURE.md):
    retried or fallen back, its landing pages quarantined).
 3. Whenever the sequence lets go of an attempt's landing pages (finish, abort,
    fallback), they are quarantined until the lease deadline plus the skew margin,
-   never freed, and they are never published to the prefix cache.
+   never freed before. Only the *accepted* attempt's full landing pages are then
+   published to the prefix cache, when the quarantine ends (no write can land any
+   more) and the verifier still passes on them; pages of any other attempt never are.
 `fallback` gives up on the remote attempt and queues the sequence for local prefill;
 `retry` starts a new remote attempt on fresh landing pages.
 
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from splitserve.engine.page_allocator import PageAllocator
+from splitserve.engine.page_allocator import PageAllocator, Publication, page_hashes
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence, SequenceStatus
 
@@ -63,14 +65,23 @@ class _Remote:
     plan: LandingPlan
 
 
+@dataclass(frozen=True)
+class _Held:
+    """An accepted attempt's landing pages, still in the running sequence."""
+
+    page_ids: list[int]
+    release_at: float
+    publish: Publication
+
+
 @dataclass
 class RemotePrefills:
     allocator: PageAllocator
     scheduler: Scheduler
     copy_page: Callable[[int, int], None]  # copy all layers of one page (src, dst)
     _pending: dict[str, _Remote] = field(default_factory=dict)
-    # landing pages still held by running sequences: request id → (page ids, release time)
-    _held_landing: dict[str, tuple[list[int], float]] = field(default_factory=dict)
+    # landing pages still held by running sequences, by request id
+    _held_landing: dict[str, _Held] = field(default_factory=dict)
     num_accepted: int = 0
     num_fallbacks: int = 0
 
@@ -118,7 +129,8 @@ class RemotePrefills:
             self.copy_page(landing[-1], plan.owned_page_id)
             seq.page_ids[-1] = plan.owned_page_id
         del self._pending[request_id]
-        self._held_landing[request_id] = (landing, plan.release_at)
+        self._held_landing[request_id] = _Held(landing, plan.release_at,
+                                               self._publication(seq, plan, verify))
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.status = SequenceStatus.RUNNING
         self.scheduler.running.append(seq)
@@ -160,11 +172,23 @@ class RemotePrefills:
     def release_landing(self, seq: Sequence) -> None:
         """When an accepted sequence lets go of its pages (finish, abort, preemption):
         its landing pages go to quarantine until the lease has surely expired."""
-        landing, release_at = self._held_landing.pop(seq.request_id, ([], 0.0))
-        if landing:
-            self.allocator.quarantine(landing, release_at)
-            landing_set = set(landing)
+        held = self._held_landing.pop(seq.request_id, None)
+        if held is not None:
+            self.allocator.quarantine(held.page_ids, held.release_at, held.publish)
+            landing_set = set(held.page_ids)
             seq.page_ids = [p for p in seq.page_ids if p not in landing_set]
+
+    def _publication(self, seq: Sequence, plan: LandingPlan,
+                     verify: PageVerifier | None) -> Publication:
+        """The full prompt pages among `plan`'s landing pages, by their chained hashes."""
+        ps = self.allocator.page_size
+        hashes = page_hashes(seq.token_ids[:seq.num_prompt_tokens], ps)
+        first = plan.num_cached_tokens // ps
+        return Publication(
+            tuple(plan.landing_page_ids),
+            {page_id: hashes[first + i] for i, page_id in enumerate(plan.landing_page_ids)
+             if first + i < len(hashes)},
+            verify)
 
     def _queue_local(self, seq: Sequence) -> None:
         """Give up on remote prefill: the sequence waits for a local one, first in line

@@ -290,7 +290,7 @@ class RemotePrefillClient:
         checksums = list(ready.page_checksums)
 
         def verify(pool: torch.Tensor, page_ids: list[int]) -> bool:
-            try:  # runs on the engine thread (inside accept)
+            try:  # on the engine thread: at accept, and again before the pages are cached
                 return not verify_page_checksums(pool, page_ids, checksums)
             except ChecksumCountMismatch:  # none sent, or for other pages: not intact
                 return False
