@@ -8,7 +8,14 @@ import pytest
 from splitserve.config.router import PerClass, QosConfig, RouterConfig
 from splitserve.config.schema import from_mapping
 from splitserve.errors import ConfigError
-from splitserve.router.admission import TtftModel, degraded_max_tokens, refusal
+from splitserve.router.admission import (
+    MAX_BUSY,
+    MAX_ESTIMATE_S,
+    RATE_TAU_S,
+    TtftModel,
+    degraded_max_tokens,
+    refusal,
+)
 
 
 def test_the_model_learns_seconds_per_token_of_work_ahead() -> None:
@@ -36,14 +43,38 @@ def test_a_request_waits_only_for_its_class_and_higher_ones() -> None:
     assert model.sent(100, "high") == 0
     assert model.ahead("low") == 1300 and model.ahead("normal") == 300
     assert model.ahead("") == model.ahead("normal")  # no priority: normal
-    assert model.estimate_s(100, "high") == pytest.approx(0.01 * 200)
-    assert model.estimate_s(100, "normal") == pytest.approx(0.01 * 400)
-    assert model.estimate_s(100, "low") == pytest.approx(0.01 * 1400)
+    later = 100 * RATE_TAU_S  # the arrival rates (below) have decayed by then
+    assert model.estimate_s(100, "high", later) == pytest.approx(0.01 * 200)
+    assert model.estimate_s(100, "normal", later) == pytest.approx(0.01 * 400)
+    assert model.estimate_s(100, "low", later) == pytest.approx(0.01 * 1400)
     model.first_token(100, 0, ttft_s=1.0, priority="high")  # settles the high tokens
     model.gave_up(1000, "low")
     assert model.pending == [0, 200, 0] and model.pending_tokens == 200
     model.gave_up(500, "normal")  # never below zero
     assert model.pending_tokens == 0
+
+
+def test_higher_class_arrivals_stretch_the_wait_of_lower_ones() -> None:
+    """While a request waits, higher classes keep arriving and go first: at `busy`
+    share of the worker's time taken by them, the wait is estimate / (1 - busy)."""
+    model = TtftModel(s_per_token=0.01)
+    t = 100.0
+    for i in range(50):  # 100 high tokens every 0.25 s: 400 tokens/s, busy ~4 × 0.01 ...
+        model.sent(100, "high", now=t + 0.25 * i)
+        model.first_token(100, 0, ttft_s=1.0, priority="high")  # keeps s_per_token 0.01
+    now = t + 0.25 * 49
+    busy = model.busy("normal", now)
+    assert busy >= MAX_BUSY  # ... more than the worker has
+    assert model.estimate_s(50, "normal", now) == MAX_ESTIMATE_S
+    assert model.estimate_s(50, "high", now) == pytest.approx(0.5)  # nothing above high
+    # the burst ends: its rate decays, the normal estimate comes back towards 0.5 s
+    later = now + 10 * RATE_TAU_S
+    assert model.busy("normal", later) < 0.01
+    assert model.estimate_s(50, "normal", later) == pytest.approx(0.5, rel=0.02)
+    # half the worker busy with high work: a normal request waits twice as long
+    half = TtftModel(s_per_token=0.01, rates=[50.0, 0.0, 0.0], rate_at=later)
+    assert half.busy("low", later) == pytest.approx(0.5)
+    assert half.estimate_s(50, "normal", later) == pytest.approx(1.0)
 
 
 def test_each_class_is_refused_above_its_own_limit() -> None:

@@ -9,8 +9,15 @@ high > normal > low, so a high-priority request waits for high ones only, and a
 queue of low-priority prompts does not make a normal request look late.
 `s_per_token` is a moving average over the worker's recent first tokens of TTFT /
 (the tokens that were ahead of the request + its own), so it absorbs the worker's
-prefill speed and what decoding costs it meanwhile. A worker with no sample yet has
-no estimate: everything is admitted until one exists.
+prefill speed and what decoding costs it meanwhile. While a request waits, work of
+higher classes keeps arriving and goes first: with `busy` the share of the worker's
+time that this router's higher-class arrivals take (their prompt tokens per second,
+a moving rate over ~RATE_TAU_S, × `s_per_token`), the wait stretches to
+estimate / (1 − busy), as in a priority queue; a worker that higher classes keep
+busy (`busy` ≥ MAX_BUSY) has no room for the class at all (estimate MAX_ESTIMATE_S).
+Without this, a normal request admitted during a burst of high-priority traffic
+would starve past its SLO. A worker with no sample yet has no estimate: everything
+is admitted until one exists. Callers pass the time (`now`, monotonic seconds).
 
 The rule: a request whose class has a threshold in `reject_above_s` (defaults: low
 2 s, normal 8 s; high 0, none) is refused with RESOURCE_EXHAUSTED when the estimate
@@ -23,11 +30,15 @@ finish_reason "length" and the HTTP response carries `x-splitserve-degraded`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from splitserve.config.router import QosConfig
 
 EMA_WEIGHT = 0.2  # of the newest sample
+RATE_TAU_S = 5.0  # time constant of the arrival rates: a 20 s load step is seen in ~5 s
+MAX_BUSY = 0.95
+MAX_ESTIMATE_S = 3600.0
 
 
 PRIORITIES = ("high", "normal", "low")  # the order of the workers' waiting queues
@@ -43,6 +54,9 @@ class TtftModel:
 
     pending: list[int] = field(default_factory=lambda: [0] * len(PRIORITIES))  # by class
     s_per_token: float | None = None  # moving average; None until the first sample
+    # prompt tokens a second sent there, by class, decaying with RATE_TAU_S, as of rate_at
+    rates: list[float] = field(default_factory=lambda: [0.0] * len(PRIORITIES))
+    rate_at: float = 0.0
 
     @property
     def pending_tokens(self) -> int:
@@ -53,15 +67,32 @@ class TtftModel:
         """Pending tokens a request of `priority` waits for: its class and higher ones."""
         return sum(self.pending[:_rank(priority) + 1])
 
-    def estimate_s(self, uncached_tokens: int, priority: str = "normal") -> float | None:
+    def busy(self, priority: str, now: float) -> float:
+        """The share of the worker's time that arrivals of higher classes take."""
+        if self.s_per_token is None:
+            return 0.0
+        decay = math.exp(-max(0.0, now - self.rate_at) / RATE_TAU_S)
+        return self.s_per_token * decay * sum(self.rates[:_rank(priority)])
+
+    def estimate_s(self, uncached_tokens: int, priority: str = "normal",
+                   now: float = 0.0) -> float | None:
         if self.s_per_token is None:
             return None
-        return self.s_per_token * (self.ahead(priority) + uncached_tokens)
+        busy = self.busy(priority, now)
+        if busy >= MAX_BUSY:
+            return MAX_ESTIMATE_S
+        own = self.s_per_token * (self.ahead(priority) + uncached_tokens)
+        return min(MAX_ESTIMATE_S, own / (1.0 - busy))
 
-    def sent(self, tokens: int, priority: str = "normal") -> int:
+    def sent(self, tokens: int, priority: str = "normal", now: float = 0.0) -> int:
         """A request with `tokens` uncached tokens went out; returns the tokens ahead."""
         ahead = self.ahead(priority)
-        self.pending[_rank(priority)] += tokens
+        rank = _rank(priority)
+        self.pending[rank] += tokens
+        decay = math.exp(-max(0.0, now - self.rate_at) / RATE_TAU_S)
+        self.rates = [r * decay for r in self.rates]
+        self.rates[rank] += tokens / RATE_TAU_S
+        self.rate_at = max(self.rate_at, now)
         return ahead
 
     def first_token(self, tokens: int, ahead: int, ttft_s: float,

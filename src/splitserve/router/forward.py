@@ -123,7 +123,8 @@ class Forwarder:
                     raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
                                         "no decode worker is serving; retry later")
                 tokens = self.pool.uncached_tokens(backend, request.token_ids)
-                estimate_s = backend.ttft.estimate_s(tokens, request.priority)
+                estimate_s = backend.ttft.estimate_s(tokens, request.priority,
+                                                    time.monotonic())
                 reason = refusal(qos, request.priority, estimate_s)
                 if reason is not None:
                     self.counters.num_refused += 1
@@ -234,7 +235,8 @@ class Forwarder:
                     tokens: int) -> AsyncGenerator[pb.GenerateChunk, None]:
         backend.active += 1
         priority = request.priority
-        sent_s, ahead, first = time.monotonic(), backend.ttft.sent(tokens, priority), False
+        sent_s, first = time.monotonic(), False
+        ahead = backend.ttft.sent(tokens, priority, sent_s)
         call = backend.stub.Generate(request, timeout=max(timeout_s, 0.001),
                                      metadata=self.security.metadata())
         try:
