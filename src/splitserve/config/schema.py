@@ -36,6 +36,10 @@ class EngineConfig:
     # step takes ~0.3 s with SmolLM2, which bounds how long a prefill chunk delays
     # the running sequences' next token.
     max_num_batched_tokens: int = 256
+    # A prompt's chunk per step while others compete for the budget (budget left over
+    # still goes to it): a short prompt behind a long one is prefilled in the next
+    # step, not after the whole long prompt. None: no cap (first come takes it all).
+    max_prefill_chunk_tokens: int | None = 128
     max_model_len: int | None = None  # None = the model's context length
     enable_prefix_cache: bool = True
     # auto: Triton kernels on CUDA, plain torch on CPU
@@ -51,6 +55,9 @@ class EngineConfig:
             raise ConfigError("num_pages", f"must be >= 1, got {self.num_pages}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("max_model_len", f"must be >= 1, got {self.max_model_len}")
+        if self.max_prefill_chunk_tokens is not None and self.max_prefill_chunk_tokens < 1:
+            raise ConfigError("max_prefill_chunk_tokens",
+                              f"must be >= 1 or null, got {self.max_prefill_chunk_tokens}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ConfigError("cpu_threads", f"must be >= 1, got {self.cpu_threads}")
 

@@ -58,7 +58,8 @@ class Engine:
         self.pool = KVPool(self.geometry, num_pages, device)
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens,
+                                   config.max_prefill_chunk_tokens)
         attention = make_attention(config.attention_backend, self.pool, mc.head_dim**-0.5)
         self.runner = ModelRunner(loaded.model, attention)
         self.remote = RemotePrefills(self.allocator, self.scheduler, self._copy_page)

@@ -6,7 +6,11 @@ under a token budget:
    decode, a chunk of the remaining prompt for one still in prefill;
 2. then waiting sequences, high priority before normal before low and oldest first
    within a class, while the budget, `max_num_seqs` and free pages allow; a waiting
-   sequence first takes whatever prefix the cache holds.
+   sequence first takes whatever prefix the cache holds;
+3. a prompt's chunk is at most `max_prefill_chunk_tokens` in steps 1 and 2, so that a
+   long prompt does not take the whole budget from the short ones behind it (which
+   would wait for all of it); budget still left then tops up the capped chunks in
+   order, so a prompt alone in the step is not slowed down.
 When a running sequence needs a page and none is free, the most recently admitted
 running sequence of the lowest priority class is preempted: its pages are freed (full
 ones stay in the prefix cache) and it goes back to the front of its class in the
@@ -53,11 +57,13 @@ class Scheduler:
         allocator: PageAllocator,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        max_prefill_chunk_tokens: int | None = None,
     ) -> None:
         self.allocator = allocator
         self.page_size = allocator.page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunk_cap = max_prefill_chunk_tokens or max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -105,7 +111,7 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(seq.num_uncomputed_tokens, budget, self.chunk_cap)
             if not self._reserve_pages(seq, num_new, out):
                 continue
             out.scheduled.append(ScheduledSequence(seq, num_new))
@@ -115,7 +121,7 @@ class Scheduler:
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
             self.take_cached_prefix(seq)
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(seq.num_uncomputed_tokens, budget, self.chunk_cap)
             num_pages = self._num_pages_needed(seq, num_new)
             if not self.allocator.can_allocate(num_pages) and self._could_make_room(
                     seq.rank, num_pages):
@@ -134,7 +140,25 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
+        self._top_up(out, budget)
         return out
+
+    def _top_up(self, out: SchedulerOutput, budget: int) -> None:
+        """Hand budget left over to capped prompt chunks, in order, as far as free
+        pages allow without preempting anyone."""
+        for i, item in enumerate(out.scheduled):
+            if budget == 0:
+                return
+            seq = item.seq
+            more = min(seq.num_uncomputed_tokens - item.num_new_tokens, budget)
+            if more <= 0:
+                continue
+            num_pages = self._num_pages_needed(seq, item.num_new_tokens + more)
+            if not self.allocator.can_allocate(num_pages):
+                continue
+            seq.page_ids += self.allocator.allocate(num_pages)
+            out.scheduled[i] = ScheduledSequence(seq, item.num_new_tokens + more)
+            budget -= more
 
     def update(self, scheduled: Seq[ScheduledSequence]) -> None:
         """After the runner computed a step: advance counters, publish full pages."""
