@@ -127,10 +127,11 @@ async def drive(addresses: list[str], requests: list[Request]) -> tuple[list[Res
     return list(results), wall_s
 
 
-def cluster_config(mode: str, state_dir: str, routing: RoutingConfig) -> ClusterConfig:
+def cluster_config(mode: str, state_dir: str, routing: RoutingConfig,
+                   chunk_cap: int | None) -> ClusterConfig:
     worker = WorkerConfig(
         engine=EngineConfig(kv_cache_memory_mb=1024, max_num_seqs=32,
-                            max_num_batched_tokens=256),
+                            max_num_batched_tokens=256, max_prefill_chunk_tokens=chunk_cap),
         routing=replace(routing, enable_remote_prefill=mode == "disaggregated"),
         lease=LeaseConfig(base_s=20.0, per_token_ms=10.0), log_level="WARNING")
     return ClusterConfig(
@@ -168,9 +169,10 @@ def summarize(results: list[Result], wall_s: float) -> dict:
     }
 
 
-def run_mode(mode: str, requests: list[Request], routing: RoutingConfig) -> dict:
+def run_mode(mode: str, requests: list[Request], routing: RoutingConfig,
+             chunk_cap: int | None) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"splitserve-{mode}-") as state_dir:
-        cluster = LocalCluster(cluster_config(mode, state_dir, routing))
+        cluster = LocalCluster(cluster_config(mode, state_dir, routing, chunk_cap))
         cluster.start()
         try:
             addresses = [w.config.grpc_address for w in cluster.workers
@@ -195,8 +197,9 @@ RATIOS = {  # name: (summary key, percentile); the lower the better
 def seed_run(args: argparse.Namespace, routing: RoutingConfig, seed: int) -> dict:
     """Both modes on one seed's requests."""
     requests = workload(args.rate, args.duration, seed)
-    disagg = run_mode("disaggregated", requests, routing)
-    coloc = run_mode("colocated", requests, routing)
+    cap = args.max_prefill_chunk_tokens or None
+    disagg = run_mode("disaggregated", requests, routing, cap)
+    coloc = run_mode("colocated", requests, routing, cap)
     ratios: dict[str, float | None] = {name: ratio(disagg, coloc, key, q)
                                        for name, (key, q) in RATIOS.items()}
     ratios["goodput"] = (round(disagg["goodput_req_per_s"] / coloc["goodput_req_per_s"], 3)
@@ -230,6 +233,9 @@ def main() -> None:
                     help="moderate_length_threshold: shorter prompts always stay local")
     ap.add_argument("--decode-load-threshold", type=float, default=0.0,
                     help="decode load from which moderate prompts go remote (0: always)")
+    ap.add_argument("--max-prefill-chunk-tokens", type=int,
+                    default=EngineConfig.max_prefill_chunk_tokens,
+                    help="the engines' per-prompt chunk cap (0: none)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                     help="one workload per seed, both modes on each")
     ap.add_argument("--json", action="store_true")
@@ -247,6 +253,7 @@ def main() -> None:
                      "seeds": args.seeds, "short_prompt_tokens": "32-64",
                      "long_prompt_tokens": "1024-2048", "output_tokens": "32-128"},
         "routing": asdict(routing),
+        "max_prefill_chunk_tokens": args.max_prefill_chunk_tokens,
         "slo": {"ttft_short_s": SLO_TTFT_SHORT_S, "ttft_long_s": SLO_TTFT_LONG_S,
                 "tpot_s": SLO_TPOT_S},
         "runs": runs,
