@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from splitserve.engine.page_allocator import PageAllocator, Publication, page_hashes
+from splitserve.engine.page_allocator import PageAllocator, Publication
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence, SequenceStatus
 
@@ -182,7 +182,7 @@ class RemotePrefills:
                      verify: PageVerifier | None) -> Publication:
         """The full prompt pages among `plan`'s landing pages, by their chained hashes."""
         ps = self.allocator.page_size
-        hashes = page_hashes(seq.token_ids[:seq.num_prompt_tokens], ps)
+        hashes = seq.page_hashes[:seq.num_prompt_tokens // ps]  # from `reserve`'s lookup
         first = plan.num_cached_tokens // ps
         return Publication(
             tuple(plan.landing_page_ids),

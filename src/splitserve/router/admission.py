@@ -34,14 +34,12 @@ import math
 from dataclasses import dataclass, field
 
 from splitserve.config.router import QosConfig
+from splitserve.router.openai_api import PRIORITIES  # the order of the workers' queues
 
 EMA_WEIGHT = 0.2  # of the newest sample
 RATE_TAU_S = 5.0  # time constant of the arrival rates: a 20 s load step is seen in ~5 s
 MAX_BUSY = 0.95
 MAX_ESTIMATE_S = 3600.0
-
-
-PRIORITIES = ("high", "normal", "low")  # the order of the workers' waiting queues
 
 
 def _rank(priority: str) -> int:
@@ -71,8 +69,7 @@ class TtftModel:
         """The share of the worker's time that arrivals of higher classes take."""
         if self.s_per_token is None:
             return 0.0
-        decay = math.exp(-max(0.0, now - self.rate_at) / RATE_TAU_S)
-        return self.s_per_token * decay * sum(self.rates[:_rank(priority)])
+        return self.s_per_token * self._decay(now) * sum(self.rates[:_rank(priority)])
 
     def estimate_s(self, uncached_tokens: int, priority: str = "normal",
                    now: float = 0.0) -> float | None:
@@ -89,7 +86,7 @@ class TtftModel:
         ahead = self.ahead(priority)
         rank = _rank(priority)
         self.pending[rank] += tokens
-        decay = math.exp(-max(0.0, now - self.rate_at) / RATE_TAU_S)
+        decay = self._decay(now)
         self.rates = [r * decay for r in self.rates]
         self.rates[rank] += tokens / RATE_TAU_S
         self.rate_at = max(self.rate_at, now)
@@ -105,6 +102,10 @@ class TtftModel:
     def gave_up(self, tokens: int, priority: str = "normal") -> None:
         """Ended (error, cancel) before its first token."""
         self._settle(tokens, priority)
+
+    def _decay(self, now: float) -> float:
+        """How much of the rates as of `rate_at` is left at `now`."""
+        return math.exp(-max(0.0, now - self.rate_at) / RATE_TAU_S)
 
     def _settle(self, tokens: int, priority: str) -> None:
         rank = _rank(priority)
