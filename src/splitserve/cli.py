@@ -14,6 +14,7 @@ import click
 from splitserve.calibrate import DEFAULT_LENGTHS
 from splitserve.cli_options import (
     _CONNECT_TIMEOUT,
+    _GRACE,
     _JSON,
     _TARGET,
     broker_options,
@@ -190,8 +191,7 @@ def admin_workers(target: str, as_json: bool, call: CallOptions) -> None:
 
 @admin.command("drain")
 @_TARGET
-@click.option("--grace", "grace_s", default=30.0, show_default=True, type=float,
-              help="Seconds to wait for in-flight requests (0: return at once).")
+@_GRACE
 @_JSON
 @call_options
 def admin_drain(target: str, grace_s: float, as_json: bool, call: CallOptions) -> None:
@@ -201,6 +201,25 @@ def admin_drain(target: str, grace_s: float, as_json: bool, call: CallOptions) -
     resp = _run_remote(client.admin_drain(target, grace_s, call))
     click.echo(client.to_json(resp) if as_json else
                f"state {client.state_name(resp.state)}, {resp.num_in_flight} requests in flight")
+
+
+@admin.command("set-role")
+@_TARGET
+@click.option("--role", required=True, type=click.Choice(["prefill", "decode"]),
+              help="The role to serve from now on.")
+@_GRACE
+@_JSON
+@call_options
+def admin_set_role(target: str, role: str, grace_s: float, as_json: bool,
+                   call: CallOptions) -> None:
+    """Switch a worker between prefill and decode in place (drain, switch, resume);
+    exit 1 if the grace ran out and the old role stayed."""
+    from splitserve import client
+
+    resp = _run_remote(client.admin_set_role(target, role, grace_s, call))
+    click.echo(client.to_json(resp) if as_json else client.set_role_line(resp))
+    if resp.role != role:
+        sys.exit(1)
 
 
 @admin.command("resume")

@@ -16,6 +16,9 @@ _JSON = click.option("--json", "as_json", is_flag=True, help="Print the response
 _CONNECT_TIMEOUT = click.option("--connect-timeout", default=5.0, show_default=True, type=float,
                                 help="Seconds to wait for the daemon to accept the connection.")
 _FILE = click.Path(exists=True, dir_okay=False)
+_GRACE = click.option("--grace", "--grace-s", "grace_s", default=30.0, show_default=True,
+                      type=float, help="Seconds to wait for in-flight requests (0: return "
+                      "at once).")
 
 
 def call_options(command: Callable[..., None]) -> Callable[..., None]:

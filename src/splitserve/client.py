@@ -207,6 +207,15 @@ async def admin_drain(target: str, grace_s: float, options: CallOptions = DEFAUL
     return resp
 
 
+async def admin_set_role(target: str, role: str, grace_s: float,
+                         options: CallOptions = DEFAULT_CALL) -> admin_pb2.SetRoleResponse:
+    """Switch a worker's role in place; drains first, so the deadline allows `grace_s`."""
+    resp: admin_pb2.SetRoleResponse = await _unary(
+        target, "SetRole", admin_pb2.SetRoleRequest(role=role, grace_s=grace_s),
+        replace(options, timeout_s=grace_s + options.timeout_s))
+    return resp
+
+
 async def admin_resume(target: str, options: CallOptions = DEFAULT_CALL
                        ) -> admin_pb2.ResumeResponse:
     resp: admin_pb2.ResumeResponse = await _unary(
@@ -269,6 +278,16 @@ def _policy_note(status: admin_pb2.GetStatusResponse) -> str:
     note = (f"revision {status.policy_revision} over the config file" if status.policy_revision
             else "config file")
     return f"{note}; {status.policy_error}" if status.policy_error else note
+
+
+def outcome_name(outcome: int) -> str:
+    return admin_pb2.RoleSwitchOutcome.Name(outcome).removeprefix("ROLE_SWITCH_OUTCOME_")
+
+
+def set_role_line(resp: admin_pb2.SetRoleResponse) -> str:
+    line = (f"role {resp.role} (was {resp.previous_role}): {outcome_name(resp.outcome)}, "
+            f"state {state_name(resp.state)}")
+    return line + (f", {resp.num_in_flight} in flight" if resp.num_in_flight else "")
 
 
 def reload_rows(result: admin_pb2.ReloadResponse) -> list[tuple[str, str]]:

@@ -72,6 +72,20 @@ async def test_admin_commands(grpc_worker: GrpcWorker) -> None:
     assert not grpc_worker.admin.is_draining()
 
 
+async def test_set_role_on_a_server_without_roles(grpc_worker: GrpcWorker) -> None:
+    """A local engine server has no prefill role to switch to: FAILED_PRECONDITION; an
+    unknown role never leaves the CLI."""
+    target = ("--target", grpc_worker.address)
+    rc, _, err = await splitserve("admin", "set-role", *target, "--role", "prefill",
+                                  "--grace-s", "0")
+    assert rc == 1
+    assert one_line_error(err) == ("Error: FAILED_PRECONDITION: cannot switch roles: this "
+                                   "daemon has no prefill or decode role")
+    rc, _, err = await splitserve("admin", "set-role", *target, "--role", "router")
+    assert rc == 2 and "'router' is not one of 'prefill', 'decode'" in err
+    assert not grpc_worker.admin.is_draining()
+
+
 async def test_unreachable_target_fails_with_one_line() -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

@@ -9,7 +9,17 @@ from typing import NoReturn
 
 import grpc
 
-from splitserve.control.backend import DRAINING, SERVING, AdminBackend, WorkerInfo, WorkerStatus
+from splitserve.control.backend import (
+    DRAINING,
+    SERVING,
+    AdminBackend,
+    RoleChange,
+    RoleSwitching,
+    RoleSwitchOutcome,
+    WorkerInfo,
+    WorkerStatus,
+)
+from splitserve.control.errors import RoleSwitchUnsupported
 from splitserve.control.health import HealthStatus
 from splitserve.control.status import status_for
 from splitserve.engine.errors import InvalidRequest
@@ -21,10 +31,13 @@ log = logging.getLogger(__name__)
 MAX_GRACE_S = 3600.0
 
 _STATES = {SERVING: pb.SERVING_STATE_SERVING, DRAINING: pb.SERVING_STATE_DRAINING}
+_OUTCOMES = {RoleSwitchOutcome.SWITCHED: pb.ROLE_SWITCH_OUTCOME_SWITCHED,
+             RoleSwitchOutcome.UNCHANGED: pb.ROLE_SWITCH_OUTCOME_UNCHANGED,
+             RoleSwitchOutcome.TIMED_OUT: pb.ROLE_SWITCH_OUTCOME_TIMED_OUT}
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    """Drain and Resume also flip the health service (when given one)."""
+    """Drain, Resume and SetRole also flip the health service (when given one)."""
 
     def __init__(self, backend: AdminBackend, health: HealthStatus | None = None) -> None:
         self.backend = backend
@@ -48,15 +61,23 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def Drain(self, request: pb.DrainRequest,
                     context: grpc.aio.ServicerContext) -> pb.DrainResponse:
         try:
-            grace_s = request.grace_s
-            if not math.isfinite(grace_s) or not 0 <= grace_s <= MAX_GRACE_S:
-                raise InvalidRequest("grace_s", f"grace_s must be in [0, {MAX_GRACE_S:g}], "
-                                     f"got {grace_s}")
-            state = await drain(self.backend, self.health, grace_s)
+            state = await drain(self.backend, self.health, _grace_s(request.grace_s))
         except Exception as exc:  # noqa: BLE001 - every failure gets a deliberate code
             await _abort(context, exc)
         return pb.DrainResponse(state=_STATES[state],
                                 num_in_flight=self.backend.tracker.num_in_flight)
+
+    async def SetRole(self, request: pb.SetRoleRequest,
+                      context: grpc.aio.ServicerContext) -> pb.SetRoleResponse:
+        try:
+            change = await set_role(self.backend, self.health, request.role,
+                                    _grace_s(request.grace_s))
+        except Exception as exc:  # noqa: BLE001 - every failure gets a deliberate code
+            await _abort(context, exc)
+        return pb.SetRoleResponse(role=change.role, previous_role=change.previous_role,
+                                  state=_STATES[change.state],
+                                  num_in_flight=change.num_in_flight,
+                                  outcome=_OUTCOMES[change.outcome])
 
     async def Resume(self, request: pb.ResumeRequest,
                      context: grpc.aio.ServicerContext) -> pb.ResumeResponse:
@@ -92,11 +113,27 @@ async def drain(backend: AdminBackend, health: HealthStatus | None, grace_s: flo
     return await backend.drain(grace_s)
 
 
+async def set_role(backend: AdminBackend, health: HealthStatus | None, role: str,
+                   grace_s: float) -> RoleChange:
+    """Switch the daemon's role in place; the backend drives health through the switch
+    (NOT_SERVING while it drains, Generation following the new role)."""
+    if not isinstance(backend, RoleSwitching):
+        raise RoleSwitchUnsupported("this daemon has no prefill or decode role")
+    return await backend.set_role(role, grace_s, health)
+
+
 async def resume(backend: AdminBackend, health: HealthStatus | None) -> str:
     state = await backend.resume()
     if health is not None:
         health.set_serving(state == SERVING)
     return state
+
+
+def _grace_s(grace_s: float) -> float:
+    if not math.isfinite(grace_s) or not 0 <= grace_s <= MAX_GRACE_S:
+        raise InvalidRequest("grace_s", f"grace_s must be in [0, {MAX_GRACE_S:g}], "
+                             f"got {grace_s}")
+    return grace_s
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:

@@ -48,6 +48,7 @@ METHOD_SCOPES = {
     "/splitserve.v1.Admin/Drain": "admin:write",
     "/splitserve.v1.Admin/Resume": "admin:write",
     "/splitserve.v1.Admin/Reload": "admin:write",
+    "/splitserve.v1.Admin/SetRole": "admin:write",  # drains, as Drain does
     GENERATE_METHOD: "generate",
 }
 DEFAULT_SCOPE = "admin:write"

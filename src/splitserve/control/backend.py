@@ -8,7 +8,8 @@ service. Nothing here knows about protobuf.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from enum import Enum
+from typing import Protocol, runtime_checkable
 
 from splitserve.config.reload import ReloadResult
 from splitserve.control.tracker import RequestTracker
@@ -45,6 +46,7 @@ class StatusCounters:
     num_lease_expiries: int = 0
     num_lease_renewals: int = 0
     num_declined_jobs: int = 0
+    num_role_switches: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,40 @@ class WorkerInfo:
 class ConfigView:
     yaml: str  # the config in force, in the daemon's config file format
     config_hash: str  # as WorkerStatus.config_hash
+
+
+class RoleSwitchOutcome(Enum):
+    SWITCHED = "switched"  # the requested role is in force
+    UNCHANGED = "unchanged"  # it already was: nothing drained
+    TIMED_OUT = "timed_out"  # the grace ran out with work in flight: the old role stays
+
+
+@dataclass(frozen=True)
+class RoleChange:
+    """What Admin.SetRole did."""
+
+    outcome: RoleSwitchOutcome
+    role: str  # in force after the call
+    previous_role: str
+    state: str  # SERVING or DRAINING
+    num_in_flight: int = 0  # left when the grace ran out
+
+
+class ServingGate(Protocol):
+    """The health service as a role switch drives it (control.health.HealthStatus)."""
+
+    def set_serving(self, serving: bool) -> None: ...
+
+    def set_enabled(self, service: str, enabled: bool) -> None: ...
+
+
+@runtime_checkable
+class RoleSwitching(Protocol):
+    """A backend whose daemon can switch roles in place (a worker: prefill ⇄ decode)."""
+
+    async def set_role(self, role: str, grace_s: float, gate: ServingGate | None) -> RoleChange:
+        """InvalidRequest for an unknown role, RoleSwitchBusy while another switch runs."""
+        ...
 
 
 class AdminBackend(Protocol):

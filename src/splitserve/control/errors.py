@@ -28,3 +28,33 @@ class ReloadUnsupported(SplitserveError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"cannot reload: {reason}")
         self.reason = reason
+
+
+class RoleSwitchBusy(SplitserveError):
+    """Another role switch is running on this worker (→ FAILED_PRECONDITION)."""
+
+    def __init__(self, current_role: str, requested_role: str) -> None:
+        super().__init__(f"a role switch is running on this worker (now {current_role}); "
+                         "retry once it is done")
+        self.current_role = current_role
+        self.requested_role = requested_role
+
+
+class RoleSwitchUnsupported(SplitserveError):
+    """This daemon has no role to switch (router, planner, a local server) (→
+    FAILED_PRECONDITION)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"cannot switch roles: {reason}")
+        self.reason = reason
+
+
+class RoleUnavailable(SplitserveError):
+    """A call this worker's current role does not serve, e.g. Generate on a prefill
+    worker (→ UNAVAILABLE: the client retries on another worker)."""
+
+    def __init__(self, role: str, request_id: str = "") -> None:
+        super().__init__(f"this worker is a {role} worker now and serves no Generate calls; "
+                         "retry on a decode worker")
+        self.role = role
+        self.request_id = request_id

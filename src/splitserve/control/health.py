@@ -2,7 +2,9 @@
 
 While draining, the overall status ("") and the admitting services (Generation)
 report NOT_SERVING, so load balancers and `grpc_health_probe` stop sending new
-work; Admin stays SERVING so the worker can still be inspected and resumed.
+work; Admin stays SERVING so the worker can still be inspected and resumed. A gated
+service can also be disabled on its own (`set_enabled`): a worker whose current role
+serves no Generate calls (prefill) reports Generation NOT_SERVING while "" serves.
 
 Our own servicer rather than `grpc_health.v1.health.aio.HealthServicer`: its
 setter is a coroutine, and a signal handler or a synchronous start-up step must be
@@ -34,6 +36,7 @@ class HealthStatus(health_pb2_grpc.HealthServicer):
         self.gated = (OVERALL, *gated)
         self.always_serving = tuple(always_serving)
         self._status = dict.fromkeys(self.always_serving, _SERVING)
+        self._disabled: set[str] = set()  # gated services NOT_SERVING whatever the state
         self._changed = asyncio.Event()  # replaced after each change; watchers wait on it
         self._shut_down = False
         self.serving = not serving  # so the first call below logs and applies
@@ -46,7 +49,28 @@ class HealthStatus(health_pb2_grpc.HealthServicer):
         if serving != self.serving:
             log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
         self.serving = serving
-        self._update(self.gated, _SERVING if serving else _NOT_SERVING)
+        self._update_gated()
+
+    def set_enabled(self, service: str, enabled: bool) -> None:
+        """Disable (NOT_SERVING whatever `set_serving` says) or re-enable one gated
+        service (no-op after shutdown)."""
+        if service not in self.gated or service == OVERALL:
+            raise ValueError(f"{service!r} is not a gated service: {self.gated}")
+        if (service not in self._disabled) != enabled:
+            log.info("health: %s %s", service, "enabled" if enabled else "disabled")
+        if enabled:
+            self._disabled.discard(service)
+        else:
+            self._disabled.add(service)
+        if not self._shut_down:
+            self._update_gated()
+
+    def _update_gated(self) -> None:
+        on = [s for s in self.gated if self.serving and s not in self._disabled]
+        off = [s for s in self.gated if s not in on]
+        for services, status in ((on, _SERVING), (off, _NOT_SERVING)):
+            if services:
+                self._update(services, status)
 
     def shutdown(self) -> None:
         """Every service NOT_SERVING for good (the server is stopping)."""

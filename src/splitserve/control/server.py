@@ -1,4 +1,4 @@
-"""One grpc.aio server per daemon: Generation (decode workers), Admin, health, reflection.
+"""One grpc.aio server per daemon: Generation (workers), Admin, health, reflection.
 
 Every server enables reflection and the standard health service, so
 `grpcurl -plaintext host:port list` works without proto files (`-cacert ca.pem`
@@ -104,6 +104,11 @@ class GrpcServer:
         """Health of "" and Generation; requests are refused only by a drain."""
         self.health.set_serving(serving)
 
+    def set_generation_enabled(self, enabled: bool) -> None:
+        """Health of Generation follows the worker's role: NOT_SERVING on a prefill
+        worker (its Generate calls get UNAVAILABLE), whatever `set_serving` says."""
+        self.health.set_enabled(GENERATION_SERVICE, enabled)
+
     async def drain(self, grace_s: float) -> str:
         """What Admin.Drain does; for SIGTERM handlers."""
         return await drain(self.admin, self.health, grace_s)
@@ -133,7 +138,9 @@ async def start_grpc_server(
 ) -> GrpcServer:
     """Bind `address` ("host:0" picks a free port), register the services, start.
 
-    `generation` is None on daemons that do not serve requests (prefill, planner).
+    `generation` is None on daemons that never serve requests (planner); a worker
+    passes its role switch, whose Generate refuses calls while it is a prefill worker
+    (`set_generation_enabled(False)` then says so in health).
     `serving=False` starts with health NOT_SERVING, for daemons that finish their
     start-up (broker, registration) before calling `set_serving(True)`.
     Raises BindError when the address cannot be bound, ConfigError when a TLS or

@@ -5,8 +5,8 @@
 | `DuplicateRequest` | ALREADY_EXISTS |
 | `InvalidRequest`, `ConfigError`, `InvalidSubjectToken` | INVALID_ARGUMENT |
 | `CapacityExceeded` (request can never fit; routing's overload rejects derive from it) | RESOURCE_EXHAUSTED |
-| `Draining`, `EngineStopped`, `BrokerError` (broker down, publish failed) | UNAVAILABLE |
-| `ReloadUnsupported` (a daemon started without a config file) | FAILED_PRECONDITION |
+| `Draining`, `RoleUnavailable`, `EngineStopped`, `BrokerError` (broker down, …) | UNAVAILABLE |
+| `ReloadUnsupported` (no config file), `RoleSwitchBusy`, `RoleSwitchUnsupported` | FAILED_PRECONDITION |
 | `TimeoutError` | DEADLINE_EXCEEDED |
 | anything else | INTERNAL, logged with its traceback |
 
@@ -21,7 +21,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from splitserve.control.errors import Draining, ReloadUnsupported
+from splitserve.control.errors import (
+    Draining,
+    ReloadUnsupported,
+    RoleSwitchBusy,
+    RoleSwitchUnsupported,
+    RoleUnavailable,
+)
 from splitserve.engine.async_engine import EngineStopped
 from splitserve.engine.errors import CapacityExceeded, DuplicateRequest, InvalidRequest
 from splitserve.errors import ConfigError
@@ -61,9 +67,9 @@ def status_for(exc: BaseException, request_id: str = "") -> RpcStatus:
         return _invalid(exc.kind, str(exc))
     if isinstance(exc, CapacityExceeded):
         return RpcStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, _one_line(str(exc)))
-    if isinstance(exc, Draining | EngineStopped | BrokerError):
+    if isinstance(exc, Draining | RoleUnavailable | EngineStopped | BrokerError):
         return RpcStatus(grpc.StatusCode.UNAVAILABLE, _one_line(str(exc)))
-    if isinstance(exc, ReloadUnsupported):
+    if isinstance(exc, ReloadUnsupported | RoleSwitchBusy | RoleSwitchUnsupported):
         return RpcStatus(grpc.StatusCode.FAILED_PRECONDITION, _one_line(str(exc)))
     if isinstance(exc, TimeoutError):
         return RpcStatus(grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -8,6 +8,8 @@ Engine thread crash: health NOT_SERVING at once, no drain (the engine cannot fin
 anything), stop the role, deregister, exit 1 so that systemd restarts the worker.
 SIGHUP, a change of the config file (watched from the start) and Admin.Reload:
 reload the config (config/reload.py); the reloadable fields apply at once.
+Admin.SetRole switches the role in place (worker/role_switch.py); the file's role
+names the daemon, the switched role stays in force across reloads.
 Under systemd (daemons/notify.py): READY=1 once SERVING, RELOADING=1 … READY=1 around
 each reload after that, STOPPING=1 when the drain (or the crash exit) begins, STATUS=
 lines throughout; with WatchdogSec=, WATCHDOG=1 every half interval while the engine
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +39,7 @@ from splitserve.redact import redact_url
 from splitserve.tasks import arm_stop_deadline, first_set, logged_task, stop_tasks
 from splitserve.worker.admin import WorkerAdminBackend
 from splitserve.worker.core import WorkerCore
-from splitserve.worker.decode import DecodeService
-from splitserve.worker.prefill import PrefillService
+from splitserve.worker.role_switch import RoleSwitcher
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +85,16 @@ async def serve(config: WorkerConfig, cfg_hash: str = "",
         watcher = logged_task(watch_file(changes, lambda: reloader.reload("file change")),
                               "config watcher")
     engine = await core.start_engine()
-    role: DecodeService | PrefillService = (
-        DecodeService(core) if config.role == "decode" else PrefillService(core))
+    role = RoleSwitcher(core)  # the decode or prefill role, switched by Admin.SetRole
     admin = WorkerAdminBackend(core, role, reloader, cfg_hash)
     # NOT_SERVING until the broker and the registry are reached
     server = await start_grpc_server(
-        config.grpc_address, role if isinstance(role, DecodeService) else None, admin,
-        serving=False, security=ServerSecurity(config.grpc_tls, config.auth))
+        config.grpc_address, role, admin, serving=False,
+        security=ServerSecurity(config.grpc_tls, config.auth))
+    server.set_generation_enabled(core.role == "decode")
+    role.listeners.append(lambda change: notifier.status(
+        f"serving: {change.role} worker {core.worker_id}, gRPC {server.address}; role "
+        f"switch {change.previous_role} → {change.role}: {change.outcome.value}"))
     try:
         await core.start_messaging(server.address)
         await role.start()
@@ -128,8 +133,11 @@ async def serve(config: WorkerConfig, cfg_hash: str = "",
 
 def _reloader(core: WorkerCore, path: Path, cfg_hash: str,
               notifier: Notifier) -> ConfigReloader[WorkerConfig]:
+    daemon_role = core.role  # `splitserve decode|prefill`: what the file must say
+
     def load(p: Path) -> WorkerConfig:
-        return load_worker_config(p, core.role)
+        # Checked against the daemon's role; a switch since then (SetRole) stays.
+        return replace(load_worker_config(p, daemon_role), role=core.role)  # type: ignore[arg-type]
 
     def apply(config: WorkerConfig) -> None:
         logging.getLogger().setLevel(config.log_level)

@@ -241,9 +241,9 @@ class DecodePool:
                 continue
             worker_id, data = event
             descriptor = None if data is None else parse_descriptor(worker_id, data)
-            if descriptor is None:
+            if descriptor is None or descriptor.role != "decode":  # gone, or switched roles
                 self.remove(worker_id)
-            elif descriptor.role == "decode" and descriptor.grpc_address:
+            elif descriptor.grpc_address:
                 self.add(worker_id, descriptor.grpc_address, descriptor.incarnation,
                          descriptor.geometry.page_size or 16)
 

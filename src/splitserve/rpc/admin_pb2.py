@@ -24,45 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/rpc/admin.proto\x12\rsplitserve.v1\"\x12\n\x10GetStatusRequest\"\x87\n\n\x11GetStatusResponse\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x03 \x01(\t\x12*\n\x05state\x18\x04 \x01(\x0e\x32\x1b.splitserve.v1.ServingState\x12\x16\n\x0enum_pages_used\x18\x05 \x01(\r\x12\x16\n\x0enum_pages_free\x18\x06 \x01(\r\x12\x1d\n\x15num_pages_quarantined\x18\x07 \x01(\r\x12\x17\n\x0fnum_pages_total\x18\x08 \x01(\r\x12\x13\n\x0bnum_waiting\x18\t \x01(\r\x12\x13\n\x0bnum_running\x18\n \x01(\r\x12\x15\n\rnum_in_flight\x18\x0b \x01(\r\x12;\n\x08\x63ounters\x18\x0c \x01(\x0b\x32).splitserve.v1.GetStatusResponse.Counters\x12\x1b\n\x13\x63onfig_reload_error\x18\r \x01(\t\x12\x10\n\x08uptime_s\x18\x0e \x01(\x01\x12\x19\n\x11model_fingerprint\x18\x0f \x01(\t\x12\x13\n\x0bincarnation\x18\x10 \x01(\t\x12?\n\x0bpeer_clocks\x18\x11 \x03(\x0b\x32*.splitserve.v1.GetStatusResponse.PeerClock\x12\x17\n\x0fpolicy_revision\x18\x12 \x01(\x04\x12\x14\n\x0cpolicy_error\x18\x13 \x01(\t\x1a\xfa\x04\n\x08\x43ounters\x12\x1a\n\x12num_local_prefills\x18\x01 \x01(\x04\x12\x1b\n\x13num_remote_prefills\x18\x02 \x01(\x04\x12\x15\n\rnum_transfers\x18\x03 \x01(\x04\x12\x1d\n\x15num_transfer_failures\x18\x04 \x01(\x04\x12\x15\n\rnum_fallbacks\x18\x05 \x01(\x04\x12\x13\n\x0bnum_rejects\x18\x06 \x01(\x04\x12\x1d\n\x15num_requests_finished\x18\x07 \x01(\x04\x12\x18\n\x10num_expired_jobs\x18\x08 \x01(\x04\x12\x1f\n\x17num_stale_notifications\x18\t \x01(\x04\x12\"\n\x1anum_incarnation_mismatches\x18\n \x01(\x04\x12\x1d\n\x15num_checksum_failures\x18\x0b \x01(\x04\x12\x19\n\x11num_duplicate_ids\x18\x0c \x01(\x04\x12\x1f\n\x17num_duplicate_publishes\x18\r \x01(\x04\x12\x1b\n\x13num_accept_failures\x18\x0e \x01(\x04\x12\x19\n\x11num_rejected_jobs\x18\x0f \x01(\x04\x12\x1b\n\x13num_clock_skew_jobs\x18\x10 \x01(\x04\x12\x19\n\x11num_offload_local\x18\x11 \x01(\x04\x12\x1a\n\x12num_offload_remote\x18\x12 \x01(\x04\x12\x1b\n\x13num_remote_attempts\x18\x13 \x01(\x04\x12\x1a\n\x12num_lease_expiries\x18\x14 \x01(\x04\x12\x1a\n\x12num_lease_renewals\x18\x15 \x01(\x04\x12\x19\n\x11num_declined_jobs\x18\x16 \x01(\x04\x1a^\n\tPeerClock\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\roffset_min_ms\x18\x02 \x01(\x01\x12\x15\n\roffset_max_ms\x18\x03 \x01(\x01\x12\x10\n\x08\x65xcluded\x18\x04 \x01(\x08\"\x14\n\x12ListWorkersRequest\"\x94\x01\n\x0bWorkerEntry\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x11\n\tnum_pages\x18\x04 \x01(\r\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\"B\n\x13ListWorkersResponse\x12+\n\x07workers\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.WorkerEntry\"\x1f\n\x0c\x44rainRequest\x12\x0f\n\x07grace_s\x18\x01 \x01(\x01\"R\n\rDrainResponse\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.splitserve.v1.ServingState\x12\x15\n\rnum_in_flight\x18\x02 \x01(\r\"\x0f\n\rResumeRequest\"<\n\x0eResumeResponse\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.splitserve.v1.ServingState\"\x0f\n\rReloadRequest\"d\n\x0eReloadResponse\x12\x16\n\x0e\x61pplied_fields\x18\x01 \x03(\t\x12\x16\n\x0erestart_fields\x18\x02 \x03(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x04 \x01(\t\"\x12\n\x10GetConfigRequest\"=\n\x11GetConfigResponse\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t*d\n\x0cServingState\x12\x1d\n\x19SERVING_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SERVING_STATE_SERVING\x10\x01\x12\x1a\n\x16SERVING_STATE_DRAINING\x10\x02\x32\xcf\x03\n\x05\x41\x64min\x12N\n\tGetStatus\x12\x1f.splitserve.v1.GetStatusRequest\x1a .splitserve.v1.GetStatusResponse\x12T\n\x0bListWorkers\x12!.splitserve.v1.ListWorkersRequest\x1a\".splitserve.v1.ListWorkersResponse\x12\x42\n\x05\x44rain\x12\x1b.splitserve.v1.DrainRequest\x1a\x1c.splitserve.v1.DrainResponse\x12\x45\n\x06Resume\x12\x1c.splitserve.v1.ResumeRequest\x1a\x1d.splitserve.v1.ResumeResponse\x12\x45\n\x06Reload\x12\x1c.splitserve.v1.ReloadRequest\x1a\x1d.splitserve.v1.ReloadResponse\x12N\n\tGetConfig\x12\x1f.splitserve.v1.GetConfigRequest\x1a .splitserve.v1.GetConfigResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/rpc/admin.proto\x12\rsplitserve.v1\"\x12\n\x10GetStatusRequest\"\xa2\n\n\x11GetStatusResponse\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x03 \x01(\t\x12*\n\x05state\x18\x04 \x01(\x0e\x32\x1b.splitserve.v1.ServingState\x12\x16\n\x0enum_pages_used\x18\x05 \x01(\r\x12\x16\n\x0enum_pages_free\x18\x06 \x01(\r\x12\x1d\n\x15num_pages_quarantined\x18\x07 \x01(\r\x12\x17\n\x0fnum_pages_total\x18\x08 \x01(\r\x12\x13\n\x0bnum_waiting\x18\t \x01(\r\x12\x13\n\x0bnum_running\x18\n \x01(\r\x12\x15\n\rnum_in_flight\x18\x0b \x01(\r\x12;\n\x08\x63ounters\x18\x0c \x01(\x0b\x32).splitserve.v1.GetStatusResponse.Counters\x12\x1b\n\x13\x63onfig_reload_error\x18\r \x01(\t\x12\x10\n\x08uptime_s\x18\x0e \x01(\x01\x12\x19\n\x11model_fingerprint\x18\x0f \x01(\t\x12\x13\n\x0bincarnation\x18\x10 \x01(\t\x12?\n\x0bpeer_clocks\x18\x11 \x03(\x0b\x32*.splitserve.v1.GetStatusResponse.PeerClock\x12\x17\n\x0fpolicy_revision\x18\x12 \x01(\x04\x12\x14\n\x0cpolicy_error\x18\x13 \x01(\t\x1a\x95\x05\n\x08\x43ounters\x12\x1a\n\x12num_local_prefills\x18\x01 \x01(\x04\x12\x1b\n\x13num_remote_prefills\x18\x02 \x01(\x04\x12\x15\n\rnum_transfers\x18\x03 \x01(\x04\x12\x1d\n\x15num_transfer_failures\x18\x04 \x01(\x04\x12\x15\n\rnum_fallbacks\x18\x05 \x01(\x04\x12\x13\n\x0bnum_rejects\x18\x06 \x01(\x04\x12\x1d\n\x15num_requests_finished\x18\x07 \x01(\x04\x12\x18\n\x10num_expired_jobs\x18\x08 \x01(\x04\x12\x1f\n\x17num_stale_notifications\x18\t \x01(\x04\x12\"\n\x1anum_incarnation_mismatches\x18\n \x01(\x04\x12\x1d\n\x15num_checksum_failures\x18\x0b \x01(\x04\x12\x19\n\x11num_duplicate_ids\x18\x0c \x01(\x04\x12\x1f\n\x17num_duplicate_publishes\x18\r \x01(\x04\x12\x1b\n\x13num_accept_failures\x18\x0e \x01(\x04\x12\x19\n\x11num_rejected_jobs\x18\x0f \x01(\x04\x12\x1b\n\x13num_clock_skew_jobs\x18\x10 \x01(\x04\x12\x19\n\x11num_offload_local\x18\x11 \x01(\x04\x12\x1a\n\x12num_offload_remote\x18\x12 \x01(\x04\x12\x1b\n\x13num_remote_attempts\x18\x13 \x01(\x04\x12\x1a\n\x12num_lease_expiries\x18\x14 \x01(\x04\x12\x1a\n\x12num_lease_renewals\x18\x15 \x01(\x04\x12\x19\n\x11num_declined_jobs\x18\x16 \x01(\x04\x12\x19\n\x11num_role_switches\x18\x17 \x01(\x04\x1a^\n\tPeerClock\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\roffset_min_ms\x18\x02 \x01(\x01\x12\x15\n\roffset_max_ms\x18\x03 \x01(\x01\x12\x10\n\x08\x65xcluded\x18\x04 \x01(\x08\"\x14\n\x12ListWorkersRequest\"\x94\x01\n\x0bWorkerEntry\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x11\n\tnum_pages\x18\x04 \x01(\r\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\"B\n\x13ListWorkersResponse\x12+\n\x07workers\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.WorkerEntry\"\x1f\n\x0c\x44rainRequest\x12\x0f\n\x07grace_s\x18\x01 \x01(\x01\"R\n\rDrainResponse\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.splitserve.v1.ServingState\x12\x15\n\rnum_in_flight\x18\x02 \x01(\r\"\x0f\n\rResumeRequest\"<\n\x0eResumeResponse\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.splitserve.v1.ServingState\"\x0f\n\rReloadRequest\"d\n\x0eReloadResponse\x12\x16\n\x0e\x61pplied_fields\x18\x01 \x03(\t\x12\x16\n\x0erestart_fields\x18\x02 \x03(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x04 \x01(\t\"\x12\n\x10GetConfigRequest\"=\n\x11GetConfigResponse\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\"/\n\x0eSetRoleRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07grace_s\x18\x02 \x01(\x01\"\xac\x01\n\x0fSetRoleResponse\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x15\n\rprevious_role\x18\x02 \x01(\t\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.splitserve.v1.ServingState\x12\x15\n\rnum_in_flight\x18\x04 \x01(\r\x12\x31\n\x07outcome\x18\x05 \x01(\x0e\x32 .splitserve.v1.RoleSwitchOutcome*d\n\x0cServingState\x12\x1d\n\x19SERVING_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SERVING_STATE_SERVING\x10\x01\x12\x1a\n\x16SERVING_STATE_DRAINING\x10\x02*\xa0\x01\n\x11RoleSwitchOutcome\x12#\n\x1fROLE_SWITCH_OUTCOME_UNSPECIFIED\x10\x00\x12 \n\x1cROLE_SWITCH_OUTCOME_SWITCHED\x10\x01\x12!\n\x1dROLE_SWITCH_OUTCOME_UNCHANGED\x10\x02\x12!\n\x1dROLE_SWITCH_OUTCOME_TIMED_OUT\x10\x03\x32\x99\x04\n\x05\x41\x64min\x12N\n\tGetStatus\x12\x1f.splitserve.v1.GetStatusRequest\x1a .splitserve.v1.GetStatusResponse\x12T\n\x0bListWorkers\x12!.splitserve.v1.ListWorkersRequest\x1a\".splitserve.v1.ListWorkersResponse\x12\x42\n\x05\x44rain\x12\x1b.splitserve.v1.DrainRequest\x1a\x1c.splitserve.v1.DrainResponse\x12\x45\n\x06Resume\x12\x1c.splitserve.v1.ResumeRequest\x1a\x1d.splitserve.v1.ResumeResponse\x12\x45\n\x06Reload\x12\x1c.splitserve.v1.ReloadRequest\x1a\x1d.splitserve.v1.ReloadResponse\x12N\n\tGetConfig\x12\x1f.splitserve.v1.GetConfigRequest\x1a .splitserve.v1.GetConfigResponse\x12H\n\x07SetRole\x12\x1d.splitserve.v1.SetRoleRequest\x1a\x1e.splitserve.v1.SetRoleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.rpc.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SERVINGSTATE']._serialized_start=1994
-  _globals['_SERVINGSTATE']._serialized_end=2094
+  _globals['_SERVINGSTATE']._serialized_start=2245
+  _globals['_SERVINGSTATE']._serialized_end=2345
+  _globals['_ROLESWITCHOUTCOME']._serialized_start=2348
+  _globals['_ROLESWITCHOUTCOME']._serialized_end=2508
   _globals['_GETSTATUSREQUEST']._serialized_start=45
   _globals['_GETSTATUSREQUEST']._serialized_end=63
   _globals['_GETSTATUSRESPONSE']._serialized_start=66
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1353
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1380
   _globals['_GETSTATUSRESPONSE_COUNTERS']._serialized_start=623
-  _globals['_GETSTATUSRESPONSE_COUNTERS']._serialized_end=1257
-  _globals['_GETSTATUSRESPONSE_PEERCLOCK']._serialized_start=1259
-  _globals['_GETSTATUSRESPONSE_PEERCLOCK']._serialized_end=1353
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1355
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1375
-  _globals['_WORKERENTRY']._serialized_start=1378
-  _globals['_WORKERENTRY']._serialized_end=1526
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1528
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1594
-  _globals['_DRAINREQUEST']._serialized_start=1596
-  _globals['_DRAINREQUEST']._serialized_end=1627
-  _globals['_DRAINRESPONSE']._serialized_start=1629
-  _globals['_DRAINRESPONSE']._serialized_end=1711
-  _globals['_RESUMEREQUEST']._serialized_start=1713
-  _globals['_RESUMEREQUEST']._serialized_end=1728
-  _globals['_RESUMERESPONSE']._serialized_start=1730
-  _globals['_RESUMERESPONSE']._serialized_end=1790
-  _globals['_RELOADREQUEST']._serialized_start=1792
-  _globals['_RELOADREQUEST']._serialized_end=1807
-  _globals['_RELOADRESPONSE']._serialized_start=1809
-  _globals['_RELOADRESPONSE']._serialized_end=1909
-  _globals['_GETCONFIGREQUEST']._serialized_start=1911
-  _globals['_GETCONFIGREQUEST']._serialized_end=1929
-  _globals['_GETCONFIGRESPONSE']._serialized_start=1931
-  _globals['_GETCONFIGRESPONSE']._serialized_end=1992
-  _globals['_ADMIN']._serialized_start=2097
-  _globals['_ADMIN']._serialized_end=2560
+  _globals['_GETSTATUSRESPONSE_COUNTERS']._serialized_end=1284
+  _globals['_GETSTATUSRESPONSE_PEERCLOCK']._serialized_start=1286
+  _globals['_GETSTATUSRESPONSE_PEERCLOCK']._serialized_end=1380
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1382
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1402
+  _globals['_WORKERENTRY']._serialized_start=1405
+  _globals['_WORKERENTRY']._serialized_end=1553
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1555
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1621
+  _globals['_DRAINREQUEST']._serialized_start=1623
+  _globals['_DRAINREQUEST']._serialized_end=1654
+  _globals['_DRAINRESPONSE']._serialized_start=1656
+  _globals['_DRAINRESPONSE']._serialized_end=1738
+  _globals['_RESUMEREQUEST']._serialized_start=1740
+  _globals['_RESUMEREQUEST']._serialized_end=1755
+  _globals['_RESUMERESPONSE']._serialized_start=1757
+  _globals['_RESUMERESPONSE']._serialized_end=1817
+  _globals['_RELOADREQUEST']._serialized_start=1819
+  _globals['_RELOADREQUEST']._serialized_end=1834
+  _globals['_RELOADRESPONSE']._serialized_start=1836
+  _globals['_RELOADRESPONSE']._serialized_end=1936
+  _globals['_GETCONFIGREQUEST']._serialized_start=1938
+  _globals['_GETCONFIGREQUEST']._serialized_end=1956
+  _globals['_GETCONFIGRESPONSE']._serialized_start=1958
+  _globals['_GETCONFIGRESPONSE']._serialized_end=2019
+  _globals['_SETROLEREQUEST']._serialized_start=2021
+  _globals['_SETROLEREQUEST']._serialized_end=2068
+  _globals['_SETROLERESPONSE']._serialized_start=2071
+  _globals['_SETROLERESPONSE']._serialized_end=2243
+  _globals['_ADMIN']._serialized_start=2511
+  _globals['_ADMIN']._serialized_end=3048
 # @@protoc_insertion_point(module_scope)

@@ -12,9 +12,20 @@ class ServingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SERVING_STATE_UNSPECIFIED: _ClassVar[ServingState]
     SERVING_STATE_SERVING: _ClassVar[ServingState]
     SERVING_STATE_DRAINING: _ClassVar[ServingState]
+
+class RoleSwitchOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_SWITCH_OUTCOME_UNSPECIFIED: _ClassVar[RoleSwitchOutcome]
+    ROLE_SWITCH_OUTCOME_SWITCHED: _ClassVar[RoleSwitchOutcome]
+    ROLE_SWITCH_OUTCOME_UNCHANGED: _ClassVar[RoleSwitchOutcome]
+    ROLE_SWITCH_OUTCOME_TIMED_OUT: _ClassVar[RoleSwitchOutcome]
 SERVING_STATE_UNSPECIFIED: ServingState
 SERVING_STATE_SERVING: ServingState
 SERVING_STATE_DRAINING: ServingState
+ROLE_SWITCH_OUTCOME_UNSPECIFIED: RoleSwitchOutcome
+ROLE_SWITCH_OUTCOME_SWITCHED: RoleSwitchOutcome
+ROLE_SWITCH_OUTCOME_UNCHANGED: RoleSwitchOutcome
+ROLE_SWITCH_OUTCOME_TIMED_OUT: RoleSwitchOutcome
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
@@ -23,7 +34,7 @@ class GetStatusRequest(_message.Message):
 class GetStatusResponse(_message.Message):
     __slots__ = ("role", "worker_id", "config_hash", "state", "num_pages_used", "num_pages_free", "num_pages_quarantined", "num_pages_total", "num_waiting", "num_running", "num_in_flight", "counters", "config_reload_error", "uptime_s", "model_fingerprint", "incarnation", "peer_clocks", "policy_revision", "policy_error")
     class Counters(_message.Message):
-        __slots__ = ("num_local_prefills", "num_remote_prefills", "num_transfers", "num_transfer_failures", "num_fallbacks", "num_rejects", "num_requests_finished", "num_expired_jobs", "num_stale_notifications", "num_incarnation_mismatches", "num_checksum_failures", "num_duplicate_ids", "num_duplicate_publishes", "num_accept_failures", "num_rejected_jobs", "num_clock_skew_jobs", "num_offload_local", "num_offload_remote", "num_remote_attempts", "num_lease_expiries", "num_lease_renewals", "num_declined_jobs")
+        __slots__ = ("num_local_prefills", "num_remote_prefills", "num_transfers", "num_transfer_failures", "num_fallbacks", "num_rejects", "num_requests_finished", "num_expired_jobs", "num_stale_notifications", "num_incarnation_mismatches", "num_checksum_failures", "num_duplicate_ids", "num_duplicate_publishes", "num_accept_failures", "num_rejected_jobs", "num_clock_skew_jobs", "num_offload_local", "num_offload_remote", "num_remote_attempts", "num_lease_expiries", "num_lease_renewals", "num_declined_jobs", "num_role_switches")
         NUM_LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
         NUM_REMOTE_PREFILLS_FIELD_NUMBER: _ClassVar[int]
         NUM_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +57,7 @@ class GetStatusResponse(_message.Message):
         NUM_LEASE_EXPIRIES_FIELD_NUMBER: _ClassVar[int]
         NUM_LEASE_RENEWALS_FIELD_NUMBER: _ClassVar[int]
         NUM_DECLINED_JOBS_FIELD_NUMBER: _ClassVar[int]
+        NUM_ROLE_SWITCHES_FIELD_NUMBER: _ClassVar[int]
         num_local_prefills: int
         num_remote_prefills: int
         num_transfers: int
@@ -68,7 +80,8 @@ class GetStatusResponse(_message.Message):
         num_lease_expiries: int
         num_lease_renewals: int
         num_declined_jobs: int
-        def __init__(self, num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_transfers: _Optional[int] = ..., num_transfer_failures: _Optional[int] = ..., num_fallbacks: _Optional[int] = ..., num_rejects: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_expired_jobs: _Optional[int] = ..., num_stale_notifications: _Optional[int] = ..., num_incarnation_mismatches: _Optional[int] = ..., num_checksum_failures: _Optional[int] = ..., num_duplicate_ids: _Optional[int] = ..., num_duplicate_publishes: _Optional[int] = ..., num_accept_failures: _Optional[int] = ..., num_rejected_jobs: _Optional[int] = ..., num_clock_skew_jobs: _Optional[int] = ..., num_offload_local: _Optional[int] = ..., num_offload_remote: _Optional[int] = ..., num_remote_attempts: _Optional[int] = ..., num_lease_expiries: _Optional[int] = ..., num_lease_renewals: _Optional[int] = ..., num_declined_jobs: _Optional[int] = ...) -> None: ...
+        num_role_switches: int
+        def __init__(self, num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_transfers: _Optional[int] = ..., num_transfer_failures: _Optional[int] = ..., num_fallbacks: _Optional[int] = ..., num_rejects: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_expired_jobs: _Optional[int] = ..., num_stale_notifications: _Optional[int] = ..., num_incarnation_mismatches: _Optional[int] = ..., num_checksum_failures: _Optional[int] = ..., num_duplicate_ids: _Optional[int] = ..., num_duplicate_publishes: _Optional[int] = ..., num_accept_failures: _Optional[int] = ..., num_rejected_jobs: _Optional[int] = ..., num_clock_skew_jobs: _Optional[int] = ..., num_offload_local: _Optional[int] = ..., num_offload_remote: _Optional[int] = ..., num_remote_attempts: _Optional[int] = ..., num_lease_expiries: _Optional[int] = ..., num_lease_renewals: _Optional[int] = ..., num_declined_jobs: _Optional[int] = ..., num_role_switches: _Optional[int] = ...) -> None: ...
     class PeerClock(_message.Message):
         __slots__ = ("worker_id", "offset_min_ms", "offset_max_ms", "excluded")
         WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -199,3 +212,25 @@ class GetConfigResponse(_message.Message):
     config_yaml: str
     config_hash: str
     def __init__(self, config_yaml: _Optional[str] = ..., config_hash: _Optional[str] = ...) -> None: ...
+
+class SetRoleRequest(_message.Message):
+    __slots__ = ("role", "grace_s")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    GRACE_S_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    grace_s: float
+    def __init__(self, role: _Optional[str] = ..., grace_s: _Optional[float] = ...) -> None: ...
+
+class SetRoleResponse(_message.Message):
+    __slots__ = ("role", "previous_role", "state", "num_in_flight", "outcome")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_ROLE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    previous_role: str
+    state: ServingState
+    num_in_flight: int
+    outcome: RoleSwitchOutcome
+    def __init__(self, role: _Optional[str] = ..., previous_role: _Optional[str] = ..., state: _Optional[_Union[ServingState, str]] = ..., num_in_flight: _Optional[int] = ..., outcome: _Optional[_Union[RoleSwitchOutcome, str]] = ...) -> None: ...

@@ -64,6 +64,11 @@ class AdminStub:
                 request_serializer=splitserve_dot_rpc_dot_admin__pb2.GetConfigRequest.SerializeToString,
                 response_deserializer=splitserve_dot_rpc_dot_admin__pb2.GetConfigResponse.FromString,
                 _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/splitserve.v1.Admin/SetRole',
+                request_serializer=splitserve_dot_rpc_dot_admin__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=splitserve_dot_rpc_dot_admin__pb2.SetRoleResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -114,6 +119,19 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRole(self, request, context):
+        """Switch a worker between prefill and decode in place: health NOT_SERVING, drain
+        (Generate calls get UNAVAILABLE, in-flight ones and prefill jobs finish within
+        grace_s), stop the old role, re-register the worker's descriptor with the new
+        role, start the new role, SERVING again. The role it already has: OK, no drain.
+        If the grace runs out with work in flight, the old role stays (outcome
+        TIMED_OUT, num_in_flight says how much). INVALID_ARGUMENT for an unknown role,
+        FAILED_PRECONDITION while another switch runs or on a daemon without roles.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +164,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetConfig,
                     request_deserializer=splitserve_dot_rpc_dot_admin__pb2.GetConfigRequest.FromString,
                     response_serializer=splitserve_dot_rpc_dot_admin__pb2.GetConfigResponse.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=splitserve_dot_rpc_dot_admin__pb2.SetRoleRequest.FromString,
+                    response_serializer=splitserve_dot_rpc_dot_admin__pb2.SetRoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +333,33 @@ class Admin:
             '/splitserve.v1.Admin/GetConfig',
             splitserve_dot_rpc_dot_admin__pb2.GetConfigRequest.SerializeToString,
             splitserve_dot_rpc_dot_admin__pb2.GetConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Admin/SetRole',
+            splitserve_dot_rpc_dot_admin__pb2.SetRoleRequest.SerializeToString,
+            splitserve_dot_rpc_dot_admin__pb2.SetRoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-"""The Admin service's view of a worker of either role."""
+"""The Admin service's view of a worker of either role (and of its role switch)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,19 @@ from splitserve.control.backend import (
     SERVING,
     ConfigView,
     PeerClock,
+    RoleChange,
+    ServingGate,
     StatusCounters,
     WorkerInfo,
     WorkerStatus,
 )
-from splitserve.control.errors import ReloadUnsupported
+from splitserve.control.errors import ReloadUnsupported, RoleSwitchBusy
 from splitserve.control.tracker import RequestTracker
 from splitserve.redact import redact_url
 from splitserve.rpc.worker_pb2 import WorkerDescriptor
 from splitserve.worker.core import WorkerCore
 from splitserve.worker.policy import PolicyView
+from splitserve.worker.role_switch import RoleSwitcher
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +36,23 @@ _SHARED_COUNTERS = (
     "num_stale_notifications", "num_incarnation_mismatches", "num_checksum_failures",
     "num_duplicate_ids", "num_duplicate_publishes", "num_accept_failures", "num_rejected_jobs",
     "num_clock_skew_jobs", "num_offload_local", "num_offload_remote", "num_remote_attempts",
-    "num_lease_expiries", "num_lease_renewals", "num_declined_jobs",
+    "num_lease_expiries", "num_lease_renewals", "num_declined_jobs", "num_role_switches",
 )
 
 
 class WorkerAdminBackend:
-    """`control.backend.AdminBackend` for a worker daemon (decode or prefill role).
+    """`control.backend.AdminBackend` and `RoleSwitching` for a worker daemon (decode or
+    prefill role, switched by SetRole: worker/role_switch.py).
 
     With a `reloader` (a daemon started from a config file), the config hash and
     the reload error come from it; without one, Reload is FAILED_PRECONDITION.
     """
 
-    def __init__(self, core: WorkerCore, role_service: object,
+    def __init__(self, core: WorkerCore, roles: RoleSwitcher,
                  reloader: ConfigReloader[WorkerConfig] | None = None,
                  config_hash: str = "") -> None:
         self.core = core
-        self.role_service = role_service  # DecodeService or PrefillService
+        self.roles = roles
         self.reloader = reloader
         self._config_hash = config_hash
         self.tracker = RequestTracker()
@@ -56,6 +60,15 @@ class WorkerAdminBackend:
 
     def is_draining(self) -> bool:
         return self._draining
+
+    @property
+    def state(self) -> str:
+        return DRAINING if self._draining else SERVING
+
+    @property
+    def num_in_flight(self) -> int:
+        """Generate calls open on the server, or (prefill) jobs held."""
+        return max(self.tracker.num_in_flight, self.roles.num_in_flight)
 
     @property
     def config_hash(self) -> str:
@@ -76,12 +89,10 @@ class WorkerAdminBackend:
         assert core.async_engine is not None
         c = core.counters
         transfers = core.agent.counters if core.agent is not None else None
-        in_flight = getattr(self.role_service, "num_in_flight", 0)
         policy = self._policy()
         return WorkerStatus(
             role=core.role, worker_id=core.worker_id, config_hash=self.config_hash,
-            state=DRAINING if self._draining else SERVING, engine=core.async_engine.stats,
-            num_in_flight=max(self.tracker.num_in_flight, in_flight),
+            state=self.state, engine=core.async_engine.stats, num_in_flight=self.num_in_flight,
             uptime_s=time.monotonic() - core.started_s,
             counters=StatusCounters(
                 **{name: getattr(c, name) for name in _SHARED_COUNTERS},
@@ -100,11 +111,11 @@ class WorkerAdminBackend:
 
     def _policy(self) -> PolicyView | None:
         """The live routing policy of a decode worker (prefill workers have none)."""
-        remote = getattr(self.role_service, "remote", None)
+        remote = self.roles.remote
         return remote.policy if remote is not None else None
 
     def _peer_clocks(self) -> tuple[PeerClock, ...]:
-        remote = getattr(self.role_service, "remote", None)  # decode workers measure them
+        remote = self.roles.remote  # decode workers measure them
         if remote is None:
             return ()
         margin_s = self.core.config.lease.skew_margin_s
@@ -135,19 +146,26 @@ class WorkerAdminBackend:
 
     async def drain(self, grace_s: float) -> str:
         self._draining = True
-        drain = getattr(self.role_service, "drain", None)
-        if drain is not None:
-            await drain()
+        await self.roles.drain()
         deadline = time.monotonic() + grace_s
         await self.tracker.wait_idle(grace_s)
-        while getattr(self.role_service, "num_in_flight", 0) and time.monotonic() < deadline:
+        while self.roles.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return DRAINING
 
     async def resume(self) -> str:
+        if self.roles.is_switching:  # the switch resumes when it is done
+            raise RoleSwitchBusy(self.core.role, self.core.role)
+        return await self.resume_after_switch()
+
+    async def resume_after_switch(self) -> str:
         self._draining = False
-        resume = getattr(self.role_service, "resume", None)
-        if resume is not None:
-            resume()
+        self.roles.resume()
         return SERVING
+
+    async def set_role(self, role: str, grace_s: float, gate: ServingGate | None) -> RoleChange:
+        change = await self.roles.switch(role, grace_s, self, gate)
+        if self.reloader is not None:  # a reload diffs against this: the role is no change
+            self.reloader.config = self.core.config
+        return change
 

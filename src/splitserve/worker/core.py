@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -41,6 +41,8 @@ MESSAGING_SETUP_S = 60.0  # how long start-up waits for the broker's streams and
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the `model_name` label of the embedded model
 
+WorkerRole = Literal["decode", "prefill"]  # WorkerConfig.role
+
 
 @dataclass
 class WorkerCounters:
@@ -66,6 +68,7 @@ class WorkerCounters:
     num_lease_expiries: int = 0  # decode: attempts whose lease ran out
     num_lease_renewals: int = 0  # granted extensions (decode: given; prefill: received)
     num_declined_jobs: int = 0  # prefill: declined up front; decode: attempts declined
+    num_role_switches: int = 0  # Admin.SetRole switches completed
 
 
 def apply_cpu_settings(config: WorkerConfig) -> None:
@@ -153,6 +156,18 @@ class WorkerCore:
         log.info("worker %s (%s) registered, incarnation %s; gRPC on %s", self.worker_id,
                  self.role, self.incarnation, grpc_address)
 
+    async def switch_role(self, role: WorkerRole) -> None:
+        """Make `role` this worker's role (worker/role_switch.py, once drained): the
+        config, stats subject and descriptor follow, and the descriptor is re-put in
+        `splitserve-workers` now, so that peers and routers see the role at once. The
+        incarnation stays: pages the decode role quarantined stay fenced in the engine
+        whatever the role, so a late write can still land only in them."""
+        assert self.agent is not None and self.registry is not None
+        self.role = role
+        self.config = replace(self.config, role=role)
+        self.agent.descriptor.role = role
+        await self.registry.register(self.worker_id, self.agent.descriptor.SerializeToString())
+
     def now_unix_ns(self) -> int:
         """This worker's unix clock, as leases and KVReady timestamps read it (plus the
         test-only `faults.clock_offset_s`, which simulates a skewed machine)."""
@@ -213,7 +228,7 @@ class WorkerCore:
             engine=engine.stats if engine is not None else EMPTY_STATS, counters=counters,
             remote_queue_depth=self.remote_queue_depth(),
             num_transfers=transfers.num_transfers if transfers else 0,
-            num_transfer_failures=transfers.num_failures if transfers else 0)
+            num_transfer_failures=transfers.num_failures if transfers else 0, role=self.role)
 
     async def _publish_stats_forever(self) -> None:
         assert self.broker is not None

@@ -22,6 +22,7 @@ Life cycle of a request:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -75,8 +76,13 @@ class DecodeService:
                                            "KV events publisher")
 
     async def stop(self) -> None:
+        """Stop the role's tasks; the core (engine, broker, registry) goes on, so that a
+        role switch can start the other role on it."""
         await stop_tasks(self._kv_events_task)
+        with contextlib.suppress(ValueError):  # never started
+            self.engine.stats_listeners.remove(self.kv_events.on_stats)
         await self.remote.stop()
+        self.core.remote_queue_depth = lambda: 0
 
     @property
     def num_in_flight(self) -> int:

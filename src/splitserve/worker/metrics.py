@@ -64,6 +64,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "num_accept_failures": ("accept_failures", "KVReady that could not be accepted"),
     "num_rejected_jobs": ("rejected_jobs", "Prefill: jobs terminated, permanent error"),
     "num_clock_skew_jobs": ("clock_skew_jobs", "Prefill: jobs refused, clock behind"),
+    "num_role_switches": ("role_switches", "Role switches (Admin.SetRole) completed"),
 }
 
 
@@ -76,6 +77,7 @@ class WorkerState:
     remote_queue_depth: int  # decode: prefill jobs queued on the broker (0 elsewhere)
     num_transfers: int
     num_transfer_failures: int
+    role: str = ""  # "decode" or "prefill": Admin.SetRole may switch it
 
 
 class RequestMetrics:
@@ -176,5 +178,12 @@ class _StateCollector(Collector):
         yield counter("engine_steps", "Engine steps run", e.num_steps)
         yield counter("kv_transfers", "KV writes completed", s.num_transfers)
         yield counter("kv_transfer_failures", "KV writes failed", s.num_transfer_failures)
+        if s.role:
+            role = GaugeMetricFamily(PREFIX + "worker_role", "1 for the role this worker "
+                                     "serves now (Admin.SetRole switches it)",
+                                     labels=["model_name", "role"])
+            for name in ("decode", "prefill"):
+                role.add_metric([m, name], float(s.role == name))
+            yield role
         for field, (name, doc) in COUNTERS.items():
             yield counter(name, doc, s.counters.get(field, 0))

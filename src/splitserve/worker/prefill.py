@@ -47,6 +47,7 @@ from splitserve.config.daemon import PrefillRoleConfig
 from splitserve.engine.llm_engine import Engine
 from splitserve.engine.sampling import SamplingParams
 from splitserve.errors import SplitserveError
+from splitserve.queue.errors import JobAlreadySettled
 from splitserve.queue.messages import encode_kv_ready
 from splitserve.queue.streams import (
     direct_consumer_config,
@@ -81,7 +82,9 @@ class PrefillService:
         self._consumers: list[JobConsumer] = []
         self._task: asyncio.Task[None] | None = None
         self._accepting = True
-        self.num_in_flight = 0
+        self._jobs: set[asyncio.Task[None]] = set()  # deliveries being handled
+        self._not_fetching = asyncio.Event()  # clear while a fetch is outstanding
+        self._not_fetching.set()
         self._num_jobs = 0  # jobs handled, for the test-only corrupt_page_every
         # per destination incarnation: dequeue − publish time of recent jobs (ns), an
         # upper bound of (our clock − theirs) each
@@ -106,9 +109,16 @@ class PrefillService:
         self._consumers = [await JobConsumer.bind(js, c) for c in configs]
         self._task = logged_task(self._run(), "prefill job loop")
 
+    @property
+    def num_in_flight(self) -> int:
+        """Jobs pulled and not yet settled (acked, nak-ed or terminated)."""
+        return len(self._jobs)
+
     async def drain(self) -> None:
-        """Stop pulling jobs; those in flight finish."""
+        """Stop pulling jobs; those in flight finish. Returns once no fetch is
+        outstanding: jobs a fetch brings back after this are handed back (nak)."""
         self._accepting = False
+        await self._not_fetching.wait()
 
     def resume(self) -> None:
         self._accepting = True
@@ -121,7 +131,7 @@ class PrefillService:
 
     async def _run(self) -> None:
         """Keep up to `max_batch_jobs` jobs in flight; fetch as soon as a slot frees."""
-        in_flight: set[asyncio.Task[None]] = set()
+        in_flight = self._jobs
         try:
             while True:
                 room = self.config.max_batch_jobs - len(in_flight)
@@ -132,13 +142,21 @@ class PrefillService:
                     else:
                         await asyncio.sleep(0.1)
                     continue
-                for delivery in await self._fetch(room):
+                self._not_fetching.clear()
+                try:
+                    deliveries = await self._fetch(room)
+                finally:
+                    self._not_fetching.set()
+                for delivery in deliveries:
+                    if not self._accepting:  # drained while fetching: not ours to run
+                        await _hand_back(delivery, "worker draining")
+                        continue
                     task = asyncio.create_task(self._handle(delivery))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
         finally:
             for task in in_flight:
-                task.cancel()
+                task.cancel()  # each hands its job back (_handle)
 
     async def _fetch(self, max_jobs: int) -> list[JobDelivery]:
         """Direct jobs first, then shared ones by priority; block only when idle."""
@@ -159,6 +177,15 @@ class PrefillService:
         return batch
 
     async def _handle(self, delivery: JobDelivery) -> None:
+        try:
+            await self._process(delivery)
+        except asyncio.CancelledError:
+            # Stopped mid-job (shutdown, a role switch past its grace): hand the job back
+            # now, not after AckWait, so that another prefill worker takes it in its lease.
+            await _hand_back(delivery, "worker stopping")
+            raise
+
+    async def _process(self, delivery: JobDelivery) -> None:
         job = delivery.job
         tag = f"{job.request_id}:{job.attempt}"
         dequeue_ns = self.core.now_unix_ns()
@@ -184,7 +211,6 @@ class PrefillService:
                 self.core.counters.num_expired_jobs += 1
             await delivery.term()
             return
-        self.num_in_flight += 1
         heartbeat = asyncio.create_task(self._heartbeat(delivery))
         renewer = asyncio.create_task(keeper.keep())
         local_id = f"{tag}:{delivery.stream_seq}"  # unique per delivery
@@ -219,7 +245,6 @@ class PrefillService:
             log.exception("job %s: failed; terminated", tag)
             await delivery.term()
         finally:
-            self.num_in_flight -= 1
             if engine.is_running:
                 engine.call(lambda e: e.release_held(local_id))
             await stop_tasks(heartbeat, renewer)
@@ -334,6 +359,14 @@ class PrefillService:
             while True:
                 await asyncio.sleep(interval_s)
                 await delivery.in_progress()
+
+
+async def _hand_back(delivery: JobDelivery, why: str) -> None:
+    """Nak for redelivery at once (to this or another worker); no-op once settled."""
+    with contextlib.suppress(JobAlreadySettled):
+        if await delivery.nak():
+            log.info("job %s:%d handed back (%s)", delivery.job.request_id,
+                     delivery.job.attempt, why)
 
 
 class _Retry(Exception):

@@ -367,15 +367,23 @@ class RemotePrefillClient:
                 self.live_prefill_ids.clear()
                 continue
             worker_id, data = event
-            if data is not None:
-                descriptor = parse_descriptor(worker_id, data)
-                if descriptor is not None and descriptor.role == "prefill":
-                    self.live_prefill_ids.add(worker_id)
-                    if self._incarnations.get(worker_id) != descriptor.incarnation:
-                        self.clocks.forget(worker_id)  # restarted: measure its clock anew
-                        self._incarnations[worker_id] = descriptor.incarnation
+            descriptor = None if data is None else parse_descriptor(worker_id, data)
+            if data is not None and descriptor is None:
+                continue  # a garbage entry (logged): changes nothing
+            if descriptor is not None and descriptor.role == "prefill":
+                self.live_prefill_ids.add(worker_id)
+                if self._incarnations.get(worker_id) != descriptor.incarnation:
+                    self.clocks.forget(worker_id)  # restarted: measure its clock anew
+                    self._incarnations[worker_id] = descriptor.incarnation
             elif worker_id in self.live_prefill_ids:
                 self.live_prefill_ids.discard(worker_id)
-                for waiting in self._waiting.values():
-                    if not waiting.kv_ready.done():
-                        waiting.kv_ready.set_exception(PrefillWorkerGone(worker_id))
+                # A worker that switched roles (Admin.SetRole) drained first and holds no
+                # job: the waiting attempts' jobs stay for the other prefill workers.
+                # Gone (or no prefill worker left): fail them now rather than at the lease.
+                if descriptor is None or not self.live_prefill_ids:
+                    self._fail_waiting(worker_id)
+
+    def _fail_waiting(self, worker_id: str) -> None:
+        for waiting in self._waiting.values():
+            if not waiting.kv_ready.done():
+                waiting.kv_ready.set_exception(PrefillWorkerGone(worker_id))
