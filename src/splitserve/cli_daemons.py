@@ -1,4 +1,4 @@
-"""`splitserve decode|prefill|router|up`: the daemon commands (registered in cli.py)."""
+"""`splitserve decode|prefill|router|planner|up`: the daemon commands (registered in cli.py)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,18 @@ def router_cmd(config_path: Path) -> None:
 
     try:
         run_router(config_path)
+    except SplitserveError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.command("planner")
+@_CONFIG
+def planner_cmd(config_path: Path) -> None:
+    """Run the planner: retune routing thresholds and scale the prefill/decode pools."""
+    from splitserve.daemons.planner import run_planner
+
+    try:
+        run_planner(config_path)
     except SplitserveError as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -24,7 +24,8 @@ def cluster_file(tmp_path: Path) -> Path:
     config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     config.update(state_dir=str(tmp_path / "state"), nats_port=find_free_port(),
                   base_grpc_port=find_free_port(), base_metrics_port=find_free_port(),
-                  router_http_port=find_free_port(), router_grpc_port=find_free_port())
+                  router_http_port=find_free_port(), router_grpc_port=find_free_port(),
+                  planner_grpc_port=find_free_port())
     config["worker"]["engine"]["kv_cache_memory_mb"] = 96
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -57,9 +58,9 @@ def test_up_is_secure_by_default_and_its_banner_commands_work(tmp_path: Path) ->
                           stderr=subprocess.STDOUT, text=True)
     try:
         commands = banner_commands(up)
-        assert len(commands) == 9, commands
+        assert len(commands) == 11, commands
         (generate, status, listing, grpc_generate, grpc_status, policy, metrics, curl,
-         openai_client) = commands
+         openai_client, get_plan, set_mode) = commands
         assert "--tls-ca" in generate and "--token-file" in status
         assert "-plaintext" not in " ".join(commands)
         results = {cmd: bash(cmd) for cmd in commands}
@@ -78,6 +79,13 @@ def test_up_is_secure_by_default_and_its_banner_commands_work(tmp_path: Path) ->
         answer = json.loads(results[curl].stdout)
         assert "Paris" in answer["choices"][0]["message"]["content"], answer
         assert "Paris" in results[openai_client].stdout
+        # the planner: its plan with the thresholds in force and why; SetMode
+        plan = json.loads(results[get_plan].stdout)
+        assert plan["leader"] is True and plan["actuator"] == "role", plan
+        assert int(plan["thresholds_in_force"]["prefill_length_threshold"]) > 0, plan
+        assert {r["role"] for r in plan["roles"]} == {"prefill", "decode"}, plan
+        assert plan["reasons"], plan
+        assert json.loads(results[set_mode].stdout)["mode"] == "PLANNER_MODE_ADVISE"
         assert "--cacert" in curl and "SSL_CERT_FILE" in openai_client
         assert bash(curl.replace("authorization", "x-nothing")).stdout.count(
             "invalid_api_key") == 1
@@ -97,7 +105,8 @@ def test_up_is_secure_by_default_and_its_banner_commands_work(tmp_path: Path) ->
         assert unauthenticated.returncode != 0 and "Unauthenticated" in unauthenticated.stderr
         state = tmp_path / "state"
         logs = {p.name: p.read_text() for p in state.glob("*.log") if p.name != "nats.log"}
-        assert sorted(logs) == ["decode-0.log", "decode-1.log", "prefill-0.log", "router.log"]
+        assert sorted(logs) == ["decode-0.log", "decode-1.log", "planner.log", "prefill-0.log",
+                                "router.log"]
         assert not [n for n, t in logs.items() if "violation" in t.lower()]
         assert (state / "certs" / "ca.pem").exists()
         assert "grpc_tls" in (state / "decode-0.yaml").read_text()

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(120)
 
 REFUSED = (TimeoutError, nats.errors.TimeoutError)  # the server drops it; no ack comes
 WORKERS: list[tuple[str, Role]] = [("decode-0", "decode"), ("prefill-0", "prefill"),
-                                   ("router", "router")]
+                                   ("flex-0", "worker"), ("router", "router")]
 
 
 @pytest.fixture
@@ -89,6 +89,19 @@ async def test_only_decode_workers_publish_jobs(conns: dict[str, BrokerConnectio
     with pytest.raises(REFUSED):  # deleting the evidence is refused too
         await prefill.js.purge_stream(STREAM_PREFILL)
     assert await stream_messages(prefill) == 1  # and prefill still works
+
+
+async def test_a_flippable_worker_may_do_what_both_roles_do(
+        conns: dict[str, BrokerConnection]) -> None:
+    flex = conns["flex-0"]
+    await ensure_prefill_stream(conns["decode-0"].js, PrefillQueueSettings())
+    ack = await flex.js.publish(shared_subject("normal"), b"job", timeout=5)  # as decode
+    assert ack.stream == STREAM_PREFILL
+    with pytest.raises(REFUSED):  # but still not another worker's registry key
+        registry = await WorkerRegistry.open(flex.js, BucketSettings())
+        await registry.register("decode-0", b"rogue")
+    await flex.nc.flush(timeout=5)
+    assert flex.nc.is_connected
 
 
 async def test_a_worker_writes_only_its_own_registry_key(

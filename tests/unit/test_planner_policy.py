@@ -192,3 +192,22 @@ def test_threshold_changes_wait_for_their_cooldown() -> None:
 def test_invalid_scaling_config_names_the_field(field: str, value: float, message: str) -> None:
     with pytest.raises(Exception, match=message.replace("[", r"\[").replace("(", r"\(")):
         ScalingConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_fixed_total_never_plans_a_negative_count() -> None:
+    p = policy(fixed_total=1, min_prefill=1, scale_up_cooldown_s=0)
+    plan = p.step(obs(0, decode(0, 0)))
+    assert (plan.num_prefill, plan.num_decode) == (0, 1)  # min_decode wins over min_prefill
+
+
+def test_fixed_total_shares_by_need_even_while_decode_misses_its_slo() -> None:
+    # decode misses TPOT (wants 3, keeps 2 when pools grow); prefill has a deep backlog
+    p = policy(fixed_total=3, scale_up_cooldown_s=0, tpot_slo_ms=150)
+    workers = (decode(0, 40, itl_p99_ms=200, prefill_rate_tokens_per_s=300), decode(1, 40),
+               prefill(0, prefill_rate_tokens_per_s=300, mean_prefill_tokens=600))
+    # 15 queued jobs: 5 prefill instances wanted vs decode's 3: 3 x 5 / 8 -> 2 prefill
+    plan = p.step(obs(0, *workers, queue=15))
+    assert (plan.num_prefill, plan.num_decode) == (2, 1)
+    # with pools that grow, decode keeps its 2 and gets one more
+    grown = policy(max_step=4, tpot_slo_ms=150).step(obs(0, *workers, queue=15))
+    assert grown.num_decode == 3 and grown.num_prefill >= 2

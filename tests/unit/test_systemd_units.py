@@ -52,8 +52,8 @@ def seconds(value: str) -> float:
 
 def test_the_units_are_there() -> None:
     assert [u.name for u in UNITS] == [
-        "splitserve-decode@.service", "splitserve-nats.service", "splitserve-prefill@.service",
-        "splitserve-router.service"]
+        "splitserve-decode@.service", "splitserve-nats.service", "splitserve-planner.service",
+        "splitserve-prefill@.service", "splitserve-router.service"]
 
 
 @needs_systemd_analyze

@@ -58,7 +58,12 @@ def test_summary_buckets_prefill_rates_and_decode_steps() -> None:
     assert s.decode_steps[1].mean_ms == pytest.approx(30.0)
     assert s.decode_steps[1].mean_context_tokens == pytest.approx((100 + 200) / 2)
     assert s.transfer_bytes_per_s == pytest.approx(1.5e9)
+    # all lengths together: 1200 tokens over the 60 s window, in 4 s of prefill, 3 prompts
+    assert s.prefill_tokens_per_s == pytest.approx(20.0)
+    assert s.prefill_rate_tokens_per_s == pytest.approx(300.0)
+    assert s.mean_prefill_tokens == pytest.approx(400.0)
     assert w.summary(100.0).prefill_rates == ()  # out of the window
+    assert w.summary(100.0).prefill_tokens_per_s == 0.0
 
 
 def _families(metrics: RequestMetrics) -> dict[str, dict[tuple, float]]:

@@ -12,6 +12,7 @@ from typing import Literal
 
 import yaml
 
+from splitserve.config.planner import PlannerConfig
 from splitserve.config.router import RouterConfig
 from splitserve.config.schema import (
     EngineConfig,
@@ -190,6 +191,13 @@ class ClusterConfig:
     router_grpc_port: int = 50050
     # template for the router (config/router.py); up sets its addresses, broker and security
     router_settings: RouterConfig = field(default_factory=RouterConfig)
+    # `splitserve planner` watching the workers (daemons/up_planner.py); its gRPC port
+    # serves splitserve.v1.Planner. Off unless set: the benchmarks' clusters run without.
+    planner: bool = False
+    planner_grpc_port: int = 50070
+    # template for the planner (config/planner.py); up sets its address, broker, security
+    # and the workers' routing
+    planner_settings: PlannerConfig = field(default_factory=PlannerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)  # template for every worker
     pin_cores: bool = False  # worker i on core i mod cpu_count, one torch thread each
     ready_timeout_s: float = 180.0
@@ -202,7 +210,7 @@ class ClusterConfig:
             raise ConfigError("num_decode_workers", "at least one decode worker is needed")
         if self.num_prefill_workers < 0:
             raise ConfigError("num_prefill_workers", "must be >= 0")
-        for name in ("router_http_port", "router_grpc_port"):
+        for name in ("router_http_port", "router_grpc_port", "planner_grpc_port"):
             check_range(name, getattr(self, name), 0, 65535)
         if self.nats_cluster_size not in (1, 3):
             raise ConfigError("nats_cluster_size", f"must be 1 or 3, got {self.nats_cluster_size!r}")

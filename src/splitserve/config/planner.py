@@ -8,7 +8,7 @@ mode: advise                      # auto | advise | off (SetMode changes it live
 interval_s: 5                     # one plan per tick
 stats_max_age_s: 15               # a worker with older stats is left out of the plan
 actuator:
-  kind: dry-run                   # dry-run | role | systemd | local
+  kind: dry-run                   # dry-run | role | systemd
 scaling:                          # coordinated P/D scaling (planner/policy.py)
   target_decode_tokens_per_s: 40  # per decode instance
   pd_ratio_min: 0.25
@@ -35,6 +35,7 @@ from splitserve.config.schema import (
 )
 from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
 from splitserve.errors import ConfigError
+from splitserve.routing.offload import RoutingConfig
 
 MAX_INSTANCES = 4096
 
@@ -132,12 +133,11 @@ class ActuatorConfig:
     - role: drain a worker and flip it between prefill and decode (Admin/SetRole); the
       total stays the workers present;
     - systemd: `systemctl start|stop` of `unit_prefill` / `unit_decode` with `{n}` the
-      instance number;
-    - local: start/stop worker processes on this machine (`splitserve up`).
+      instance number.
     Failures are retried with exponential backoff from `retry_initial_s` to
     `retry_max_s`; the planner never dies of one."""
 
-    kind: Literal["dry-run", "role", "systemd", "local"] = "dry-run"
+    kind: Literal["dry-run", "role", "systemd"] = "dry-run"
     drain_grace_s: float = 30.0  # role: in-flight work finishes before a flip
     call_timeout_s: float = 60.0  # one actuation (SetRole, systemctl) at most
     systemctl: str = "systemctl"
@@ -178,13 +178,13 @@ class PlannerConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
     actuator: ActuatorConfig = field(default_factory=ActuatorConfig)
-    metrics_address: str = ""
+    # The workers' `routing:` as their config files set it: the thresholds in force are
+    # these with the `routing` key of splitserve-policy over them.
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def __post_init__(self) -> None:
         check_address("grpc_address", self.grpc_address)
-        if self.metrics_address:
-            check_address("metrics_address", self.metrics_address)
         check_range("interval_s", self.interval_s, 0.0, 3600.0, low_open=True)
         check_range("stats_max_age_s", self.stats_max_age_s, 0.0, 86400.0, low_open=True)
         check_range("lock_ttl_s", self.lock_ttl_s, 1.0, 3600.0)

@@ -49,6 +49,9 @@ METHOD_SCOPES = {
     "/splitserve.v1.Admin/Resume": "admin:write",
     "/splitserve.v1.Admin/Reload": "admin:write",
     "/splitserve.v1.Admin/SetRole": "admin:write",  # drains, as Drain does
+    "/splitserve.v1.Planner/GetPlan": "admin:read",
+    "/splitserve.v1.Planner/History": "admin:read",
+    "/splitserve.v1.Planner/SetMode": "admin:write",
     GENERATE_METHOD: "generate",
 }
 DEFAULT_SCOPE = "admin:write"

@@ -40,6 +40,7 @@ from splitserve.config.daemon import (
 from splitserve.config.reload import diff_fields
 from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
 from splitserve.config.watch import ChangeDetector
+from splitserve.daemons.up_planner import PLANNER_USER, PlannerProcess, flippable, planner_config
 from splitserve.daemons.up_router import ROUTER_USER, RouterProcess, router_config
 from splitserve.errors import SplitserveError
 from splitserve.queue.broker import NatsServer
@@ -121,6 +122,7 @@ class LocalCluster:
         self.certs_dir = self.state_dir / "certs" if cluster.secure else None
         self.nats_auth: dict[str, NatsAuthConfig] = {}  # broker logins by user name
         self.router: RouterProcess | None = None
+        self.planner: PlannerProcess | None = None
 
     @property
     def ca_file(self) -> str:
@@ -146,12 +148,23 @@ class LocalCluster:
             write_config(self.router.config, self.router.config_path)
             self.router.start()
             self.router.wait_ready(self.cluster.num_decode_workers, self.cluster.ready_timeout_s)
+        if self.cluster.planner:
+            self.planner = PlannerProcess(
+                planner_config(self.cluster, self.nats.url, self.certs_dir,
+                               self.nats_auth.get(PLANNER_USER, NatsAuthConfig())),
+                self.state_dir / "planner.yaml", self.state_dir / "planner.log", self.certs_dir)
+            write_config(self.planner.config, self.planner.config_path)
+            self.planner.start()
+            address = self.planner.config.grpc_address
+            self.planner.wait_ready(self.cluster.ready_timeout_s,
+                                    lambda: health_serving(address, ca_file=self.ca_file))
 
     @property
     def processes(self) -> list[tuple[str, subprocess.Popen[bytes] | None]]:
-        """(name, process) of every daemon started here, the router last."""
+        """(name, process) of every daemon started here, the router and planner last."""
         named = [(w.config.worker_id, w.process) for w in self.workers]
-        return named + ([("router", self.router.process)] if self.router else [])
+        return (named + ([("router", self.router.process)] if self.router else [])
+                + ([("planner", self.planner.process)] if self.planner else []))
 
     def write_worker_configs(self) -> None:
         """One config file per worker under the state dir (`workers`, not started yet)."""
@@ -187,8 +200,10 @@ class LocalCluster:
             return
         init_certs(self.certs_dir)
         write_tokens(self.certs_dir, DEFAULT_GRANTS)
+        # workers the planner flips get an identity that may serve either role
         users: list[tuple[str, Role]] = [
-            (c.worker_id, c.role) for c in worker_configs(self.cluster, self.nats.url)]
+            (c.worker_id, "worker" if flippable(self.cluster) else c.role)
+            for c in worker_configs(self.cluster, self.nats.url)]
         if self.cluster.router:
             users.append((ROUTER_USER, "router"))
         auth = broker_auth(self.certs_dir, users)
@@ -215,7 +230,9 @@ class LocalCluster:
             time.sleep(0.3)
 
     def stop(self, grace_s: float = 30.0) -> None:
-        if self.router is not None:  # first: no new requests reach draining workers
+        if self.planner is not None:  # first: no flip starts while the workers stop
+            self.planner.stop(grace_s)
+        if self.router is not None:  # then: no new requests reach draining workers
             self.router.stop(grace_s)
         for worker in self.workers:
             if worker.process and worker.process.poll() is None:
@@ -249,6 +266,10 @@ class LocalCluster:
         if self.router is not None:
             lines.append(f"  router     {self.router.base_url} (OpenAI API), gRPC "
                          f"{self.router.config.grpc_address}  (log {self.router.log_path})")
+        if self.planner is not None:
+            settings = self.planner.config
+            lines.append(f"  planner    {settings.grpc_address}  (mode {settings.mode}, "
+                         f"actuator {settings.actuator.kind}; log {self.planner.log_path})")
         with_metrics = [w for w in self.workers if w.config.metrics_address]
         metrics = [f"http://{w.config.metrics_address}/metrics" for w in with_metrics]
         lines += [f"  metrics    {url}  ({w.config.worker_id})"
@@ -279,6 +300,7 @@ class LocalCluster:
             *([f"  curl -s {metrics[0]} | grep '^splitserve:time_to_first_token'"]
               if metrics else []),
             *(self.router.banner_lines() if self.router else []),
+            *(self.planner.banner_lines(grpcurl) if self.planner else []),
             "",
             "Ctrl-C stops the cluster.",
         ]

@@ -26,6 +26,7 @@ from splitserve.config.daemon import ClusterConfig
 from splitserve.config.router import RouterConfig, WorkerClientConfig
 from splitserve.config.schema import NatsConfig
 from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
+from splitserve.daemons.children import start_daemon, stop_daemon
 from splitserve.errors import SplitserveError
 from splitserve.model.loader import default_model_path
 
@@ -63,11 +64,7 @@ class RouterProcess:
         return f"{scheme}://{self.config.http_address}/v1"
 
     def start(self) -> None:
-        with self.log_path.open("ab") as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "splitserve.cli", "router", "--config",
-                 str(self.config_path)], stdout=log_file, stderr=subprocess.STDOUT,
-                start_new_session=True)
+        self.process = start_daemon("router", self.config_path, self.log_path)
 
     def health(self) -> dict[str, object]:
         """GET /health (any status), {} while it does not answer."""
@@ -114,11 +111,4 @@ class RouterProcess:
                 f"  {env} {sys.executable} -c \"{script}\""]
 
     def stop(self, timeout_s: float) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_daemon(self.process, timeout_s)

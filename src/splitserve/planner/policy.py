@@ -60,7 +60,7 @@ class PlannerPolicy:
             reasons.append("scaling disabled")
             return self._counts()
         decode = decode_want(obs, cfg)
-        prefill = prefill_want(obs, cfg, max(decode.count, decode.floor))
+        prefill = prefill_want(obs, cfg, max(decode.count, decode.floor, decode.keep))
         wants = {Role.DECODE: decode, Role.PREFILL: prefill}
         if self.fixed_total is not None:
             wants = self._share(wants, self.fixed_total, cfg)
@@ -68,6 +68,8 @@ class PlannerPolicy:
             reasons.append(f"{role.value}: {wants[role].reason}")
         proposed = {role: self._bounded(role, want, cfg) for role, want in wants.items()}
         if self.fixed_total is not None:  # flips: a worker leaves one role for the other
+            proposed[Role.PREFILL] = max(0, min(proposed[Role.PREFILL],
+                                                self.fixed_total - cfg.min_decode))
             proposed[Role.DECODE] = self.fixed_total - proposed[Role.PREFILL]
         waits = [why for role, count in proposed.items()
                  if (why := self._cooldown(role, count, obs.now_s, cfg))]
@@ -117,7 +119,8 @@ class PlannerPolicy:
         low, high = ((cfg.min_decode, cfg.max_decode) if role is Role.DECODE
                      else (cfg.min_prefill, cfg.max_prefill))
         count = min(current + cfg.max_step, max(current - cfg.max_step, want.count))
-        return max(want.floor, min(high, max(low, count)))
+        floor = want.floor if self.fixed_total is not None else max(want.floor, want.keep)
+        return max(floor, min(high, max(low, count)))
 
     def _cooldown(self, role: Role, count: int, now_s: float, cfg: ScalingConfig) -> str:
         """Why `role` may not move to `count` yet ("" : it may)."""

@@ -33,11 +33,14 @@ from splitserve.planner.model import Observation, Role, WorkerLoad
 
 @dataclass(frozen=True)
 class Want:
-    """What one role should have, the least it may have now, and why."""
+    """What one role should have, the least it may have now (what in-flight work
+    needs), and why; `keep`: the least it should keep while its SLOs are violated (with
+    pools that grow, not below it; with a fixed total the other role's need may win)."""
 
     count: int
     floor: int
     reason: str
+    keep: int = 0
 
 
 def decode_want(obs: Observation, cfg: ScalingConfig) -> Want:
@@ -52,7 +55,7 @@ def decode_want(obs: Observation, cfg: ScalingConfig) -> Want:
     violation = _violation(obs, workers, cfg)
     if violation:
         count = max(n + 1, math.ceil(proportional))
-        return Want(count, max(floor, n), f"decode {violation}: +1 at least")
+        return Want(count, floor, f"decode {violation}: +1 at least", keep=n)
     if abs(load - 1.0) < cfg.tolerance:
         return Want(n, floor, f"decode {rate:.1f} tok/s per instance, within "
                               f"{cfg.tolerance:.0%} of the target {cfg.target_decode_tokens_per_s:g}")

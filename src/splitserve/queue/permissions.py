@@ -12,7 +12,10 @@ What each identity may publish (everything else is refused by the server):
   workers (`splitserve.lease.*`), its own registry key and its own stats;
 - the admin and the planner: the policy bucket (`$KV.splitserve-policy.>`); no other
   identity writes it;
-- a router: nothing but the common subjects (it reads the registry and stats).
+- a router: nothing but the common subjects (it reads the registry and stats);
+- a `worker` (a worker the planner may flip between prefill and decode in place,
+  Admin/SetRole): what a decode and a prefill worker may, together. Give it only to
+  workers on hosts trusted as decode workers: it may publish prefill jobs.
 Subscriptions: every identity its inboxes (`_INBOX.>`: API replies, watches); a decode
 worker also its lease subject and the prefill workers' stats; admin and planner all stats;
 a router the decode workers' stats and prefix-cache events.
@@ -39,7 +42,8 @@ from splitserve.queue.subjects import (
     validate_worker_id,
 )
 
-Role = Literal["decode", "prefill", "admin", "planner", "router"]
+Role = Literal["decode", "prefill", "worker", "admin", "planner", "router"]
+WORKER_ROLES = ("decode", "prefill", "worker")  # names are worker ids, checked as such
 
 COMMON_PUBLISH = ("$JS.API.>", "$JS.FC.>", "_INBOX.>")
 COMMON_DENY = ("$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>",
@@ -57,9 +61,14 @@ class Identity:
 
     def publish(self) -> list[str]:
         own = [f"$KV.{BUCKET_WORKERS}.{self.name}", f"{STATS_PREFIX}.{self.role}.{self.name}"]
+        decode = ["splitserve.prefill.>", f"{KV_EVENTS_PREFIX}.{self.name}"]
+        prefill = ["$JS.ACK.>", f"{LEASE_PREFIX}.*"]
         extra = {
-            "decode": ["splitserve.prefill.>", f"{KV_EVENTS_PREFIX}.{self.name}", *own],
-            "prefill": ["$JS.ACK.>", f"{LEASE_PREFIX}.*", *own],
+            "decode": [*decode, *own],
+            "prefill": [*prefill, *own],
+            "worker": [*decode, *prefill, f"$KV.{BUCKET_WORKERS}.{self.name}",
+                       f"{STATS_PREFIX}.decode.{self.name}",
+                       f"{STATS_PREFIX}.prefill.{self.name}"],
             "admin": [f"$KV.{BUCKET_POLICY}.>"],
             "planner": [f"$KV.{BUCKET_POLICY}.>"],
             "router": [],
@@ -70,6 +79,7 @@ class Identity:
         extra = {
             "decode": [f"{LEASE_PREFIX}.{self.name}", f"{STATS_PREFIX}.prefill.*"],
             "prefill": [],
+            "worker": [f"{LEASE_PREFIX}.{self.name}", f"{STATS_PREFIX}.prefill.*"],
             "admin": [f"{STATS_PREFIX}.>"],
             "planner": [f"{STATS_PREFIX}.>"],
             "router": [f"{STATS_PREFIX}.decode.*", f"{KV_EVENTS_PREFIX}.*"],
@@ -77,7 +87,7 @@ class Identity:
         return [*COMMON_SUBSCRIBE, *extra]
 
     def __post_init__(self) -> None:
-        if self.role in ("decode", "prefill", "router"):
+        if self.role in (*WORKER_ROLES, "router"):
             validate_worker_id(self.name)
 
 

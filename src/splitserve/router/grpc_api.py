@@ -14,20 +14,12 @@ import contextlib
 import logging
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from splitserve.control.auth import AuthInterceptor, Guard
 from splitserve.control.convert import UndecodableRequest
-from splitserve.control.errors import BindError
 from splitserve.control.generation import GENERATION_SERVICE, add_generation_servicer
 from splitserve.control.health import HealthStatus
-from splitserve.control.server import (
-    HEALTH_SERVICE,
-    MAX_MESSAGE_BYTES,
-    ServerSecurity,
-    server_credentials,
-)
+from splitserve.control.server import ExtraService, ServerSecurity
+from splitserve.control.service_server import start_service_server
 from splitserve.control.status import REQUEST_ID_KEY
 from splitserve.engine.errors import InvalidRequest
 from splitserve.ingress import check_request_id
@@ -68,22 +60,8 @@ class ForwardingGeneration:
 async def start_router_grpc(address: str, forwarder: Forwarder, security: ServerSecurity
                             ) -> tuple[grpc.aio.Server, HealthStatus, str]:
     """Bind and start; returns the server, its health and the bound address."""
-    interceptors = [AuthInterceptor(Guard(security.auth, security.tls))] if security.guarded \
-        else []
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 0)])
-    add_generation_servicer(ForwardingGeneration(forwarder), server)
-    health = HealthStatus([GENERATION_SERVICE], [], True)
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        [GENERATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
-    try:
-        port = (server.add_secure_port(address, server_credentials(security.tls))
-                if security.tls.enabled else server.add_insecure_port(address))
-    except RuntimeError as exc:
-        raise BindError(address, str(exc)) from exc
-    await server.start()
-    bound = f"{address.rsplit(':', 1)[0]}:{port}"
-    return server, health, bound
+    servicer = ForwardingGeneration(forwarder)
+    started = await start_service_server(address, [ExtraService(
+        GENERATION_SERVICE, lambda server: add_generation_servicer(servicer, server),
+        gated=True)], security)
+    return started.server, started.health, started.address

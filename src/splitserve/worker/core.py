@@ -216,6 +216,9 @@ class WorkerCore:
                 mean_context_tokens=d.mean_context_tokens, num_samples=d.num_samples)
                 for d in w.decode_steps],
             transfer_bytes_per_s=w.transfer_bytes_per_s,
+            prefill_tokens_per_s=w.prefill_tokens_per_s,
+            prefill_rate_tokens_per_s=w.prefill_rate_tokens_per_s,
+            mean_prefill_tokens=w.mean_prefill_tokens,
         )
 
     def _metrics_state(self) -> WorkerState:

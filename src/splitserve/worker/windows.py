@@ -91,6 +91,9 @@ class WindowSummary:
     prefill_rates: tuple[RateBucket, ...]
     decode_steps: tuple[StepBucket, ...]
     transfer_bytes_per_s: float
+    prefill_tokens_per_s: float = 0.0  # load: prompt tokens prefilled / window
+    prefill_rate_tokens_per_s: float = 0.0  # speed: / seconds spent prefilling
+    mean_prefill_tokens: float = 0.0
 
 
 def _bounds(edges: Sequence[int], i: int) -> tuple[int, int]:
@@ -134,9 +137,10 @@ class WorkerWindows:
     # --- the summary -------------------------------------------------------------
     def summary(self, now: float) -> WindowSummary:
         ttft, itl, queue = self.ttft.first(now), self.itl.first(now), self.queue.first(now)
-        rates = []
+        rates, prefilled = [], []
         for i, window in enumerate(self.prefills):
             samples = window.values(now)
+            prefilled.extend(samples)
             rate = _rate(samples)
             if rate is not None:
                 lo, hi = _bounds(PREFILL_LENGTH_EDGES, i)
@@ -158,7 +162,10 @@ class WorkerWindows:
             queue_p50_ms=1e3 * percentile(queue, 0.5),
             queue_p99_ms=1e3 * percentile(queue, 0.99),
             prefill_rates=tuple(rates), decode_steps=tuple(steps),
-            transfer_bytes_per_s=sum(s[0] for s in moved) / busy_s if busy_s else 0.0)
+            transfer_bytes_per_s=sum(s[0] for s in moved) / busy_s if busy_s else 0.0,
+            prefill_tokens_per_s=sum(s[0] for s in prefilled) / self.span_s,
+            prefill_rate_tokens_per_s=_rate(prefilled) or 0.0,
+            mean_prefill_tokens=_mean(s[0] for s in prefilled))
 
 
 def _mean(values: Iterable[float]) -> float:

@@ -1,0 +1,89 @@
+"""The planner of `splitserve up`: its config, process, readiness and banner lines.
+
+With `planner: true` `up` starts `splitserve planner` once the workers (and the router)
+are ready, configured by `planner_settings:` (config/planner.py; e.g. `mode`,
+`actuator.kind: role`), on `planner_grpc_port`, with the workers' `routing:` as the
+thresholds' base. With `secure`, its gRPC port runs TLS with the cluster's certificate
+and checks tokens, it logs in to the broker as the user `planner` and reaches the
+workers' Admin (role flips) with the CA and the admin token. With the `role` actuator
+the workers get broker identities that may serve either role (queue/permissions.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from splitserve.config.daemon import ClusterConfig
+from splitserve.config.planner import PlannerConfig
+from splitserve.config.schema import NatsConfig
+from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
+from splitserve.daemons.children import start_daemon, stop_daemon
+from splitserve.errors import SplitserveError
+
+PLANNER_USER = "planner"
+
+
+def planner_config(cluster: ClusterConfig, nats_url: str, certs_dir: Path | None,
+                   nats_auth: NatsAuthConfig) -> PlannerConfig:
+    template = cluster.planner_settings
+    config = replace(template, grpc_address=f"127.0.0.1:{cluster.planner_grpc_port}",
+                     nats_url=nats_url, nats_auth=nats_auth,
+                     nats=NatsConfig(replicas=cluster.nats_cluster_size),
+                     planner_id=template.planner_id or "planner-up",
+                     routing=cluster.worker.routing)
+    if certs_dir is None:
+        return config
+    return replace(
+        config, grpc_tls=TlsConfig(str(certs_dir / "server.pem"), str(certs_dir / "server.key")),
+        auth=AuthConfig(str(certs_dir / "tokens")),
+        actuator=replace(config.actuator, ca_file=str(certs_dir / "ca.pem"),
+                         token_file=str(certs_dir / "admin.token")))
+
+
+def flippable(cluster: ClusterConfig) -> bool:
+    """Whether the planner of this cluster flips workers' roles."""
+    return cluster.planner and cluster.planner_settings.actuator.kind == "role"
+
+
+@dataclass
+class PlannerProcess:
+    config: PlannerConfig
+    config_path: Path
+    log_path: Path
+    certs_dir: Path | None
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = start_daemon("planner", self.config_path, self.log_path)
+
+    def wait_ready(self, timeout_s: float, serving: Callable[[], bool]) -> None:
+        """Until `serving()` (its health says SERVING: the gRPC port listens)."""
+        deadline = time.monotonic() + timeout_s
+        while not serving():
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise SplitserveError(f"the planner exited with {self.process.returncode}; "
+                                      f"see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise SplitserveError(f"the planner was not ready within {timeout_s:.0f} s; "
+                                      f"see {self.log_path}")
+            time.sleep(0.3)
+
+    def banner_lines(self, grpcurl: Path) -> list[str]:
+        address = self.config.grpc_address
+        flags = "-plaintext"
+        if self.certs_dir is not None:
+            token = self.certs_dir / "admin.token"
+            flags = (f'-cacert {self.certs_dir / "ca.pem"} '
+                     f'-H "authorization: Bearer $(cat {token})"')
+        mode = json.dumps({"mode": "PLANNER_MODE_ADVISE"})
+        return [f"  {grpcurl} {flags} {address} splitserve.v1.Planner/GetPlan",
+                f"  {grpcurl} {flags} -d '{mode}' {address} splitserve.v1.Planner/SetMode"]
+
+    def stop(self, timeout_s: float) -> None:
+        stop_daemon(self.process, timeout_s)

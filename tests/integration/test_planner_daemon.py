@@ -1,0 +1,238 @@
+"""The planner on a real broker: the tick (observe, lock, plan, write, act), its modes,
+two planners at once, and the daemon as operators see it (grpcurl, SetMode, SIGTERM).
+
+Workers are represented by what the planner reads of them: a descriptor in the
+registry and WorkerStats on their subject, both written through the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from grpc_fixtures import GRPCURL, run_tool
+
+from splitserve.config.planner import PlannerConfig, ScalingConfig, ThresholdConfig
+from splitserve.planner.actuators import Actuator
+from splitserve.planner.leader import LOCK_KEY, PlannerLock
+from splitserve.planner.model import Mode
+from splitserve.planner.observe import StatsBook
+from splitserve.planner.runner import AUDIT_KEY, PlannerRunner
+from splitserve.queue.broker import NatsServer, find_free_port
+from splitserve.queue.connection import BrokerConnection
+from splitserve.queue.policy import PolicyStore
+from splitserve.queue.registry import WorkerRegistry
+from splitserve.queue.settings import BucketSettings
+from splitserve.queue.stats import StatsSubscription, publish_stats
+from splitserve.routing.policy import ROUTING_POLICY_KEY
+from splitserve.rpc.jobs_pb2 import WorkerStats
+from splitserve.rpc.worker_pb2 import WorkerDescriptor
+
+pytestmark = pytest.mark.timeout(90)
+
+SETTINGS = BucketSettings()
+
+
+async def register(registry: WorkerRegistry, worker_id: str, role: str) -> None:
+    descriptor = WorkerDescriptor(worker_id=worker_id, role=role, grpc_address="127.0.0.1:1",
+                                  geometry=WorkerDescriptor.PageGeometry(
+                                      page_size=16, bytes_per_page=16 * 1000))
+    await registry.register(worker_id, descriptor.SerializeToString())
+
+
+def stats(worker_id: str, role: str, **fields: float) -> WorkerStats:
+    return WorkerStats(worker_id=worker_id, role=role, timestamp_unix_ns=time.time_ns(),
+                       **fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def cluster(nats_conn: BrokerConnection) -> AsyncIterator[tuple[
+        WorkerRegistry, PolicyStore, StatsBook]]:
+    registry = await WorkerRegistry.open(nats_conn.js, SETTINGS)
+    store = await PolicyStore.open(nats_conn.js, SETTINGS)
+    book = StatsBook(max_age_s=30)
+    subscription = await StatsSubscription.subscribe(nats_conn.nc)
+
+    async def feed() -> None:
+        async for s in subscription:
+            book.add(s, time.monotonic())
+
+    task = asyncio.create_task(feed())
+    await register(registry, "d0", "decode")
+    await register(registry, "p0", "prefill")
+    # remote is never faster (500 ms queue): the threshold should rise, 128 -> 192; the
+    # pool clears 1000 tok/s x 2 s / 400 tokens = 5 jobs within the SLO: 16 -> 8 (a step)
+    await publish_stats(nats_conn.nc, stats("d0", "decode", tokens_per_s=40,
+                                            prefill_rate_tokens_per_s=1000))
+    await publish_stats(nats_conn.nc, stats("p0", "prefill", prefill_rate_tokens_per_s=1000,
+                                            queue_p50_ms=500, mean_prefill_tokens=400))
+    await publish_stats(nats_conn.nc, stats("ghost", "decode", tokens_per_s=999))
+    for _ in range(100):
+        if len(book.loads(time.monotonic())) == 2:
+            break
+        await asyncio.sleep(0.05)
+    yield registry, store, book
+    task.cancel()
+    await subscription.close()
+    await registry.close()
+
+
+def runner(cluster: tuple[WorkerRegistry, PolicyStore, StatsBook], conn: BrokerConnection,
+           mode: str, me: str = "planner-a") -> PlannerRunner:
+    registry, store, book = cluster
+    config = PlannerConfig(mode=mode,  # type: ignore[arg-type]
+                           scaling=ScalingConfig(scale_up_cooldown_s=0),
+                           thresholds=ThresholdConfig(cooldown_s=0))
+    return PlannerRunner(config, me, store, registry, conn.js,
+                         Actuator(config.actuator, time.monotonic), book)
+
+
+async def test_auto_writes_thresholds_with_an_audit_record(cluster, nats_conn) -> None:
+    r = runner(cluster, nats_conn, "auto")
+    record = await r.tick()
+    assert record.leader and record.plan is not None
+    assert {w: n for w, n in record.current.items()} == {
+        role: 1 for role in record.current}  # the unregistered "ghost" is not counted
+    store = cluster[1]
+    routing = await store.get(ROUTING_POLICY_KEY)
+    assert routing is not None
+    assert json.loads(routing.value) == {"prefill_length_threshold": 192,
+                                         "moderate_length_threshold": 72,
+                                         "prefill_queue_max": 8}
+    audit = await store.get(AUDIT_KEY)
+    assert audit is not None
+    (entry,) = json.loads(audit.value)
+    assert entry["old_value"] == "" and entry["revision"] == routing.revision
+    assert "prefill_length_threshold 128 -> 192" in entry["why"]
+    assert r.num_policy_writes == 1
+    # the next tick starts from the value in force: one more bounded step
+    record = await r.tick()
+    assert record.thresholds_in_force.prefill_length_threshold == 192
+    assert record.plan.thresholds.prefill_length_threshold == 288
+    assert r.num_policy_writes == 2 and len(r.audit) == 2
+
+
+async def test_advise_and_off_write_nothing(cluster, nats_conn) -> None:
+    r = runner(cluster, nats_conn, "advise")
+    record = await r.tick()
+    assert record.plan is not None and record.plan.thresholds.prefill_length_threshold == 192
+    assert any(a.startswith("advise: set thresholds") for a in record.actions)
+    assert await cluster[1].get(ROUTING_POLICY_KEY) is None
+    r.set_mode(Mode.OFF)
+    record = await r.tick()
+    assert record.plan is None and record.note == "mode off"
+    assert await cluster[1].get(ROUTING_POLICY_KEY) is None
+    assert r.num_policy_writes == 0
+
+
+async def test_two_planners_one_leads_and_the_standby_takes_over(cluster, nats_conn) -> None:
+    a, b = runner(cluster, nats_conn, "auto", "planner-a"), runner(
+        cluster, nats_conn, "auto", "planner-b")
+    assert (await a.tick()).leader
+    standby = await b.tick()
+    assert not standby.leader and standby.note == "standby: planner-a leads"
+    assert b.num_policy_writes == 0
+    await a.lock.release()
+    assert (await b.tick()).leader
+    assert not (await a.tick()).leader
+
+
+async def test_an_expired_hold_is_taken_over(nats_conn: BrokerConnection) -> None:
+    store = await PolicyStore.open(nats_conn.js, SETTINGS)
+    a, b = PlannerLock(store, "a", ttl_s=5), PlannerLock(store, "b", ttl_s=5)
+    now = time.time()
+    assert await a.tick(now) and not await b.tick(now + 4)
+    assert await b.tick(now + 6)  # a died: its hold ended
+    assert not await a.tick(now + 7) and a.holder == "b"
+    entry = await store.get(LOCK_KEY)
+    assert entry is not None and json.loads(entry.value)["holder"] == "b"
+
+
+# --- the daemon --------------------------------------------------------------------------
+
+def start_planner(tmp_path: Path, nats_url: str, name: str, **extra: object) -> tuple[
+        subprocess.Popen[bytes], str, Path]:
+    port = find_free_port()
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps({"grpc_address": f"127.0.0.1:{port}", "nats_url": nats_url,
+                                "planner_id": name, "interval_s": 0.5, "lock_ttl_s": 2,
+                                "mode": "advise", **extra}))
+    log = tmp_path / f"{name}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "planner", "--config",
+                             str(path)], stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    return proc, f"127.0.0.1:{port}", log
+
+
+async def get_plan(address: str) -> dict[str, object]:
+    rc, out, err = await run_tool(GRPCURL, "-plaintext", address,
+                                  "splitserve.v1.Planner/GetPlan")
+    assert rc == 0, err
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+async def wait_for(predicate, address: str, timeout_s: float = 20.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            plan = await get_plan(address)
+            if predicate(plan):
+                return plan
+        except AssertionError:
+            pass  # not listening yet
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.3)
+
+
+@pytest.mark.slow
+async def test_daemon_grpcurl_setmode_standby_and_sigterm(tmp_path: Path,
+                                                          nats_server: NatsServer) -> None:
+    a, a_address, a_log = start_planner(tmp_path, nats_server.url, "planner-a")
+    b = None
+    try:
+        plan = await wait_for(lambda p: p.get("leader"), a_address)
+        assert plan["mode"] == "PLANNER_MODE_ADVISE" and plan["actuator"] == "dry-run"
+        rc, out, err = await run_tool(GRPCURL, "-plaintext", a_address, "list")
+        assert rc == 0, err
+        assert set(out.split()) == {"splitserve.v1.Planner", "grpc.health.v1.Health",
+                                    "grpc.reflection.v1alpha.ServerReflection"}
+        rc, out, err = await run_tool(GRPCURL, "-plaintext", "-d",
+                                      '{"mode": "PLANNER_MODE_OFF"}', a_address,
+                                      "splitserve.v1.Planner/SetMode")
+        assert rc == 0, err
+        assert json.loads(out) == {"mode": "PLANNER_MODE_OFF",
+                                   "previous": "PLANNER_MODE_ADVISE"}
+        await run_tool(GRPCURL, "-plaintext", "-d", '{"mode": "PLANNER_MODE_AUTO"}',
+                       a_address, "splitserve.v1.Planner/SetMode")
+        rc, _, err = await run_tool(GRPCURL, "-plaintext", "-d", '{"mode": 9}', a_address,
+                                    "splitserve.v1.Planner/SetMode")
+        assert rc != 0 and "InvalidArgument" in err
+        b, b_address, _ = start_planner(tmp_path, nats_server.url, "planner-b")
+        plan = await wait_for(lambda p: "standby: planner-a leads" in p.get("reasons", []),
+                              b_address)
+        assert not plan.get("leader")
+        a.send_signal(signal.SIGTERM)
+        assert a.wait(timeout=30) == 0, a_log.read_text()[-3000:]
+        await wait_for(lambda p: p.get("leader"), b_address, timeout_s=10)
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_an_invalid_config_is_refused_with_the_field_named(tmp_path: Path) -> None:
+    path = tmp_path / "planner.yaml"
+    path.write_text("scaling:\n  pd_ratio_min: 2\n  pd_ratio_max: 1\n")
+    result = subprocess.run([sys.executable, "-m", "splitserve.cli", "planner", "--config",
+                             str(path)], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 1
+    assert "scaling.pd_ratio_max: must be in [2, 1000], got 1" in result.stderr
