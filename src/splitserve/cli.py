@@ -371,8 +371,10 @@ def calibrate(target: str, broker: BrokerTarget, lengths: tuple[int, ...], repea
 
 from splitserve.cli_certs import certs_cmd
 from splitserve.cli_daemons import decode_cmd, planner_cmd, prefill_cmd, router_cmd, up_cmd
+from splitserve.cli_simulate import profile_cmd, simulate_cmd
 
-for _command in (decode_cmd, prefill_cmd, router_cmd, planner_cmd, up_cmd, certs_cmd):
+for _command in (decode_cmd, prefill_cmd, router_cmd, planner_cmd, up_cmd, certs_cmd,
+                 simulate_cmd, profile_cmd):
     main.add_command(_command)
 
 if __name__ == "__main__":
