@@ -76,7 +76,9 @@ def timeline_json(result: SimResult) -> list[dict[str, float]]:
     stride = max(1, -(-len(points) // MAX_TIMELINE_POINTS))
     return [{"t_s": round(p.t_s, 1), "prefill": p.num_prefill, "decode": p.num_decode,
              "ttft_p99_ms": round(p.ttft_p99_ms, 1), "prefill_queue": p.prefill_queue,
-             "prefill_length_threshold": p.prefill_length_threshold}
+             "prefill_length_threshold": p.thresholds.prefill_length_threshold,
+             "moderate_length_threshold": p.thresholds.moderate_length_threshold,
+             "prefill_queue_max": p.thresholds.prefill_queue_max}
             for p in points[::stride]]
 
 

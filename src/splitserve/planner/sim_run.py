@@ -71,7 +71,7 @@ class TimelinePoint:
     num_decode: int
     ttft_p99_ms: float  # of the first tokens in the window ending at t_s
     prefill_queue: int
-    prefill_length_threshold: int
+    thresholds: Thresholds  # in force after the tick
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def simulate(trace: Trace, settings: SimSettings) -> SimResult:
         thresholds: Thresholds = cluster.thresholds
         timeline.append(TimelinePoint(t, counts[Role.PREFILL], counts[Role.DECODE],
                                       percentile(ttfts, 99), obs.prefill_queue_depth,
-                                      thresholds.prefill_length_threshold))
+                                      thresholds))
         if obj == HORIZON:
             seconds = cluster.instance_seconds(t)
         elif t + interval <= horizon:
