@@ -150,7 +150,8 @@ def replace_slo(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rate", type=float, default=1.0, help="requests per second, every phase")
+    ap.add_argument("--rate", type=float, default=0.75,
+                    help="requests per second in the chat and reasoning phases")
     ap.add_argument("--phase-s", type=float, default=40.0, help="seconds per phase")
     ap.add_argument("--long-rate", type=float, default=0.5,
                     help="requests per second in the summarization burst")
@@ -160,7 +161,7 @@ def main() -> None:
                     help="the planner's target decode tokens/s per decode worker")
     ap.add_argument("--slo-ttft-s", type=float, default=1.5, help="TTFT SLO, short prompts")
     ap.add_argument("--slo-ttft-long-s", type=float, default=10.0, help="... long prompts")
-    ap.add_argument("--slo-tpot-s", type=float, default=0.15)
+    ap.add_argument("--slo-tpot-s", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-logs", default="", help="copy the daemons' logs here")
     ap.add_argument("--json", action="store_true")

@@ -149,3 +149,20 @@ def test_role_actuator_flips_the_least_loaded_worker_of_the_shrinking_role() -> 
     work.close()  # type: ignore[attr-defined]  (not run: no worker listens here)
     actions, work = actuator._actions(plan(0, 4), workers)
     assert work is None  # a flip cannot add a worker
+
+
+def test_role_actuator_flips_a_worker_away_from_home_back_first() -> None:
+    actuator = RoleActuator(ActuatorConfig(kind="role"), Clock(), lambda _: None)
+    actuator.record_flip("d1", Role.DECODE, Role.PREFILL)  # d1 went decode -> prefill
+    # p0 is idler, but d1 is the one away from its role: it goes back
+    workers = [ref("d0", Role.DECODE, running=4), ref("p0", Role.PREFILL, running=0),
+               ref("d1", Role.PREFILL, running=2)]
+    actions, work = actuator._actions(plan(1, 2), workers)
+    assert actions == ("flip d1 prefill -> decode",)
+    work.close()  # type: ignore[union-attr]
+    actuator.record_flip("d1", Role.PREFILL, Role.DECODE)  # home again: least loaded rules
+    workers = [ref("d0", Role.DECODE, running=4), ref("p0", Role.PREFILL),
+               ref("d1", Role.DECODE, running=2)]
+    actions, work = actuator._actions(plan(2, 1), workers)
+    assert actions == ("flip d1 decode -> prefill",)
+    work.close()  # type: ignore[union-attr]

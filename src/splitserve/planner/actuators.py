@@ -3,8 +3,10 @@ targets becomes actions.
 
 - dry-run: the actions are described, nothing is done;
 - role: one worker at a time is drained and flipped to the role that needs it
-  (Admin/SetRole on it); the one flipped is the least loaded of its role (fewest running
-  sequences, then least KV in use). A flip that fails, or a worker that does not report
+  (Admin/SetRole on it); the one flipped is the worker most recently flipped into its
+  role (undoing flips restores the layout the operator chose: which cores or devices
+  serve which role), else the least loaded of its role (fewest running sequences, then
+  least KV in use). A flip that fails, or a worker that does not report
   its new role within `call_timeout_s` after it, is reported, and the next try waits
   out the backoff; the plan adapts on its own since it counts the roles the workers
   report;
@@ -143,6 +145,9 @@ class RoleActuator(Actuator):
         self.reported_role = reported_role  # the role a worker's latest stats name
         self.security = client.ClientSecurity.from_files(config.ca_file, "", "",
                                                          config.token_file)
+        self._home: dict[str, Role] = {}  # a worker's role before its first flip
+        self._away: dict[str, int] = {}  # workers away from home: the flip that sent them
+        self._num_flips = 0
 
     def _actions(self, plan: Plan, workers: Sequence[WorkerRef]
                  ) -> tuple[tuple[str, ...], Awaitable[None] | None]:
@@ -154,10 +159,21 @@ class RoleActuator(Actuator):
         candidates = [w for w in workers if w.load.role is source and w.grpc_address]
         if not candidates:
             return (f"no {source.value} worker with an Admin address to flip",), None
-        worker = min(candidates, key=lambda w: (w.load.num_running, w.load.kv_usage,
+        worker = min(candidates, key=lambda w: (-self._away.get(w.load.worker_id, -1),
+                                                w.load.num_running, w.load.kv_usage,
                                                 w.load.worker_id))
         action = f"flip {worker.load.worker_id} {source.value} -> {to.value}"
         return (action,), self._flip(worker, to)
+
+    def record_flip(self, worker_id: str, source: Role, to: Role) -> None:
+        """Remember a flip: a worker away from its first role is flipped back first (the
+        layout the operator chose, which cores or devices serve which role, returns)."""
+        home = self._home.setdefault(worker_id, source)
+        self._num_flips += 1
+        if to is home:
+            self._away.pop(worker_id, None)
+        else:
+            self._away[worker_id] = self._num_flips
 
     async def _flip(self, worker: WorkerRef, to: Role) -> None:
         options = client.CallOptions(security=self.security,
@@ -168,6 +184,7 @@ class RoleActuator(Actuator):
             raise ActuationFailed(f"{worker.load.worker_id} stayed {result.role} "
                                   f"({admin_pb2.RoleSwitchOutcome.Name(result.outcome)}, "
                                   f"{result.num_in_flight} in flight)")
+        self.record_flip(worker.load.worker_id, worker.load.role, to)
         deadline = self.clock() + self.config.call_timeout_s
         while self.reported_role(worker.load.worker_id) is not to:
             if self.clock() >= deadline:
