@@ -59,10 +59,25 @@ def test_decode_below_target_scales_down_cautiously() -> None:
 
 
 def test_a_tpot_violation_adds_decode_and_forbids_scaling_it_down() -> None:
+    # d0 finished nothing in its window: its inter-token p99 stands in for TPOT
     workers = [decode(0, 5, itl_p99_ms=350), decode(1, 5)]
     plan = policy().step(obs(0, *workers))
     assert plan.num_decode == 3
-    assert any("TPOT SLO violated: d0 inter-token p99 350 ms" in r for r in plan.reasons)
+    assert any("TPOT SLO violated on 1 of 2: d0 TPOT p99 350 ms" in r for r in plan.reasons)
+    # a request's TPOT, when measured, is what the SLO is about (one slow step is not)
+    fine = [decode(0, 5, itl_p99_ms=350, tpot_p99_ms=120), decode(1, 5)]
+    assert policy().step(obs(0, *fine)).num_decode < 2
+
+
+def test_a_violation_needs_a_share_of_the_workers() -> None:
+    # 1 of 20 workers over the TPOT SLO is noise at violation_fraction 0.1; 2 of 20 is not
+    quiet = [decode(i, 40) for i in range(18)]
+    one = policy().step(obs(0, decode(18, 40, tpot_p99_ms=300), decode(19, 40), *quiet))
+    assert one.num_decode == 20 and not any("violated" in r for r in one.reasons)
+    two = policy().step(obs(0, decode(18, 40, tpot_p99_ms=300),
+                            decode(19, 40, tpot_p99_ms=250), *quiet))
+    assert two.num_decode == 21
+    assert any("TPOT SLO violated on 2 of 20: d18 TPOT p99 300 ms" in r for r in two.reasons)
 
 
 def test_ttft_violation_is_blamed_on_prefill_when_its_queue_has_a_backlog() -> None:

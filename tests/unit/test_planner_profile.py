@@ -79,3 +79,15 @@ def test_shipped_profile_loads() -> None:
     assert DEFAULT_PROFILE.exists()
     assert p.prefill_ms(256) > p.prefill_ms(64) > 0
     assert p.decode_step_ms(64, 200.0) > p.decode_step_ms(1, 200.0) > 0
+
+
+def test_a_mixed_step_charges_one_forward_pass_fixed_cost() -> None:
+    from splitserve.planner.profile import Profile
+
+    profile = Profile(prefill_tokens=(16.0, 32.0, 64.0), prefill_ms_points=(100.0, 120.0, 160.0),
+                      decode_base_ms=60.0)
+    assert profile.prefill_intercept_ms() == 80.0  # the line through 16 -> 100, 32 -> 120
+    assert profile.shared_step_ms(0, 8) == 0.0  # decodes alone: nothing double-counted
+    assert profile.shared_step_ms(1, 0) == 0.0  # one new prompt alone
+    assert profile.shared_step_ms(1, 8) == 60.0  # both: the smaller fixed cost once
+    assert profile.shared_step_ms(2, 8) == 140.0  # two new prompts and decodes: 80 + 60

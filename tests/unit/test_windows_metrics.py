@@ -84,13 +84,17 @@ def test_events_and_state_reach_the_exposition() -> None:
                      num_pages_total=100, num_preemptions=4, max_num_seqs=8)
     counters = dict.fromkeys(COUNTERS, 0) | {"num_offload_remote": 5, "num_fallbacks": 2}
     metrics = RequestMetrics("tiny", lambda: WorkerState(engine, counters, 7, 11, 1))
-    observer = Observer(metrics, WorkerWindows())
-    observer.first_token(FirstToken(start_s=10.0, at_s=10.5, queue_s=0.1, prefill_s=0.4,
-                                    path="remote", num_prefill_tokens=200), num_tokens=1)
+    windows = WorkerWindows()
+    observer = Observer(metrics, windows)
+    first = FirstToken(start_s=10.0, at_s=10.5, queue_s=0.1, prefill_s=0.4, path="remote",
+                       num_prefill_tokens=200)
+    observer.first_token(first, num_tokens=1)
     observer.tokens(10.6, gap_s=0.1, num_tokens=1)
     observer.tokens(10.8, gap_s=0.2, num_tokens=2)  # two tokens in one chunk: 0.1 s each
-    observer.finished(10.8, start_s=10.0, reason="length", num_prompt_tokens=200,
+    observer.finished(10.8, first, reason="length", num_prompt_tokens=200,
                       num_output_tokens=4)
+    # TPOT: 3 tokens after the first in 0.3 s
+    assert windows.summary(11.0).tpot_p99_ms == pytest.approx(100.0)
     observer.transfer(num_bytes=1 << 20, duration_s=0.003)
     f = _families(metrics)
     assert f["splitserve:time_to_first_token_seconds_count"][()] == 1

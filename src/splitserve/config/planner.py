@@ -52,7 +52,10 @@ class ScalingConfig:
     gain: float = 0.5  # fraction of the gap to the proportional target closed per change
     tolerance: float = 0.15  # |signal / target - 1| below this: no change (hysteresis)
     ttft_slo_ms: float = 2000.0  # p99 per worker window; above it: scale up, never down
-    tpot_slo_ms: float = 200.0  # inter-token latency p99
+    tpot_slo_ms: float = 200.0  # TPOT p99 (per finished request)
+    # the share of a role's workers over an SLO that makes it a violation (one at least):
+    # across many workers, some window's p99 is always over
+    violation_fraction: float = 0.1
     prefill_target_utilization: float = 0.7  # of a prefill instance's measured rate
     backlog_drain_s: float = 10.0  # queued prompt tokens should clear within this
     pd_ratio_min: float = 0.0
@@ -72,6 +75,7 @@ class ScalingConfig:
         check_range("scaling.tolerance", self.tolerance, 0.0, 1.0, high_open=True)
         check_range("scaling.ttft_slo_ms", self.ttft_slo_ms, 0.0, 3.6e6, low_open=True)
         check_range("scaling.tpot_slo_ms", self.tpot_slo_ms, 0.0, 3.6e6, low_open=True)
+        check_range("scaling.violation_fraction", self.violation_fraction, 0.0, 1.0)
         check_range("scaling.prefill_target_utilization", self.prefill_target_utilization,
                     0.0, 1.0, low_open=True)
         check_range("scaling.backlog_drain_s", self.backlog_drain_s, 0.0, 3600.0,

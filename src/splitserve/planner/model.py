@@ -55,6 +55,7 @@ class WorkerLoad:
     itl_p99_ms: float = 0.0
     queue_p50_ms: float = 0.0
     mean_prefill_tokens: float = 0.0  # uncached prompt tokens per prefill in the window
+    tpot_p99_ms: float = 0.0  # of the requests finished in the window (0: none measured)
     serving: bool = True
 
 

@@ -38,6 +38,7 @@ def worker_load(stats: WorkerStats, serving: bool = True) -> WorkerLoad | None:
         num_running=stats.num_running, kv_usage=stats.kv_usage,
         ttft_p99_ms=stats.ttft_p99_ms, itl_p99_ms=stats.itl_p99_ms,
         queue_p50_ms=stats.queue_p50_ms, mean_prefill_tokens=stats.mean_prefill_tokens,
+        tpot_p99_ms=stats.tpot_p99_ms,
         serving=serving)
 
 

@@ -102,6 +102,25 @@ class Profile:
         """A prefill chunk of `num_tokens` after `offset` tokens already computed."""
         return max(0.0, self.prefill_ms(offset + num_tokens) - self.prefill_ms(offset))
 
+    def prefill_intercept_ms(self) -> float:
+        """The fixed part of a prompt's first chunk: the prefill curve's intercept (the
+        line through its first two points; `prefill_base_ms` for a line profile)."""
+        xs, ys = self.prefill_tokens, self.prefill_ms_points
+        if len(xs) < 2:
+            return self.prefill_base_ms
+        slope = (ys[1] - ys[0]) / (xs[1] - xs[0])
+        return min(ys[0], max(0.0, ys[0] - slope * xs[0]))
+
+    def shared_step_ms(self, num_new_prompts: int, batch: int) -> float:
+        """What a mixed step counts twice when its parts are priced alone: each of
+        `num_new_prompts` first chunks and a decode batch carry a forward pass's fixed
+        cost (`prefill_intercept_ms`, `decode_base_ms`), but one step runs one forward
+        pass. Measured here: a step with a new 40-token prompt and decodes took ~170 ms
+        live, ~240 ms when both fixed costs were charged (benchmarks/sim_validate.py)."""
+        costs = [self.prefill_intercept_ms()] * num_new_prompts + (
+            [self.decode_base_ms] if batch else [])
+        return sum(costs) - max(costs) if costs else 0.0
+
     def decode_step_ms(self, batch: int, mean_context: float) -> float:
         return (self.decode_base_ms + self.decode_ms_per_seq * batch
                 + self.decode_ms_per_context_token * batch * mean_context)

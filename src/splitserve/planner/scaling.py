@@ -6,9 +6,10 @@ at which one instance still meets the TPOT SLO. Proportional control: the count 
 would bring the mean rate to the target is `n × rate / target`; a change closes `gain`
 of the gap, eagerly upward (ceil) and cautiously downward (round), and nothing moves
 while the rate is within `tolerance` of the target (hysteresis). SLO violations are
-negative feedback: an inter-token p99 over the TPOT SLO, or a TTFT p99 over its SLO
-while the prefill pool has no backlog (then the decode workers' own queues are the
-cause), adds a decode instance and forbids scaling decode down.
+negative feedback: a TPOT p99 (per finished request; inter-token p99 when none finished)
+over the TPOT SLO, or a TTFT p99 over its SLO while the prefill pool has no backlog (then
+the decode workers' own queues are the cause), on at least `violation_fraction` of the
+decode workers, adds a decode instance and forbids scaling decode down.
 
 Prefill: follows from measured prefill load, not from its own latency: the prompt
 tokens/s the pool prefilled plus the queued backlog (cleared within
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from splitserve.config.planner import ScalingConfig
@@ -65,16 +67,31 @@ def decode_want(obs: Observation, cfg: ScalingConfig) -> Want:
                 f"{cfg.target_decode_tokens_per_s:g} ({load:.2f}x) over {n}")
 
 
+def _tpot_ms(w: WorkerLoad) -> float:
+    """TPOT p99 of the requests it finished; inter-token p99 when none finished."""
+    return w.tpot_p99_ms or w.itl_p99_ms
+
+
+def _over(workers: tuple[WorkerLoad, ...], value: Callable[[WorkerLoad], float], limit: float,
+          cfg: ScalingConfig) -> list[WorkerLoad]:
+    """The workers over `limit`, when they are at least `violation_fraction` of them (one
+    at least), worst first; else none (across many workers one window's p99 is noise)."""
+    over = sorted((w for w in workers if value(w) > limit), key=value, reverse=True)
+    need = max(1, math.ceil(cfg.violation_fraction * len(workers) - 1e-9))
+    return over if len(over) >= need else []
+
+
 def _violation(obs: Observation, workers: tuple[WorkerLoad, ...], cfg: ScalingConfig) -> str:
     """Why decode needs help now ("" : it does not)."""
-    worst_itl = max(workers, key=lambda w: w.itl_p99_ms)
-    if worst_itl.itl_p99_ms > cfg.tpot_slo_ms:
-        return (f"TPOT SLO violated: {worst_itl.worker_id} inter-token p99 "
-                f"{worst_itl.itl_p99_ms:.0f} ms > {cfg.tpot_slo_ms:g} ms")
-    worst_ttft = max(workers, key=lambda w: w.ttft_p99_ms)
-    if worst_ttft.ttft_p99_ms > cfg.ttft_slo_ms and not _prefill_backlog(obs):
-        return (f"TTFT SLO violated with no prefill backlog: {worst_ttft.worker_id} TTFT "
-                f"p99 {worst_ttft.ttft_p99_ms:.0f} ms > {cfg.ttft_slo_ms:g} ms")
+    over = _over(workers, _tpot_ms, cfg.tpot_slo_ms, cfg)
+    if over:
+        return (f"TPOT SLO violated on {len(over)} of {len(workers)}: {over[0].worker_id} "
+                f"TPOT p99 {_tpot_ms(over[0]):.0f} ms > {cfg.tpot_slo_ms:g} ms")
+    over = _over(workers, lambda w: w.ttft_p99_ms, cfg.ttft_slo_ms, cfg)
+    if over and not _prefill_backlog(obs):
+        return (f"TTFT SLO violated with no prefill backlog on {len(over)} of {len(workers)}: "
+                f"{over[0].worker_id} TTFT p99 {over[0].ttft_p99_ms:.0f} ms > "
+                f"{cfg.ttft_slo_ms:g} ms")
     return ""
 
 
@@ -107,8 +124,8 @@ def prefill_want(obs: Observation, cfg: ScalingConfig, num_decode: int) -> Want:
         count = math.ceil(need * (1 + cfg.tolerance))
     else:
         count = n
-    if cfg.ttft_slo_ms and _prefill_backlog(obs) and any(
-            w.ttft_p99_ms > cfg.ttft_slo_ms for w in obs.of(Role.DECODE)):
+    if _prefill_backlog(obs) and _over(obs.of(Role.DECODE), lambda w: w.ttft_p99_ms,
+                                       cfg.ttft_slo_ms, cfg):
         count = max(count, n + 1)
         why += "; TTFT SLO violated with a prefill backlog: +1 at least"
     return _in_band(count, floor, num_decode, cfg, why)

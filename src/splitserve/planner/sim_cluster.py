@@ -157,6 +157,7 @@ class Cluster:
             a, b = self.rng.sample(serving, 2)
             decode = a if a.load <= b.load else b
         seq = Seq(rid, prompt, output, t, remote=False)
+        self.records.num_tokens[rid] = output
         if self.pool.num_serving and should_offload_prefill(
                 self.routing, prompt, self.pool.depth, decode.decode_load):
             seq.remote = True
@@ -318,6 +319,7 @@ class Cluster:
             queue_depth=len(d.waiting), num_running=d.num_running,
             kv_usage=d.kv_tokens() / self.profile.kv_capacity_tokens,
             ttft_p99_ms=percentile(w.ttft_ms, 99), itl_p99_ms=_weighted_p99(steps),
+            tpot_p99_ms=percentile(w.tpot_ms, 99),
             queue_p50_ms=percentile(w.queue_ms, 50),
             mean_prefill_tokens=w.prefill_tokens / w.num_prefills if w.num_prefills else 0.0,
             serving=slot.state is SlotState.SERVING)

@@ -67,10 +67,16 @@ class Records:
     finish_s: list[float]
     remote: list[bool]
     num_finished: list[int]
+    num_tokens: list[int]  # output tokens, set on arrival
 
     @classmethod
     def empty(cls, n: int) -> Records:
-        return cls([math.nan] * n, [math.nan] * n, [False] * n, [0] * n)
+        return cls([math.nan] * n, [math.nan] * n, [False] * n, [0] * n, [0] * n)
+
+    def tpot_ms(self, rid: int) -> float | None:
+        """Mean inter-token time of a finished request (None: a single token)."""
+        n = self.num_tokens[rid]
+        return (self.finish_s[rid] - self.first_s[rid]) * 1e3 / (n - 1) if n > 1 else None
 
     def finish(self, rid: int, t: float) -> None:
         self.finish_s[rid] = t
@@ -87,6 +93,7 @@ class Window:
     ttft_ms: list[float] = field(default_factory=list)
     queue_ms: list[float] = field(default_factory=list)
     step_ms: list[tuple[float, int]] = field(default_factory=list)  # (dt ms, steps)
+    tpot_ms: list[float] = field(default_factory=list)  # of the requests finished
 
 
 class DecodeInstance:
@@ -137,7 +144,7 @@ class DecodeInstance:
             self.num_pending_remote -= 1
             self._first_token(seq, now)
             if seq.output <= 1:
-                self.records.finish(seq.rid, now)
+                self._finish(seq.rid, now)
                 return
         self.waiting.append(seq)
         if self.phase is Phase.IDLE:
@@ -180,7 +187,7 @@ class DecodeInstance:
         while self.decoding and self.decoding[0][0] <= k:
             fs, rid = heapq.heappop(self.decoding)
             self.sum_pk -= self._prompt_of.pop(rid)
-            self.records.finish(rid, t0 + (fs - s0) * dt)
+            self._finish(rid, t0 + (fs - s0) * dt)
 
     def _close_mixed(self, now: float) -> None:
         self.step += 1
@@ -192,7 +199,7 @@ class DecodeInstance:
         while self.decoding and self.decoding[0][0] <= self.step:
             _, rid = heapq.heappop(self.decoding)
             self.sum_pk -= self._prompt_of.pop(rid)
-            self.records.finish(rid, now)
+            self._finish(rid, now)
         num_chunk = 0
         for seq, n in self.chunks:
             seq.offset += n
@@ -202,7 +209,7 @@ class DecodeInstance:
                 self.window.num_prefills += 1
                 self._first_token(seq, now)
                 if seq.output <= 1:
-                    self.records.finish(seq.rid, now)
+                    self._finish(seq.rid, now)
                 else:
                     self._join(seq)
         self.window.prefill_tokens += num_chunk
@@ -214,6 +221,12 @@ class DecodeInstance:
         heapq.heappush(self.decoding, (self.step + seq.output - 1, seq.rid))
         self._prompt_of[seq.rid] = seq.prompt - self.step
         self.sum_pk += seq.prompt - self.step
+
+    def _finish(self, rid: int, t: float) -> None:
+        self.records.finish(rid, t)
+        tpot = self.records.tpot_ms(rid)
+        if tpot is not None:
+            self.window.tpot_ms.append(tpot)
 
     def _admit(self, now: float) -> None:
         while self.waiting and self._can_admit(self.waiting[0]):
@@ -231,6 +244,8 @@ class DecodeInstance:
             dt_ms = sum(self.profile.chunk_ms(s.offset, n) for s, n in self.chunks)
             if b:
                 dt_ms += self.profile.decode_step_ms(b, self.sum_pk / b + self.step + 1)
+            dt_ms -= self.profile.shared_step_ms(
+                sum(1 for s, _ in self.chunks if s.offset == 0), b)
             self.phase, self.epoch = Phase.MIXED, (now, self.step, dt_ms / 1e3)
             self.wake_s = now + dt_ms / 1e3
         elif b:

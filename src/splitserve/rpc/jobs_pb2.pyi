@@ -104,7 +104,7 @@ class LeaseReply(_message.Message):
     def __init__(self, granted: _Optional[bool] = ..., deadline_unix_ns: _Optional[int] = ..., refusal: _Optional[str] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "tokens_per_s", "queue_depth", "num_kv_pages_used", "num_kv_pages_free", "num_kv_pages_quarantined", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "num_local_prefills", "num_remote_prefills", "num_rejects", "timestamp_unix_ns", "window_s", "queue_p50_ms", "queue_p99_ms", "prefill_rates", "decode_steps", "transfer_bytes_per_s", "num_running", "kv_usage", "prefill_tokens_per_s", "prefill_rate_tokens_per_s", "mean_prefill_tokens")
+    __slots__ = ("worker_id", "role", "tokens_per_s", "queue_depth", "num_kv_pages_used", "num_kv_pages_free", "num_kv_pages_quarantined", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "num_local_prefills", "num_remote_prefills", "num_rejects", "timestamp_unix_ns", "window_s", "queue_p50_ms", "queue_p99_ms", "prefill_rates", "decode_steps", "transfer_bytes_per_s", "num_running", "kv_usage", "prefill_tokens_per_s", "prefill_rate_tokens_per_s", "mean_prefill_tokens", "tpot_p99_ms")
     class PrefillRate(_message.Message):
         __slots__ = ("min_tokens", "max_tokens", "tokens_per_s", "num_samples")
         MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class WorkerStats(_message.Message):
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_RATE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     MEAN_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TPOT_P99_MS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     tokens_per_s: float
@@ -181,7 +182,8 @@ class WorkerStats(_message.Message):
     prefill_tokens_per_s: float
     prefill_rate_tokens_per_s: float
     mean_prefill_tokens: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., num_kv_pages_used: _Optional[int] = ..., num_kv_pages_free: _Optional[int] = ..., num_kv_pages_quarantined: _Optional[int] = ..., ttft_p50_ms: _Optional[float] = ..., ttft_p99_ms: _Optional[float] = ..., itl_p50_ms: _Optional[float] = ..., itl_p99_ms: _Optional[float] = ..., num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_rejects: _Optional[int] = ..., timestamp_unix_ns: _Optional[int] = ..., window_s: _Optional[float] = ..., queue_p50_ms: _Optional[float] = ..., queue_p99_ms: _Optional[float] = ..., prefill_rates: _Optional[_Iterable[_Union[WorkerStats.PrefillRate, _Mapping]]] = ..., decode_steps: _Optional[_Iterable[_Union[WorkerStats.DecodeStep, _Mapping]]] = ..., transfer_bytes_per_s: _Optional[float] = ..., num_running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., prefill_rate_tokens_per_s: _Optional[float] = ..., mean_prefill_tokens: _Optional[float] = ...) -> None: ...
+    tpot_p99_ms: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., num_kv_pages_used: _Optional[int] = ..., num_kv_pages_free: _Optional[int] = ..., num_kv_pages_quarantined: _Optional[int] = ..., ttft_p50_ms: _Optional[float] = ..., ttft_p99_ms: _Optional[float] = ..., itl_p50_ms: _Optional[float] = ..., itl_p99_ms: _Optional[float] = ..., num_local_prefills: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_rejects: _Optional[int] = ..., timestamp_unix_ns: _Optional[int] = ..., window_s: _Optional[float] = ..., queue_p50_ms: _Optional[float] = ..., queue_p99_ms: _Optional[float] = ..., prefill_rates: _Optional[_Iterable[_Union[WorkerStats.PrefillRate, _Mapping]]] = ..., decode_steps: _Optional[_Iterable[_Union[WorkerStats.DecodeStep, _Mapping]]] = ..., transfer_bytes_per_s: _Optional[float] = ..., num_running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., prefill_rate_tokens_per_s: _Optional[float] = ..., mean_prefill_tokens: _Optional[float] = ..., tpot_p99_ms: _Optional[float] = ...) -> None: ...
 
 class KVCacheEvents(_message.Message):
     __slots__ = ("worker_id", "incarnation", "seq", "page_size", "reset", "stored", "removed")

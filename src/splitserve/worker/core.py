@@ -218,7 +218,7 @@ class WorkerCore:
             transfer_bytes_per_s=w.transfer_bytes_per_s,
             prefill_tokens_per_s=w.prefill_tokens_per_s,
             prefill_rate_tokens_per_s=w.prefill_rate_tokens_per_s,
-            mean_prefill_tokens=w.mean_prefill_tokens,
+            mean_prefill_tokens=w.mean_prefill_tokens, tpot_p99_ms=w.tpot_p99_ms,
         )
 
     def _metrics_state(self) -> WorkerState:

@@ -165,7 +165,7 @@ class DecodeService:
         if out.finished:
             self.core.counters.num_finished += 1
             reason = out.finish_reason.value if out.finish_reason else "unknown"
-            self.core.observer.finished(now, first.start_s, reason, out.num_prompt_tokens,
+            self.core.observer.finished(now, first, reason, out.num_prompt_tokens,
                                         out.num_output_tokens)
             timing = Timing(queue_ms=first.queue_s * 1e3,
                             ttft_ms=(first.at_s - first.start_s) * 1e3,

@@ -50,10 +50,12 @@ class Observer:
         self.windows.itl.add(now, per_token_s)
         self.windows.output_tokens.add(now, num_tokens)
 
-    def finished(self, now: float, start_s: float, reason: str, num_prompt_tokens: int,
+    def finished(self, now: float, first: FirstToken, reason: str, num_prompt_tokens: int,
                  num_output_tokens: int) -> None:
-        self.metrics.e2e.observe(now - start_s)
+        self.metrics.e2e.observe(now - first.start_s)
         self.metrics.finished(reason, num_prompt_tokens, num_output_tokens)
+        if num_output_tokens > 1:  # TPOT: the request's mean time per token after the first
+            self.windows.tpot.add(now, (now - first.at_s) / (num_output_tokens - 1))
 
     def job_prefilled(self, num_tokens: int, duration_s: float) -> None:
         """Prefill worker: a job's prompt (uncached part) took `duration_s`."""

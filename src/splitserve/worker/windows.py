@@ -1,7 +1,8 @@
 """Sliding windows over what a worker measured recently: the body of `WorkerStats`.
 
 Every `stats_interval_s` a worker publishes the last `WINDOW_S` seconds of:
-- TTFT, inter-token latency and queue wait percentiles, output tokens/s;
+- TTFT, inter-token latency, TPOT (per finished request) and queue wait percentiles,
+  output tokens/s;
 - the prefill rate as a function of prompt length (tokens/s per length bucket:
   local prefills on a decode worker, jobs on a prefill worker), which leases and the
   planner size work by;
@@ -94,6 +95,7 @@ class WindowSummary:
     prefill_tokens_per_s: float = 0.0  # load: prompt tokens prefilled / window
     prefill_rate_tokens_per_s: float = 0.0  # speed: / seconds spent prefilling
     mean_prefill_tokens: float = 0.0
+    tpot_p99_ms: float = 0.0  # per finished request: mean time per token after the first
 
 
 def _bounds(edges: Sequence[int], i: int) -> tuple[int, int]:
@@ -105,6 +107,7 @@ class WorkerWindows:
         self.span_s = span_s
         self.ttft = SlidingWindow(span_s)  # seconds
         self.itl = SlidingWindow(span_s)  # seconds
+        self.tpot = SlidingWindow(span_s)  # seconds, one per finished request
         self.queue = SlidingWindow(span_s)  # seconds
         self.output_tokens = SlidingWindow(span_s)  # tokens per chunk
         self.prefills = [SlidingWindow(span_s) for _ in range(len(PREFILL_LENGTH_EDGES) + 1)]
@@ -165,7 +168,8 @@ class WorkerWindows:
             transfer_bytes_per_s=sum(s[0] for s in moved) / busy_s if busy_s else 0.0,
             prefill_tokens_per_s=sum(s[0] for s in prefilled) / self.span_s,
             prefill_rate_tokens_per_s=_rate(prefilled) or 0.0,
-            mean_prefill_tokens=_mean(s[0] for s in prefilled))
+            mean_prefill_tokens=_mean(s[0] for s in prefilled),
+            tpot_p99_ms=1e3 * percentile(self.tpot.first(now), 0.99))
 
 
 def _mean(values: Iterable[float]) -> float:
