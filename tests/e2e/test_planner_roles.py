@@ -5,7 +5,8 @@ with the `role` actuator in `auto`. A burst of long prompts on decode-0 queues j
 for prefill-0; the planner sees the backlog in the stats and the queue and moves the
 least loaded decode worker (decode-1, idle) to prefill; when the burst is over it moves
 it back. Every request finishes exactly once with the single-process engine's greedy
-tokens, no page leaks on any worker, and the planner's History names both flips.
+tokens, no page leaks on any worker, and the planner's History names both flips. Killed
+(SIGKILL) at the end, the planner leaves the cluster serving as it was.
 """
 
 from __future__ import annotations
@@ -134,12 +135,17 @@ def test_a_burst_of_long_prompts_moves_a_worker_to_prefill_and_back(
             wait_no_leaks(w.address, timeout_s=120)
         # decode-1 serves Generate again, with the reference's tokens
         assert generate(decode1.address, long[0], max_tokens=MAX_TOKENS)[0] == reference[0]
+        # the planner dying changes nothing for serving: the workers keep their roles
+        planner.kill()
+        planner.wait(timeout=30)
+        assert generate(decode0.address, long[1], max_tokens=MAX_TOKENS)[0] == reference[1]
+        assert [role(w.address) for w in workers] == ["decode", "decode", "prefill"]
     finally:
         if planner.poll() is None:
             planner.terminate()
         planner_code = planner.wait(timeout=60)
         stop_daemons(workers)
         broker.stop()
-    assert planner_code == 0, planner_log.read_text()[-3000:]
+    assert planner_code == -9, planner_log.read_text()[-3000:]  # killed above
     for w in workers:
         assert w.exit_code() == 0, w.log_tail()
