@@ -166,3 +166,35 @@ def test_role_actuator_flips_a_worker_away_from_home_back_first() -> None:
     actions, work = actuator._actions(plan(2, 1), workers)
     assert actions == ("flip d1 decode -> prefill",)
     work.close()  # type: ignore[union-attr]
+
+
+class FakeProcess:
+    def __init__(self, code: int | None = None) -> None:
+        self.code = code
+
+    def poll(self) -> int | None:
+        return self.code
+
+
+def test_local_actuator_starts_free_ids_and_stops_only_its_own(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from splitserve.planner.local import LocalActuator, LocalWorker
+
+    template = tmp_path / "worker.yaml"
+    template.write_text("nats_url: nats://127.0.0.1:4222\n")
+    actuator = LocalActuator(ActuatorConfig(kind="local", local_worker_config=str(template),
+                                            local_max_workers=2), Clock(), lambda _: None)
+    workers = [ref("decode-0", Role.DECODE), ref("p0", Role.PREFILL)]
+    # none of its own: a worker it did not start is never stopped
+    assert actuator._actions(plan(0, 1), workers) == (
+        ("cannot remove prefill: no prefill worker started by this planner",), None)
+    actuator.started = [LocalWorker("local-0", Role.PREFILL, FakeProcess()),  # type: ignore[arg-type]
+                        LocalWorker("local-1", Role.PREFILL, FakeProcess(code=0))]  # type: ignore[arg-type]
+    actions, work = actuator._actions(plan(2, 1), workers)
+    assert actions == ("start local-1 as prefill",)  # local-1 exited: its id is free again
+    work.close()  # type: ignore[union-attr]
+    actions, work = actuator._actions(plan(0, 1), workers)
+    assert actions == ("stop local-0 (prefill)",)
+    work.close()  # type: ignore[union-attr]
+    actuator.started.append(LocalWorker("local-1", Role.DECODE, FakeProcess()))  # type: ignore[arg-type]
+    assert actuator._actions(plan(1, 2), workers) == (
+        ("cannot add decode: 2 planner-started workers already",), None)

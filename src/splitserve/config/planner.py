@@ -8,7 +8,7 @@ mode: advise                      # auto | advise | off (SetMode changes it live
 interval_s: 5                     # one plan per tick
 stats_max_age_s: 15               # a worker with older stats is left out of the plan
 actuator:
-  kind: dry-run                   # dry-run | role | systemd
+  kind: dry-run                   # dry-run | role | systemd | local
 scaling:                          # coordinated P/D scaling (planner/policy.py)
   target_decode_tokens_per_s: 40  # per decode instance
   pd_ratio_min: 0.25
@@ -137,11 +137,13 @@ class ActuatorConfig:
     - role: drain a worker and flip it between prefill and decode (Admin/SetRole); the
       total stays the workers present;
     - systemd: `systemctl start|stop` of `unit_prefill` / `unit_decode` with `{n}` the
-      instance number.
+      instance number;
+    - local: start/stop worker processes on this machine from the worker config
+      `local_worker_config` (planner/local.py; `splitserve up` sets it up).
     Failures are retried with exponential backoff from `retry_initial_s` to
     `retry_max_s`; the planner never dies of one."""
 
-    kind: Literal["dry-run", "role", "systemd"] = "dry-run"
+    kind: Literal["dry-run", "role", "systemd", "local"] = "dry-run"
     drain_grace_s: float = 30.0  # role: in-flight work finishes before a flip
     call_timeout_s: float = 60.0  # one actuation (SetRole, systemctl) at most
     systemctl: str = "systemctl"
@@ -153,6 +155,11 @@ class ActuatorConfig:
     # role: how the planner reaches the workers' Admin (their CA and an admin token)
     ca_file: str = ""
     token_file: str = ""
+    # local: the worker config every started worker is written from, where files and
+    # logs go ("": the template's folder), and how many the planner may start at most
+    local_worker_config: str = ""
+    local_state_dir: str = ""
+    local_max_workers: int = 8
 
     def __post_init__(self) -> None:
         check_range("actuator.drain_grace_s", self.drain_grace_s, 0.0, 3600.0)
@@ -160,6 +167,7 @@ class ActuatorConfig:
         check_range("actuator.retry_initial_s", self.retry_initial_s, 0.0, 3600.0,
                     low_open=True)
         check_range("actuator.retry_max_s", self.retry_max_s, self.retry_initial_s, 86400.0)
+        check_range("actuator.local_max_workers", self.local_max_workers, 1, 1024)
         for name in ("unit_prefill", "unit_decode"):
             if "{n}" not in getattr(self, name):
                 raise ConfigError(f"actuator.{name}", "must contain {n} (the instance number)")

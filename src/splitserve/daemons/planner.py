@@ -9,8 +9,8 @@ Life cycle:
 4. Every `interval_s`: a tick (planner/runner.py) — observe, lead or stand by, plan,
    act. A failed tick is logged and the next one starts afresh.
 5. SIGTERM/SIGINT: STOPPING=1, the actuation in progress is cancelled (a role flip
-   already asked for completes on the worker), the lock is released so a standby leads
-   at once, exit 0. The policy written stays in force: the cluster serves on.
+   already asked for completes on the worker), workers the `local` actuator started are
+   stopped (they drain), the lock is released so a standby leads at once, exit 0. The policy written stays in force: the cluster serves on.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from splitserve.tasks import STOP_DEADLINE_S, arm_stop_deadline, logged_task, st
 log = logging.getLogger(__name__)
 
 BROKER_CONNECT_TIMEOUT_S = 30.0
+LOCAL_STOP_S = 100.0  # planner/local.py: STOP_TIMEOUT_S per worker, stopped together
 
 
 def run_planner(config_path: Path) -> None:
@@ -96,7 +97,9 @@ async def serve(config: PlannerConfig) -> int:
         notifier.stopping("stopping")
         return 0
     finally:
-        arm_stop_deadline("planner", STOP_DEADLINE_S)
+        # the local actuator's workers drain before the planner exits
+        local_s = LOCAL_STOP_S if config.actuator.kind == "local" else 0.0
+        arm_stop_deadline("planner", STOP_DEADLINE_S + local_s)
         await stop_tasks(*tasks)
         await actuator.close()
         with contextlib.suppress(Exception):

@@ -40,7 +40,14 @@ from splitserve.config.daemon import (
 from splitserve.config.reload import diff_fields
 from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
 from splitserve.config.watch import ChangeDetector
-from splitserve.daemons.up_planner import PLANNER_USER, PlannerProcess, flippable, planner_config
+from splitserve.daemons.up_planner import (
+    PLANNER_USER,
+    PlannerProcess,
+    flippable,
+    local_template,
+    local_users,
+    planner_config,
+)
 from splitserve.daemons.up_router import ROUTER_USER, RouterProcess, router_config
 from splitserve.errors import SplitserveError
 from splitserve.queue.broker import NatsServer
@@ -149,9 +156,14 @@ class LocalCluster:
             self.router.start()
             self.router.wait_ready(self.cluster.num_decode_workers, self.cluster.ready_timeout_s)
         if self.cluster.planner:
+            local = None
+            if local_users(self.cluster):
+                local = self.state_dir / "local-worker.yaml"
+                write_config(local_template(self.workers[0].config, self.certs_dir,
+                                            self.ca_file), local)
             self.planner = PlannerProcess(
                 planner_config(self.cluster, self.nats.url, self.certs_dir,
-                               self.nats_auth.get(PLANNER_USER, NatsAuthConfig())),
+                               self.nats_auth.get(PLANNER_USER, NatsAuthConfig()), local),
                 self.state_dir / "planner.yaml", self.state_dir / "planner.log", self.certs_dir)
             write_config(self.planner.config, self.planner.config_path)
             self.planner.start()
@@ -206,6 +218,7 @@ class LocalCluster:
             for c in worker_configs(self.cluster, self.nats.url)]
         if self.cluster.router:
             users.append((ROUTER_USER, "router"))
+        users += local_users(self.cluster)
         auth = broker_auth(self.certs_dir, users)
         for name, path in auth.password_files.items():
             self.nats_auth[name] = NatsAuthConfig(name, str(path), self.ca_file)

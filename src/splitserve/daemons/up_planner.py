@@ -6,7 +6,9 @@ are ready, configured by `planner_settings:` (config/planner.py; e.g. `mode`,
 thresholds' base. With `secure`, its gRPC port runs TLS with the cluster's certificate
 and checks tokens, it logs in to the broker as the user `planner` and reaches the
 workers' Admin (role flips) with the CA and the admin token. With the `role` actuator
-the workers get broker identities that may serve either role (queue/permissions.py).
+the workers get broker identities that may serve either role (queue/permissions.py);
+with the `local` actuator `up` writes the template the planner starts workers from
+(`<state>/local-worker.yaml`) and makes broker users `local-0`... for them.
 """
 
 from __future__ import annotations
@@ -18,19 +20,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from splitserve.config.daemon import ClusterConfig
+from splitserve.config.daemon import ClusterConfig, WorkerConfig
 from splitserve.config.planner import PlannerConfig
 from splitserve.config.schema import NatsConfig
 from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
 from splitserve.daemons.children import start_daemon, stop_daemon
+from splitserve.daemons.planner import LOCAL_STOP_S
 from splitserve.errors import SplitserveError
+from splitserve.planner.local import ID_PREFIX
+from splitserve.queue.permissions import Role
 
 PLANNER_USER = "planner"
 
 
 def planner_config(cluster: ClusterConfig, nats_url: str, certs_dir: Path | None,
-                   nats_auth: NatsAuthConfig) -> PlannerConfig:
+                   nats_auth: NatsAuthConfig, local_config: Path | None = None) -> PlannerConfig:
+    """`local_config`: the `local` actuator's worker template (written by `up`)."""
     template = cluster.planner_settings
+    if local_config is not None:
+        template = replace(template, actuator=replace(
+            template.actuator, local_worker_config=str(local_config),
+            local_state_dir=str(local_config.parent)))
     config = replace(template, grpc_address=f"127.0.0.1:{cluster.planner_grpc_port}",
                      nats_url=nats_url, nats_auth=nats_auth,
                      nats=NatsConfig(replicas=cluster.nats_cluster_size),
@@ -48,6 +58,23 @@ def planner_config(cluster: ClusterConfig, nats_url: str, certs_dir: Path | None
 def flippable(cluster: ClusterConfig) -> bool:
     """Whether the planner of this cluster flips workers' roles."""
     return cluster.planner and cluster.planner_settings.actuator.kind == "role"
+
+
+def local_users(cluster: ClusterConfig) -> list[tuple[str, Role]]:
+    """Broker users for the workers a `local` planner may start (either role)."""
+    actuator = cluster.planner_settings.actuator
+    if not (cluster.planner and actuator.kind == "local"):
+        return []
+    return [(f"{ID_PREFIX}{k}", "worker") for k in range(actuator.local_max_workers)]
+
+
+def local_template(worker: WorkerConfig, certs_dir: Path | None, ca_file: str) -> WorkerConfig:
+    """The config a `local` planner starts workers from: a worker of this cluster's
+    (broker, TLS, tokens, engine), logging in as itself (`{worker_id}`)."""
+    nats_auth = (NatsAuthConfig("{worker_id}", str(certs_dir / "{worker_id}.nats-password"),
+                                ca_file) if certs_dir is not None else NatsAuthConfig())
+    return replace(worker, worker_id="", grpc_address="127.0.0.1:0", metrics_address="",
+                   cpu_affinity=(), nats_auth=nats_auth)
 
 
 @dataclass
@@ -86,4 +113,6 @@ class PlannerProcess:
                 f"  {grpcurl} {flags} -d '{mode}' {address} splitserve.v1.Planner/SetMode"]
 
     def stop(self, timeout_s: float) -> None:
-        stop_daemon(self.process, timeout_s)
+        """The planner stops the workers its `local` actuator started first (they drain)."""
+        local = self.config.actuator.kind == "local"
+        stop_daemon(self.process, timeout_s + (LOCAL_STOP_S if local else 0.0))

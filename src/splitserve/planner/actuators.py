@@ -11,7 +11,8 @@ targets becomes actions.
   out the backoff; the plan adapts on its own since it counts the roles the workers
   report;
 - systemd: `systemctl start` the lowest free instance numbers of the role's unit
-  template, `systemctl stop` the highest running ones (`list-units` says which run).
+  template, `systemctl stop` the highest running ones (`list-units` says which run);
+- local: worker processes started and stopped by the planner (planner/local.py).
 Each actuation runs in the background, one at a time; `apply` only starts it, so a
 slow drain never delays the next tick. Failures are retried with exponential backoff
 (`retry_initial_s` doubling up to `retry_max_s`) and never end the planner.
@@ -268,4 +269,8 @@ def make_actuator(config: ActuatorConfig, clock: Callable[[], float],
         return RoleActuator(config, clock, reported_role)
     if config.kind == "systemd":
         return SystemdActuator(config, clock)
+    if config.kind == "local":
+        from splitserve.planner.local import LocalActuator  # it builds on this module
+
+        return LocalActuator(config, clock, reported_role)
     return Actuator(config, clock)
