@@ -33,10 +33,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
-from serve_interference import Request, Result, run_one, summarize
+from serve_interference import Request, Result, Slo, run_one, summarize
 
 from splitserve.config.daemon import ClusterConfig, LeaseConfig, WorkerConfig
 from splitserve.config.planner import (
@@ -133,19 +134,11 @@ def run(with_planner: bool, requests: list[tuple[str, Request]],
                 keep.mkdir(parents=True, exist_ok=True)
                 for log in Path(state_dir).glob("*.log"):
                     shutil.copy(log, keep / log.name)
+    slo = Slo(args.slo_ttft_s, args.slo_ttft_long_s, args.slo_tpot_s)
     by_phase = {phase: summarize([r for (p, _), r in zip(requests, results) if p == phase],
-                                 args.phase_s) for phase in PHASES}
-    return {"overall": summarize(results, wall_s), "by_phase": by_phase,
+                                 args.phase_s, slo) for phase in PHASES}
+    return {"overall": summarize(results, wall_s, slo), "by_phase": by_phase,
             "planner_actions": history}
-
-
-def replace_slo(args: argparse.Namespace) -> None:
-    """serve_interference's summarize reads its module's SLOs: use ours."""
-    import serve_interference
-
-    serve_interference.SLO_TTFT_SHORT_S = args.slo_ttft_s
-    serve_interference.SLO_TTFT_LONG_S = args.slo_ttft_long_s
-    serve_interference.SLO_TPOT_S = args.slo_tpot_s
 
 
 def main() -> None:
@@ -167,7 +160,6 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     grpcurl = str(Path(sys.executable).parent / "grpcurl")
-    replace_slo(args)
     requests = workload(args)
     fixed = run(False, requests, args, grpcurl)
     planned = run(True, requests, args, grpcurl)
@@ -187,8 +179,7 @@ def main() -> None:
                      "long_prompt_tokens": f"{args.long_min}-{args.long_max}",
                      "short_prompt_tokens": "32-64", "output_tokens": "chat 32, summarize 16, "
                      "reason 192"},
-        "slo": {"ttft_short_s": args.slo_ttft_s, "ttft_long_s": args.slo_ttft_long_s,
-                "tpot_s": args.slo_tpot_s},
+        "slo": asdict(Slo(args.slo_ttft_s, args.slo_ttft_long_s, args.slo_tpot_s)),
         "fixed": fixed, "planner": planned,
         "ratios_planner_over_fixed": {"ttft_p99": ratio("ttft_s", "p99"),
                                       "tpot_p99": ratio("tpot_s", "p99"),

@@ -48,9 +48,15 @@ from splitserve.queue.broker import find_free_port
 from splitserve.routing.offload import RoutingConfig
 from splitserve.rpc import generation_pb2, generation_pb2_grpc
 
-SLO_TTFT_SHORT_S = 1.5
-SLO_TTFT_LONG_S = 10.0
-SLO_TPOT_S = 0.15
+
+@dataclass(frozen=True)
+class Slo:
+    ttft_short_s: float = 1.5
+    ttft_long_s: float = 10.0
+    tpot_s: float = 0.15
+
+
+SLO = Slo()
 VOCAB_LOW, VOCAB_HIGH = 17, 49152
 
 
@@ -142,7 +148,7 @@ def cluster_config(mode: str, state_dir: str, routing: RoutingConfig,
         secure=False)  # plaintext loopback, as the numbers recorded before TLS existed
 
 
-def summarize(results: list[Result], wall_s: float) -> dict:
+def summarize(results: list[Result], wall_s: float, slo: Slo = SLO) -> dict:
     ok = [r for r in results if not r.error]
     short = [r for r in ok if r.request.is_short]
 
@@ -154,8 +160,8 @@ def summarize(results: list[Result], wall_s: float) -> dict:
                 for q in (50, 90, 99)}
 
     def good(r: Result) -> bool:
-        ttft_slo = SLO_TTFT_SHORT_S if r.request.is_short else SLO_TTFT_LONG_S
-        return r.ttft_s <= ttft_slo and (math.isnan(r.tpot_s) or r.tpot_s <= SLO_TPOT_S)
+        ttft_slo = slo.ttft_short_s if r.request.is_short else slo.ttft_long_s
+        return r.ttft_s <= ttft_slo and (math.isnan(r.tpot_s) or r.tpot_s <= slo.tpot_s)
 
     return {
         "num_requests": len(results), "num_completed": len(ok),
@@ -254,8 +260,7 @@ def main() -> None:
                      "long_prompt_tokens": "1024-2048", "output_tokens": "32-128"},
         "routing": asdict(routing),
         "max_prefill_chunk_tokens": args.max_prefill_chunk_tokens,
-        "slo": {"ttft_short_s": SLO_TTFT_SHORT_S, "ttft_long_s": SLO_TTFT_LONG_S,
-                "tpot_s": SLO_TPOT_S},
+        "slo": asdict(SLO),
         "runs": runs,
         "ratios_over_seeds": summary,
         "goals": {"worst_short_ttft_p99_max": 0.25, "worst_tpot_p99_max": 0.5},

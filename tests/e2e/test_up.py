@@ -25,7 +25,7 @@ def cluster_file(tmp_path: Path) -> Path:
     config.update(state_dir=str(tmp_path / "state"), nats_port=find_free_port(),
                   base_grpc_port=find_free_port(), base_metrics_port=find_free_port(),
                   router_http_port=find_free_port(), router_grpc_port=find_free_port(),
-                  planner_grpc_port=find_free_port())
+                  planner_grpc_port=find_free_port(), planner_metrics_port=find_free_port())
     config["worker"]["engine"]["kv_cache_memory_mb"] = 96
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -53,8 +53,10 @@ def bash(command: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_up_is_secure_by_default_and_its_banner_commands_work(tmp_path: Path) -> None:
+    path = cluster_file(tmp_path)
+    config = yaml.safe_load(path.read_text())
     up = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "up", "--config",
-                           str(cluster_file(tmp_path))], stdout=subprocess.PIPE,
+                           str(path)], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     try:
         commands = banner_commands(up)
@@ -86,6 +88,10 @@ def test_up_is_secure_by_default_and_its_banner_commands_work(tmp_path: Path) ->
         assert {r["role"] for r in plan["roles"]} == {"prefill", "decode"}, plan
         assert plan["reasons"], plan
         assert json.loads(results[set_mode].stdout)["mode"] == "PLANNER_MODE_ADVISE"
+        planner_metrics = bash(f"curl -s http://127.0.0.1:{config['planner_metrics_port']}"
+                               "/metrics").stdout
+        assert "splitserve:planner_leader 1.0" in planner_metrics
+        assert 'splitserve:planner_mode{mode="advise"} 1.0' in planner_metrics
         assert "--cacert" in curl and "SSL_CERT_FILE" in openai_client
         assert bash(curl.replace("authorization", "x-nothing")).stdout.count(
             "invalid_api_key") == 1

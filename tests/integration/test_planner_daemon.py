@@ -13,15 +13,18 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from grpc_fixtures import GRPCURL, run_tool
+from prometheus_client.parser import text_string_to_metric_families
 
 from splitserve.config.planner import PlannerConfig, ScalingConfig, ThresholdConfig
 from splitserve.planner.actuators import Actuator
 from splitserve.planner.leader import LOCK_KEY, PlannerLock
+from splitserve.planner.metrics import PlannerMetrics
 from splitserve.planner.model import Mode
 from splitserve.planner.observe import StatsBook
 from splitserve.planner.runner import AUDIT_KEY, PlannerRunner
@@ -117,6 +120,15 @@ async def test_auto_writes_thresholds_with_an_audit_record(cluster, nats_conn) -
     assert record.thresholds_in_force.prefill_length_threshold == 192
     assert record.plan.thresholds.prefill_length_threshold == 288
     assert r.num_policy_writes == 2 and len(r.audit) == 2
+    exposed = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(
+                   PlannerMetrics(r).exposition().decode()) for s in f.samples}
+    assert exposed[("splitserve:planner_policy_writes_total", ())] == 2.0
+    assert exposed[("splitserve:planner_threshold", (("name", "prefill_length_threshold"),))
+                   ] == 192.0  # in force at the last tick; the plan's 288 is the next
+    for role in record.current:
+        assert exposed[("splitserve:planner_target_workers", (("role", role.value),))
+                       ] == record.plan.count(role)
 
 
 async def test_advise_and_off_write_nothing(cluster, nats_conn) -> None:
@@ -178,6 +190,15 @@ async def get_plan(address: str) -> dict[str, object]:
     return json.loads(out)  # type: ignore[no-any-return]
 
 
+def scrape(port: int) -> dict[str, float]:
+    """The planner's /metrics as {name{labels}: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {sample.name + "".join(f"{{{k}={v}}}" for k, v in sorted(sample.labels.items())):
+            sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples}
+
+
 async def wait_for(predicate, address: str, timeout_s: float = 20.0) -> dict[str, object]:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -194,7 +215,9 @@ async def wait_for(predicate, address: str, timeout_s: float = 20.0) -> dict[str
 @pytest.mark.slow
 async def test_daemon_grpcurl_setmode_standby_and_sigterm(tmp_path: Path,
                                                           nats_server: NatsServer) -> None:
-    a, a_address, a_log = start_planner(tmp_path, nats_server.url, "planner-a")
+    a_metrics, b_metrics = find_free_port(), find_free_port()
+    a, a_address, a_log = start_planner(tmp_path, nats_server.url, "planner-a",
+                                        metrics_address=f"127.0.0.1:{a_metrics}")
     b = None
     try:
         plan = await wait_for(lambda p: p.get("leader"), a_address)
@@ -214,10 +237,22 @@ async def test_daemon_grpcurl_setmode_standby_and_sigterm(tmp_path: Path,
         rc, _, err = await run_tool(GRPCURL, "-plaintext", "-d", '{"mode": 9}', a_address,
                                     "splitserve.v1.Planner/SetMode")
         assert rc != 0 and "InvalidArgument" in err
-        b, b_address, _ = start_planner(tmp_path, nats_server.url, "planner-b")
+        ticks_before = scrape(a_metrics)["splitserve:planner_ticks_total"]
+        await wait_for(lambda p: p.get("mode") == "PLANNER_MODE_AUTO", a_address)
+        await asyncio.sleep(1.2)  # two more ticks at 0.5 s
+        metrics = scrape(a_metrics)
+        assert metrics["splitserve:planner_ticks_total"] >= ticks_before + 1
+        assert metrics["splitserve:planner_leader"] == 1.0
+        assert {metrics[f"splitserve:planner_mode{{mode={m}}}"] for m in ("auto", "advise", "off")
+                } == {1.0, 0.0} and metrics["splitserve:planner_mode{mode=auto}"] == 1.0
+        assert metrics["splitserve:planner_workers{role=decode}"] == 0.0  # no workers here
+        assert metrics["splitserve:planner_tick_failures_total"] == 0.0
+        b, b_address, _ = start_planner(tmp_path, nats_server.url, "planner-b",
+                                        metrics_address=f"127.0.0.1:{b_metrics}")
         plan = await wait_for(lambda p: "standby: planner-a leads" in p.get("reasons", []),
                               b_address)
         assert not plan.get("leader")
+        assert scrape(b_metrics)["splitserve:planner_leader"] == 0.0
         a.send_signal(signal.SIGTERM)
         assert a.wait(timeout=30) == 0, a_log.read_text()[-3000:]
         await wait_for(lambda p: p.get("leader"), b_address, timeout_s=10)

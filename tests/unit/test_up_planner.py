@@ -26,6 +26,7 @@ def test_the_planner_gets_the_clusters_broker_security_and_routing(tmp_path: Pat
     config = planner_config(cluster("role"), "nats://127.0.0.1:1", certs,
                             NatsAuthConfig("planner", str(certs / "planner.nats-password")))
     assert config.grpc_address == "127.0.0.1:50123"
+    assert config.metrics_address == "127.0.0.1:9470"  # ClusterConfig.planner_metrics_port
     assert config.routing.prefill_length_threshold == 99
     assert config.nats_auth.user == "planner"
     assert config.auth.tokens_file == str(certs / "tokens")

@@ -195,6 +195,7 @@ class ClusterConfig:
     # serves splitserve.v1.Planner. Off unless set: the benchmarks' clusters run without.
     planner: bool = False
     planner_grpc_port: int = 50070
+    planner_metrics_port: int = 9470  # the planner's /metrics; 0: none
     # template for the planner (config/planner.py); up sets its address, broker, security
     # and the workers' routing
     planner_settings: PlannerConfig = field(default_factory=PlannerConfig)
@@ -210,7 +211,8 @@ class ClusterConfig:
             raise ConfigError("num_decode_workers", "at least one decode worker is needed")
         if self.num_prefill_workers < 0:
             raise ConfigError("num_prefill_workers", "must be >= 0")
-        for name in ("router_http_port", "router_grpc_port", "planner_grpc_port"):
+        for name in ("router_http_port", "router_grpc_port", "planner_grpc_port",
+                     "planner_metrics_port"):
             check_range(name, getattr(self, name), 0, 65535)
         if self.nats_cluster_size not in (1, 3):
             raise ConfigError("nats_cluster_size", f"must be 1 or 3, got {self.nats_cluster_size!r}")

@@ -3,6 +3,7 @@ which `splitserve simulate` reads from the same file.
 
 ```yaml
 grpc_address: 127.0.0.1:50070     # splitserve.v1.Planner, Admin, health, reflection
+metrics_address: 127.0.0.1:9470   # Prometheus /metrics ("" : none)
 nats_url: nats://127.0.0.1:4222
 mode: advise                      # auto | advise | off (SetMode changes it live)
 interval_s: 5                     # one plan per tick
@@ -176,6 +177,7 @@ class ActuatorConfig:
 @dataclass(frozen=True)
 class PlannerConfig:
     grpc_address: str = "127.0.0.1:50070"
+    metrics_address: str = ""  # host:port of /metrics (Prometheus); "" : none
     nats_url: str = "nats://127.0.0.1:4222"
     nats_auth: NatsAuthConfig = field(default_factory=NatsAuthConfig)
     nats: NatsConfig = field(default_factory=NatsConfig)
@@ -197,6 +199,8 @@ class PlannerConfig:
 
     def __post_init__(self) -> None:
         check_address("grpc_address", self.grpc_address)
+        if self.metrics_address:
+            check_address("metrics_address", self.metrics_address)
         check_range("interval_s", self.interval_s, 0.0, 3600.0, low_open=True)
         check_range("stats_max_age_s", self.stats_max_age_s, 0.0, 86400.0, low_open=True)
         check_range("lock_ttl_s", self.lock_ttl_s, 1.0, 3600.0)

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+from splitserve.errors import SplitserveError
 
 
 def start_daemon(command: str, config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
@@ -26,3 +30,19 @@ def stop_daemon(process: subprocess.Popen[bytes] | None, timeout_s: float) -> No
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def wait_until(name: str, process: subprocess.Popen[bytes] | None, ready: Callable[[], bool],
+               timeout_s: float, log_path: Path, waiting_for: str = "ready") -> None:
+    """Poll `ready()` every 0.3 s; SplitserveError (naming the log) if the daemon exits or
+    `timeout_s` passes first."""
+    assert process is not None, f"the {name} was not started"
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if process.poll() is not None:
+            raise SplitserveError(f"the {name} exited with {process.returncode}; "
+                                  f"see {log_path}")
+        if time.monotonic() > deadline:
+            raise SplitserveError(f"the {name} was not {waiting_for} within {timeout_s:.0f} s; "
+                                  f"see {log_path}")
+        time.sleep(0.3)

@@ -5,7 +5,8 @@ Life cycle:
 2. Connect to the broker (retrying while it is away), open the registry and the policy
    bucket, follow every worker's stats.
 3. Serve gRPC: `splitserve.v1.Planner` (GetPlan, SetMode, History), health,
-   reflection; log "planner ready"; under systemd, READY=1.
+   reflection, and Prometheus `/metrics` on `metrics_address` (planner/metrics.py); log
+   "planner ready"; under systemd, READY=1.
 4. Every `interval_s`: a tick (planner/runner.py) — observe, lead or stand by, plan,
    act. A failed tick is logged and the next one starts afresh.
 5. SIGTERM/SIGINT: STOPPING=1, the actuation in progress is cancelled (a role flip
@@ -29,6 +30,7 @@ from splitserve.control.service_server import start_service_server
 from splitserve.daemons.notify import Notifier
 from splitserve.daemons.worker import configure_logging
 from splitserve.planner.actuators import make_actuator
+from splitserve.planner.metrics import PlannerMetrics
 from splitserve.planner.observe import StatsBook
 from splitserve.planner.runner import PlannerRunner
 from splitserve.planner.service import planner_service
@@ -85,9 +87,12 @@ async def serve(config: PlannerConfig) -> int:
     runner = PlannerRunner(config, me, store, registry, broker.js, actuator, book)
     tasks = [logged_task(_follow_stats(subscription, book), "stats feed")]
     served = None
+    metrics = PlannerMetrics(runner)
     try:
         served = await start_service_server(config.grpc_address, [planner_service(runner)],
                                             ServerSecurity(config.grpc_tls, config.auth))
+        if config.metrics_address:
+            await metrics.serve(config.metrics_address)
         log.info("planner ready: %s, gRPC %s, mode %s, actuator %s, NATS %s", me,
                  served.address, runner.mode.value, actuator.kind,
                  redact_url(config.nats_url))
@@ -104,6 +109,7 @@ async def serve(config: PlannerConfig) -> int:
         await actuator.close()
         with contextlib.suppress(Exception):
             await runner.lock.release()
+        await metrics.close()
         if served is not None:
             served.health.shutdown()
             await served.server.stop(1.0)

@@ -287,6 +287,11 @@ class LocalCluster:
         metrics = [f"http://{w.config.metrics_address}/metrics" for w in with_metrics]
         lines += [f"  metrics    {url}  ({w.config.worker_id})"
                   for url, w in zip(metrics, with_metrics, strict=True)]
+        if self.router is not None:
+            lines.append(f"  metrics    {self.router.base_url.removesuffix('/v1')}/metrics  (router)")
+        if self.planner is not None and self.planner.config.metrics_address:
+            lines.append(f"  metrics    http://{self.planner.config.metrics_address}/metrics  "
+                         "(planner)")
         target = decode[0]
         exe = Path(sys.executable).parent / "splitserve"
         grpcurl = Path(sys.executable).parent / "grpcurl"

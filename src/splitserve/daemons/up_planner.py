@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,9 +23,8 @@ from splitserve.config.daemon import ClusterConfig, WorkerConfig
 from splitserve.config.planner import PlannerConfig
 from splitserve.config.schema import NatsConfig
 from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
-from splitserve.daemons.children import start_daemon, stop_daemon
+from splitserve.daemons.children import start_daemon, stop_daemon, wait_until
 from splitserve.daemons.planner import LOCAL_STOP_S
-from splitserve.errors import SplitserveError
 from splitserve.planner.local import ID_PREFIX
 from splitserve.queue.permissions import Role
 
@@ -41,7 +39,9 @@ def planner_config(cluster: ClusterConfig, nats_url: str, certs_dir: Path | None
         template = replace(template, actuator=replace(
             template.actuator, local_worker_config=str(local_config),
             local_state_dir=str(local_config.parent)))
+    metrics = f"127.0.0.1:{cluster.planner_metrics_port}" if cluster.planner_metrics_port else ""
     config = replace(template, grpc_address=f"127.0.0.1:{cluster.planner_grpc_port}",
+                     metrics_address=metrics,
                      nats_url=nats_url, nats_auth=nats_auth,
                      nats=NatsConfig(replicas=cluster.nats_cluster_size),
                      planner_id=template.planner_id or "planner-up",
@@ -90,16 +90,7 @@ class PlannerProcess:
 
     def wait_ready(self, timeout_s: float, serving: Callable[[], bool]) -> None:
         """Until `serving()` (its health says SERVING: the gRPC port listens)."""
-        deadline = time.monotonic() + timeout_s
-        while not serving():
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise SplitserveError(f"the planner exited with {self.process.returncode}; "
-                                      f"see {self.log_path}")
-            if time.monotonic() > deadline:
-                raise SplitserveError(f"the planner was not ready within {timeout_s:.0f} s; "
-                                      f"see {self.log_path}")
-            time.sleep(0.3)
+        wait_until("planner", self.process, serving, timeout_s, self.log_path)
 
     def banner_lines(self, grpcurl: Path) -> list[str]:
         address = self.config.grpc_address

@@ -16,7 +16,6 @@ import shlex
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
@@ -26,8 +25,7 @@ from splitserve.config.daemon import ClusterConfig
 from splitserve.config.router import RouterConfig, WorkerClientConfig
 from splitserve.config.schema import NatsConfig
 from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
-from splitserve.daemons.children import start_daemon, stop_daemon
-from splitserve.errors import SplitserveError
+from splitserve.daemons.children import start_daemon, stop_daemon, wait_until
 from splitserve.model.loader import default_model_path
 
 ROUTER_USER = "router"
@@ -80,16 +78,9 @@ class RouterProcess:
             return {}
 
     def wait_ready(self, num_workers: int, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.health().get("num_workers_serving") != num_workers:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise SplitserveError(f"the router exited with {self.process.returncode}; "
-                                      f"see {self.log_path}")
-            if time.monotonic() > deadline:
-                raise SplitserveError(f"the router did not see {num_workers} decode workers "
-                                      f"within {timeout_s:.0f} s; see {self.log_path}")
-            time.sleep(0.3)
+        wait_until("router", self.process,
+                   lambda: self.health().get("num_workers_serving") == num_workers,
+                   timeout_s, self.log_path, f"serving {num_workers} decode workers")
 
     def banner_lines(self) -> list[str]:
         """A curl and an openai client call against the router, as they work here."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from nats.js.errors import NotFoundError
 
 from splitserve.config.planner import PlannerConfig
-from splitserve.planner.actuators import Actuator, WorkerRef
+from splitserve.planner.actuators import Actuator, WorkerRef, describe
 from splitserve.planner.leader import PlannerLock
 from splitserve.planner.model import Mode, Observation, Plan, Role, Thresholds
 from splitserve.planner.observe import StatsBook
@@ -148,7 +148,7 @@ class PlannerRunner:
                                                         revision)
             actions = self.actuator.apply(plan, workers)
         else:
-            actions = tuple(f"advise: {a}" for a in _advice(plan, obs))
+            actions = tuple(f"advise: {a}" for a in _advice(plan, workers, in_force))
         record = PlanRecord(wall, self.mode, True, _current(obs), plan, in_force, actions,
                             policy_revision=revision)
         if record.actions or plan.thresholds != in_force or _changed(self.history, record):
@@ -208,10 +208,9 @@ def _current(obs: Observation) -> dict[Role, int]:
     return {role: len(obs.of(role)) for role in Role}
 
 
-def _advice(plan: Plan, obs: Observation) -> list[str]:
-    advice = [f"{'add' if n > 0 else 'remove'} {abs(n)} {role.value}"
-              for role in Role if (n := plan.count(role) - len(obs.of(role)))]
-    if plan.thresholds != obs.thresholds:
+def _advice(plan: Plan, workers: list[WorkerRef], in_force: Thresholds) -> list[str]:
+    advice = list(describe(plan, workers))
+    if plan.thresholds != in_force:
         advice.append(f"set thresholds {dataclasses.asdict(plan.thresholds)}")
     return advice
 

@@ -28,7 +28,7 @@ from typing import IO, Self
 
 from splitserve.queue.errors import BrokerStartError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 NUM_STDERR_TAIL_LINES = 20
 
@@ -190,7 +190,7 @@ class NatsServer:
             self.command(binary), stdin=subprocess.DEVNULL, stdout=self._log_file,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
-        logger.info("started nats-server pid %d on %s (store %s)", self._proc.pid, self.url,
+        log.info("started nats-server pid %d on %s (store %s)", self._proc.pid, self.url,
                     self.store_dir)
         self._wait_ready()
 
@@ -215,7 +215,7 @@ class NatsServer:
         if self._proc is None:
             return
         self._terminate()
-        logger.info("stopped nats-server on %s", self.url)
+        log.info("stopped nats-server on %s", self.url)
 
     def kill(self) -> None:
         """SIGKILL at once, to simulate a crash."""
@@ -238,7 +238,7 @@ class NatsServer:
             try:
                 self._proc.wait(timeout=self.stop_timeout_s)
             except subprocess.TimeoutExpired:
-                logger.warning("nats-server pid %d ignored SIGTERM for %.1fs; killing it",
+                log.warning("nats-server pid %d ignored SIGTERM for %.1fs; killing it",
                                self._proc.pid, self.stop_timeout_s)
                 self._proc.send_signal(signal.SIGKILL)
                 self._proc.wait()

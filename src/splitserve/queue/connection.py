@@ -26,7 +26,7 @@ from splitserve.errors import ConfigError
 from splitserve.queue.errors import BrokerUnavailable
 from splitserve.redact import host_port
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,14 +87,14 @@ class BrokerConnection:
             return
         if self._disconnected_at is None:
             self._disconnected_at = time.monotonic()
-            logger.warning("nats connection %s: disconnected from broker", self.name)
+            log.warning("nats connection %s: disconnected from broker", self.name)
 
     async def _on_reconnected(self) -> None:
         self.num_reconnects += 1
         down_s = 0.0 if self._disconnected_at is None else time.monotonic() - self._disconnected_at
         self._disconnected_at = None
         self._connected.set()
-        logger.warning("nats connection %s: reconnected to %s after %.2fs", self.name,
+        log.warning("nats connection %s: reconnected to %s after %.2fs", self.name,
                        host_port(self.nc.connected_url), down_s)
 
     async def _on_error(self, err: Exception) -> None:
@@ -104,12 +104,12 @@ class BrokerConnection:
         # (or an attack): WARNING, every time.
         refused = any(word in str(err).lower() for word in ("permissions violation",
                                                               "authorization violation"))
-        logger.log(logging.WARNING if refused else logging.DEBUG, "nats connection %s: %s: %s",
+        log.log(logging.WARNING if refused else logging.DEBUG, "nats connection %s: %s: %s",
                    self.name, type(err).__name__, err)
 
     async def _on_closed(self) -> None:
         self._connected.clear()
-        logger.info("nats connection %s: closed", self.name)
+        log.info("nats connection %s: closed", self.name)
 
 
 NO_AUTH = NatsAuthConfig()
@@ -171,7 +171,7 @@ async def connect(
         await conn.close()  # as closing: no "disconnected" warning for a broker never reached
         raise BrokerUnavailable(server_list, time.monotonic() - start) from None
     conn._connected.set()
-    logger.info("nats connection %s: connected to %s", name,
+    log.info("nats connection %s: connected to %s", name,
                 host_port(nc.connected_url) if nc.connected_url else "?")
     return conn
 

@@ -36,7 +36,7 @@ from splitserve.queue.settings import BucketSettings
 from splitserve.queue.streams import ensure_policy_bucket
 from splitserve.queue.subjects import BUCKET_POLICY
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # The server's "wrong last sequence" error codes (a compare-and-set lost).
 _WRONG_LAST_SEQUENCE = (10071, 10164)
@@ -99,7 +99,7 @@ class PolicyStore:
             current = await self.get(key)
             raise PolicyConflict(key, expected_revision or 0,
                                  current.revision if current else 0) from err
-        logger.info("policy %s set (revision %d, %d bytes)", key, revision, len(value))
+        log.debug("policy %s set (revision %d, %d bytes)", key, revision, len(value))
         return int(revision)
 
     async def delete(self, key: str, *, expected_revision: int | None = None) -> None:
@@ -114,7 +114,7 @@ class PolicyStore:
             current = await self.get(key)
             raise PolicyConflict(key, expected_revision or 0,
                                  current.revision if current else 0) from err
-        logger.info("policy %s deleted", key)
+        log.debug("policy %s deleted", key)
 
     async def items(self) -> dict[str, PolicyEntry]:
         """All current keys with their values and revisions."""

@@ -26,7 +26,7 @@ from splitserve.queue.subjects import BUCKET_WORKERS, validate_worker_id
 from splitserve.rpc.worker_pb2 import WorkerDescriptor
 from splitserve.tasks import stop_tasks
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class WorkerRegistry:
@@ -54,7 +54,7 @@ class WorkerRegistry:
         if worker_id not in self._heartbeats:
             self._heartbeats[worker_id] = asyncio.create_task(
                 self._heartbeat(worker_id), name=f"registry-heartbeat-{worker_id}")
-        logger.info("worker %s registered (revision %d, %d bytes)", worker_id, revision,
+        log.info("worker %s registered (revision %d, %d bytes)", worker_id, revision,
                     len(descriptor))
         return revision
 
@@ -68,7 +68,7 @@ class WorkerRegistry:
         """Clean shutdown: stop the heartbeat and delete the entry now."""
         await self.stop_heartbeat(worker_id)
         await self._kv.delete(validate_worker_id(worker_id))
-        logger.info("worker %s deregistered", worker_id)
+        log.info("worker %s deregistered", worker_id)
 
     async def close(self) -> None:
         """Stop all heartbeats without deleting (entries then expire by TTL)."""
@@ -119,12 +119,12 @@ class WorkerRegistry:
                 await self._kv.put(worker_id, self._descriptors[worker_id])
             except TRANSIENT_BROKER_ERRORS as err:
                 if not failing:
-                    logger.warning("worker %s: registry heartbeat failed (%s: %s); retrying",
+                    log.warning("worker %s: registry heartbeat failed (%s: %s); retrying",
                                    worker_id, type(err).__name__, err)
                 failing = True
                 continue
             if failing:
-                logger.info("worker %s: registry heartbeat restored", worker_id)
+                log.info("worker %s: registry heartbeat restored", worker_id)
             failing = False
 
 
@@ -134,10 +134,10 @@ def parse_descriptor(worker_id: str, data: bytes) -> WorkerDescriptor | None:
     try:
         descriptor = WorkerDescriptor.FromString(data)
     except DecodeError as exc:
-        logger.warning("registry entry %s is not a WorkerDescriptor (%s); skipped", worker_id, exc)
+        log.warning("registry entry %s is not a WorkerDescriptor (%s); skipped", worker_id, exc)
         return None
     if descriptor.worker_id != worker_id or not descriptor.role:
-        logger.warning("registry entry %s names worker %r, role %r; skipped", worker_id,
+        log.warning("registry entry %s names worker %r, role %r; skipped", worker_id,
                     descriptor.worker_id, descriptor.role)
         return None
     return descriptor

@@ -19,7 +19,7 @@ from splitserve.queue.errors import MalformedMessage
 from splitserve.queue.messages import WorkerStats, decode_stats, encode_stats
 from splitserve.queue.subjects import stats_filter, stats_subject
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 async def publish_stats(nc: Client, stats: WorkerStats) -> bool:
@@ -27,12 +27,12 @@ async def publish_stats(nc: Client, stats: WorkerStats) -> bool:
     subject = stats_subject(stats.role, stats.worker_id)
     payload = encode_stats(stats)
     if not nc.is_connected:
-        logger.debug("worker %s: stats dropped, not connected", stats.worker_id)
+        log.debug("worker %s: stats dropped, not connected", stats.worker_id)
         return False
     try:
         await nc.publish(subject, payload)
     except nats.errors.Error as err:
-        logger.debug("worker %s: stats dropped (%s)", stats.worker_id, err)
+        log.debug("worker %s: stats dropped (%s)", stats.worker_id, err)
         return False
     return True
 
@@ -59,7 +59,7 @@ class StatsSubscription:
             stats = decode_stats(msg.data)
         except MalformedMessage as err:
             self.num_malformed += 1
-            logger.warning("stats on %s dropped: %s", msg.subject, err)
+            log.warning("stats on %s dropped: %s", msg.subject, err)
             return
         if self._queue.full():
             self._queue.get_nowait()
@@ -82,5 +82,5 @@ class StatsSubscription:
             try:
                 await self._sub.unsubscribe()
             except nats.errors.Error as err:
-                logger.debug("stats unsubscribe failed: %s", err)
+                log.debug("stats unsubscribe failed: %s", err)
             self._sub = None

@@ -30,7 +30,7 @@ from splitserve.queue.subjects import (
     shared_subject,
 )
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _ERR_STREAM_NAME_IN_USE = 10058
 _KV_DUPLICATE_WINDOW_S = 120.0
@@ -65,7 +65,7 @@ async def _ensure_stream(js: JetStreamContext, kind: str, wanted: api.StreamConf
     except NotFoundError:
         try:
             info = await js.add_stream(wanted)
-            logger.info("created %s %s", kind, wanted.name)
+            log.info("created %s %s", kind, wanted.name)
             return info
         except APIError as err:
             if err.err_code != _ERR_STREAM_NAME_IN_USE:
@@ -80,7 +80,7 @@ async def _ensure_stream(js: JetStreamContext, kind: str, wanted: api.StreamConf
         info = await js.update_stream(update)
     except APIError as err:
         raise ConfigMismatch(kind, wanted.name, diffs, str(err.description)) from err
-    logger.warning("updated %s %s: %s", kind, wanted.name, diffs)
+    log.warning("updated %s %s: %s", kind, wanted.name, diffs)
     return info
 
 
@@ -142,7 +142,7 @@ async def ensure_consumer(js: JetStreamContext, wanted: api.ConsumerConfig) -> a
             info = await js.add_consumer(STREAM_PREFILL, wanted)
         except APIError as err:
             raise QueueSetupError("consumer", name, str(err.description)) from err
-        logger.info("created consumer %s on %s (filter %s)", name, STREAM_PREFILL,
+        log.info("created consumer %s on %s (filter %s)", name, STREAM_PREFILL,
                     wanted.filter_subject)
         return info
     wanted_cmp = wanted.evolve(inactive_threshold=wanted.inactive_threshold or 0.0)
@@ -154,7 +154,7 @@ async def ensure_consumer(js: JetStreamContext, wanted: api.ConsumerConfig) -> a
         info = await js.add_consumer(STREAM_PREFILL, wanted)
     except APIError as err:
         raise ConfigMismatch("consumer", name, diffs, str(err.description)) from err
-    logger.warning("updated consumer %s: %s", name, diffs)
+    log.warning("updated consumer %s: %s", name, diffs)
     return info
 
 

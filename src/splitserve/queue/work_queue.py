@@ -41,7 +41,7 @@ from splitserve.queue.messages import PrefillJob, decode_job, encode_job, job_ms
 from splitserve.queue.streams import ensure_consumer
 from splitserve.queue.subjects import STREAM_PREFILL, direct_subject, shared_subject
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 _RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
@@ -112,14 +112,14 @@ async def publish_job(
         else:
             if ack.duplicate and not maybe_stored:
                 raise DuplicateJob(job.request_id, job.attempt, int(ack.seq), subject)
-            logger.debug("request %s attempt %d: published to %s seq %d after %d tries%s",
+            log.debug("request %s attempt %d: published to %s seq %d after %d tries%s",
                          job.request_id, job.attempt, subject, ack.seq, num_tries,
                          " (an earlier try's PubAck was lost)" if ack.duplicate else "")
             return int(ack.seq)
         delay_s = _RETRY_BACKOFF_S[min(num_tries - 1, len(_RETRY_BACKOFF_S) - 1)]
         if time.monotonic() + delay_s >= deadline:
             raise PublishFailed(job.request_id, job.attempt, subject, reason)
-        logger.info("request %s attempt %d: publish retry (%s)", job.request_id, job.attempt,
+        log.info("request %s attempt %d: publish retry (%s)", job.request_id, job.attempt,
                     reason)
         await asyncio.sleep(delay_s)
 
@@ -170,7 +170,7 @@ class JobDelivery:
         except nats.errors.MsgAlreadyAckdError:
             raise JobAlreadySettled(self.job.request_id, self.job.attempt, verb) from None
         except (TimeoutError, nats.errors.Error) as err:
-            logger.warning("request %s attempt %d: %s failed (%s: %s); the broker redelivers "
+            log.warning("request %s attempt %d: %s failed (%s: %s); the broker redelivers "
                            "after AckWait", self.job.request_id, self.job.attempt, verb,
                            type(err).__name__, err)
             return False
@@ -217,7 +217,7 @@ class JobConsumer:
             await self._on_fetch_error(err, timeout_s)
             return []
         if self._failing_since is not None:
-            logger.info("consumer %s: fetching again after %.1fs of errors", self.name,
+            log.info("consumer %s: fetching again after %.1fs of errors", self.name,
                         time.monotonic() - self._failing_since)
             self._failing_since = None
         deliveries = []
@@ -245,20 +245,20 @@ class JobConsumer:
         try:
             await self._sub.unsubscribe()
         except nats.errors.Error as err:
-            logger.debug("consumer %s: unsubscribe failed: %s", self.name, err)
+            log.debug("consumer %s: unsubscribe failed: %s", self.name, err)
 
     async def _decode(self, msg: Msg) -> JobDelivery | None:
         meta = msg.metadata
         try:
             job = decode_job(msg.data)
         except MalformedMessage as err:
-            logger.error("consumer %s: terminating malformed job at stream seq %d on %s "
+            log.error("consumer %s: terminating malformed job at stream seq %d on %s "
                          "(delivery %d): %s", self.name, meta.sequence.stream, msg.subject,
                          meta.num_delivered, err)
             try:
                 await msg.term()
             except nats.errors.Error as term_err:
-                logger.warning("consumer %s: term of seq %d failed: %s", self.name,
+                log.warning("consumer %s: term of seq %d failed: %s", self.name,
                                meta.sequence.stream, term_err)
             return None
         return JobDelivery(job=job, msg=msg, num_delivered=meta.num_delivered,
@@ -268,8 +268,8 @@ class JobConsumer:
         first = self._failing_since is None
         if first:
             self._failing_since = time.monotonic()
-        log = logger.warning if first else logger.debug
-        log("consumer %s: fetch failed (%s: %s); retrying", self.name, type(err).__name__, err)
+        say = log.warning if first else log.debug
+        say("consumer %s: fetch failed (%s: %s); retrying", self.name, type(err).__name__, err)
         # Never spin: errors during a reconnect can come back at once.
         await asyncio.sleep(min(timeout_s, 1.0))
         await self._recreate_if_missing()
@@ -278,10 +278,10 @@ class JobConsumer:
         try:
             await self.js.consumer_info(STREAM_PREFILL, self.name)
         except NotFoundError:
-            logger.warning("consumer %s: missing on the broker; re-creating it", self.name)
+            log.warning("consumer %s: missing on the broker; re-creating it", self.name)
             try:
                 await ensure_consumer(self.js, self.config)
             except (SplitserveError, nats.errors.Error) as err:
-                logger.warning("consumer %s: re-create failed: %s", self.name, err)
+                log.warning("consumer %s: re-create failed: %s", self.name, err)
         except (TimeoutError, nats.errors.Error, APIError):
             pass  # Broker still away; the next fetch retries.

@@ -49,7 +49,7 @@ from splitserve.transfer.errors import InvalidDescriptor, TransferError, Transfe
 from splitserve.transfer.nixl_agent import NIXL_ERRORS, new_nixl_agent
 from splitserve.transfer.polling import MAX_DELAY_S, Backoff
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 5.0
 _SPIN_S = 0.0002  # yield without sleeping this long after a post (see polling.py)
@@ -121,7 +121,7 @@ class TransferAgent:
             role=role,
             grpc_address=grpc_address,
         )
-        logger.info(
+        log.info(
             "transfer agent %s: registered %d pages of %d bytes (%s, %d MiB)",
             worker_id, pool.num_pages, self._layout.bytes_per_page, self._layout.mem_type,
             self._layout.num_bytes >> 20,
@@ -145,7 +145,7 @@ class TransferAgent:
                 # the connection, and any writes in flight on it.
                 self._peers[peer_id] = _Peer(peer_id, _copy(descriptor), cached.layout)
                 return peer_id
-            logger.info("peer %s: agent or pool changed (restart?), reconnecting", peer_id)
+            log.info("peer %s: agent or pool changed (restart?), reconnecting", peer_id)
             self.disconnect(peer_id)
         if peer_id == self.worker_id:
             raise InvalidDescriptor(peer_id, "a worker does not connect to itself")
@@ -160,7 +160,7 @@ class TransferAgent:
             self._forget_remote(agent_name)
             raise InvalidDescriptor(peer_id, f"agent metadata names agent {agent_name!r}")
         self._peers[peer_id] = _Peer(peer_id, _copy(descriptor), layout)
-        logger.info(
+        log.info(
             "peer %s: connected (%d pages of %d bytes, %s)",
             peer_id, layout.num_pages, layout.bytes_per_page, layout.mem_type,
         )
@@ -170,7 +170,7 @@ class TransferAgent:
         """Forget a peer; a later `connect` from a fresh descriptor starts over."""
         if self._peers.pop(peer_id, None) is not None:
             self._forget_remote(peer_id)
-            logger.info("peer %s: disconnected", peer_id)
+            log.info("peer %s: disconnected", peer_id)
 
     def is_connected(self, peer_id: str) -> bool:
         return peer_id in self._peers
@@ -273,7 +273,7 @@ class TransferAgent:
             inflight.state = self._nixl.transfer(handle)
         except NIXL_ERRORS as exc:
             self._fail(inflight, f"post: {exc!r}")
-        logger.debug(
+        log.debug(
             "request %s: posted %d pages in %d descriptors to %s, remote pages %s",
             request_id, len(local_ids), len(runs), peer_id, format_page_ids(remote_ids),
         )
@@ -300,7 +300,7 @@ class TransferAgent:
         elapsed_s = time.monotonic() - inflight.started_s
         inflight.handle.release()
         self.counters.record_transfer(inflight.num_bytes, inflight.num_descriptors, elapsed_s)
-        logger.debug(
+        log.debug(
             "request %s: wrote %d bytes to %s in %.1f us",
             inflight.request_id, inflight.num_bytes, inflight.peer_id, elapsed_s * 1e6,
         )
@@ -309,13 +309,13 @@ class TransferAgent:
         try:
             inflight.handle.release()  # aborts the request if it is still active
         except NIXL_ERRORS as exc:
-            logger.warning("request %s: releasing failed transfer: %r", inflight.request_id, exc)
+            log.warning("request %s: releasing failed transfer: %r", inflight.request_id, exc)
         self._fail_unposted(inflight.request_id, inflight.peer_id, inflight.remote_page_ids, reason)
 
     def _fail_unposted(self, request_id: str, peer_id: str, page_ids: list[int],
                        reason: str) -> NoReturn:
         self.counters.num_failures += 1
-        logger.warning(
+        log.warning(
             "request %s: transfer to %s failed, dropping peer; remote pages %s: %s",
             request_id, peer_id, format_page_ids(page_ids), reason,
         )
@@ -365,7 +365,7 @@ class TransferAgent:
         try:
             self._nixl.deregister_memory(self._registration, backends=["UCX"])
         except NIXL_ERRORS as exc:
-            logger.warning("transfer agent %s: deregistration failed: %r", self.worker_id, exc)
+            log.warning("transfer agent %s: deregistration failed: %r", self.worker_id, exc)
         self._closed = True
 
     def __enter__(self) -> Self:
@@ -382,7 +382,7 @@ class TransferAgent:
         try:
             self._nixl.remove_remote_agent(agent_name)
         except NIXL_ERRORS as exc:
-            logger.warning("peer %s: invalidating NIXL metadata failed: %r", agent_name, exc)
+            log.warning("peer %s: invalidating NIXL metadata failed: %r", agent_name, exc)
 
 
 def _copy(descriptor: WorkerDescriptor) -> WorkerDescriptor:
