@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -88,13 +88,36 @@ async def cluster(nats_conn: BrokerConnection) -> AsyncIterator[tuple[
 
 
 def runner(cluster: tuple[WorkerRegistry, PolicyStore, StatsBook], conn: BrokerConnection,
-           mode: str, me: str = "planner-a") -> PlannerRunner:
+           mode: str, me: str = "planner-a",
+           clock: Callable[[], float] = time.monotonic) -> PlannerRunner:
     registry, store, book = cluster
     config = PlannerConfig(mode=mode,  # type: ignore[arg-type]
                            scaling=ScalingConfig(scale_up_cooldown_s=0),
                            thresholds=ThresholdConfig(cooldown_s=0))
     return PlannerRunner(config, me, store, registry, conn.js,
-                         Actuator(config.actuator, time.monotonic), book)
+                         Actuator(config.actuator, clock), book, clock=clock)
+
+
+async def test_a_silent_worker_holds_the_plan_then_is_reported_and_left_out(
+        cluster, nats_conn) -> None:
+    registry, _, book = cluster
+    await register(registry, "d1", "decode")  # registered, never publishes stats
+    now = [time.monotonic()]
+    r = runner(cluster, nats_conn, "advise", clock=lambda: now[0])
+    record = await r.tick()
+    assert record.plan is None and record.note == "waiting for stats of d1"
+    now[0] += 31.0  # past stats_max_age_s (30) since the registry first listed d1
+    book.add(stats("d0", "decode", tokens_per_s=40, prefill_rate_tokens_per_s=1000), now[0])
+    book.add(stats("p0", "prefill", prefill_rate_tokens_per_s=1000, queue_p50_ms=500,
+                   mean_prefill_tokens=400), now[0])
+    record = await r.tick()
+    assert record.plan is not None, record.note
+    assert "unresponsive" in record.note and "d1" in record.note
+    assert r.unresponsive == ("d1",)
+    assert sum(record.current.values()) == 2  # planned from d0 and p0 only
+    await registry.deregister("d1")
+    record = await r.tick()
+    assert record.plan is not None and record.note == "" and r.unresponsive == ()
 
 
 async def test_auto_writes_thresholds_with_an_audit_record(cluster, nats_conn) -> None:

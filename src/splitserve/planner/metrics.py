@@ -7,7 +7,8 @@ tick record and counters on the thread that writes them. Names carry the
 
 - `ticks_total`, `tick_failures_total`, `policy_writes_total`, `actuations_total`,
   `actuation_failures_total` (counters);
-- `leader` (1 while this planner holds the lock), `mode{mode}` (1 for the mode in force);
+- `leader` (1 while this planner holds the lock), `mode{mode}` (1 for the mode in force),
+  `unresponsive_workers` (registered, silent past `stats_max_age_s`: planned without);
 - `workers{role}` (serving now), `target_workers{role}` (the last plan; absent without
   one), `threshold{name}` (the routing thresholds in force).
 """
@@ -50,6 +51,9 @@ class _RunnerCollector(Collector):
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
         yield GaugeMetricFamily(PREFIX + "leader", "1 while this planner holds the lock",
                                 value=float(last.leader))
+        yield GaugeMetricFamily(PREFIX + "unresponsive_workers", "Registered workers without "
+                                "stats past stats_max_age_s, left out of the plan",
+                                value=len(runner.unresponsive))
         mode = GaugeMetricFamily(PREFIX + "mode", "1 for the mode in force", labels=["mode"])
         for m in Mode:
             mode.add_metric([m.value], float(runner.mode is m))

@@ -5,6 +5,10 @@ tick.
 A worker that stops publishing (dead, partitioned) drops out after `max_age_s`; one that
 leaves the registry drops out at once; a worker whose stats name another role than its
 descriptor (a role flip in progress) is counted under the role its latest stats name.
+A registered worker without recent stats is `waiting` for `max_age_s` after the registry
+first listed it (a new worker's first stats are on their way: the planner does not plan
+from part of the cluster) and `unresponsive` after that (stuck, or gone without
+deregistering: the planner reports it and plans without it).
 Bounded: one entry per registered worker.
 """
 
@@ -16,6 +20,14 @@ from splitserve.planner.model import Observation, Role, Thresholds, WorkerLoad
 from splitserve.rpc.jobs_pb2 import WorkerStats
 
 ROLES = {role.value: role for role in Role}
+
+
+@dataclass(frozen=True)
+class Silent:
+    """Registered workers without recent stats (sorted ids)."""
+
+    waiting: tuple[str, ...] = ()  # registered less than max_age_s ago
+    unresponsive: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,18 +61,27 @@ class StatsBook:
         self.max_age_s = max_age_s
         self._entries: dict[str, _Entry] = {}
         self._registered: set[str] | None = None  # None: registry not read yet
+        self._first_listed: dict[str, float] = {}  # registered id -> when first listed
 
     def add(self, stats: WorkerStats, now_s: float) -> None:
         if self._registered is not None and stats.worker_id not in self._registered:
             return
         self._entries[stats.worker_id] = _Entry(stats, now_s)
 
-    def set_registered(self, worker_ids: set[str]) -> None:
+    def set_registered(self, worker_ids: set[str], now_s: float) -> None:
         """The registry's workers now: stats of any other are forgotten."""
         self._registered = set(worker_ids)
         for worker_id in list(self._entries):
             if worker_id not in self._registered:
                 del self._entries[worker_id]
+        self._first_listed = {w: self._first_listed.get(w, now_s) for w in self._registered}
+
+    def silent(self, now_s: float) -> Silent:
+        """Registered workers with no stats within `max_age_s` (call after `loads`)."""
+        quiet = sorted((self._registered or set()) - set(self._entries))
+        return Silent(
+            tuple(w for w in quiet if now_s - self._first_listed[w] <= self.max_age_s),
+            tuple(w for w in quiet if now_s - self._first_listed[w] > self.max_age_s))
 
     def role_of(self, worker_id: str) -> Role | None:
         """The role a worker's latest stats name (None: no stats kept)."""

@@ -3,6 +3,8 @@
 A tick (every `interval_s`):
 1. read the registry: which workers exist, their Admin addresses and KV bytes per
    token; stats of workers no longer registered are forgotten (planner/observe.py);
+   while a newly listed worker has sent no stats yet there is no plan; one silent past
+   `stats_max_age_s` is reported unresponsive and planned without;
 2. mode `off`: stop here (the last policy written stays in force);
 3. take or renew the lock (planner/leader.py); a standby stops here;
 4. read the prefill queue's depth and the `routing` key of splitserve-policy (the
@@ -96,6 +98,7 @@ class PlannerRunner:
         self.num_ticks = 0
         self.num_tick_failures = 0
         self.num_policy_writes = 0
+        self.unresponsive: tuple[str, ...] = ()  # registered, silent past stats_max_age_s
 
     def set_mode(self, mode: Mode) -> Mode:
         previous, self.mode = self.mode, mode
@@ -130,11 +133,12 @@ class PlannerRunner:
         in_force = Thresholds(routing.prefill_length_threshold,
                               routing.moderate_length_threshold, routing.prefill_queue_max)
         obs = self.book.observation(now, depth, in_force, kv_bytes_per_token)
-        silent = sorted(set(refs) - {w.worker_id for w in obs.workers})
-        if silent:  # a plan from part of the cluster would move the wrong workers
+        silent = self.book.silent(now)
+        if silent.waiting:  # a plan from part of the cluster would move the wrong workers
             return PlanRecord(wall, self.mode, True, _current(obs), None, in_force,
-                              note=f"waiting for stats of {', '.join(silent)}",
+                              note=f"waiting for stats of {', '.join(silent.waiting)}",
                               policy_revision=entry.revision if entry else 0)
+        self._report_unresponsive(silent.unresponsive)
         if self.config.actuator.kind == "role":
             self.policy.fixed_total = len(obs.workers)
         plan = self.policy.step(obs)
@@ -150,6 +154,7 @@ class PlannerRunner:
         else:
             actions = tuple(f"advise: {a}" for a in _advice(plan, workers, in_force))
         record = PlanRecord(wall, self.mode, True, _current(obs), plan, in_force, actions,
+                            note=_unresponsive_note(silent.unresponsive),
                             policy_revision=revision)
         if record.actions or plan.thresholds != in_force or _changed(self.history, record):
             self.history.append(record)
@@ -158,6 +163,12 @@ class PlannerRunner:
                      record.current[Role.PREFILL], record.current[Role.DECODE],
                      "; ".join(actions) or "no action", "; ".join(plan.reasons))
         return record
+
+    def _report_unresponsive(self, worker_ids: tuple[str, ...]) -> None:
+        if worker_ids != self.unresponsive:
+            if worker_ids:
+                log.warning("planner %s: %s", self.planner_id, _unresponsive_note(worker_ids))
+            self.unresponsive = worker_ids
 
     async def _queue_depth(self) -> int:
         try:
@@ -176,7 +187,7 @@ class PlannerRunner:
             geometry = descriptor.geometry
             if geometry.page_size:
                 kv_bytes = geometry.bytes_per_page // geometry.page_size
-        self.book.set_registered(set(addresses))
+        self.book.set_registered(set(addresses), self.clock())
         return addresses, kv_bytes
 
     async def _write_thresholds(self, plan: Plan, old: bytes | None, revision: int) -> int:
@@ -202,6 +213,13 @@ class PlannerRunner:
     async def _write_audit(self) -> None:
         records = [dataclasses.asdict(r) for r in list(self.audit)[-MAX_AUDIT_RECORDS:]]
         await self.store.put(AUDIT_KEY, json.dumps(records, sort_keys=True).encode())
+
+
+def _unresponsive_note(worker_ids: tuple[str, ...]) -> str:
+    if not worker_ids:
+        return ""
+    return (f"unresponsive (registered, no stats within stats_max_age_s): "
+            f"{', '.join(worker_ids)}; planning without them")
 
 
 def _current(obs: Observation) -> dict[Role, int]:
