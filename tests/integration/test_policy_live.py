@@ -3,8 +3,8 @@ a write applies within 1 s, a bad value is refused (the old one stays, the error
 reported), a delete reverts to the config file, a config reload changes the base under
 the bucket's fields, and the watch survives a broker restart.
 
-The config source is a real `WorkerCore` (no engine started): `core.apply_config` is
-what a config reload calls."""
+The config source stands in for `WorkerCore`: a reload swaps its `config` reference, as
+`WorkerCore.apply_config` does (the view reads the routing through a callable)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -25,7 +25,6 @@ from splitserve.queue.settings import BucketSettings
 from splitserve.routing.offload import RoutingConfig
 from splitserve.routing.policy import ROUTING_POLICY_KEY
 from splitserve.worker import policy as policy_module
-from splitserve.worker.core import WorkerCore
 from splitserve.worker.policy import PolicyView
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,9 +33,17 @@ KEY = ROUTING_POLICY_KEY
 SETTINGS = BucketSettings()
 
 
+@dataclass
+class ConfigSource:
+    config: WorkerConfig
+
+    def apply_config(self, config: WorkerConfig) -> None:
+        self.config = config
+
+
 @pytest.fixture
-def core() -> WorkerCore:
-    return WorkerCore(WorkerConfig(worker_id="decode-policy", routing=RoutingConfig(
+def core() -> ConfigSource:
+    return ConfigSource(WorkerConfig(worker_id="decode-policy", routing=RoutingConfig(
         prefill_length_threshold=128, moderate_length_threshold=48)))
 
 
@@ -46,7 +53,7 @@ async def store(nats_conn: BrokerConnection) -> PolicyStore:
 
 
 @pytest.fixture
-async def view(core: WorkerCore, nats_conn: BrokerConnection) -> AsyncIterator[PolicyView]:
+async def view(core: ConfigSource, nats_conn: BrokerConnection) -> AsyncIterator[PolicyView]:
     v = PolicyView(lambda: core.config.routing)
     await v.start(nats_conn, SETTINGS)
     yield v
@@ -63,13 +70,13 @@ async def within(seconds: float, done: Callable[[], bool], what: str) -> float:
     return time.monotonic() - start
 
 
-def reload_file(core: WorkerCore, **routing: object) -> None:
+def reload_file(core: ConfigSource, **routing: object) -> None:
     """What a config reload does: a new config with the file's routing swapped in."""
     core.apply_config(replace(core.config, routing=replace(core.config.routing, **routing)))
 
 
 async def test_a_write_applies_within_a_second_and_a_bad_one_is_refused(
-        core: WorkerCore, store: PolicyStore, view: PolicyView) -> None:
+        core: ConfigSource, store: PolicyStore, view: PolicyView) -> None:
     assert (view.revision, view.error) == (0, "")
     assert view.routing is core.config.routing
 
@@ -96,7 +103,7 @@ async def test_a_write_applies_within_a_second_and_a_bad_one_is_refused(
 
 
 async def test_a_file_reload_does_not_undo_a_bucket_write_and_a_delete_reverts(
-        core: WorkerCore, store: PolicyStore, view: PolicyView) -> None:
+        core: ConfigSource, store: PolicyStore, view: PolicyView) -> None:
     rev = await store.put(KEY, b'{"prefill_length_threshold": 40}')
     await within(1.0, lambda: view.revision == rev, "the write")
 
@@ -113,7 +120,7 @@ async def test_a_file_reload_does_not_undo_a_bucket_write_and_a_delete_reverts(
     assert view.error == ""
 
 
-async def test_the_bucket_is_read_at_start(core: WorkerCore, store: PolicyStore,
+async def test_the_bucket_is_read_at_start(core: ConfigSource, store: PolicyStore,
                                            nats_conn: BrokerConnection) -> None:
     rev = await store.put(KEY, b'{"moderate_length_threshold": 7}')
     view = PolicyView(lambda: core.config.routing)
@@ -135,7 +142,7 @@ async def test_the_bucket_is_read_at_start(core: WorkerCore, store: PolicyStore,
 
 
 async def test_the_watch_survives_a_broker_restart(
-        nats_server: NatsServer, nats_conn: BrokerConnection, core: WorkerCore,
+        nats_server: NatsServer, nats_conn: BrokerConnection, core: ConfigSource,
         store: PolicyStore, view: PolicyView) -> None:
     rev = await store.put(KEY, b'{"prefill_length_threshold": 40}')
     await within(1.0, lambda: view.revision == rev, "the write")
@@ -157,7 +164,7 @@ async def test_the_watch_survives_a_broker_restart(
 
 
 async def test_a_broker_that_does_not_answer_at_start_does_not_stop_the_worker(
-        nats_server: NatsServer, nats_conn: BrokerConnection, core: WorkerCore,
+        nats_server: NatsServer, nats_conn: BrokerConnection, core: ConfigSource,
         store: PolicyStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """As a 3-node cluster electing its leaders: the read at start times out. The view
     starts on the file's routing, and the watch delivers the key once the broker answers."""

@@ -22,7 +22,7 @@ from splitserve.queue.registry import WorkerRegistry, parse_descriptor
 from splitserve.queue.stats import StatsSubscription
 from splitserve.rpc import admin_pb2, admin_pb2_grpc, generation_pb2_grpc
 from splitserve.worker.admin import WorkerAdminBackend
-from splitserve.worker.core import WorkerCore
+from splitserve.worker.core import WorkerCore, start_core
 from splitserve.worker.role_switch import RoleSwitcher
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -68,8 +68,7 @@ async def worker(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Worke
     config = WorkerConfig(role="decode", worker_id=WORKER_ID, grpc_address="127.0.0.1:0",
                           nats_url=nats_server.url, stats_interval_s=0.2,
                           engine=EngineConfig(kv_cache_memory_mb=96, max_num_seqs=16))
-    core = WorkerCore(config)
-    await core.start_engine()
+    core = await start_core(config)
     roles = RoleSwitcher(core)
     server = await start_grpc_server("127.0.0.1:0", roles, WorkerAdminBackend(core, roles),
                                      serving=False)
@@ -88,7 +87,6 @@ async def worker(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Worke
 
 
 async def registered_role(worker: Worker) -> str:
-    assert worker.core.broker is not None
     registry = await WorkerRegistry.open(worker.core.broker.js, worker.core.bucket_settings)
     data = await registry.get(WORKER_ID)
     assert data is not None
@@ -99,7 +97,6 @@ async def registered_role(worker: Worker) -> str:
 
 async def next_stats_role(worker: Worker, role: str) -> str:
     """The role of the next WorkerStats on `splitserve.stats.<role>.<id>`."""
-    assert worker.core.broker is not None
     subscription = await StatsSubscription.subscribe(worker.core.broker.nc, role=role,
                                                      worker_id=WORKER_ID)
     try:
@@ -154,7 +151,7 @@ async def test_switch_to_prefill_and_back(worker: Worker) -> None:
     assert await worker.generate(max_tokens=12) == before
     status = await worker.status()
     assert (status.role, status.counters.num_role_switches) == ("decode", 2)
-    assert len(worker.core.async_engine.stats_listeners) == 2  # observer + KV events once
+    assert len(worker.core.engine.stats_listeners) == 2  # observer + KV events once
 
 
 async def test_one_switch_at_a_time_and_a_grace_that_runs_out(worker: Worker) -> None:

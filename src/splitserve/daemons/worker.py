@@ -38,7 +38,7 @@ from splitserve.daemons.notify import EngineProbe, Notifier, run_watchdog, watch
 from splitserve.redact import redact_url
 from splitserve.tasks import arm_stop_deadline, first_set, logged_task, stop_tasks
 from splitserve.worker.admin import WorkerAdminBackend
-from splitserve.worker.core import WorkerCore
+from splitserve.worker.core import WorkerCore, start_core
 from splitserve.worker.role_switch import RoleSwitcher
 
 log = logging.getLogger(__name__)
@@ -72,19 +72,21 @@ async def serve(config: WorkerConfig, cfg_hash: str = "",
 
     Returns the process exit code: 0 after a signal, 1 after an engine crash.
     """
-    core = WorkerCore(config)
     notifier = Notifier.from_environ()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # while the engine loads, a SIGHUP must not end the process (its default action)
+    loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP while starting: ignored")
+    core = await start_core(config)
+    engine = core.engine
     reloader, watcher, watchdog = None, None, None
     if changes is not None:
         reloader = _reloader(core, changes.path, cfg_hash, notifier)
         loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
         watcher = logged_task(watch_file(changes, lambda: reloader.reload("file change")),
                               "config watcher")
-    engine = await core.start_engine()
     role = RoleSwitcher(core)  # the decode or prefill role, switched by Admin.SetRole
     admin = WorkerAdminBackend(core, role, reloader, cfg_hash)
     # NOT_SERVING until the broker and the registry are reached

@@ -86,13 +86,12 @@ class WorkerAdminBackend:
 
     async def status(self) -> WorkerStatus:
         core = self.core
-        assert core.async_engine is not None
         c = core.counters
-        transfers = core.agent.counters if core.agent is not None else None
+        transfers = core.agent.counters if core.has_messaging else None
         policy = self._policy()
         return WorkerStatus(
             role=core.role, worker_id=core.worker_id, config_hash=self.config_hash,
-            state=self.state, engine=core.async_engine.stats, num_in_flight=self.num_in_flight,
+            state=self.state, engine=core.engine.stats, num_in_flight=self.num_in_flight,
             uptime_s=time.monotonic() - core.started_s,
             counters=StatusCounters(
                 **{name: getattr(c, name) for name in _SHARED_COUNTERS},
@@ -102,7 +101,7 @@ class WorkerAdminBackend:
                 num_requests_finished=c.num_finished,
             ),
             config_reload_error=self.reloader.status_note if self.reloader is not None else "",
-            model_fingerprint=core.async_engine.info.fingerprint,
+            model_fingerprint=core.engine.info.fingerprint,
             incarnation=core.incarnation,
             peer_clocks=self._peer_clocks(),
             policy_revision=policy.revision if policy is not None else 0,
@@ -128,9 +127,9 @@ class WorkerAdminBackend:
         return tuple(clocks)
 
     async def list_workers(self) -> list[WorkerInfo]:
-        registry = self.core.registry
-        if registry is None:
+        if not self.core.has_messaging:
             return []
+        registry = self.core.registry
         workers = []
         for worker_id, data in sorted((await registry.list()).items()):
             try:

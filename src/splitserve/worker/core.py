@@ -2,6 +2,11 @@
 
 The role (decode or prefill) is a separate object using this core, so a drained
 worker can later switch roles without a second code path.
+
+Built in two stages, each whole: `start_core(config)` starts the engine and returns the
+core around it (gRPC can then serve health and admin); `core.start_messaging(address)`
+registers the KV pool with NIXL, connects to the broker and registers the worker, as one
+`Messaging` (agent, broker, registry). The roles start after both.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import torch
 
 from splitserve.config.daemon import WorkerConfig
 from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.kv_pool import KVPool
 from splitserve.engine.llm_engine import Engine
-from splitserve.engine.stats import EMPTY_STATS
 from splitserve.queue.connection import BrokerConnection, connect
 from splitserve.queue.errors import TRANSIENT_BROKER_ERRORS
 from splitserve.queue.registry import WorkerRegistry, parse_descriptor
@@ -81,8 +86,36 @@ def apply_cpu_settings(config: WorkerConfig) -> None:
         torch.set_num_threads(threads)
 
 
+@dataclass(frozen=True)
+class Messaging:
+    """The transfer agent (our KV pool, registered with NIXL), the broker connection and
+    the registry, in which this worker is registered."""
+
+    agent: TransferAgent
+    broker: BrokerConnection
+    registry: WorkerRegistry
+
+
+async def start_core(config: WorkerConfig) -> WorkerCore:
+    """Start the engine (on its thread) and the core around it; metrics served if set."""
+    apply_cpu_settings(config)
+    engine_config = config.engine
+    if config.cpu_threads:
+        engine_config = replace(engine_config, cpu_threads=config.cpu_threads)
+    engine = await asyncio.to_thread(Engine.from_config, engine_config)
+    if config.faults.crash_engine_after_steps:
+        _crash_after(engine, config.faults.crash_engine_after_steps)
+    async_engine = AsyncEngine(engine)
+    await async_engine.start()
+    core = WorkerCore(config, async_engine, engine.pool)
+    if config.metrics_address:
+        core.metrics_url = core.metrics.serve(config.metrics_address)
+    return core
+
+
 class WorkerCore:
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, engine: AsyncEngine, kv_pool: KVPool) -> None:
+        """`engine` started; `kv_pool` its pages (what the transfer agent registers)."""
         self.config = config
         self.worker_id = config.resolved_worker_id()
         # A new one at every start: peers never write into a previous life's pages.
@@ -92,11 +125,9 @@ class WorkerCore:
         self.started_s = time.monotonic()
         self.queue_settings = PrefillQueueSettings(replicas=config.nats.replicas)
         self.bucket_settings = BucketSettings(replicas=config.nats.replicas)
-        self.engine: Engine | None = None
-        self.async_engine: AsyncEngine | None = None
-        self.agent: TransferAgent | None = None
-        self.broker: BrokerConnection | None = None
-        self.registry: WorkerRegistry | None = None
+        self.engine = engine
+        self.kv_pool = kv_pool
+        self._messaging: Messaging | None = None  # start_messaging
         self._stats_task: asyncio.Task[None] | None = None
         # decode: the prefill queue's depth as last polled (set by the decode role)
         self.remote_queue_depth: Callable[[], int] = lambda: 0
@@ -104,7 +135,31 @@ class WorkerCore:
         self.metrics = RequestMetrics(config.engine.model or DEFAULT_MODEL_NAME,
                                       self._metrics_state)
         self.observer = Observer(self.metrics, self.windows)
+        engine.stats_listeners.append(self.observer.engine_step)
         self.metrics_url = ""
+
+    @property
+    def messaging(self) -> Messaging:
+        if self._messaging is None:
+            raise RuntimeError(f"worker {self.worker_id}: messaging not started "
+                               "(start_messaging comes before the roles)")
+        return self._messaging
+
+    @property
+    def has_messaging(self) -> bool:
+        return self._messaging is not None
+
+    @property
+    def agent(self) -> TransferAgent:
+        return self.messaging.agent
+
+    @property
+    def broker(self) -> BrokerConnection:
+        return self.messaging.broker
+
+    @property
+    def registry(self) -> WorkerRegistry:
+        return self.messaging.registry
 
     def apply_config(self, config: WorkerConfig) -> None:
         """Make a reloaded config current (config/reload.py): one reference swap, so a
@@ -112,37 +167,20 @@ class WorkerCore:
         `RELOADABLE_WORKER_FIELDS` may differ; their readers take them from here."""
         self.config = config
 
-    async def start_engine(self) -> AsyncEngine:
-        apply_cpu_settings(self.config)
-        engine_config = self.config.engine
-        if self.config.cpu_threads:
-            engine_config = replace(engine_config, cpu_threads=self.config.cpu_threads)
-        self.engine = await asyncio.to_thread(Engine.from_config, engine_config)
-        if self.config.faults.crash_engine_after_steps:
-            _crash_after(self.engine, self.config.faults.crash_engine_after_steps)
-        self.async_engine = AsyncEngine(self.engine)
-        self.async_engine.stats_listeners.append(self.observer.engine_step)
-        await self.async_engine.start()
-        if self.config.metrics_address:
-            self.metrics_url = self.metrics.serve(self.config.metrics_address)
-        return self.async_engine
-
     async def start_messaging(self, grpc_address: str) -> None:
         """Register the pool with NIXL, connect to NATS, publish our descriptor."""
-        assert self.engine is not None
-        self.agent = TransferAgent(self.worker_id, self.engine.pool,
-                                   self.engine.loaded.fingerprint, self.role, grpc_address,
-                                   fail_every=self.config.faults.fail_transfer_every)
-        self.agent.descriptor.incarnation = self.incarnation
-        self.broker = await connect(self.config.nats_url, name=self.worker_id,
-                                    auth=self.config.nats_auth)
+        agent = TransferAgent(self.worker_id, self.kv_pool, self.engine.info.fingerprint,
+                              self.role, grpc_address,
+                              fail_every=self.config.faults.fail_transfer_every)
+        agent.descriptor.incarnation = self.incarnation
+        broker = await connect(self.config.nats_url, name=self.worker_id,
+                               auth=self.config.nats_auth)
         # A JetStream cluster still electing its leaders times out API requests for a
         # while after the nodes start: retry rather than exit (seen in fresh-clone CI).
         deadline = time.monotonic() + MESSAGING_SETUP_S
         while True:
             try:
-                await ensure_messaging(self.broker.js, self.queue_settings,
-                                       self.bucket_settings)
+                await ensure_messaging(broker.js, self.queue_settings, self.bucket_settings)
                 break
             except TRANSIENT_BROKER_ERRORS as exc:
                 if time.monotonic() >= deadline:
@@ -150,8 +188,9 @@ class WorkerCore:
                 log.warning("worker %s: broker not ready (%s: %s); retrying", self.worker_id,
                             type(exc).__name__, exc)
                 await asyncio.sleep(1.0)
-        self.registry = await WorkerRegistry.open(self.broker.js, self.bucket_settings)
-        await self.registry.register(self.worker_id, self.agent.descriptor.SerializeToString())
+        registry = await WorkerRegistry.open(broker.js, self.bucket_settings)
+        await registry.register(self.worker_id, agent.descriptor.SerializeToString())
+        self._messaging = Messaging(agent, broker, registry)
         self._stats_task = logged_task(self._publish_stats_forever(), "stats publisher")
         log.info("worker %s (%s) registered, incarnation %s; gRPC on %s", self.worker_id,
                  self.role, self.incarnation, grpc_address)
@@ -162,7 +201,6 @@ class WorkerCore:
         `splitserve-workers` now, so that peers and routers see the role at once. The
         incarnation stays: pages the decode role quarantined stay fenced in the engine
         whatever the role, so a late write can still land only in them."""
-        assert self.agent is not None and self.registry is not None
         self.role = role
         self.config = replace(self.config, role=role)
         self.agent.descriptor.role = role
@@ -174,29 +212,26 @@ class WorkerCore:
         return time.time_ns() + int(self.config.faults.clock_offset_s * 1e9)
 
     async def peer_descriptor(self, worker_id: str) -> WorkerDescriptor | None:
-        assert self.registry is not None
         data = await self.registry.get(worker_id)
         return None if data is None else parse_descriptor(worker_id, data)
 
     async def stop(self) -> None:
         await stop_tasks(self._stats_task)
-        if self.registry is not None:
+        m = self._messaging
+        if m is not None:
             try:
-                await self.registry.deregister(self.worker_id)
-                await self.registry.close()
+                await m.registry.deregister(self.worker_id)
+                await m.registry.close()
             except Exception as exc:  # noqa: BLE001 (broker may be gone; the TTL cleans up)
                 log.warning("worker %s: deregistration failed: %r", self.worker_id, exc)
-        if self.broker is not None:
-            await self.broker.close()
-        if self.async_engine is not None:
-            await self.async_engine.stop()
-        if self.agent is not None:
-            self.agent.close()
+            await m.broker.close()
+        await self.engine.stop()
+        if m is not None:
+            m.agent.close()
 
     def stats(self) -> WorkerStats:
         """The last window's measurements and the engine's latest snapshot."""
-        assert self.async_engine is not None
-        engine = self.async_engine.stats
+        engine = self.engine.stats
         w = self.windows.summary(time.monotonic())
         c = self.counters
         return WorkerStats(
@@ -224,17 +259,16 @@ class WorkerCore:
     def _metrics_state(self) -> WorkerState:
         """For the metrics scrape (on the HTTP server's thread): immutable snapshot,
         plain ints."""
-        engine = self.async_engine
         counters = {name: getattr(self.counters, name) for name in COUNTERS}
-        transfers = self.agent.counters if self.agent is not None else None
+        messaging = self._messaging
+        transfers = messaging.agent.counters if messaging is not None else None
         return WorkerState(
-            engine=engine.stats if engine is not None else EMPTY_STATS, counters=counters,
+            engine=self.engine.stats, counters=counters,
             remote_queue_depth=self.remote_queue_depth(),
             num_transfers=transfers.num_transfers if transfers else 0,
             num_transfer_failures=transfers.num_failures if transfers else 0, role=self.role)
 
     async def _publish_stats_forever(self) -> None:
-        assert self.broker is not None
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
             await publish_stats(self.broker.nc, self.stats())

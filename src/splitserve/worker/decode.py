@@ -54,9 +54,8 @@ class DecodeService:
 
     def __init__(self, core: WorkerCore) -> None:
         self.core = core
-        assert core.async_engine is not None
-        self.engine: AsyncEngine = core.async_engine
-        tokenizer = core.async_engine.tokenizer
+        self.engine: AsyncEngine = core.engine
+        tokenizer = core.engine.tokenizer
         if tokenizer is None:
             raise ValueError("the decode role needs a model with a tokenizer")
         self.tokenizer = tokenizer
@@ -69,7 +68,6 @@ class DecodeService:
 
     async def start(self) -> None:
         await self.remote.start()
-        assert self.core.broker is not None
         self.engine.stats_listeners.append(self.kv_events.on_stats)
         await self.engine.call(lambda e: e.record_kv_events())
         self._kv_events_task = logged_task(self.kv_events.run(self.core.broker),

@@ -57,7 +57,6 @@ class LeaseDesk:
 
     async def start(self, answer: Callable[[LeaseRequest], Awaitable[LeaseReply]]) -> None:
         broker = self.core.broker
-        assert broker is not None
         self._responder = await LeaseResponder.start(broker.nc, self.core.worker_id, answer)
         self._stats = await StatsSubscription.subscribe(broker.nc, role="prefill",
                                                         max_pending=256)

@@ -100,7 +100,6 @@ class PrefillService:
         return self.core.config.lease.skew_margin_s
 
     async def start(self) -> None:
-        assert self.core.broker is not None
         js = self.core.broker.js
         settings = self.core.queue_settings
         direct = direct_consumer_config(self.core.worker_id, settings)
@@ -214,8 +213,7 @@ class PrefillService:
         heartbeat = asyncio.create_task(self._heartbeat(delivery))
         renewer = asyncio.create_task(keeper.keep())
         local_id = f"{tag}:{delivery.stream_seq}"  # unique per delivery
-        engine = self.core.async_engine
-        assert engine is not None
+        engine = self.core.engine
         try:
             await self._destination(job)  # refuse a stale incarnation before any work
             started_s = time.monotonic()
@@ -273,8 +271,7 @@ class PrefillService:
         return descriptor
 
     async def _prefill(self, local_id: str, job: PrefillJob) -> int:
-        engine = self.core.async_engine
-        assert engine is not None
+        engine = self.core.engine
         s = job.sampling
         params = SamplingParams(max_tokens=1, temperature=s.temperature, top_p=s.top_p,
                                 top_k=s.top_k, seed=s.seed if s.HasField("seed") else None,
@@ -288,8 +285,7 @@ class PrefillService:
     async def _transfer(self, delivery: JobDelivery, keeper: LeaseKeeper, local_id: str,
                         first_token: int, dequeue_ns: int) -> None:
         job = delivery.job
-        engine, agent = self.core.async_engine, self.core.agent
-        assert engine is not None and agent is not None
+        engine, agent = self.core.engine, self.core.agent
         ps = engine.info.page_size
         pages = await engine.call(lambda e: e.held_pages(local_id))
         local_pages = pages[job.num_cached_tokens // ps: -(-len(job.token_ids) // ps)]
@@ -333,8 +329,8 @@ class PrefillService:
         restore it once written. A partial page is never in this worker's prefix cache,
         so no other job reads the flipped byte."""
         every = self.core.config.faults.corrupt_page_every
-        engine = self.core.async_engine
-        if not every or page_id is None or engine is None:
+        engine = self.core.engine
+        if not every or page_id is None:
             yield
             return
         self._num_jobs += 1

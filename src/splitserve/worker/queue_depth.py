@@ -25,7 +25,6 @@ class QueueDepth:
         self.value = 0
 
     async def poll_forever(self) -> None:
-        assert self.core.broker is not None
         while True:
             try:
                 self.value = await prefill_queue_depth(self.core.broker.js,

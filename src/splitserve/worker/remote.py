@@ -115,7 +115,6 @@ class RemotePrefillClient:
                        logged_task(self.depth.poll_forever(), "queue depth poller"),
                        logged_task(self._watch_prefill_workers(), "prefill worker watch")]
         await self.desk.start(self._on_lease)
-        assert self.core.broker is not None
         await self.policy.start(self.core.broker, self.core.bucket_settings)
 
     async def stop(self) -> None:
@@ -264,7 +263,6 @@ class RemotePrefillClient:
         waiting.publish_unix_ns, waiting.publish_s = self.core.now_unix_ns(), time.monotonic()
         job = self._job(request_id, prompt, request, plan,
                         waiting.publish_unix_ns + int(lease_s * 1e9), waiting.publish_unix_ns)
-        assert self.core.broker is not None
         await publish_job(self.core.broker.js, job, prefill_worker_id=self._direct_target(),
                           retry_for_s=lease_s / 4)
         self.core.counters.num_remote_attempts += 1
@@ -330,7 +328,6 @@ class RemotePrefillClient:
     # --- background tasks ----------------------------------------------------------------
     async def _receive_notifications(self) -> None:
         agent = self.core.agent
-        assert agent is not None
         while True:
             for peer, payload in await agent.wait_notifications(timeout_s=1.0):
                 try:
@@ -361,7 +358,6 @@ class RemotePrefillClient:
 
     async def _watch_prefill_workers(self) -> None:
         registry, broker = self.core.registry, self.core.broker
-        assert registry is not None and broker is not None
         async for event in registry.watch_forever(broker):
             if event is None:  # restarted: a fresh snapshot follows
                 self.live_prefill_ids.clear()

@@ -106,9 +106,9 @@ class LeaseKeeper:
                     return  # refused: finish within the lease in hand, or not at all
 
     async def _ask(self, request: LeaseRequest) -> LeaseReply | None:
-        broker = self.core.broker
-        if broker is None:
+        if not self.core.has_messaging:
             return None
+        broker = self.core.broker
         request.request_id, request.attempt = self.job.request_id, self.job.attempt
         request.dest_incarnation = self.job.dest_incarnation
         request.prefill_worker_id = self.core.worker_id
