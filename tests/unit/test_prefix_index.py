@@ -106,3 +106,25 @@ async def test_the_choice_follows_the_prefix_until_load_outweighs_it() -> None:
     assert pool.choose(prompt=prompt).worker_id == "idle"
     holder.active = 0
     assert {pool.choose().worker_id for _ in range(2)} == {"holder", "idle"}  # load alone
+
+
+async def test_a_request_hashes_its_prompt_once_per_page_size(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import splitserve.router.pool as pool_module
+
+    calls: list[int] = []
+
+    def counted(tokens, page_size):  # type: ignore[no-untyped-def]
+        calls.append(page_size)
+        return page_hashes(tokens, page_size)
+
+    monkeypatch.setattr(pool_module, "page_hashes", counted)
+    prompt = list(range(40))
+    holder, idle = backend("holder"), backend("idle")
+    pool = pool_of(holder, idle)
+    pool.index.apply(events("holder", 1, stored=page_hashes(prompt, 4)))
+    pages = pool_module.PromptPages(prompt)
+    chosen = pool.choose(prompt=pages)
+    assert chosen is not None and chosen.worker_id == "holder"
+    assert pool.uncached_tokens(chosen, pages) == 1  # every page held: at least one token
+    assert pool.uncached_tokens(idle, pages) == 40
+    assert calls == [4]  # both backends have 4-token pages: hashed once

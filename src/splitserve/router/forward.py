@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 import grpc
@@ -33,7 +33,7 @@ import grpc
 from splitserve.client import ClientSecurity
 from splitserve.config.router import QosConfig
 from splitserve.router.admission import degraded_max_tokens, refusal
-from splitserve.router.pool import Backend, DecodePool
+from splitserve.router.pool import Backend, DecodePool, PromptPages
 from splitserve.rpc import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Forwarder:
         self.num_in_flight = 0
         self.num_hedging = 0
 
-    async def _next_backend(self, tried: set[str], deadline: float, prompt: Sequence[int]
+    async def _next_backend(self, tried: set[str], deadline: float, prompt: PromptPages
                             ) -> Backend | None:
         while True:
             backend = self.pool.choose(tried, prompt)
@@ -105,6 +105,7 @@ class Forwarder:
         self.counters.num_requests += 1
         start = time.monotonic()
         tried: set[str] = set()
+        prompt = PromptPages(request.token_ids)
         last: UpstreamError | None = None
         qos = self.settings.qos
         if self.num_in_flight >= qos.max_in_flight:
@@ -115,14 +116,14 @@ class Forwarder:
         try:
             while True:
                 backend = await self._next_backend(
-                    tried, start + self.settings.connect_timeout_s, request.token_ids)
+                    tried, start + self.settings.connect_timeout_s, prompt)
                 if backend is None:
                     if last is not None:
                         raise last
                     self.counters.num_no_worker += 1
                     raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
                                         "no decode worker is serving; retry later")
-                tokens = self.pool.uncached_tokens(backend, request.token_ids)
+                tokens = self.pool.uncached_tokens(backend, prompt)
                 estimate_s = backend.ttft.estimate_s(tokens, request.priority,
                                                     time.monotonic())
                 reason = refusal(qos, request.priority, estimate_s)
@@ -144,7 +145,8 @@ class Forwarder:
                 timeout_s = self.settings.request_timeout_s - (time.monotonic() - start)
                 hedge = self._hedge_partner(backend, request, estimate_s, tried)
                 calls = (self._call(backend, request, timeout_s, tokens) if hedge is None else
-                         self._race(backend, tokens, hedge, request, timeout_s))
+                         self._race(backend, tokens, hedge, self.pool.uncached_tokens(
+                             hedge, prompt), request, timeout_s))
                 started = False
                 try:
                     async with contextlib.aclosing(calls):  # closed at once if we are
@@ -181,7 +183,7 @@ class Forwarder:
         return idle[0] if idle else None
 
     async def _race(self, first: Backend, first_tokens: int, second: Backend,
-                    request: pb.GenerateRequest, timeout_s: float
+                    second_tokens: int, request: pb.GenerateRequest, timeout_s: float
                     ) -> AsyncGenerator[pb.GenerateChunk, None]:
         """The same request on two workers: the first to send a chunk wins and streams;
         the other's call is cancelled (its worker aborts the request and frees its
@@ -189,8 +191,7 @@ class Forwarder:
         self.counters.num_hedged += 1
         self.num_hedging += 1
         calls = [self._call(first, request, timeout_s, first_tokens),
-                 self._call(second, request, timeout_s,
-                            self.pool.uncached_tokens(second, request.token_ids))]
+                 self._call(second, request, timeout_s, second_tokens)]
         pending = {asyncio.ensure_future(anext(call)): call for call in calls}
         winner: tuple[AsyncGenerator[pb.GenerateChunk, None], pb.GenerateChunk] | None = None
         losers: list[AsyncGenerator[pb.GenerateChunk, None]] = []

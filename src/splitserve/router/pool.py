@@ -57,6 +57,20 @@ Balance = Literal["kv_aware", "least_loaded", "round_robin"]
 DEFAULT_WEIGHTS = CostWeights()
 
 
+class PromptPages:
+    """A prompt's token ids and its page hashes per page size, each hashed once: a
+    request's choice, TTFT estimate and hedge all read the same hashes."""
+
+    def __init__(self, tokens: Sequence[int]) -> None:
+        self.tokens = tokens
+        self._hashes: dict[int, list[bytes]] = {}
+
+    def hashes(self, page_size: int) -> list[bytes]:
+        if page_size not in self._hashes:
+            self._hashes[page_size] = page_hashes(self.tokens, page_size)
+        return self._hashes[page_size]
+
+
 @dataclass
 class Backend:
     worker_id: str
@@ -111,11 +125,12 @@ class DecodePool:
 
     # -- choice --------------------------------------------------------------------
 
-    def choose(self, exclude: Iterable[str] = (), prompt: Sequence[int] = ()
+    def choose(self, exclude: Iterable[str] = (), prompt: Sequence[int] | PromptPages = ()
                ) -> Backend | None:
-        """The eligible backend with the lowest cost for `prompt` (its token ids; empty:
-        by load alone), not in `exclude`, or None. The choice is remembered for the
-        prompt's pages (`recent`)."""
+        """The eligible backend with the lowest cost for `prompt` (its token ids, or its
+        PromptPages to hash them once per request; empty: by load alone), not in
+        `exclude`, or None. The choice is remembered for the prompt's pages (`recent`)."""
+        pages = prompt if isinstance(prompt, PromptPages) else PromptPages(prompt)
         now = time.monotonic()
         skip = set(exclude)
         candidates = [b for b in self.backends.values()
@@ -125,13 +140,10 @@ class DecodePool:
         if self.balance == "round_robin":  # the baseline: in turn, blind to load and KV
             candidates.sort(key=lambda b: b.worker_id)
             return candidates[next(self._turn) % len(candidates)]
-        if self.balance == "least_loaded":
-            prompt = ()
-        hashes = {size: page_hashes(prompt, size)
-                  for size in {b.page_size for b in candidates}} if prompt else {}
+        by_load = self.balance == "least_loaded" or not pages.tokens
         costs = []
         for b in candidates:
-            mine = hashes.get(b.page_size, [])
+            mine = [] if by_load else pages.hashes(b.page_size)
             cached = recent = 0.0
             if mine:
                 held = self.index.matched_pages(mine, [b.worker_id])[b.worker_id]
@@ -141,17 +153,17 @@ class DecodePool:
         best = min(costs)
         tied = [b for b, c in zip(candidates, costs, strict=True) if c <= best + 1e-9]
         chosen = tied[next(self._turn) % len(tied)]
-        if hashes.get(chosen.page_size):
-            self.recent.record(hashes[chosen.page_size], chosen.worker_id)
+        if not by_load and pages.hashes(chosen.page_size):
+            self.recent.record(pages.hashes(chosen.page_size), chosen.worker_id)
         return chosen
 
-    def uncached_tokens(self, backend: Backend, prompt: Sequence[int]) -> int:
+    def uncached_tokens(self, backend: Backend, prompt: PromptPages) -> int:
         """Tokens of `prompt` the backend would have to prefill (its index says)."""
-        if not prompt:
+        if not prompt.tokens:
             return 0
-        hashes = page_hashes(prompt, backend.page_size)
+        hashes = prompt.hashes(backend.page_size)
         held = self.index.matched_pages(hashes, [backend.worker_id])[backend.worker_id]
-        return max(1, len(prompt) - held * backend.page_size)
+        return max(1, len(prompt.tokens) - held * backend.page_size)
 
     def mark_unavailable(self, backend: Backend) -> None:
         backend.unavailable_until = time.monotonic() + self.unavailable_backoff_s
