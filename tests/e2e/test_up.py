@@ -47,6 +47,10 @@ def banner_commands(up: subprocess.Popen[str], timeout_s: float = 240.0) -> list
     raise AssertionError("no banner:\n" + "".join(lines))
 
 
+def state_ca(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "certs" / "ca.pem"
+
+
 def bash(command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", "-c", command], capture_output=True, text=True,
                           check=False, timeout=120)
@@ -109,6 +113,15 @@ def test_up_is_secure_by_default_and_its_banner_commands_work(tmp_path: Path) ->
         unauthenticated = bash(grpc_status.split(" -H ")[0] + " " +
                                " ".join(grpc_status.split(")\" ")[1:]))
         assert unauthenticated.returncode != 0 and "Unauthenticated" in unauthenticated.stderr
+        # both refusals are counted: decode-0's gRPC, the router's HTTP (the curl above)
+        worker_metrics = bash(metrics.split(" | ")[0]).stdout
+        assert [line.rsplit(" ", 1)[1] for line in worker_metrics.splitlines()
+                if line.startswith("splitserve:auth_refusals_total{")
+                and 'code="unauthenticated"' in line] == ["1.0"], worker_metrics
+        router_metrics = bash(f"curl -s --cacert {state_ca(tmp_path)} https://127.0.0.1:"
+                              f"{config['router_http_port']}/metrics").stdout
+        assert 'splitserve:router_auth_refusals_total{code="unauthenticated"} 1.0' in \
+            router_metrics, router_metrics
         state = tmp_path / "state"
         logs = {p.name: p.read_text() for p in state.glob("*.log") if p.name != "nats.log"}
         assert sorted(logs) == ["decode-0.log", "decode-1.log", "planner.log", "prefill-0.log",

@@ -89,7 +89,9 @@ async def generate(address: str, call: CallOptions) -> list[int]:
 
 
 async def test_tokens_and_scopes_over_tls(certs: Path, start: Start) -> None:
-    server = await start(ServerSecurity(tls(certs), AuthConfig(str(certs / "tokens"))))
+    refused: list[str] = []
+    server = await start(ServerSecurity(tls(certs), AuthConfig(str(certs / "tokens")),
+                                        on_refusal=lambda code: refused.append(code.name)))
     address = server.address
     assert await code_of(client.admin_status(address, as_(certs))) == "UNAUTHENTICATED"
     wrong = CallOptions(ClientSecurity(ca_file=str(certs / "ca.pem"), token="x" * 43))
@@ -124,6 +126,8 @@ async def test_tokens_and_scopes_over_tls(certs: Path, start: Start) -> None:
                                   "--token-file", str(certs / "monitor.token"))
     assert rc == 1 and err.startswith("Error: PERMISSION_DENIED: token 'monitor' lacks scope"), err
     assert token not in out + err
+    # every refused call was reported (what the daemons' auth_refusals_total counts)
+    assert sorted(refused) == ["PERMISSION_DENIED"] * 2 + ["UNAUTHENTICATED"] * 3
 
 
 async def test_api_keys_on_generation(certs: Path, start: Start) -> None:

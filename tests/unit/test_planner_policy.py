@@ -36,7 +36,7 @@ def policy(fixed_total: int | None = None, **scaling: float) -> PlannerPolicy:
 
 
 def test_decode_within_tolerance_stays() -> None:
-    plan = policy().step(obs(0, decode(0, 44), decode(1, 38)))
+    plan = policy(min_prefill=0).step(obs(0, decode(0, 44), decode(1, 38)))
     assert (plan.num_decode, plan.num_prefill) == (2, 0)
     assert any("within 15% of the target 40" in r for r in plan.reasons)
 
@@ -124,7 +124,7 @@ def test_cooldowns_hold_a_target_and_release_it() -> None:
 
 
 def test_fixed_total_flips_one_worker_and_keeps_the_sum() -> None:
-    p = policy(fixed_total=3, scale_up_cooldown_s=0, scale_down_cooldown_s=60)
+    p = policy(fixed_total=3, min_prefill=0, scale_up_cooldown_s=0, scale_down_cooldown_s=60)
     burst = (decode(0, 40), decode(1, 40), decode(2, 40))
     plan = p.step(obs(0, *burst, queue=6))  # backlog, prefill rate from decode workers
     assert (plan.num_prefill, plan.num_decode) == (0, 3)  # no rate measured anywhere yet

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from splitserve.config.planner import PlannerConfig
+from splitserve.config.planner import PlannerConfig, ScalingConfig
 from splitserve.planner.profile import Profile
 from splitserve.planner.sim import SimSettings, StaticError, parse_pd, simulate, summarize
 from splitserve.planner.sim_report import latencies
@@ -112,7 +112,7 @@ def test_static_parsing() -> None:
 
 def test_role_flips_keep_the_total() -> None:
     rows = [(i * 0.05, 200, 20) for i in range(4000)]
-    config = PlannerConfig(interval_s=5.0)
+    config = PlannerConfig(interval_s=5.0, scaling=ScalingConfig(min_prefill=0))
     result = simulate(_trace(rows), SimSettings(config, PROFILE, initial=(1, 5),
                                                 fixed_total=True))
     assert result.num_finished.tolist() == [1] * len(rows)

@@ -63,7 +63,9 @@ class ScalingConfig:
     pd_ratio_max: float = 4.0
     min_decode: int = 1
     max_decode: int = 64
-    min_prefill: int = 0
+    # With no prefill worker nothing is offloaded, so no prefill load is ever measured and
+    # the pool could not grow back from zero: keep one unless a config says 0.
+    min_prefill: int = 1
     max_prefill: int = 64
     max_step: int = 2  # instances added or removed per role per change
     scale_up_cooldown_s: float = 30.0

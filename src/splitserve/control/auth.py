@@ -140,6 +140,14 @@ class TokenFile:
         return found
 
 
+REFUSAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def refusal_label(code: grpc.StatusCode) -> str:
+    """The `code` label of an auth-refusals counter: unauthenticated, permission_denied."""
+    return str(code.name).lower()
+
+
 @dataclass(frozen=True)
 class Refusal:
     code: grpc.StatusCode
@@ -220,8 +228,10 @@ def _denying(handler: grpc.RpcMethodHandler, refusal: Refusal) -> grpc.RpcMethod
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, guard: Guard) -> None:
+    def __init__(self, guard: Guard,
+                 on_refusal: Callable[[grpc.StatusCode], None] | None = None) -> None:
         self.guard = guard
+        self.on_refusal = on_refusal
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -234,4 +244,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or refusal is None:
             return handler
         log.info("%s refused: %s: %s", method, refusal.code.name, refusal.details)
+        if self.on_refusal is not None:
+            self.on_refusal(refusal.code)
         return _denying(handler, refusal)

@@ -61,10 +61,18 @@ class ServerSecurity:
 
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    # told the code of each refused call, on the event loop (the daemon's metrics count them)
+    on_refusal: Callable[[grpc.StatusCode], None] | None = None
 
     @property
     def guarded(self) -> bool:
         return self.auth.enabled or self.tls.mutual
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """The auth check of every call, when there is anything to check."""
+        if not self.guarded:
+            return []
+        return [AuthInterceptor(Guard(self.auth, self.tls), self.on_refusal)]
 
 
 def _read(path: str) -> bytes:
@@ -147,9 +155,7 @@ async def start_grpc_server(
     tokens file cannot be read or parsed.
     """
     credentials = server_credentials(security.tls) if security.tls.enabled else None
-    interceptors = [AuthInterceptor(Guard(security.auth, security.tls))] if security.guarded \
-        else []
-    server = grpc.aio.server(interceptors=interceptors, options=[
+    server = grpc.aio.server(interceptors=security.interceptors(), options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # grpc sets SO_REUSEPORT by default: a second worker configured with the same

@@ -13,7 +13,6 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from splitserve.control.auth import AuthInterceptor, Guard
 from splitserve.control.errors import BindError
 from splitserve.control.health import HealthStatus
 from splitserve.control.server import (
@@ -39,9 +38,7 @@ async def start_service_server(address: str, services: Sequence[ExtraService],
                                security: ServerSecurity) -> ServiceServer:
     """Bind `address` ("host:0": a free port), add `services`, health and reflection,
     start. Gated services follow `health.set_serving`. BindError when it cannot bind."""
-    interceptors = [AuthInterceptor(Guard(security.auth, security.tls))] if security.guarded \
-        else []
-    server = grpc.aio.server(interceptors=interceptors, options=[
+    server = grpc.aio.server(interceptors=security.interceptors(), options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0)])  # a second daemon on the same port must fail to bind

@@ -89,8 +89,9 @@ async def serve(config: PlannerConfig) -> int:
     served = None
     metrics = PlannerMetrics(runner)
     try:
-        served = await start_service_server(config.grpc_address, [planner_service(runner)],
-                                            ServerSecurity(config.grpc_tls, config.auth))
+        served = await start_service_server(
+            config.grpc_address, [planner_service(runner)],
+            ServerSecurity(config.grpc_tls, config.auth, metrics.refused))
         if config.metrics_address:
             await metrics.serve(config.metrics_address)
         log.info("planner ready: %s, gRPC %s, mode %s, actuator %s, NATS %s", me,

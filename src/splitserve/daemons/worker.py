@@ -92,7 +92,7 @@ async def serve(config: WorkerConfig, cfg_hash: str = "",
     # NOT_SERVING until the broker and the registry are reached
     server = await start_grpc_server(
         config.grpc_address, role, admin, serving=False,
-        security=ServerSecurity(config.grpc_tls, config.auth))
+        security=ServerSecurity(config.grpc_tls, config.auth, core.metrics.refused))
     server.set_generation_enabled(core.role == "decode")
     role.listeners.append(lambda change: notifier.status(
         f"serving: {change.role} worker {core.worker_id}, gRPC {server.address}; role "

@@ -126,9 +126,11 @@ class HttpApi:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         token = self.tokens.lookup(key.strip()) if scheme.lower() == "bearer" else None
         if token is None:
+            self.metrics.refused(grpc.StatusCode.UNAUTHENTICATED)
             raise OpenAIError(401, "missing or unknown API key (authorization: Bearer KEY)",
                               type_="authentication_error", code="invalid_api_key")
         if "generate" not in token.scopes:
+            self.metrics.refused(grpc.StatusCode.PERMISSION_DENIED)
             raise OpenAIError(403, f"API key {token.name!r} lacks the scope 'generate'",
                               type_="permission_error")
 
