@@ -45,13 +45,14 @@ def load_workload(path: Path, num_requests: int, vocab: int, seed: int) -> list[
     return work
 
 
-def run_splitserve(loaded, work, batch_size: int) -> float:  # type: ignore[no-untyped-def]
+def run_splitserve(loaded, work, batch_size: int,  # type: ignore[no-untyped-def]
+                   dtype: str = "float32") -> float:
     from splitserve.config.schema import EngineConfig
     from splitserve.engine.llm_engine import Engine
     from splitserve.engine.sampling import SamplingParams
 
     engine = Engine(loaded, EngineConfig(max_num_seqs=batch_size, kv_cache_memory_mb=2048,
-                                         enable_prefix_cache=False))
+                                         enable_prefix_cache=False, dtype=dtype))
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in work]
     engine.generate([work[0][0]], params[0])  # warm-up
     t0 = time.perf_counter()
@@ -91,6 +92,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--trace", type=Path, default=TRACE)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights, activations and KV (transformers runs in the same dtype)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,20 +102,21 @@ def main() -> None:
 
     from splitserve.model.loader import default_model_path, load_model
 
-    loaded = load_model(dtype=torch.float32)
+    dtype = getattr(torch, args.dtype)
+    loaded = load_model(dtype=dtype)
     path = default_model_path()
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        str(path.parent), gguf_file=path.name, dtype=dtype).eval()
     work = load_workload(args.trace, args.num_requests, loaded.config.vocab_size, args.seed)
     num_out = sum(n for _, n in work)
 
-    ours_s = run_splitserve(loaded, work, args.batch_size)
+    ours_s = run_splitserve(loaded, work, args.batch_size, args.dtype)
     hf_s = run_hf(hf, work, args.batch_size, pad_id=loaded.config.eos_token_ids[0])
     result = {
         "benchmark": "engine_throughput",
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "threads": args.threads, "torch": torch.__version__},
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), fp32",
+        "model": f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), {args.dtype}",
         "workload": {"trace": args.trace.name, "num_requests": len(work),
                      "scaling": "prompt=clamp(ctx/8,4,512), output=clamp(gen/4,4,128)",
                      "prompt_tokens": sum(len(p) for p, _ in work), "output_tokens": num_out,

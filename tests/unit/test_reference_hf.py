@@ -1,4 +1,4 @@
-"""splitserve vs Hugging Face transformers on the same GGUF weights (SmolLM2-135M, fp32)."""
+"""splitserve vs Hugging Face transformers on the same GGUF weights (SmolLM2-135M, fp32 and bf16)."""
 
 from __future__ import annotations
 
@@ -78,3 +78,41 @@ def test_chat_template_matches_hf(smollm) -> None:
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     assert smollm.tokenizer.apply_chat_template(messages) == hf_tok.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.fixture(scope="module")
+def smollm_bf16():  # type: ignore[no-untyped-def]
+    from splitserve.model.loader import load_model
+
+    return load_model(dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def hf_smollm_bf16():  # type: ignore[no-untyped-def]
+    transformers = pytest.importorskip("transformers")
+    from splitserve.model.loader import default_model_path
+
+    path = default_model_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.bfloat16).eval()
+
+
+def test_greedy_tokens_match_hf_in_bf16(smollm_bf16, hf_smollm_bf16) -> None:
+    """bf16 model and KV against transformers in bf16, one prompt at a time: the same
+    bf16 roundings (RoPE in bf16, attention in bf16, unmasked SDPA for a lone
+    sequence) give the same tokens. In a batch of sequences of different lengths the
+    decode mask rounds differently and tokens may part after a near-tie."""
+    from splitserve.config.schema import EngineConfig
+    from splitserve.engine.llm_engine import Engine
+
+    tok = smollm_bf16.tokenizer
+    engine = Engine(smollm_bf16, EngineConfig(num_pages=256, dtype="bfloat16"))
+    params = SamplingParams(max_tokens=32, temperature=0)
+    for text in PROMPTS:
+        ids = tok.encode(text)
+        got = engine.generate([ids], params)[0]
+        with torch.inference_mode():
+            out = hf_smollm_bf16.generate(torch.tensor([ids]), max_new_tokens=32,
+                                          do_sample=False, attention_mask=torch.ones(1, len(ids)))
+        assert len(got) >= 16
+        assert got == out[0, len(ids):].tolist(), text

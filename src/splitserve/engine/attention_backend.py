@@ -12,7 +12,12 @@ import os
 
 import torch
 
-from splitserve.engine.attention import TorchPagedAttention
+from splitserve.engine.attention import (
+    BatchLayout,
+    DecodeGroup,
+    PrefillChunk,
+    TorchPagedAttention,
+)
 from splitserve.engine.kv_pool import KVPool
 from splitserve.errors import ConfigError
 
@@ -26,24 +31,22 @@ class TritonPagedAttention(TorchPagedAttention):
 
         self._k = kernels
 
-    def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, lay: BatchLayout) -> None:
         kv = self.pool.layer_view(layer)
-        self._k.store_kv(k.to(kv.dtype), v.to(kv.dtype), kv, slots)
+        self._k.store_kv(k.to(kv.dtype), v.to(kv.dtype), kv, lay.slot_mapping)
 
-    def decode(
-        self, layer: int, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor
-    ) -> torch.Tensor:
+    def decode(self, layer: int, q: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
         return self._k.paged_decode_attention(
-            q, self.pool.layer_view(layer), block_tables, seq_lens, self.scale)
+            q, self.pool.layer_view(layer), group.block_tables, group.seq_lens, self.scale)
 
-    def prefill(
-        self, layer: int, q: torch.Tensor, seq_len: int, page_ids: torch.Tensor
-    ) -> torch.Tensor:
+    def prefill(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                chunk: PrefillChunk) -> torch.Tensor:
         device = q.device
         cu_query_lens = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=device)
-        seq_lens = torch.tensor([seq_len], dtype=torch.int32, device=device)
+        seq_lens = torch.tensor([chunk.seq_len], dtype=torch.int32, device=device)
         return self._k.paged_prefill_attention(
-            q, self.pool.layer_view(layer), cu_query_lens, seq_lens, page_ids[None], self.scale)
+            q, self.pool.layer_view(layer), cu_query_lens, seq_lens, chunk.page_ids[None],
+            self.scale)
 
 
 def make_attention(backend: str, pool: KVPool, scale: float) -> TorchPagedAttention:

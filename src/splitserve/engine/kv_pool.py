@@ -95,6 +95,11 @@ class KVPool:
         """Strided view `[num_pages, 2, page_size, kv_heads, head_dim]` of one layer."""
         return self.tensor[:, layer]
 
+    def rows_view(self) -> torch.Tensor:
+        """The pool as `[num_pages·num_layers·2·page_size, kv_heads·head_dim]`: one row per
+        token, layer and K/V (row ((page·num_layers + layer)·2 + kv)·page_size + offset)."""
+        return self.tensor.view(-1, self.geometry.num_kv_heads * self.geometry.head_dim)
+
     @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()

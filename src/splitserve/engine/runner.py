@@ -6,7 +6,13 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from splitserve.engine.attention import BatchAttention, BatchLayout, TorchPagedAttention
+from splitserve.engine.attention import (
+    BatchAttention,
+    BatchLayout,
+    DecodeGroup,
+    PrefillChunk,
+    TorchPagedAttention,
+)
 from splitserve.engine.sampler import sample
 from splitserve.engine.scheduler import ScheduledSequence
 from splitserve.model.llama import LlamaModel
@@ -43,8 +49,8 @@ class ModelRunner:
         return hidden, sample_rows
 
     def _decode_groups(
-        self, rows: list[int], tables: list[list[int]], seq_lens: list[int]
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self, rows: list[int], tables: list[list[int]], seq_lens: list[int], num_rows: int
+    ) -> list[DecodeGroup]:
         """Group decode sequences by power-of-two page count: each group is padded to
         at most twice its shortest member, so one long context does not make every
         short sequence gather its length of KV. SmolLM2, one thread, 16 sequences of
@@ -59,11 +65,29 @@ class ModelRunner:
             block_table = torch.zeros((len(members), width), dtype=torch.long)
             for j, i in enumerate(members):
                 block_table[j, : len(tables[i])] = torch.tensor(tables[i])
-            groups.append((torch.tensor([rows[i] for i in members], dtype=torch.long, device=dev),
-                           block_table.to(dev),
-                           torch.tensor([seq_lens[i] for i in members], dtype=torch.long,
-                                        device=dev)))
+            member_lens = [seq_lens[i] for i in members]
+            lens = torch.tensor(member_lens, dtype=torch.long)
+            num_keys, mask = max(member_lens), None
+            if min(member_lens) != num_keys:
+                num_keys = width * self.page_size
+                mask = (torch.arange(num_keys)[None, :] < lens[:, None])[:, None, None, :]
+            group_rows = [rows[i] for i in members]
+            block_table = block_table.to(dev)
+            groups.append(DecodeGroup(
+                rows=torch.tensor(group_rows, dtype=torch.long, device=dev),
+                block_tables=block_table, seq_lens=lens.to(dev), page_ids=block_table.flatten(),
+                num_keys=num_keys, mask=None if mask is None else mask.to(dev),
+                rows_are_all=group_rows == list(range(num_rows))))
         return groups
+
+    def _prefill_chunk(self, row: int, num_new: int, seq_len: int,
+                       page_ids: list[int]) -> PrefillChunk:
+        mask = None
+        if seq_len != num_new:  # cached context: query i sees keys up to its position
+            positions = torch.arange(seq_len - num_new, seq_len)[:, None]
+            mask = (torch.arange(seq_len)[None, :] <= positions).to(self.device)
+        return PrefillChunk(row, num_new, seq_len,
+                            torch.tensor(page_ids, dtype=torch.long, device=self.device), mask)
 
     def _prepare(
         self, scheduled: Seq[ScheduledSequence]
@@ -74,7 +98,7 @@ class ModelRunner:
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefill: list[tuple[int, int, int, torch.Tensor]] = []
+        prefill: list[PrefillChunk] = []
         sample_rows: list[int] = []
         ps = self.page_size
         for s in scheduled:
@@ -90,14 +114,15 @@ class ModelRunner:
                 decode_tables.append(seq.page_ids[:num_pages])
                 decode_lens.append(seq_len)
             else:
-                prefill.append((row, n, seq_len, torch.tensor(seq.page_ids[:num_pages])))
+                prefill.append(self._prefill_chunk(row, n, seq_len, seq.page_ids[:num_pages]))
             if s.completes:
                 sample_rows.append(row + n - 1)
         dev = self.device
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         layout = BatchLayout(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            decode=self._decode_groups(decode_rows, decode_tables, decode_lens),
-            prefill=[(r, n, L, p.to(dev)) for r, n, L, p in prefill],
+            slot_mapping=slot_mapping, kv_rows=self.attention.kv_rows(slot_mapping),
+            decode=self._decode_groups(decode_rows, decode_tables, decode_lens, len(ids)),
+            prefill=prefill,
         )
         return (torch.tensor(ids, dtype=torch.long, device=dev),
                 torch.tensor(pos, dtype=torch.long, device=dev),

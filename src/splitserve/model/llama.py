@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitserve.model.config import ModelConfig
-from splitserve.model.rope import RotaryEmbedding
+from splitserve.model.rope import RopeAngles, RotaryEmbedding, apply_rope
 
 
 class PagedAttention(Protocol):
@@ -55,8 +55,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        angles: RopeAngles,
         attention: PagedAttention,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -64,7 +63,7 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = apply_rope(angles, q, k)
         out = attention(self.layer, q, k, v)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -92,11 +91,10 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        angles: RopeAngles,
         attention: PagedAttention,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attention)
+        x = x + self.self_attn(self.input_layernorm(x), angles, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -121,8 +119,9 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: int64 `[T]` → final hidden states `[T, hidden_size]`."""
         x = self.embed_tokens(input_ids)
+        angles = self.rope.cos_sin(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, self.rope, attention)
+            x = layer(x, angles, attention)
         return self.norm(x)
 
     @torch.inference_mode()
