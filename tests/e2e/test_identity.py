@@ -64,6 +64,12 @@ def test_decode_restart_under_the_same_id_with_queued_jobs_and_a_concurrent_vict
     try:
         wait_ready(daemons)
         doomed = long_prompts(smollm.tokenizer, 2)
+        # The reference first: between the jobs' publication and SIGCONT below only the
+        # restart may pass, well within their 40 s lease even on a loaded box.
+        victim = smollm.tokenizer.encode("Write a long story about a lighthouse keeper.")
+        params = {"max_tokens": 96, "ignore_eos": True}
+        [expected] = smollm_engine().generate(
+            [victim], SamplingParams(max_tokens=96, temperature=0, ignore_eos=True))
         prefill.signal(signal.SIGSTOP)  # the jobs stay queued
         with ThreadPoolExecutor(2) as pool:
             lost = [pool.submit(generate, decode.address, p, 8, 60.0) for p in doomed]
@@ -78,10 +84,6 @@ def test_decode_restart_under_the_same_id_with_queued_jobs_and_a_concurrent_vict
         wait_ready([decode])
         # The victim is prefilled locally and decodes for a while in the first pages
         # of the fresh pool: exactly where the dead life's landing pages were.
-        victim = smollm.tokenizer.encode("Write a long story about a lighthouse keeper.")
-        params = {"max_tokens": 96, "ignore_eos": True}
-        [expected] = smollm_engine().generate(
-            [victim], SamplingParams(max_tokens=96, temperature=0, ignore_eos=True))
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(generate, decode.address, victim, timeout_s=120.0, **params)
             time.sleep(1.0)  # streaming now
