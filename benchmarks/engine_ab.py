@@ -11,7 +11,8 @@ ABAB..., for each dtype. Each side loads its own model through its own loader.
     python benchmarks/engine_ab.py --base worktree --set splitserve.some.module.CONSTANT=0
 
 Prints one JSON object: per dtype, each side's tok/s per round, the medians, and the
-ratio new/base of the medians.
+ratio new/base of the medians; the same per CPU-second of the process, which other
+processes' load does not inflate (with `--threads 1` the engine's own work).
 """
 
 from __future__ import annotations
@@ -81,13 +82,14 @@ def make_engine(pkg: str, dtype: str, batch_size: int):  # type: ignore[no-untyp
     return engine_mod.Engine(loaded, config), importlib.import_module(f"{pkg}.engine.sampling")
 
 
-def run_once(engine, sampling, work) -> tuple[float, list[list[int]]]:  # type: ignore[no-untyped-def]
+def run_once(engine, sampling, work):  # type: ignore[no-untyped-def]
+    """(wall seconds, CPU seconds of the process, outputs)."""
     params = [sampling.SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
               for _, n in work]
     engine.generate([work[0][0]], params[0])  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     outputs = engine.generate([p for p, _ in work], params)
-    return time.perf_counter() - t0, outputs
+    return time.perf_counter() - t0, time.process_time() - c0, outputs
 
 
 def main() -> None:
@@ -120,17 +122,26 @@ def main() -> None:
         work = load_workload(TRACE, args.num_requests, vocab, args.seed)
         num_out = sum(n for _, n in work)
         rates: dict[str, list[float]] = {"base": [], "new": []}
+        cpu_rates: dict[str, list[float]] = {"base": [], "new": []}
         outputs: dict[str, list[list[int]]] = {}
         for r in range(args.rounds):
             order = ["base", "new"] if r % 2 == 0 else ["new", "base"]
             for side in order:
-                seconds, outputs[side] = run_once(*sides[side], work)
+                seconds, cpu_s, outputs[side] = run_once(*sides[side], work)
                 rates[side].append(round(num_out / seconds, 1))
-                print(f"{dtype} round {r} {side}: {rates[side][-1]} tok/s", file=sys.stderr)
+                cpu_rates[side].append(round(num_out / cpu_s, 1))
+                print(f"{dtype} round {r} {side}: {rates[side][-1]} tok/s, "
+                      f"{cpu_rates[side][-1]} tok per CPU-s", file=sys.stderr)
         same = sum(a == b for a, b in zip(outputs["base"], outputs["new"]))
         medians = {k: statistics.median(v) for k, v in rates.items()}
+        cpu_medians = {k: statistics.median(v) for k, v in cpu_rates.items()}
+        # With other processes on the box, wall time counts their slices too; tokens per
+        # CPU-second of this process does not (with 1 thread it is the engine's own work).
         result[dtype] = {"tok_s": rates, "median": medians,
                          "ratio_new_vs_base": round(medians["new"] / medians["base"], 3),
+                         "tok_per_cpu_s": cpu_rates,
+                         "cpu_ratio_new_vs_base": round(cpu_medians["new"] / cpu_medians["base"],
+                                                        3),
                          "identical_outputs": f"{same}/{len(work)}"}
         del sides
     print(json.dumps(result))

@@ -59,11 +59,12 @@ class Attention(nn.Module):
         attention: PagedAttention,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(angles, q, k)
+        qkv = self.qkv_proj(x)
+        # Q and K are adjacent in each row: one rotation for both (5 ops, not 10)
+        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim)
+        q, k = apply_rope(angles, qk).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads,
+                                                     self.head_dim)
         out = attention(self.layer, q, k, v)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 

@@ -67,16 +67,10 @@ class RotaryEmbedding(nn.Module):
                 self.sin[positions].unsqueeze(1).to(dtype))
 
 
-def apply_rope(
-    angles: RopeAngles, q: torch.Tensor, k: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q `[T, H, D]`, k `[T, KVH, D]`, rotated in their dtype with cos/sin rounded to it,
-    as Hugging Face's Llama does (needed for bf16 greedy parity)."""
+def apply_rope(angles: RopeAngles, x: torch.Tensor) -> torch.Tensor:
+    """x `[T, heads, D]` (Q and K heads together) rotated in its dtype with cos/sin
+    rounded to it, as Hugging Face's Llama does (needed for bf16 greedy parity)."""
     cos, sin = angles
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin

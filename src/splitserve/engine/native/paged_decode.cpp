@@ -1,0 +1,128 @@
+// Decode attention over KV pages in place, for the CPU (splitserve.engine.native_attention).
+//
+// One query token per sequence attends over its first seq_lens[b] tokens, read from
+// the pages named by its block table: no copy of K/V, math in fp32, one rounding of
+// the output to the KV dtype. Work is split over (sequence, KV head) pairs; the
+// query heads of a KV head's group share each K/V row read.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename scalar_t>
+inline void load_row(const scalar_t* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+template <typename scalar_t>
+void decode_kernel(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& tables,
+                   const torch::Tensor& lens, torch::Tensor& out, double scale) {
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_kv_heads = kv.size(3), page_size = kv.size(2);
+  const int64_t group = num_heads / num_kv_heads, width = tables.size(1);
+  const scalar_t* q_ptr = q.data_ptr<scalar_t>();
+  const scalar_t* kv_ptr = kv.data_ptr<scalar_t>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  const int64_t* table_ptr = tables.data_ptr<int64_t>();
+  const int64_t* len_ptr = lens.data_ptr<int64_t>();
+  const int64_t q_s0 = q.stride(0), q_s1 = q.stride(1);
+  const int64_t o_s0 = out.stride(0), o_s1 = out.stride(1);
+  const int64_t page_s = kv.stride(0), v_off = kv.stride(1), tok_s = kv.stride(2),
+                head_s = kv.stride(3);
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * head_dim), row(head_dim), acc(group * head_dim), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
+      const int64_t seq_len = len_ptr[b];
+      const int64_t* pages = table_ptr + b * width;
+      for (int64_t g = 0; g < group; ++g) {
+        load_row(q_ptr + b * q_s0 + (h * group + g) * q_s1, qf.data() + g * head_dim, head_dim);
+        for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] *= fscale;
+      }
+      scores.assign(group * seq_len, 0.0f);
+      for (int64_t t = 0; t < seq_len; ++t) {
+        const scalar_t* k = kv_ptr + pages[t / page_size] * page_s + (t % page_size) * tok_s +
+                            h * head_s;
+        load_row(k, row.data(), head_dim);
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qf.data() + g * head_dim;
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * row[d];
+          scores[g * seq_len + t] = dot;
+        }
+      }
+      std::vector<float> inv_sum(group);
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = scores.data() + g * seq_len;
+        float max_score = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < seq_len; ++t) max_score = std::max(max_score, s[t]);
+        float sum = 0.0f;
+        for (int64_t t = 0; t < seq_len; ++t) {
+          s[t] = std::exp(s[t] - max_score);
+          sum += s[t];
+        }
+        inv_sum[g] = 1.0f / sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t t = 0; t < seq_len; ++t) {
+        const scalar_t* v = kv_ptr + pages[t / page_size] * page_s + v_off +
+                            (t % page_size) * tok_s + h * head_s;
+        load_row(v, row.data(), head_dim);
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * seq_len + t];
+          float* a = acc.data() + g * head_dim;
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * row[d];
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        scalar_t* o = out_ptr + b * o_s0 + (h * group + g) * o_s1;
+        for (int64_t d = 0; d < head_dim; ++d)
+          o[d] = static_cast<scalar_t>(acc[g * head_dim + d] * inv_sum[g]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// q [B, H, D]; kv: one layer's view [P, 2, page_size, KVH, D] (any strides, last dim
+// contiguous); block_tables int64 [B, W]; seq_lens int64 [B] -> out [B, H, D] in kv's dtype.
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor block_tables,
+                           torch::Tensor seq_lens, double scale) {
+  TORCH_CHECK(kv.stride(4) == 1, "kv: the head dimension must be contiguous");
+  q = q.to(kv.scalar_type());
+  if (q.stride(2) != 1) q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  seq_lens = seq_lens.contiguous();
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  if (kv.scalar_type() == torch::kBFloat16) {
+    decode_kernel<c10::BFloat16>(q, kv, block_tables, seq_lens, out, scale);
+  } else {
+    TORCH_CHECK(kv.scalar_type() == torch::kFloat32, "kv must be float32 or bfloat16");
+    decode_kernel<float>(q, kv, block_tables, seq_lens, out, scale);
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "decode attention over KV pages in place");
+}

@@ -1,0 +1,57 @@
+"""The native decode attention against the plain-torch path it replaces (fp32 KV on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.engine.attention import DecodeGroup, TorchPagedAttention
+from splitserve.engine.kv_pool import KVPool, PageGeometry
+from splitserve.engine.native_attention import load_paged_decode
+
+
+@pytest.fixture(scope="module")
+def paged_decode():  # type: ignore[no-untyped-def]
+    op = load_paged_decode()
+    if op is None:
+        pytest.skip("the native op cannot be built here (no C++ compiler?): torch path only")
+    return op
+
+
+def _group(tables: torch.Tensor, lens: list[int], page_size: int) -> DecodeGroup:
+    seq_lens = torch.tensor(lens)
+    num_keys = tables.shape[1] * page_size
+    mask = (torch.arange(num_keys)[None, :] < seq_lens[:, None])[:, None, None, :]
+    return DecodeGroup(torch.arange(len(lens)), tables, seq_lens, tables.flatten(), num_keys,
+                       mask)
+
+
+@pytest.mark.parametrize(("page_size", "num_heads", "num_kv_heads", "head_dim"),
+                         [(4, 6, 2, 16), (16, 9, 3, 64), (5, 7, 7, 24), (3, 4, 1, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_matches_torch_path(paged_decode, page_size, num_heads, num_kv_heads,
+                                          head_dim, dtype) -> None:
+    g = torch.Generator().manual_seed(page_size * 100 + head_dim)
+    geometry = PageGeometry(page_size, 3, num_kv_heads, head_dim, dtype)
+    pool = KVPool(geometry, 41)
+    pool.tensor.copy_(torch.randn(pool.tensor.shape, generator=g).to(dtype))
+    lens = [1, page_size, page_size + 1, 5 * page_size - 2, 3]  # partial last pages too
+    width = max(-(-n // page_size) for n in lens)
+    tables = torch.randperm(41, generator=g)[: len(lens) * width].view(len(lens), width)
+    q = torch.randn(len(lens), num_heads, head_dim, generator=g).to(dtype)
+    reference = TorchPagedAttention(pool, head_dim**-0.5, native_decode=False)
+    for layer in range(3):
+        ref = reference.decode(layer, q.float() if dtype == torch.bfloat16 else q,
+                               _group(tables, lens, page_size))
+        got = paged_decode(q, pool.layer_view(layer), tables, torch.tensor(lens),
+                           head_dim**-0.5)
+        assert got.dtype == dtype and got.shape == q.shape
+        tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the output
+        assert (got.float() - ref.float()).abs().max().item() <= tol
+
+
+def test_fp32_engine_attention_uses_native_decode(paged_decode) -> None:
+    pool = KVPool(PageGeometry(4, 1, 2, 8, torch.float32), 4)
+    assert TorchPagedAttention(pool, 1.0)._native_decode is paged_decode
+    bf16_pool = KVPool(PageGeometry(4, 1, 2, 8, torch.bfloat16), 4)
+    assert TorchPagedAttention(bf16_pool, 1.0)._native_decode is None
