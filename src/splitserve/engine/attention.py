@@ -8,7 +8,9 @@ causal mask offset by their cached context. Everything that is the same for all
 layers (page/offset of each slot, masks) is computed once per step by the runner.
 
 Attention runs in the model's dtype, as Hugging Face's SDPA path does: bf16 inputs
-reach the CPU flash kernel, which accumulates in fp32 (no fp32 copies of K/V).
+reach the CPU flash kernel, which accumulates in fp32 (no fp32 copies of K/V). With an
+fp32 pool on a CPU, decode goes to a native op that reads the pages in place
+(`engine/native_attention.py`) when it can be built.
 
 The torch path below runs anywhere; on CUDA the Triton kernels can take over
 through `AttentionKernels` (see `engine/attention_backend.py`).
@@ -78,7 +80,7 @@ class BatchLayout:
 
 
 class TorchPagedAttention:
-    """Plain-torch paged attention in the KV dtype."""
+    """Paged attention in the KV dtype: torch ops, and the native decode op for fp32."""
 
     def __init__(self, pool: KVPool, scale: float, native_decode: bool = True) -> None:
         self.pool = pool
@@ -92,6 +94,11 @@ class TorchPagedAttention:
         if (native_decode and pool.tensor.device.type == "cpu"
                 and pool.geometry.dtype == torch.float32):
             self._native_decode = load_paged_decode()
+
+    @property
+    def reads_unpadded(self) -> bool:
+        """Decode reads each sequence's own KV length whatever its group's padding."""
+        return self._native_decode is not None
 
     def kv_rows(self, slot_mapping: torch.Tensor) -> torch.Tensor:
         """Rows `[num_layers, 2, T]` of the pool's 2-D view where each layer's K and V
