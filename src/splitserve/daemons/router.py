@@ -110,9 +110,10 @@ async def serve(config: RouterConfig) -> int:
         http_address = "{}:{}".format(*runner.addresses[0][:2])
         grpc_address = "-"
         if config.grpc_address:
-            security = ServerSecurity(config.grpc_tls, config.auth, http.metrics.refused)
+            server_security = ServerSecurity(config.grpc_tls, config.auth,
+                                             http.metrics.refused)
             grpc_server, health, grpc_address = await start_router_grpc(
-                config.grpc_address, forwarder, security)
+                config.grpc_address, forwarder, server_security)
         scheme = "https" if config.grpc_tls.enabled else "http"
         log.info("router ready: HTTP %s://%s/v1 (model %s), gRPC %s, NATS %s", scheme,
                  http_address, http.model_name, grpc_address, redact_url(config.nats_url))
