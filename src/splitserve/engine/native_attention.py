@@ -45,8 +45,9 @@ def _build() -> PagedDecode | None:
         from torch.utils import cpp_extension
 
         source = _SOURCE.read_bytes()
+        # -march=native: a library built for another CPU (a shared cache) may not run here
         key = hashlib.sha256(source + " ".join(_FLAGS).encode() + platform.machine().encode()
-                             + torch.__version__.encode()).hexdigest()[:16]
+                             + _cpu_flags() + torch.__version__.encode()).hexdigest()[:16]
         build_dir = default_cache_dir() / "native" / key
         build_dir.mkdir(parents=True, exist_ok=True)
         module = cpp_extension.load(
@@ -61,3 +62,12 @@ def _build() -> PagedDecode | None:
     log.info("native decode attention loaded from %s", build_dir)
     op: PagedDecode = module.paged_decode
     return op
+
+
+def _cpu_flags() -> bytes:
+    """This CPU's feature flags (Linux), so the build cache is per instruction set."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor().encode()
+    return next((line for line in text.splitlines() if line.startswith("flags")), "").encode()
