@@ -6,7 +6,9 @@ back until then, so every row also serves requests after its fault. Config-level
 faults (a flaky transfer, a corrupting or skewed prefill worker, a tiny KV pool,
 duplicate ids) strike from the first request on.
 
-Rows (workers: decode-0 and prefill-0 on one nats-server unless said otherwise):
+Rows (workers: decode-0 and prefill-0 on one nats-server unless said otherwise;
+prefill-0 and prefill-1 hold every job HOLD_S in flight, like a busy machine, so a
+fault meets jobs in flight however fast the engine is):
 - duplicate_ids: every 4th request is sent again with the same id while its first
   send streams.
 - invalid_reload: invalid values written into the workers' config files, then
@@ -59,6 +61,7 @@ from splitserve.rpc import admin_pb2, admin_pb2_grpc
 # only the incarnation can fence them.
 RESTART_LEASE = LeaseConfig(base_s=30.0, per_token_ms=2.0, skew_margin_s=0.3)
 CLOCK_OFFSET_S = 2.0  # well beyond the 0.3 s skew margin
+HOLD_S = 1.0  # well within LEASE (3 s and up), which the prefill worker renews anyway
 WORKER_TTL_S = BucketSettings().worker_ttl_s  # a killed worker leaves the registry after it
 
 # Worker variants by id: config overrides on top of chaos_cluster.worker_config.
@@ -69,8 +72,10 @@ DECODE_VARIANTS: dict[str, dict[str, object]] = {
     "decode-smallpool": {"engine": replace(ENGINE, num_pages=60)},
 }
 PREFILL_VARIANTS: dict[str, dict[str, object]] = {
-    "prefill-0": {},
-    "prefill-1": {},
+    # Rows with a fault that must meet jobs in flight run these two: every job stays
+    # in flight for HOLD_S (a busy prefill machine), however fast the engine.
+    "prefill-0": {"faults": FaultConfig(prefill_hold_s=HOLD_S)},
+    "prefill-1": {"faults": FaultConfig(prefill_hold_s=HOLD_S)},
     "prefill-transferfail": {"faults": FaultConfig(fail_transfer_every=3)},
     "prefill-corrupt": {"faults": FaultConfig(corrupt_page_every=3)},
     "prefill-behind": {"faults": FaultConfig(clock_offset_s=-CLOCK_OFFSET_S)},

@@ -47,7 +47,8 @@ def planner_file(tmp_path: Path, nats_url: str) -> tuple[Path, str]:
     address = f"127.0.0.1:{find_free_port()}"
     config = {
         "grpc_address": address, "nats_url": nats_url, "planner_id": "planner-test",
-        "mode": "auto", "interval_s": 1, "stats_max_age_s": 10, "log_level": "INFO",
+        "mode": "auto", "interval_s": 1, "stats_max_age_s": 10, "settle_s": 2,
+        "log_level": "INFO",
         "actuator": {"kind": "role", "drain_grace_s": 30, "call_timeout_s": 60},
         # a queued job is to be cleared within 0.2 s: two queued long prompts already ask
         # for more than one prefill worker; decode is judged by its SLOs alone
@@ -87,11 +88,13 @@ def test_a_burst_of_long_prompts_moves_a_worker_to_prefill_and_back(
     decode0, decode1, _ = workers
     path, planner_address = planner_file(tmp_path, broker.url)
     planner_log = tmp_path / "planner.log"
-    planner = subprocess.Popen([*SPLITSERVE, "planner", "--config", str(path)],
-                               stdout=planner_log.open("wb"), stderr=subprocess.STDOUT)
+    planner: subprocess.Popen[bytes] | None = None
     try:
-        wait_ready(workers)
-        time.sleep(3)  # a few idle ticks: nothing to flip while nothing runs
+        wait_ready(workers)  # the planner's settle_s covers workers joining; the test
+        # starts it on the whole cluster, so that its first plans are the idle ones checked
+        planner = subprocess.Popen([*SPLITSERVE, "planner", "--config", str(path)],
+                                   stdout=planner_log.open("wb"), stderr=subprocess.STDOUT)
+        time.sleep(5)  # a few idle ticks: nothing to flip while nothing runs
         assert [role(w.address) for w in workers] == ["decode", "decode", "prefill"]
 
         roles_seen: set[str] = set()
@@ -146,9 +149,9 @@ def test_a_burst_of_long_prompts_moves_a_worker_to_prefill_and_back(
         serving = workers[left.index("decode")]  # min_decode 1: there is one
         assert generate(serving.address, long[1], max_tokens=MAX_TOKENS)[0] == reference[1]
     finally:
-        if planner.poll() is None:
+        if planner is not None and planner.poll() is None:
             planner.terminate()
-        planner_code = planner.wait(timeout=60)
+        planner_code = planner.wait(timeout=60) if planner is not None else None
         stop_daemons(workers)
         broker.stop()
     assert planner_code == -9, planner_log.read_text()[-3000:]  # killed above

@@ -25,7 +25,7 @@ from splitserve.config.planner import PlannerConfig, ScalingConfig, ThresholdCon
 from splitserve.planner.actuators import Actuator
 from splitserve.planner.leader import LOCK_KEY, PlannerLock
 from splitserve.planner.metrics import PlannerMetrics
-from splitserve.planner.model import Mode
+from splitserve.planner.model import Mode, Role
 from splitserve.planner.observe import StatsBook
 from splitserve.planner.runner import AUDIT_KEY, PlannerRunner
 from splitserve.queue.broker import NatsServer, find_free_port
@@ -89,9 +89,9 @@ async def cluster(nats_conn: BrokerConnection) -> AsyncIterator[tuple[
 
 def runner(cluster: tuple[WorkerRegistry, PolicyStore, StatsBook], conn: BrokerConnection,
            mode: str, me: str = "planner-a",
-           clock: Callable[[], float] = time.monotonic) -> PlannerRunner:
+           clock: Callable[[], float] = time.monotonic, settle_s: float = 0.0) -> PlannerRunner:
     registry, store, book = cluster
-    config = PlannerConfig(mode=mode,  # type: ignore[arg-type]
+    config = PlannerConfig(mode=mode, settle_s=settle_s,  # type: ignore[arg-type]
                            scaling=ScalingConfig(scale_up_cooldown_s=0),
                            thresholds=ThresholdConfig(cooldown_s=0))
     return PlannerRunner(config, me, store, registry, conn.js,
@@ -118,6 +118,33 @@ async def test_a_silent_worker_holds_the_plan_then_is_reported_and_left_out(
     await registry.deregister("d1")
     record = await r.tick()
     assert record.plan is not None and record.note == "" and r.unresponsive == ()
+
+
+async def test_no_plan_until_the_registered_workers_held_for_settle_s(cluster, nats_conn) -> None:
+    registry, _, book = cluster
+    now = [time.monotonic()]
+    r = runner(cluster, nats_conn, "auto", clock=lambda: now[0], settle_s=10.0)
+    record = await r.tick()  # the planner's first look: the cluster may still be forming
+    assert record.plan is None and record.actions == ()
+    assert record.note == "waiting: the registered workers changed 0 s ago (settle_s 10)"
+    now[0] += 9.0
+    assert (await r.tick()).plan is None
+    now[0] += 1.0
+    assert (await r.tick()).plan is not None  # the same two workers for 10 s
+    await register(registry, "d1", "decode")  # a worker joins: settle again
+    now[0] += 1.0
+    assert (await r.tick()).note == "waiting for stats of d1"
+    book.add(stats("d1", "decode", tokens_per_s=40), now[0])
+    now[0] += 1.0
+    record = await r.tick()  # its stats came: still settling
+    assert record.plan is None and "changed 1 s ago" in record.note, record.note
+    now[0] += 10.0
+    book.add(stats("d1", "decode", tokens_per_s=40), now[0])
+    for s in (stats("d0", "decode", tokens_per_s=40, prefill_rate_tokens_per_s=1000),
+              stats("p0", "prefill", prefill_rate_tokens_per_s=1000)):
+        book.add(s, now[0])
+    record = await r.tick()
+    assert record.plan is not None and record.current[Role.DECODE] == 2, record.note
 
 
 async def test_auto_writes_thresholds_with_an_audit_record(cluster, nats_conn) -> None:

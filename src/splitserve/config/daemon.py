@@ -93,14 +93,19 @@ class FaultConfig:
       of every N-th write after computing its checksum (0: never).
     - crash_engine_after_steps: the engine thread dies in step N+1 (0: never), to test
       that the worker fails loudly (NOT_SERVING, deregistered, exit status 1).
+    - prefill_hold_s: the prefill worker holds every job this long (in flight, lease
+      kept) before computing it, like a busy prefill machine, so that a fault can
+      strike while jobs are in flight however fast the engine is (0: no hold).
     """
 
     clock_offset_s: float = 0.0
     fail_transfer_every: int = 0
     corrupt_page_every: int = 0
     crash_engine_after_steps: int = 0
+    prefill_hold_s: float = 0.0
 
     def __post_init__(self) -> None:
+        check_range("faults.prefill_hold_s", self.prefill_hold_s, 0.0, 60.0)
         if min(self.fail_transfer_every, self.corrupt_page_every,
                self.crash_engine_after_steps) < 0:
             raise ConfigError("faults", "fail_transfer_every, corrupt_page_every and "

@@ -8,6 +8,7 @@ nats_url: nats://127.0.0.1:4222
 mode: advise                      # auto | advise | off (SetMode changes it live)
 interval_s: 5                     # one plan per tick
 stats_max_age_s: 15               # a worker with older stats is left out of the plan
+settle_s: 10                      # no plan until the same workers were listed this long
 actuator:
   kind: dry-run                   # dry-run | role | systemd | local
 scaling:                          # coordinated P/D scaling (planner/policy.py)
@@ -189,6 +190,10 @@ class PlannerConfig:
     mode: Literal["auto", "advise", "off"] = "advise"
     interval_s: float = 5.0
     stats_max_age_s: float = 15.0
+    # No plan until the registry has listed the same workers for this long: at start-up
+    # and when a worker joins or leaves (a plan from a cluster still forming moves the
+    # wrong workers, e.g. the only prefill worker to decode before the decode ones list).
+    settle_s: float = 10.0
     lock_ttl_s: float = 15.0  # the leader's lock in splitserve-policy; a standby takes over
     history_size: int = 256  # plans and audit records kept for History
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -205,6 +210,7 @@ class PlannerConfig:
             check_address("metrics_address", self.metrics_address)
         check_range("interval_s", self.interval_s, 0.0, 3600.0, low_open=True)
         check_range("stats_max_age_s", self.stats_max_age_s, 0.0, 86400.0, low_open=True)
+        check_range("settle_s", self.settle_s, 0.0, 3600.0)
         check_range("lock_ttl_s", self.lock_ttl_s, 1.0, 3600.0)
         check_range("history_size", self.history_size, 1, 1 << 16)
 

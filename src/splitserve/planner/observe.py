@@ -62,6 +62,7 @@ class StatsBook:
         self._entries: dict[str, _Entry] = {}
         self._registered: set[str] | None = None  # None: registry not read yet
         self._first_listed: dict[str, float] = {}  # registered id -> when first listed
+        self._members_since = 0.0  # when the registry last listed another set of workers
 
     def add(self, stats: WorkerStats, now_s: float) -> None:
         if self._registered is not None and stats.worker_id not in self._registered:
@@ -70,11 +71,17 @@ class StatsBook:
 
     def set_registered(self, worker_ids: set[str], now_s: float) -> None:
         """The registry's workers now: stats of any other are forgotten."""
+        if self._registered is None or self._registered != worker_ids:
+            self._members_since = now_s
         self._registered = set(worker_ids)
         for worker_id in list(self._entries):
             if worker_id not in self._registered:
                 del self._entries[worker_id]
         self._first_listed = {w: self._first_listed.get(w, now_s) for w in self._registered}
+
+    def settled_s(self, now_s: float) -> float:
+        """How long the registry has listed the same workers (0 before it was read)."""
+        return 0.0 if self._registered is None else now_s - self._members_since
 
     def silent(self, now_s: float) -> Silent:
         """Registered workers with no stats within `max_age_s` (call after `loads`)."""

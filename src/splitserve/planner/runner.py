@@ -3,8 +3,9 @@
 A tick (every `interval_s`):
 1. read the registry: which workers exist, their Admin addresses and KV bytes per
    token; stats of workers no longer registered are forgotten (planner/observe.py);
-   while a newly listed worker has sent no stats yet there is no plan; one silent past
-   `stats_max_age_s` is reported unresponsive and planned without;
+   while a newly listed worker has sent no stats yet there is no plan, nor until the
+   same workers have been listed for `settle_s` (start-up, a worker joined or left);
+   one silent past `stats_max_age_s` is reported unresponsive and planned without;
 2. mode `off`: stop here (the last policy written stays in force);
 3. take or renew the lock (planner/leader.py); a standby stops here;
 4. read the prefill queue's depth and the `routing` key of splitserve-policy (the
@@ -133,11 +134,15 @@ class PlannerRunner:
         in_force = Thresholds(routing.prefill_length_threshold,
                               routing.moderate_length_threshold, routing.prefill_queue_max)
         obs = self.book.observation(now, depth, in_force, kv_bytes_per_token)
-        silent = self.book.silent(now)
-        if silent.waiting:  # a plan from part of the cluster would move the wrong workers
+        silent, settled_s = self.book.silent(now), self.book.settled_s(now)
+        # a plan from part of the cluster, or one still forming, moves the wrong workers
+        waiting = (f"waiting for stats of {', '.join(silent.waiting)}" if silent.waiting
+                   else f"waiting: the registered workers changed {settled_s:.0f} s ago "
+                        f"(settle_s {self.config.settle_s:g})"
+                   if settled_s < self.config.settle_s else "")
+        if waiting:
             return PlanRecord(wall, self.mode, True, _current(obs), None, in_force,
-                              note=f"waiting for stats of {', '.join(silent.waiting)}",
-                              policy_revision=entry.revision if entry else 0)
+                              note=waiting, policy_revision=entry.revision if entry else 0)
         self._report_unresponsive(silent.unresponsive)
         if self.config.actuator.kind == "role":
             self.policy.fixed_total = len(obs.workers)

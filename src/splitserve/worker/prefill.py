@@ -216,6 +216,8 @@ class PrefillService:
         engine = self.core.engine
         try:
             await self._destination(job)  # refuse a stale incarnation before any work
+            if hold_s := self.core.config.faults.prefill_hold_s:  # test-only: a busy machine
+                await asyncio.sleep(hold_s)
             started_s = time.monotonic()
             first_token = await self._prefill(local_id, job)
             self.core.observer.job_prefilled(len(job.token_ids) - job.num_cached_tokens,
