@@ -64,7 +64,7 @@ def attention_variants() -> dict[str, int]:
                  "SeqLens_ptr": "*i32", "Out_ptr": "*fp32" if store_lse else f"*{dtype}",
                  "Lse_ptr": "*fp32"},
                 {"GROUP_SIZE": 3, "BLOCK_G": 16, "BLOCK_N": block_n, "BLOCK_D": block_d,
-                 "STORE_LSE": store_lse},
+                 "STORE_LSE": store_lse, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"},
                 floats=("qk_scale_log2",))
     out["decode_merge[bf16]"] = compile_variant(
         _paged_decode_merge_kernel,
@@ -78,7 +78,8 @@ def attention_variants() -> dict[str, int]:
             {"Q_ptr": f"*{dtype}", "KV_ptr": f"*{dtype}", "CuQueryLens_ptr": "*i32",
              "SeqLens_ptr": "*i32", "BlockTables_ptr": "*i32", "Out_ptr": f"*{dtype}"},
             {"GROUP_SIZE": 8, "BLOCK_M": 32 if block_d == 128 else 64, "BLOCK_N": 32,
-             "BLOCK_D": block_d, "DOT_IN_FP32": dot_in_fp32, **extra},
+             "BLOCK_D": block_d, "DOT_IN_FP32": dot_in_fp32,
+             "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", **extra},
             floats=("qk_scale_log2",))
     return out
 

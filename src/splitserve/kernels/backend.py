@@ -55,3 +55,13 @@ def next_power_of_2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input precision: exact fp32 ("ieee") for fp32 operands, which ask for
+    fp32 results (a GPU's default, tf32, rounds operands to 10 mantissa bits: 5e-5 apart
+    between split counts, seen on an H200); else tf32, exact for bf16/fp16 operands
+    (the probabilities are rounded to 10 bits, finer than the KV's own 8). Decode stays
+    memory-bound either way (fp32 KV: 8 FMA flops per byte); fp32 prefill is the
+    precise mode, bf16 the fast one."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -24,10 +24,11 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels._attention_checks import check_paged_attention_args
-from splitserve.kernels.backend import cdiv, next_power_of_2, num_compute_units
+from splitserve.kernels.backend import cdiv, dot_precision, next_power_of_2, num_compute_units
 from splitserve.kernels.errors import KernelArgumentError
 
 LOG2E = 1.4426950408889634
+
 # A split shorter than this spends more time on its launch share and the merge
 # than on reading KV; 256 tokens of one bf16 KV head with head_dim 128 is 128 KiB.
 MIN_TOKENS_PER_SPLIT = 256
@@ -45,7 +46,7 @@ def _paged_decode_split_kernel(
     Lse_stride_b, Lse_stride_split, Lse_stride_h,
     num_splits, page_size, head_dim,
     GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
+    BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -81,14 +82,14 @@ def _paged_decode_split_kernel(
         kv_offsets = tok_offsets[:, None] + d[None, :] * KV_stride_d
         kv_mask = pos_mask[:, None] & d_mask[None, :]
         k = tl.load(KV_ptr + kv_offsets, mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.dot(q, tl.trans(k))
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         scores = tl.where(pos_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(KV_ptr + KV_stride_kv + kv_offsets, mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     has_tokens = l_i > 0.0  # an empty split (short sequence) contributes nothing
@@ -195,6 +196,7 @@ def paged_decode_attention(
         num_splits, page_size, head_dim,
         GROUP_SIZE=group_size, BLOCK_G=max(16, next_power_of_2(group_size)),
         BLOCK_N=block_n, BLOCK_D=block_d, STORE_LSE=num_splits > 1,
+        DOT_PRECISION=dot_precision(kv_layer.dtype),
     )
     if num_splits > 1:
         _paged_decode_merge_kernel[(batch_size, num_heads)](

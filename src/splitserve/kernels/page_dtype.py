@@ -202,7 +202,10 @@ def ref_convert_pages_dtype(
     if dst.dtype == torch.float8_e4m3fn:
         assert dst_scales is not None
         amax = values.abs().amax(dim=(3, 4, 5))
-        scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+        # a tensor divisor: on CUDA, torch divides by a Python scalar as a multiplication
+        # by its reciprocal, which is not correctly rounded (the kernel's div_rn is)
+        scale = torch.where(amax > 0, amax / torch.full_like(amax, E4M3_MAX),
+                            torch.ones_like(amax))
         codes = (values / scale[..., None, None, None]).clamp(-E4M3_MAX, E4M3_MAX)
         dst[dst_ids] = codes.to(torch.float8_e4m3fn)
         dst_scales[dst_ids] = scale

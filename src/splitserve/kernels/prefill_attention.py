@@ -29,7 +29,7 @@ import triton.language as tl
 
 from splitserve.kernels._attention_checks import INDEX_DTYPES, check_paged_attention_args
 from splitserve.kernels._checks import check_dtype, check_ndim, check_same_device
-from splitserve.kernels.backend import interpreter_enabled, next_power_of_2
+from splitserve.kernels.backend import dot_precision, interpreter_enabled, next_power_of_2
 from splitserve.kernels.errors import KernelArgumentError
 
 LOG2E = 1.4426950408889634
@@ -45,7 +45,7 @@ def _paged_prefill_kernel(
     Out_stride_t, Out_stride_h, Out_stride_d,
     num_seqs, page_size, head_dim,
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head = tl.program_id(1)
@@ -101,7 +101,7 @@ def _paged_prefill_kernel(
         k = tl.load(KV_ptr + kv_offsets, mask=kv_mask, other=0.0)
         if DOT_IN_FP32:
             k = k.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k)) * qk_scale_log2
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         causal = (pos[None, :] <= q_pos[:, None]) & pos_mask[None, :]
         scores = tl.where(causal, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -112,7 +112,7 @@ def _paged_prefill_kernel(
         v = tl.load(KV_ptr + KV_stride_kv + kv_offsets, mask=kv_mask, other=0.0)
         if DOT_IN_FP32:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -160,6 +160,7 @@ def paged_prefill_attention(
         num_seqs, page_size, head_dim,
         GROUP_SIZE=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=32,
         BLOCK_D=block_d, DOT_IN_FP32=dot_in_fp32,
+        DOT_PRECISION=dot_precision(q.dtype),
     )
     return out
 
@@ -189,8 +190,8 @@ def ref_paged_prefill_attention(
         k = k.repeat_interleave(group_size, dim=1)
         v = v.repeat_interleave(group_size, dim=1)
         scores = torch.einsum("thd,shd->hts", q[q_start:q_end].float(), k) * scale
-        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
-        visible = torch.arange(seq_len).unsqueeze(0) <= q_pos  # [q_len, seq_len]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+        visible = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [q_len, seq_len]
         scores = scores.masked_fill(~visible, float("-inf"))
         out[q_start:q_end] = torch.einsum("hts,shd->thd", scores.softmax(-1), v).to(q.dtype)
     return out
