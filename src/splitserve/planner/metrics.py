@@ -19,13 +19,12 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 
-import grpc
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from splitserve.control.auth import REFUSAL_CODES, refusal_label
+from splitserve.control.refusals import RefusalCounter
 from splitserve.planner.model import Mode, Role
 from splitserve.planner.runner import PlannerRunner
 
@@ -84,15 +83,8 @@ class PlannerMetrics:
     def __init__(self, runner: PlannerRunner) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_RunnerCollector(runner))
-        self.refusals = Counter(PREFIX + "auth_refusals", "gRPC calls refused by auth, by "
-                                "code (unauthenticated, permission_denied)", ["code"],
-                                registry=self.registry)
-        for code in REFUSAL_CODES:
-            self.refusals.labels(refusal_label(code))
+        self.refused = RefusalCounter(PREFIX + "auth_refusals", self.registry)
         self._site_runner: web.AppRunner | None = None
-
-    def refused(self, code: grpc.StatusCode) -> None:
-        self.refusals.labels(refusal_label(code)).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

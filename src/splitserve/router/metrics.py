@@ -13,12 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import fields
 
-import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from splitserve.control.auth import REFUSAL_CODES, refusal_label
+from splitserve.control.refusals import RefusalCounter
 from splitserve.router.forward import ForwardCounters, Forwarder
 
 PREFIX = "splitserve:router_"
@@ -54,15 +53,10 @@ class RouterMetrics:
                               "Request received to first token, as the router's clients see it",
                               ["model_name"], buckets=TTFT_BUCKETS_S, registry=self.registry)
         self.model_name = model_name
-        self.refusals = Counter(f"{PREFIX}auth_refusals", "Calls refused by auth (HTTP 401/403, "
-                                "gRPC), by code (unauthenticated, permission_denied)",
-                                ["code"], registry=self.registry)
-        for code in REFUSAL_CODES:
-            self.refusals.labels(refusal_label(code))
+        self.refused = RefusalCounter(
+            f"{PREFIX}auth_refusals", self.registry, "Calls refused by auth (HTTP 401/403, "
+            "gRPC), by code (unauthenticated, permission_denied)")
         self.registry.register(_State(forwarder))
-
-    def refused(self, code: grpc.StatusCode) -> None:
-        self.refusals.labels(refusal_label(code)).inc()
 
     def first_token(self, seconds: float) -> None:
         self.ttft.labels(self.model_name).observe(seconds)

@@ -24,12 +24,11 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from splitserve.control.auth import REFUSAL_CODES, refusal_label
+from splitserve.control.refusals import RefusalCounter
 from splitserve.engine.stats import EngineStats
 
 log = logging.getLogger(__name__)
@@ -119,19 +118,14 @@ class RequestMetrics:
         self.generation_tokens = counter("generation_tokens", "Generated tokens").labels(m)
         self._success = counter("request_success", "Finished requests by finish reason",
                                 ("finished_reason",))
-        self._refusals = counter("auth_refusals", "gRPC calls refused by auth, by status "
-                                 "code (unauthenticated, permission_denied)", ("code",))
+        self.refused = RefusalCounter(PREFIX + "auth_refusals", self.registry,
+                                      model_name=model_name)
         for path in PREFILL_PATHS:  # known label values start at 0, not absent
             self.prefill_time(path)
-        for code in REFUSAL_CODES:
-            self._refusals.labels(m, refusal_label(code))
         self.registry.register(_StateCollector(model_name, state))
 
     def prefill_time(self, path: str) -> Histogram:
         return self._prefill.labels(self.model_name, path)
-
-    def refused(self, code: grpc.StatusCode) -> None:
-        self._refusals.labels(self.model_name, refusal_label(code)).inc()
 
     def finished(self, reason: str, num_prompt_tokens: int, num_output_tokens: int) -> None:
         self._success.labels(self.model_name, reason).inc()
