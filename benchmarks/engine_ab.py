@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import importlib
 import json
 import os
@@ -77,8 +78,11 @@ def make_engine(pkg: str, dtype: str, batch_size: int):  # type: ignore[no-untyp
     loader = importlib.import_module(f"{pkg}.model.loader")
     kv_pool: ModuleType = importlib.import_module(f"{pkg}.engine.kv_pool")
     loaded = loader.load_model(dtype=kv_pool.dtype_from_name(dtype))
+    # a base without kv_prefault faults its pool in during the run (as it did then)
+    prefault = ({"kv_prefault": "sync"} if "kv_prefault" in {
+        f.name for f in dataclasses.fields(schema.EngineConfig)} else {})
     config = schema.EngineConfig(max_num_seqs=batch_size, kv_cache_memory_mb=2048,
-                                 enable_prefix_cache=False, dtype=dtype)
+                                 enable_prefix_cache=False, dtype=dtype, **prefault)
     return engine_mod.Engine(loaded, config), importlib.import_module(f"{pkg}.engine.sampling")
 
 

@@ -51,8 +51,11 @@ def run_splitserve(loaded, work, batch_size: int,  # type: ignore[no-untyped-def
     from splitserve.engine.llm_engine import Engine
     from splitserve.engine.sampling import SamplingParams
 
+    # kv_prefault "sync": the pool is faulted in before the clock starts, as vLLM and
+    # transformers allocate theirs zeroed (the default does it in the background)
     engine = Engine(loaded, EngineConfig(max_num_seqs=batch_size, kv_cache_memory_mb=2048,
-                                         enable_prefix_cache=False, dtype=dtype))
+                                         enable_prefix_cache=False, dtype=dtype,
+                                         kv_prefault="sync"))
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in work]
     engine.generate([work[0][0]], params[0])  # warm-up
     t0 = time.perf_counter()

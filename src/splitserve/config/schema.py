@@ -42,6 +42,11 @@ class EngineConfig:
     max_prefill_chunk_tokens: int | None = 128
     max_model_len: int | None = None  # None = the model's context length
     enable_prefix_cache: bool = True
+    # Fault the KV pool's memory in at start (engine/kv_pool.py `prefault`): in a
+    # background thread while the engine already serves (default), before the engine
+    # is ready ("sync": what benchmarks against engines that zero their cache at start
+    # use), or never ("off": the first writes to each page fault instead).
+    kv_prefault: Literal["background", "sync", "off"] = "background"
     # auto: Triton kernels on CUDA, plain torch on CPU
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from splitserve.errors import ConfigError
 log = logging.getLogger(__name__)
 
 _HUGE_PAGE_BYTES = 2 << 20
+_MADV_POPULATE_WRITE = 23  # <sys/mman.h>, Linux 5.14+ (not in Python's mmap module)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,6 +87,33 @@ class KVPool:
                                            offset=offset).view(geometry.dtype).view(shape)
         else:
             self.tensor = torch.zeros(shape, dtype=geometry.dtype, device=device)
+
+    def prefault(self, chunk_bytes: int = 64 << 20) -> int:
+        """Fault the CPU pool's memory in now; the bytes populated (0: not supported).
+
+        A pool is mapped lazily: the first write to each of its pages faults and the
+        kernel zeroes the page (2 MiB with huge pages: ~2.5 ms each on this project's VM,
+        i.e. ~1.3 s per GiB), in the middle of a step's KV store, so the first pass of
+        requests over the pool paid it in their latency (a prefill step's store 0.6 ms
+        instead of 0.03). `MADV_POPULATE_WRITE` (Linux 5.14+) does the faulting without
+        touching the contents, so it may run while the engine serves; it is issued per
+        chunk through ctypes, which releases the GIL.
+        """
+        if self._buffer is None:  # torch.zeros on an accelerator: already populated
+            return 0
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = ctypes.addressof(ctypes.c_char.from_buffer(self._buffer))
+        end = start + len(self._buffer)
+        done = 0
+        for chunk in range(start, end, chunk_bytes):
+            length = min(chunk_bytes, end - chunk)
+            if libc.madvise(ctypes.c_void_p(chunk), ctypes.c_size_t(length),
+                            _MADV_POPULATE_WRITE) != 0:
+                log.info("KV pool: not prefaulted (madvise: %s)",
+                         os.strerror(ctypes.get_errno()))
+                break
+            done += length
+        return done
 
     @staticmethod
     def num_pages_for_budget(geometry: PageGeometry, memory_bytes: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
@@ -56,6 +57,10 @@ class Engine:
             self.geometry, config.kv_cache_memory_mb << 20)
         device = loaded.model.embed_tokens.weight.device
         self.pool = KVPool(self.geometry, num_pages, device)
+        if config.kv_prefault == "sync":
+            self.pool.prefault()
+        elif config.kv_prefault == "background":
+            threading.Thread(target=self.pool.prefault, name="kv-prefault", daemon=True).start()
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs,
                                    config.max_num_batched_tokens,
