@@ -1,4 +1,4 @@
-"""The native decode attention against the plain-torch path it replaces (fp32 KV on CPU)."""
+"""The native decode attention against the plain-torch path it replaces (KV on CPU)."""
 
 from __future__ import annotations
 
@@ -50,8 +50,28 @@ def test_native_decode_matches_torch_path(paged_decode, page_size, num_heads, nu
         assert (got.float() - ref.float()).abs().max().item() <= tol
 
 
-def test_fp32_engine_attention_uses_native_decode(paged_decode) -> None:
+def test_engine_attention_uses_native_decode(paged_decode) -> None:
     pool = KVPool(PageGeometry(4, 1, 2, 8, torch.float32), 4)
     assert TorchPagedAttention(pool, 1.0)._native_decode is paged_decode
     bf16_pool = KVPool(PageGeometry(4, 1, 2, 8, torch.bfloat16), 4)
-    assert TorchPagedAttention(bf16_pool, 1.0)._native_decode is None
+    assert TorchPagedAttention(bf16_pool, 1.0)._native_decode is paged_decode
+
+
+def test_bf16_decode_of_one_length_stays_on_sdpa(paged_decode) -> None:
+    """bf16: sequences of different lengths go to the native op; of one length (a lone
+    one above all) to unmasked SDPA, bit for bit the torch path (transformers' roundings)."""
+    g = torch.Generator().manual_seed(7)
+    pool = KVPool(PageGeometry(4, 1, 2, 16, torch.bfloat16), 12)
+    pool.tensor.copy_(torch.randn(pool.tensor.shape, generator=g).to(torch.bfloat16))
+    attention = TorchPagedAttention(pool, 0.25)
+    calls = []
+    attention._native_decode = lambda *args: calls.append(args) or paged_decode(*args)
+    torch_only = TorchPagedAttention(pool, 0.25, native_decode=False)
+    q = torch.randn(2, 6, 16, generator=g).to(torch.bfloat16)
+    tables = torch.tensor([[3, 7, 1], [5, 0, 9]])
+    same = _group(tables, [10, 10], 4)
+    same = DecodeGroup(same.rows, tables, same.seq_lens, same.page_ids, 10, None)
+    assert torch.equal(attention.decode(0, q, same), torch_only.decode(0, q, same))
+    assert calls == []
+    attention.decode(0, q, _group(tables, [10, 7], 4))
+    assert len(calls) == 1

@@ -80,19 +80,24 @@ class BatchLayout:
 
 
 class TorchPagedAttention:
-    """Paged attention in the KV dtype: torch ops, and the native decode op for fp32."""
+    """Paged attention in the KV dtype: torch ops, and the native decode op."""
 
     def __init__(self, pool: KVPool, scale: float, native_decode: bool = True) -> None:
         self.pool = pool
         self.page_size = pool.geometry.page_size
         self.scale = scale
-        # fp32 KV on a CPU: the native kernel reads the pages in place (16 sequences ×
-        # 160 tokens, SmolLM2 geometry, 1 thread: 0.95 vs 2.0 ms per layer with the copy
-        # and SDPA). bf16 stays on SDPA: faster there (0.75 vs 0.93 ms), and its
-        # roundings are the ones transformers' bf16 path makes.
+        # On a CPU the native kernel reads the pages in place (fp32, 16 sequences × 160
+        # tokens, SmolLM2 geometry, 1 thread: 0.95 vs 2.0 ms per layer with the copy and
+        # SDPA). fp32: every decode batch. bf16: batches of sequences of different
+        # lengths, one call instead of SDPA per length bucket, with fp32 math and one
+        # rounding (engine benchmark 241 -> 261 tok/s, 2 rounds); sequences of one
+        # length (a lone one above all) stay on unmasked SDPA, whose roundings are the
+        # ones transformers' bf16 path makes (greedy parity; the native op parts from
+        # it after a few tokens, as SDPA's masked path already did in such batches).
         self._native_decode = None
+        self._native_for_all = pool.geometry.dtype == torch.float32
         if (native_decode and pool.tensor.device.type == "cpu"
-                and pool.geometry.dtype == torch.float32):
+                and pool.geometry.dtype in (torch.float32, torch.bfloat16)):
             self._native_decode = load_paged_decode()
 
     @property
@@ -125,7 +130,7 @@ class TorchPagedAttention:
         SmolLM2 geometry: 59 vs 114 ms over 30 layers).
         """
         kv = self.pool.layer_view(layer)
-        if self._native_decode is not None:
+        if self._native_decode is not None and (self._native_for_all or group.mask is not None):
             return self._native_decode(q, kv, group.block_tables, group.seq_lens,
                                        self.scale).to(q.dtype)
         num_seqs = group.block_tables.shape[0]
