@@ -3,7 +3,10 @@
 // One query token per sequence attends over its first seq_lens[b] tokens, read from
 // the pages named by its block table: no copy of K/V, math in fp32, one rounding of
 // the output to the KV dtype. Work is split over (sequence, KV head) pairs; the
-// query heads of a KV head's group share each K/V row read.
+// query heads of a KV head's group share each K/V row read. The common head sizes and
+// group sizes are compiled as constants, which lets the compiler keep the group's
+// queries in registers and unroll the row loops (SmolLM2's 64 and 3, 16 sequences of
+// 100-400 tokens, 2 threads: fp32 458 -> 299 us, bf16 283 -> 193 us per call, same bits).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -29,12 +32,15 @@ inline void load_row(const scalar_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
-template <typename scalar_t>
+// kHeadDim, kGroup: the head size and query heads per KV head, or 0 (read at run time)
+template <typename scalar_t, int64_t kHeadDim, int64_t kGroup>
 void decode_kernel(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& tables,
                    const torch::Tensor& lens, torch::Tensor& out, double scale) {
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1);
+  const int64_t head_dim = kHeadDim > 0 ? kHeadDim : q.size(2);
   const int64_t num_kv_heads = kv.size(3), page_size = kv.size(2);
-  const int64_t group = num_heads / num_kv_heads, width = tables.size(1);
+  const int64_t group = kGroup > 0 ? kGroup : num_heads / num_kv_heads;
+  const int64_t width = tables.size(1);
   const scalar_t* q_ptr = q.data_ptr<scalar_t>();
   const scalar_t* kv_ptr = kv.data_ptr<scalar_t>();
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
@@ -102,6 +108,29 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& kv, const torch:
   });
 }
 
+template <typename scalar_t, int64_t kHeadDim>
+void by_group(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& tables,
+              const torch::Tensor& lens, torch::Tensor& out, double scale) {
+  switch (q.size(1) / kv.size(3)) {
+    case 1: return decode_kernel<scalar_t, kHeadDim, 1>(q, kv, tables, lens, out, scale);
+    case 2: return decode_kernel<scalar_t, kHeadDim, 2>(q, kv, tables, lens, out, scale);
+    case 3: return decode_kernel<scalar_t, kHeadDim, 3>(q, kv, tables, lens, out, scale);
+    case 4: return decode_kernel<scalar_t, kHeadDim, 4>(q, kv, tables, lens, out, scale);
+    case 8: return decode_kernel<scalar_t, kHeadDim, 8>(q, kv, tables, lens, out, scale);
+    default: return decode_kernel<scalar_t, kHeadDim, 0>(q, kv, tables, lens, out, scale);
+  }
+}
+
+template <typename scalar_t>
+void by_shape(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& tables,
+              const torch::Tensor& lens, torch::Tensor& out, double scale) {
+  switch (q.size(2)) {
+    case 64: return by_group<scalar_t, 64>(q, kv, tables, lens, out, scale);
+    case 128: return by_group<scalar_t, 128>(q, kv, tables, lens, out, scale);
+    default: return decode_kernel<scalar_t, 0, 0>(q, kv, tables, lens, out, scale);
+  }
+}
+
 }  // namespace
 
 // q [B, H, D]; kv: one layer's view [P, 2, page_size, KVH, D] (any strides, last dim
@@ -115,10 +144,10 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor bloc
   seq_lens = seq_lens.contiguous();
   auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   if (kv.scalar_type() == torch::kBFloat16) {
-    decode_kernel<c10::BFloat16>(q, kv, block_tables, seq_lens, out, scale);
+    by_shape<c10::BFloat16>(q, kv, block_tables, seq_lens, out, scale);
   } else {
     TORCH_CHECK(kv.scalar_type() == torch::kFloat32, "kv must be float32 or bfloat16");
-    decode_kernel<float>(q, kv, block_tables, seq_lens, out, scale);
+    by_shape<float>(q, kv, block_tables, seq_lens, out, scale);
   }
   return out;
 }
