@@ -113,6 +113,10 @@ async def test_policy_is_versioned_with_compare_and_set(nats_conn: BrokerConnect
         await store.put("routing.thresholds", f"v{i}".encode())
     history = await store.history("routing.thresholds")
     assert [e.value for e in history] == [b"v3", b"v4", b"v5"]  # policy_history = 3
+    assert [e.revision for e in history] == sorted(e.revision for e in history)
+    assert await store.history("routing.never_written") == []
+    await store.delete("routing.thresholds")
+    assert [e.value for e in await store.history("routing.thresholds")] == [b"v4", b"v5", None]
 
     with pytest.raises(InvalidKVValue):
         await store.put("routing thresholds", b"x")

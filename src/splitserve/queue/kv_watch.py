@@ -100,6 +100,34 @@ async def read_bucket(kv: KeyValue, keys: str = ">", timeout_s: float = 10.0
     return entries
 
 
+async def read_history(kv: KeyValue, key: str, timeout_s: float = 10.0) -> list[KVEvent]:
+    """Every kept revision of `key`, oldest first (deletes as value None; [] : none).
+    The client's own `history` ends at its "caught up" marker, which can come before
+    the entries (see `read_bucket`; seen in CI under load: [] for a key with 5
+    revisions), so this pass ends at the entry with nothing pending after it; a marker
+    ends it only when nothing arrives within a second of it (a key without entries)."""
+    watcher = await kv.watch(key, include_history=True)
+    history: list[KVEvent] = []
+    marker_seen = False
+    try:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=1.0 if marker_seen else timeout_s)
+            except nats.errors.TimeoutError:
+                if marker_seen:
+                    return history
+                raise
+            if entry is None:
+                marker_seen = True  # maybe early: the entries may still be on their way
+                continue
+            history.append(KVEvent(key=key, value=None if is_tombstone(entry) else entry.value,
+                                   revision=int(entry.revision or 0), initial=True))
+            if not entry.delta:
+                return history
+    finally:
+        await watcher.stop()
+
+
 async def restarting_watch(broker: BrokerConnection, open_watch: Callable[[], AsyncIterator[E]],
                            what: str, retry_s: float = 1.0) -> AsyncIterator[E | None]:
     """The events of `open_watch()`, never ending: a fresh watch after an error and as

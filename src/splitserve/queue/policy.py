@@ -19,7 +19,6 @@ from nats.js.errors import (
     BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
 )
 from nats.js.kv import KeyValue
 
@@ -27,8 +26,8 @@ from splitserve.queue.connection import BrokerConnection
 from splitserve.queue.errors import InvalidKVValue, PolicyBucketMissing, PolicyConflict
 from splitserve.queue.kv_watch import (
     KVEvent,
-    is_tombstone,
     read_bucket,
+    read_history,
     restarting_watch,
     watch_bucket,
 )
@@ -122,12 +121,7 @@ class PolicyStore:
 
     async def history(self, key: str) -> list[PolicyEntry]:
         """Past revisions of `key`, oldest first (at most `policy_history`)."""
-        try:
-            entries = await self._kv.history(validate_policy_key(key))
-        except NoKeysError:
-            return []
-        return [KVEvent(key=key, value=None if is_tombstone(e) else e.value,
-                        revision=int(e.revision or 0), initial=True) for e in entries]
+        return await read_history(self._kv, validate_policy_key(key))
 
     async def watch(self, keys: str = ">", *, deleted_in_snapshot: bool = False
                     ) -> AsyncIterator[PolicyEntry]:
