@@ -60,41 +60,48 @@ async def watch_bucket(kv: KeyValue, keys: str = ">", *, deleted_in_snapshot: bo
         await watcher.stop()
 
 
+async def _one_pass(watcher: KeyValue.KeyWatcher, timeout_s: float,
+                    marker_ends: Callable[[], bool]) -> AsyncIterator[KeyValue.Entry]:
+    """The entries a fresh watcher delivers in its first pass, up to the one with nothing
+    pending after it (`delta` 0). The client's "caught up" marker (None) can come before
+    the entries: it decides from the consumer's pending count, which is 0 once
+    everything is on its way to us, even when nothing has been processed yet (seen here
+    under load: `list()` answered {} for a bucket of 2 keys, `history` [] for a key of
+    5 revisions). So a marker ends the pass only when `marker_ends()` says so, or when
+    nothing more arrives within a second of it (nothing matches)."""
+    marker_seen = False
+    while True:
+        try:
+            entry = await watcher.updates(timeout=1.0 if marker_seen else timeout_s)
+        except nats.errors.TimeoutError:
+            if marker_seen:
+                return
+            raise
+        if entry is None:
+            if marker_ends():
+                return
+            marker_seen = True  # maybe early: the entries may still be on their way
+            continue
+        yield entry
+        if not entry.delta:
+            return
+
+
 async def read_bucket(kv: KeyValue, keys: str = ">", timeout_s: float = 10.0
                       ) -> dict[str, KVEvent]:
-    """The live entries matching `keys` now (one pass, no waiting for changes).
-
-    The client's "caught up" marker (None) can come before the entries: it decides from
-    the consumer's pending count, which is 0 once everything is on its way to us, even
-    when nothing has been processed yet (seen here under load: `list()` answered {}
-    for a bucket of 2 keys). So the pass ends at the entry with nothing pending after
-    it (`delta` 0); a marker ends it only when the stream is empty, or nothing more
-    arrives within a second of it (a `keys` pattern that matches nothing).
-    """
+    """The live entries matching `keys` now (one pass, no waiting for changes); a marker
+    ends the pass at once when the stream is empty or entries came before it."""
     expect_entries = (await kv.status()).stream_info.state.messages > 0
     watcher = await kv.watch(keys)
     entries: dict[str, KVEvent] = {}
-    marker_seen = False
     try:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=1.0 if marker_seen else timeout_s)
-            except nats.errors.TimeoutError:
-                if marker_seen:
-                    break
-                raise
-            if entry is None:
-                if not expect_entries or entries:
-                    break
-                marker_seen = True  # maybe early: the entries may still be on their way
-                continue
+        async for entry in _one_pass(watcher, timeout_s,
+                                     lambda: not expect_entries or bool(entries)):
             if is_tombstone(entry):
                 entries.pop(entry.key, None)
             else:
                 entries[entry.key] = KVEvent(key=entry.key, value=entry.value,
                                              revision=int(entry.revision or 0), initial=True)
-            if not entry.delta:
-                break
     finally:
         await watcher.stop()
     return entries
@@ -102,28 +109,12 @@ async def read_bucket(kv: KeyValue, keys: str = ">", timeout_s: float = 10.0
 
 async def read_history(kv: KeyValue, key: str, timeout_s: float = 10.0) -> list[KVEvent]:
     """Every kept revision of `key`, oldest first (deletes as value None; [] : none).
-    The client's own `history` ends at its "caught up" marker, which can come before
-    the entries (see `read_bucket`; seen in CI under load: [] for a key with 5
-    revisions), so this pass ends at the entry with nothing pending after it; a marker
-    ends it only when nothing arrives within a second of it (a key without entries)."""
+    Not the client's own `history`, which ends at the marker (see `_one_pass`)."""
     watcher = await kv.watch(key, include_history=True)
-    history: list[KVEvent] = []
-    marker_seen = False
     try:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=1.0 if marker_seen else timeout_s)
-            except nats.errors.TimeoutError:
-                if marker_seen:
-                    return history
-                raise
-            if entry is None:
-                marker_seen = True  # maybe early: the entries may still be on their way
-                continue
-            history.append(KVEvent(key=key, value=None if is_tombstone(entry) else entry.value,
-                                   revision=int(entry.revision or 0), initial=True))
-            if not entry.delta:
-                return history
+        return [KVEvent(key=key, value=None if is_tombstone(e) else e.value,
+                        revision=int(e.revision or 0), initial=True)
+                async for e in _one_pass(watcher, timeout_s, lambda: False)]
     finally:
         await watcher.stop()
 
