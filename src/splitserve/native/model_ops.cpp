@@ -34,11 +34,12 @@ extern "C" __m512 Sleef_expf16_u10(__m512);
 
 namespace {
 
+using splitserve::raw;
+using splitserve::RawOf;
 using splitserve::rounded;
 using splitserve::store_as;
 using splitserve::to_float;
 
-constexpr int kMaxLanes = 16;
 constexpr int kIlp = 4;      // groups of 4 items summed side by side
 constexpr int kLevels = 4;   // partial sums folded into the next level every 2^power rows
 
@@ -49,25 +50,26 @@ int64_t ceil_log2(int64_t x) {
   return bits;
 }
 
-// Sum of `num_items` items of `width` floats (item i at x + i*width), kept per lane in
-// out[width]: items are taken kIlp at a time into kIlp partial sums, which are folded
-// into level 1, 2, 3 as rows complete, then the leftover items go to partial 0 and the
-// partials are added in order.
-void row_sum(const float* x, int64_t num_items, int width, float* out) {
-  float acc[kLevels][kIlp][kMaxLanes] = {};
+// Sum of `num_items` items of W floats (item i at x + i*W), kept per lane in out[W]:
+// items are taken kIlp at a time into kIlp partial sums, which are folded into level
+// 1, 2, 3 as rows complete, then the leftover items go to partial 0 and the partials
+// are added in order.
+template <int W>
+void row_sum(const float* x, int64_t num_items, float* out) {
+  float acc[kLevels][kIlp][W] = {};
   const int64_t rows = num_items / kIlp;
   const int64_t power = std::max<int64_t>(4, ceil_log2(rows) / kLevels);
   const int64_t step = int64_t(1) << power, mask = step - 1;
   auto add_row = [&](int64_t r) {
     for (int k = 0; k < kIlp; ++k)
-      for (int l = 0; l < width; ++l) acc[0][k][l] += x[(r * kIlp + k) * width + l];
+      for (int l = 0; l < W; ++l) acc[0][k][l] += x[(r * kIlp + k) * W + l];
   };
   int64_t r = 0;
   while (r + step <= rows) {
     for (int64_t j = 0; j < step; ++j, ++r) add_row(r);
     for (int lv = 1; lv < kLevels; ++lv) {
       for (int k = 0; k < kIlp; ++k)
-        for (int l = 0; l < width; ++l) {
+        for (int l = 0; l < W; ++l) {
           acc[lv][k][l] += acc[lv - 1][k][l];
           acc[lv - 1][k][l] = 0.f;
         }
@@ -77,45 +79,58 @@ void row_sum(const float* x, int64_t num_items, int width, float* out) {
   for (; r < rows; ++r) add_row(r);
   for (int lv = 1; lv < kLevels; ++lv)
     for (int k = 0; k < kIlp; ++k)
-      for (int l = 0; l < width; ++l) acc[0][k][l] += acc[lv][k][l];
+      for (int l = 0; l < W; ++l) acc[0][k][l] += acc[lv][k][l];
   for (int64_t i = rows * kIlp; i < num_items; ++i)
-    for (int l = 0; l < width; ++l) acc[0][0][l] += x[i * width + l];
+    for (int l = 0; l < W; ++l) acc[0][0][l] += x[i * W + l];
   for (int k = 1; k < kIlp; ++k)
-    for (int l = 0; l < width; ++l) acc[0][0][l] += acc[0][k][l];
-  for (int l = 0; l < width; ++l) out[l] = acc[0][0][l];
+    for (int l = 0; l < W; ++l) acc[0][0][l] += acc[0][k][l];
+  for (int l = 0; l < W; ++l) out[l] = acc[0][0][l];
 }
 
-// The sum of a contiguous row of n floats as ATen adds it with `lanes`-wide vectors
-float aten_sum(const float* x, int64_t n, int lanes) {
-  float part[kMaxLanes];
-  if (n < lanes) {  // too short for a vector: the same cascade over single floats
-    row_sum(x, n, 1, part);
+// The sum of a contiguous row of n floats as ATen adds it with W-wide vectors
+template <int W>
+float aten_sum(const float* x, int64_t n) {
+  float part[W];
+  if (n < W) {  // too short for a vector: the same cascade over single floats
+    row_sum<1>(x, n, part);
     return part[0];
   }
-  const int64_t num_vectors = n / lanes;
-  row_sum(x, num_vectors, lanes, part);
+  const int64_t num_vectors = n / W;
+  row_sum<W>(x, num_vectors, part);
   float total = 0.f;
-  for (int64_t i = num_vectors * lanes; i < n; ++i) total += x[i];
-  for (int l = 0; l < lanes; ++l) total += part[l];
+  for (int64_t i = num_vectors * W; i < n; ++i) total += x[i];
+  for (int l = 0; l < W; ++l) total += part[l];
   return total;
+}
+
+float aten_sum(const float* x, int64_t n, int lanes) {
+  switch (lanes) {
+    case 4: return aten_sum<4>(x, n);
+    case 8: return aten_sum<8>(x, n);
+    default: return aten_sum<16>(x, n);
+  }
 }
 
 // One row: [r = x + residual, stored in residual;] out = w * round(r * rsqrt(mean(r^2) + eps))
 template <typename T>
 void norm_row(const T* x, T* residual, const T* w, T* out, int64_t n, float eps, int lanes,
               float* r32, float* sq) {
-  for (int64_t i = 0; i < n; ++i) {
-    float r = to_float(x[i]);
-    if (residual != nullptr) {
-      const T sum = store_as<T>(r + to_float(residual[i]));
+  if (residual != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T sum = store_as<T>(to_float(x[i]) + to_float(residual[i]));
       residual[i] = sum;
-      r = to_float(sum);
+      r32[i] = to_float(sum);
     }
-    r32[i] = r;
-    sq[i] = r * r;
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) r32[i] = to_float(x[i]);
   }
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) sq[i] = r32[i] * r32[i];
   const float var = aten_sum(sq, n, lanes) / static_cast<float>(n);
   const float inv = 1.f / std::sqrt(var + eps);
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i)
     out[i] = store_as<T>(to_float(w[i]) * rounded<T>(r32[i] * inv));
 }
@@ -123,17 +138,18 @@ void norm_row(const T* x, T* residual, const T* w, T* out, int64_t n, float eps,
 template <typename T>
 void norm_rows(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
                const torch::Tensor& w, torch::Tensor& out, double eps, int64_t lanes) {
+  using R = typename RawOf<T>::type;
   const int64_t rows = x.size(0), n = x.size(1);
-  const T* xp = x.data_ptr<T>();
-  T* rp = residual ? residual->data_ptr<T>() : nullptr;
-  const T* wp = w.data_ptr<T>();
-  T* op = out.data_ptr<T>();
+  const R* xp = raw<T>(x);
+  R* rp = residual ? raw<T>(*residual) : nullptr;
+  const R* wp = raw<T>(w);
+  R* op = raw<T>(out);
   const float feps = static_cast<float>(eps);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> r32(n), sq(n);
     for (int64_t t = begin; t < end; ++t)
-      norm_row<T>(xp + t * n, rp ? rp + t * n : nullptr, wp, op + t * n, n, feps,
+      norm_row<R>(xp + t * n, rp ? rp + t * n : nullptr, wp, op + t * n, n, feps,
                   static_cast<int>(lanes), r32.data(), sq.data());
   });
 }
@@ -149,7 +165,7 @@ void check_rows(const torch::Tensor& t, const char* name) {
 torch::Tensor rms_norm(const torch::Tensor& x, c10::optional<torch::Tensor> residual,
                        const torch::Tensor& w, double eps, int64_t lanes) {
   check_rows(x, "x");
-  TORCH_CHECK(lanes >= 1 && lanes <= kMaxLanes, "lanes must be 1..16");
+  TORCH_CHECK(lanes == 4 || lanes == 8 || lanes == 16, "lanes must be 4, 8 or 16");
   TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous() &&
                   w.scalar_type() == x.scalar_type(), "weight must be [H] in x's dtype");
   if (residual) {
@@ -170,25 +186,32 @@ torch::Tensor rms_norm(const torch::Tensor& x, c10::optional<torch::Tensor> resi
 template <typename T>
 void rope_rows(const torch::Tensor& qk, const torch::Tensor& cos, const torch::Tensor& sin,
                torch::Tensor& out) {
+  using R = typename RawOf<T>::type;
   const int64_t tokens = qk.size(0), heads = qk.size(1), d = qk.size(2), half = d / 2;
   const int64_t s0 = qk.stride(0), s1 = qk.stride(1);
-  const T* x = qk.data_ptr<T>();
-  const T* c = cos.data_ptr<T>();
-  const T* s = sin.data_ptr<T>();
-  T* o = out.data_ptr<T>();
+  const R* x = raw<T>(qk);
+  const R* c = raw<T>(cos);
+  const R* s = raw<T>(sin);
+  R* o = raw<T>(out);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(heads * d, 1));
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const T* ct = c + t * d;
-      const T* st = s + t * d;
+      const R* ct = c + t * d;
+      const R* st = s + t * d;
       for (int64_t h = 0; h < heads; ++h) {
-        const T* xh = x + t * s0 + h * s1;
-        T* oh = o + (t * heads + h) * d;
-        for (int64_t j = 0; j < d; ++j) {
-          const float rot = j < half ? -to_float(xh[j + half]) : to_float(xh[j - half]);
-          const float a = rounded<T>(to_float(xh[j]) * to_float(ct[j]));
-          const float b = rounded<T>(rot * to_float(st[j]));
-          oh[j] = store_as<T>(a + b);
+        const R* xh = x + t * s0 + h * s1;
+        R* oh = o + (t * heads + h) * d;
+#pragma omp simd
+        for (int64_t j = 0; j < half; ++j) {  // rotate_half: (-x2, x1)
+          const float a = rounded<R>(to_float(xh[j]) * to_float(ct[j]));
+          const float b = rounded<R>(-to_float(xh[j + half]) * to_float(st[j]));
+          oh[j] = store_as<R>(a + b);
+        }
+#pragma omp simd
+        for (int64_t j = half; j < d; ++j) {
+          const float a = rounded<R>(to_float(xh[j]) * to_float(ct[j]));
+          const float b = rounded<R>(to_float(xh[j - half]) * to_float(st[j]));
+          oh[j] = store_as<R>(a + b);
         }
       }
     }
@@ -233,19 +256,22 @@ void silu_row(const float* x, float* out, int64_t n, int64_t block) {
 template <typename T>
 void silu_mul_rows(const torch::Tensor& gate_up, torch::Tensor& out, int64_t vector_bytes) {
   const int64_t tokens = gate_up.size(0), inter = gate_up.size(1) / 2;
+  using R = typename RawOf<T>::type;
   const int64_t block = 2 * vector_bytes / static_cast<int64_t>(sizeof(T));
-  const T* g = gate_up.data_ptr<T>();
-  T* o = out.data_ptr<T>();
+  const R* g = raw<T>(gate_up);
+  R* o = raw<T>(out);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(inter, 1));
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> x(inter), s(inter);
     for (int64_t t = begin; t < end; ++t) {
-      const T* gt = g + t * 2 * inter;
-      const T* ut = gt + inter;
+      const R* gt = g + t * 2 * inter;
+      const R* ut = gt + inter;
+#pragma omp simd
       for (int64_t i = 0; i < inter; ++i) x[i] = to_float(gt[i]);
       silu_row(x.data(), s.data(), inter, block);
+#pragma omp simd
       for (int64_t i = 0; i < inter; ++i)
-        o[t * inter + i] = store_as<T>(rounded<T>(s[i]) * to_float(ut[i]));
+        o[t * inter + i] = store_as<R>(rounded<R>(s[i]) * to_float(ut[i]));
     }
   });
 }
