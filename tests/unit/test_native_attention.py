@@ -41,7 +41,7 @@ def test_native_decode_matches_torch_path(paged_decode, page_size, num_heads, nu
     width = max(-(-n // page_size) for n in lens)
     tables = torch.randperm(41, generator=g)[: len(lens) * width].view(len(lens), width)
     q = torch.randn(len(lens), num_heads, head_dim, generator=g).to(dtype)
-    reference = TorchPagedAttention(pool, head_dim**-0.5, native_decode=False)
+    reference = TorchPagedAttention(pool, head_dim**-0.5, native=False)
     for layer in range(3):
         ref = reference.decode(layer, q.float() if dtype == torch.bfloat16 else q,
                                _group(tables, lens, page_size))
@@ -70,7 +70,7 @@ def test_bf16_decode_of_one_length_stays_on_sdpa(paged_decode) -> None:
     attention = TorchPagedAttention(pool, 0.25)
     calls = []
     attention._native_decode = lambda *args: calls.append(args) or paged_decode(*args)
-    torch_only = TorchPagedAttention(pool, 0.25, native_decode=False)
+    torch_only = TorchPagedAttention(pool, 0.25, native=False)
     q = torch.randn(2, 6, 16, generator=g).to(torch.bfloat16)
     tables = torch.tensor([[3, 7, 1], [5, 0, 9]])
     same = _group(tables, [10, 10], 4)
@@ -79,3 +79,32 @@ def test_bf16_decode_of_one_length_stays_on_sdpa(paged_decode) -> None:
     assert calls == []
     attention.decode(0, q, _group(tables, [10, 7], 4))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_kv_store_matches_torch_path(paged_decode, dtype: torch.dtype) -> None:
+    """A step's K/V, handed over as strided views into the QKV output like the model
+    does, land in the same pool rows as the torch path's index_copy_ puts them."""
+    from splitserve.engine.attention import BatchLayout
+
+    g = torch.Generator().manual_seed(3)
+    geometry = PageGeometry(4, 2, 2, 8, dtype)
+    pools = [KVPool(geometry, 6), KVPool(geometry, 6)]
+    native, reference = TorchPagedAttention(pools[0], 1.0), TorchPagedAttention(pools[1], 1.0,
+                                                                                 native=False)
+    assert native._native_store is not None
+    slots = torch.tensor([5, 6, 7, 8, 21, 2, 13])  # page*4 + offset, in no order
+    layout = BatchLayout(slot_mapping=slots, kv_rows=native.kv_rows(slots), decode=[],
+                         prefill=[])
+    qkv = torch.randn(7, 6 * 8, generator=g).to(dtype)  # 2 Q heads, 2 K, 2 V
+    k = qkv[:, 16:32].view(7, 2, 8)
+    v = qkv[:, 32:].view(7, 2, 8)
+    for layer in (0, 1):
+        native.store_kv(layer, k, v, layout)
+        reference.store_kv(layer, k, v, layout)
+    assert torch.equal(pools[0].tensor, pools[1].tensor)
+    assert pools[0].tensor.abs().sum() > 0
+    bad = BatchLayout(slot_mapping=slots, kv_rows=layout.kv_rows + 10_000, decode=[],
+                      prefill=[])
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        native.store_kv(0, k, v, bad)

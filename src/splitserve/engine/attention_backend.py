@@ -26,7 +26,7 @@ class TritonPagedAttention(TorchPagedAttention):
     """Same interface as the torch path; the three hot operations run Triton kernels."""
 
     def __init__(self, pool: KVPool, scale: float) -> None:
-        super().__init__(pool, scale, native_decode=False)
+        super().__init__(pool, scale, native=False)
         from splitserve import kernels
 
         self._k = kernels

@@ -1,5 +1,7 @@
-// Decode attention over KV pages in place, for the CPU (splitserve.engine.native_attention).
+// The KV pages' native ops for the CPU (splitserve.engine.native_attention): decode
+// attention over the pages in place, and the store of a step's new K/V rows.
 //
+// Decode attention:
 // One query token per sequence attends over its first seq_lens[b] tokens, read from
 // the pages named by its block table: no copy of K/V, math in fp32, one rounding of
 // the output to the KV dtype. Work is split over (sequence, KV head) pairs; the
@@ -148,6 +150,42 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor bloc
   return out;
 }
 
+// Stores a step's new K and V into the pool: rows [R, C], the pool as rows of one
+// token's KVH*D values; k_rows, v_rows int64 [T]: the row of each token's K and of its
+// V; k, v [T, KVH, D] in the pool's dtype, heads adjacent, rows may be strided (views
+// into the QKV output). Two row copies per token instead of reshape copies plus two
+// index_copy_ calls.
+void store_kv(torch::Tensor rows, torch::Tensor k_rows, torch::Tensor v_rows,
+              torch::Tensor k, torch::Tensor v) {
+  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(), "rows must be a contiguous 2-D view");
+  const int64_t tokens = k.size(0), width = rows.size(1), num_rows = rows.size(0);
+  for (const auto* t : {&k, &v}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == tokens && t->size(1) * t->size(2) == width &&
+                    t->stride(2) == 1 && t->stride(1) == t->size(2),
+                "k and v must be [T, KVH, D] with adjacent heads, KVH*D = the row width");
+    TORCH_CHECK(t->scalar_type() == rows.scalar_type(), "k and v must be in the pool's dtype");
+  }
+  for (auto* r : {&k_rows, &v_rows}) {
+    TORCH_CHECK(r->scalar_type() == torch::kInt64 && r->dim() == 1 && r->size(0) == tokens,
+                "k_rows and v_rows must be int64 [T]");
+    *r = r->contiguous();
+    const int64_t* p = r->data_ptr<int64_t>();
+    for (int64_t t = 0; t < tokens; ++t)
+      TORCH_CHECK(p[t] >= 0 && p[t] < num_rows, "a K/V row is outside the pool");
+  }
+  const int64_t esize = rows.element_size(), row_bytes = width * esize;
+  char* base = static_cast<char*>(rows.data_ptr());
+  const auto copy = [&](const torch::Tensor& src, const torch::Tensor& dst_rows) {
+    const char* from = static_cast<const char*>(src.data_ptr());
+    const int64_t* to = dst_rows.data_ptr<int64_t>();
+    for (int64_t t = 0; t < tokens; ++t)
+      std::memcpy(base + to[t] * row_bytes, from + t * src.stride(0) * esize, row_bytes);
+  };
+  copy(k, k_rows);
+  copy(v, v_rows);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over KV pages in place");
+  m.def("store_kv", &store_kv, "store a step's new K/V rows into the pool");
 }
