@@ -41,6 +41,19 @@ def test_top_k_and_top_p_only_sample_allowed_tokens() -> None:
     assert sample(logits, [greedy], [gen]) == [1]
 
 
+def test_greedy_picks_the_first_of_tied_maxima_like_argmax() -> None:
+    gen = torch.Generator().manual_seed(0)
+    greedy = SamplingParams(temperature=0.0)
+    logits = torch.zeros(3, 49152)
+    logits[0, [7, 9, 40000]] = 2.0
+    logits[1] = -1.0
+    logits[1, [3, 3000]] = -0.5
+    logits[2, 49151] = 1.0
+    want = logits.argmax(dim=-1).tolist()
+    assert want == [7, 3, 49151]
+    assert sample(logits, [greedy] * 3, [gen] * 3) == want
+
+
 def test_incremental_detokenizer_never_splits_a_character(smollm) -> None:
     tok = smollm.tokenizer
     text = "naïve 東京 🚀 done"
