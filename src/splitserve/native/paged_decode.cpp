@@ -36,40 +36,65 @@ inline void load_row(const scalar_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
+// One paged_decode call's tensors as pointers and strides, and the addressing both
+// kernels share: work item (sequence b, KV head h) -> its queries, K/V rows, outputs.
+template <typename scalar_t>
+struct DecodeCall {
+  DecodeCall(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& tables,
+             const torch::Tensor& lens, torch::Tensor& out, double scale)
+      : num_seqs(q.size(0)), num_heads(q.size(1)), num_kv_heads(kv.size(3)),
+        page_size(kv.size(2)), width(tables.size(1)), q_ptr(q.data_ptr<scalar_t>()),
+        kv_ptr(kv.data_ptr<scalar_t>()), out_ptr(out.data_ptr<scalar_t>()),
+        table_ptr(tables.data_ptr<int64_t>()), len_ptr(lens.data_ptr<int64_t>()),
+        q_s0(q.stride(0)), q_s1(q.stride(1)), o_s0(out.stride(0)), o_s1(out.stride(1)),
+        page_s(kv.stride(0)), v_off(kv.stride(1)), tok_s(kv.stride(2)), head_s(kv.stride(3)),
+        scale(static_cast<float>(scale)) {}
+
+  const int64_t num_seqs, num_heads, num_kv_heads, page_size, width;
+  const scalar_t* q_ptr;
+  const scalar_t* kv_ptr;
+  scalar_t* out_ptr;
+  const int64_t* table_ptr;
+  const int64_t* len_ptr;
+  const int64_t q_s0, q_s1, o_s0, o_s1, page_s, v_off, tok_s, head_s;
+  const float scale;
+
+  int64_t num_items() const { return num_seqs * num_kv_heads; }
+  const int64_t* pages(int64_t b) const { return table_ptr + b * width; }
+  // the first K (or V) row of KV head h in page `page_id`; the page's next rows follow
+  // tok_s apart
+  const scalar_t* page_rows(int64_t page_id, int64_t h, bool value) const {
+    return kv_ptr + page_id * page_s + (value ? v_off : 0) + h * head_s;
+  }
+  // query head `head` of sequence b, times the scale, in fp32
+  void load_query(int64_t b, int64_t head, int64_t head_dim, float* dst) const {
+    const scalar_t* src = q_ptr + b * q_s0 + head * q_s1;
+    for (int64_t d = 0; d < head_dim; ++d) dst[d] = to_float(src[d]) * scale;
+  }
+  scalar_t* out_row(int64_t b, int64_t head) const { return out_ptr + b * o_s0 + head * o_s1; }
+};
+
 // kHeadDim, kGroup: the head size and query heads per KV head, or 0 (read at run time)
 template <typename scalar_t, int64_t kHeadDim, int64_t kGroup>
 void decode_kernel(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& tables,
                    const torch::Tensor& lens, torch::Tensor& out, double scale) {
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1);
+  const DecodeCall<scalar_t> call(q, kv, tables, lens, out, scale);
   const int64_t head_dim = kHeadDim > 0 ? kHeadDim : q.size(2);
-  const int64_t num_kv_heads = kv.size(3), page_size = kv.size(2);
-  const int64_t group = kGroup > 0 ? kGroup : num_heads / num_kv_heads;
-  const int64_t width = tables.size(1);
-  const scalar_t* q_ptr = q.data_ptr<scalar_t>();
-  const scalar_t* kv_ptr = kv.data_ptr<scalar_t>();
-  scalar_t* out_ptr = out.data_ptr<scalar_t>();
-  const int64_t* table_ptr = tables.data_ptr<int64_t>();
-  const int64_t* len_ptr = lens.data_ptr<int64_t>();
-  const int64_t q_s0 = q.stride(0), q_s1 = q.stride(1);
-  const int64_t o_s0 = out.stride(0), o_s1 = out.stride(1);
-  const int64_t page_s = kv.stride(0), v_off = kv.stride(1), tok_s = kv.stride(2),
-                head_s = kv.stride(3);
-  const float fscale = static_cast<float>(scale);
+  const int64_t group = kGroup > 0 ? kGroup : call.num_heads / call.num_kv_heads;
+  const int64_t page_size = call.page_size;
 
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, call.num_items(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * head_dim), row(head_dim), acc(group * head_dim), scores;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
-      const int64_t seq_len = len_ptr[b];
-      const int64_t* pages = table_ptr + b * width;
-      for (int64_t g = 0; g < group; ++g) {
-        load_row(q_ptr + b * q_s0 + (h * group + g) * q_s1, qf.data() + g * head_dim, head_dim);
-        for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] *= fscale;
-      }
+      const int64_t b = item / call.num_kv_heads, h = item % call.num_kv_heads;
+      const int64_t seq_len = call.len_ptr[b];
+      const int64_t* pages = call.pages(b);
+      for (int64_t g = 0; g < group; ++g)
+        call.load_query(b, h * group + g, head_dim, qf.data() + g * head_dim);
       scores.assign(group * seq_len, 0.0f);
       for (int64_t t = 0; t < seq_len; ++t) {
-        const scalar_t* k = kv_ptr + pages[t / page_size] * page_s + (t % page_size) * tok_s +
-                            h * head_s;
+        const scalar_t* k = call.page_rows(pages[t / page_size], h, false) +
+                            (t % page_size) * call.tok_s;
         load_row(k, row.data(), head_dim);
         for (int64_t g = 0; g < group; ++g) {
           const float* qg = qf.data() + g * head_dim;
@@ -93,8 +118,8 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& kv, const torch:
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t t = 0; t < seq_len; ++t) {
-        const scalar_t* v = kv_ptr + pages[t / page_size] * page_s + v_off +
-                            (t % page_size) * tok_s + h * head_s;
+        const scalar_t* v = call.page_rows(pages[t / page_size], h, true) +
+                            (t % page_size) * call.tok_s;
         load_row(v, row.data(), head_dim);
         for (int64_t g = 0; g < group; ++g) {
           const float p = scores[g * seq_len + t];
@@ -104,7 +129,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& kv, const torch:
         }
       }
       for (int64_t g = 0; g < group; ++g) {
-        scalar_t* o = out_ptr + b * o_s0 + (h * group + g) * o_s1;
+        scalar_t* o = call.out_row(b, h * group + g);
         for (int64_t d = 0; d < head_dim; ++d)
           o[d] = static_cast<scalar_t>(acc[g * head_dim + d] * inv_sum[g]);
       }
@@ -152,41 +177,28 @@ void decode_kernel_avx512(const torch::Tensor& q, const torch::Tensor& kv,
                           const torch::Tensor& tables, const torch::Tensor& lens,
                           torch::Tensor& out, double scale) {
   constexpr int64_t C = kHeadDim / 16;  // vectors per row
-  const int64_t num_seqs = q.size(0);
-  const int64_t num_kv_heads = kv.size(3), page_size = kv.size(2);
-  const int64_t width = tables.size(1);
-  const scalar_t* q_ptr = q.data_ptr<scalar_t>();
-  const scalar_t* kv_ptr = kv.data_ptr<scalar_t>();
-  scalar_t* out_ptr = out.data_ptr<scalar_t>();
-  const int64_t* table_ptr = tables.data_ptr<int64_t>();
-  const int64_t* len_ptr = lens.data_ptr<int64_t>();
-  const int64_t q_s0 = q.stride(0), q_s1 = q.stride(1);
-  const int64_t o_s0 = out.stride(0), o_s1 = out.stride(1);
-  const int64_t page_s = kv.stride(0), v_off = kv.stride(1), tok_s = kv.stride(2),
-                head_s = kv.stride(3);
-  const float fscale = static_cast<float>(scale);
+  const DecodeCall<scalar_t> call(q, kv, tables, lens, out, scale);
+  const int64_t page_size = call.page_size, tok_s = call.tok_s;
 
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, call.num_items(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<float> qf(kGroup * kHeadDim);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
-      const int64_t seq_len = len_ptr[b];
-      const int64_t* pages = table_ptr + b * width;
+      const int64_t b = item / call.num_kv_heads, h = item % call.num_kv_heads;
+      const int64_t seq_len = call.len_ptr[b];
+      const int64_t* pages = call.pages(b);
       const int64_t padded = (seq_len + 15) / 16 * 16;
       scores.resize(kGroup * padded);
-      for (int64_t g = 0; g < kGroup; ++g) {
-        const scalar_t* qg = q_ptr + b * q_s0 + (h * kGroup + g) * q_s1;
-        for (int64_t d = 0; d < kHeadDim; ++d) qf[g * kHeadDim + d] = to_float(qg[d]) * fscale;
-      }
+      for (int64_t g = 0; g < kGroup; ++g)
+        call.load_query(b, h * kGroup + g, kHeadDim, qf.data() + g * kHeadDim);
       // K rows walked page by page (no division per token)
       int64_t page = 0, offset = 0;
-      const scalar_t* page_base = kv_ptr + pages[0] * page_s + h * head_s;
+      const scalar_t* page_base = call.page_rows(pages[0], h, false);
       auto next_row = [&]() {
         const scalar_t* row = page_base + offset * tok_s;
         if (++offset == page_size) {
           offset = 0;
-          if (++page < width) page_base = kv_ptr + pages[page] * page_s + h * head_s;
+          if (++page < call.width) page_base = call.page_rows(pages[page], h, false);
         }
         return row;
       };
@@ -240,7 +252,7 @@ void decode_kernel_avx512(const torch::Tensor& q, const torch::Tensor& kv,
       for (int64_t g = 0; g < kGroup; ++g)
         for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
       for (int64_t t = 0, pg = 0; t < seq_len; ++pg) {
-        const scalar_t* v = kv_ptr + pages[pg] * page_s + v_off + h * head_s;
+        const scalar_t* v = call.page_rows(pages[pg], h, true);
         for (const int64_t page_end = std::min(seq_len, t + page_size); t < page_end;
              ++t, v += tok_s) {
           __m512 vv[C];
@@ -252,7 +264,7 @@ void decode_kernel_avx512(const torch::Tensor& q, const torch::Tensor& kv,
         }
       }
       for (int64_t g = 0; g < kGroup; ++g) {
-        scalar_t* o = out_ptr + b * o_s0 + (h * kGroup + g) * o_s1;
+        scalar_t* o = call.out_row(b, h * kGroup + g);
         alignas(64) float res[kHeadDim];
         const __m512 inv = _mm512_set1_ps(inv_sum[g]);
         for (int64_t c = 0; c < C; ++c)
