@@ -28,13 +28,13 @@ class PagedAttention(Protocol):
 
 
 class RMSNorm(nn.Module):
+    """One norm's weight and eps; the model applies it through its `ModelOps`
+    (`rms_norm` / `add_rms_norm`, fused with the residual add)."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return TorchOps().rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
