@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 _RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+_MIN_PULL_S = 0.002  # a pull request shorter than this expires before it reaches the broker
 # JSStreamStoreFailedError (code 503): "maximum messages exceeded", "maximum bytes
 # exceeded", "storage resources exceeded". A limit, not an outage: never retried.
 _ERR_STREAM_STORE_FAILED = 10077
@@ -227,13 +228,23 @@ class JobConsumer:
                 deliveries.append(delivery)
         return deliveries
 
+    async def fetch_first(self, timeout_s: float) -> list[JobDelivery]:
+        """One job, the moment one is there (a pull for several lingers on the broker
+        until its expiry once it has one: the job would wait out the timeout); []
+        after about `timeout_s` without one."""
+        deadline = time.monotonic() + timeout_s
+        while (left_s := deadline - time.monotonic()) > _MIN_PULL_S:
+            if batch := await self.fetch(1, left_s):
+                return batch  # [] sooner than the timeout: a malformed job was dropped
+        return []
+
     async def fetch_batch(self, max_jobs: int, timeout_s: float,
                           window_s: float) -> list[JobDelivery]:
-        """Adaptive batching: wait up to `timeout_s` for the first jobs; if fewer than
-        `max_jobs` came, wait at most `window_s` more for others to join the batch."""
-        batch = await self.fetch(max_jobs, timeout_s)
-        if batch and len(batch) < max_jobs and window_s > 0:
-            batch += await self.fetch(max_jobs - len(batch), window_s)
+        """Adaptive batching: wait up to `timeout_s` for a first job (`fetch_first`),
+        then at most `window_s` more for others to join the batch."""
+        batch = await self.fetch_first(timeout_s)
+        if batch and max_jobs > 1 and window_s > 0:
+            batch += await self.fetch(max_jobs - 1, window_s)
         return batch
 
     async def num_pending(self) -> int:

@@ -2,8 +2,9 @@
 
 Life cycle of a job:
 1. pulled from this worker's direct consumer or a shared one (by priority) whenever
-   one of `max_batch_jobs` slots is free, in a short adaptive batching window; each
-   job then runs on its own, so one slow destination never holds up the others;
+   one of `max_batch_jobs` slots is free, in a short adaptive batching window; an
+   idle worker long-polls every consumer at once (worker/intake.py); each job then
+   runs on its own, so one slow destination never holds up the others;
 2. lease checked: a job whose deadline (minus the skew margin) has passed is
    `term`-ed, never processed — the decode worker may already reuse its pages; so is
    every job of a decode worker whose clock this worker's is provably behind by more
@@ -45,10 +46,8 @@ import torch
 
 from splitserve.config.daemon import PrefillRoleConfig
 from splitserve.engine.llm_engine import Engine
-from splitserve.engine.sampling import SamplingParams
 from splitserve.errors import SplitserveError
-from splitserve.queue.errors import JobAlreadySettled
-from splitserve.queue.messages import encode_kv_ready
+from splitserve.queue.messages import encode_kv_ready, first_token_params
 from splitserve.queue.streams import (
     direct_consumer_config,
     ensure_consumer,
@@ -66,11 +65,12 @@ from splitserve.transfer.errors import (
     TransferError,
 )
 from splitserve.worker.core import WorkerCore
+from splitserve.worker.intake import JobIntake, hand_back
 from splitserve.worker.renewal import LeaseKeeper, UpFront
 
 log = logging.getLogger(__name__)
 
-_IDLE_FETCH_S = 0.5
+_IDLE_POLL_S = 0.5  # an idle worker's long poll of its consumers
 _CLOCK_WINDOW = 32  # jobs per destination kept for the clock check
 # The job or the destination is wrong, not the moment: another delivery fails the same way.
 _PERMANENT = (InvalidPageIds, DescriptorMismatch, InvalidDescriptor)
@@ -79,7 +79,7 @@ _PERMANENT = (InvalidPageIds, DescriptorMismatch, InvalidDescriptor)
 class PrefillService:
     def __init__(self, core: WorkerCore) -> None:
         self.core = core
-        self._consumers: list[JobConsumer] = []
+        self._intake = JobIntake([], _IDLE_POLL_S)
         self._task: asyncio.Task[None] | None = None
         self._accepting = True
         self._jobs: set[asyncio.Task[None]] = set()  # deliveries being handled
@@ -105,7 +105,8 @@ class PrefillService:
         direct = direct_consumer_config(self.core.worker_id, settings)
         await ensure_consumer(js, direct)
         configs = [direct] + [shared_consumer_config(p, settings) for p in settings.priorities]
-        self._consumers = [await JobConsumer.bind(js, c) for c in configs]
+        self._intake = JobIntake([await JobConsumer.bind(js, c) for c in configs],
+                                 _IDLE_POLL_S)
         self._task = logged_task(self._run(), "prefill job loop")
 
     @property
@@ -118,6 +119,8 @@ class PrefillService:
         outstanding: jobs a fetch brings back after this are handed back (nak)."""
         self._accepting = False
         await self._not_fetching.wait()
+        for delivery in await self._intake.settle():  # pulled, not started: not ours now
+            await hand_back(delivery, "worker draining")
 
     def resume(self) -> None:
         self._accepting = True
@@ -125,8 +128,7 @@ class PrefillService:
     async def stop(self) -> None:
         self._accepting = False
         await stop_tasks(self._task)
-        for consumer in self._consumers:
-            await consumer.close()
+        await self._intake.close()
 
     async def _run(self) -> None:
         """Keep up to `max_batch_jobs` jobs in flight; fetch as soon as a slot frees."""
@@ -143,12 +145,13 @@ class PrefillService:
                     continue
                 self._not_fetching.clear()
                 try:
-                    deliveries = await self._fetch(room)
+                    deliveries = await self._intake.fetch(
+                        room, self.config.batch_window_ms / 1e3)
                 finally:
                     self._not_fetching.set()
                 for delivery in deliveries:
                     if not self._accepting:  # drained while fetching: not ours to run
-                        await _hand_back(delivery, "worker draining")
+                        await hand_back(delivery, "worker draining")
                         continue
                     task = asyncio.create_task(self._handle(delivery))
                     in_flight.add(task)
@@ -157,31 +160,13 @@ class PrefillService:
             for task in in_flight:
                 task.cancel()  # each hands its job back (_handle)
 
-    async def _fetch(self, max_jobs: int) -> list[JobDelivery]:
-        """Direct jobs first, then shared ones by priority; block only when idle."""
-        batch: list[JobDelivery] = []
-        window_s = self.config.batch_window_ms / 1e3
-        for consumer in self._consumers:
-            room = max_jobs - len(batch)
-            if room <= 0:
-                break
-            batch += await consumer.fetch(room, timeout_s=0.01)
-        if not batch:
-            # Nothing waiting: long-poll each consumer in turn, then top up.
-            for consumer in self._consumers:
-                batch += await consumer.fetch_batch(max_jobs, _IDLE_FETCH_S /
-                                                    len(self._consumers), window_s)
-                if batch:
-                    break
-        return batch
-
     async def _handle(self, delivery: JobDelivery) -> None:
         try:
             await self._process(delivery)
         except asyncio.CancelledError:
             # Stopped mid-job (shutdown, a role switch past its grace): hand the job back
             # now, not after AckWait, so that another prefill worker takes it in its lease.
-            await _hand_back(delivery, "worker stopping")
+            await hand_back(delivery, "worker stopping")
             raise
 
     async def _process(self, delivery: JobDelivery) -> None:
@@ -274,12 +259,9 @@ class PrefillService:
 
     async def _prefill(self, local_id: str, job: PrefillJob) -> int:
         engine = self.core.engine
-        s = job.sampling
-        params = SamplingParams(max_tokens=1, temperature=s.temperature, top_p=s.top_p,
-                                top_k=s.top_k, seed=s.seed if s.HasField("seed") else None,
-                                ignore_eos=True)
         first_token = -1
-        async for out in engine.generate(local_id, list(job.token_ids), params, hold_pages=True):
+        async for out in engine.generate(local_id, list(job.token_ids),
+                                         first_token_params(job.sampling), hold_pages=True):
             first_token = out.new_token_ids[0] if out.new_token_ids else first_token
         # generate() ends when the request finishes; its pages stay held (hold_pages)
         return first_token
@@ -357,14 +339,6 @@ class PrefillService:
             while True:
                 await asyncio.sleep(interval_s)
                 await delivery.in_progress()
-
-
-async def _hand_back(delivery: JobDelivery, why: str) -> None:
-    """Nak for redelivery at once (to this or another worker); no-op once settled."""
-    with contextlib.suppress(JobAlreadySettled):
-        if await delivery.nak():
-            log.info("job %s:%d handed back (%s)", delivery.job.request_id,
-                     delivery.job.attempt, why)
 
 
 class _Retry(Exception):
