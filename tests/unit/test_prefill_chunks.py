@@ -1,6 +1,7 @@
 """The per-prompt chunk cap (scheduler.py, `max_prefill_chunk_tokens`): a short prompt
 behind a long one is prefilled in the same step instead of after the whole long one;
-budget left over still goes to the long prompt (work-conserving); tokens unchanged."""
+budget left over still goes to the long prompt (work-conserving) unless the step
+completes a prompt (its first token would wait for the extra chunk); tokens unchanged."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ def test_a_short_prompt_shares_the_step_with_a_long_one(tiny_engine) -> None:
     capped = tiny_engine(max_num_batched_tokens=128, max_prefill_chunk_tokens=64)
     capped.add_request("long", LONG, GREEDY)
     capped.add_request("short", SHORT, GREEDY)
-    # 64 each at most, then the 44 left over top up the long prompt
-    assert chunks(capped) == {"long": 108, "short": 20}
+    # 64 each at most; the short prompt completes, so nothing tops up the long one
+    assert chunks(capped) == {"long": 64, "short": 20}
+    # the short prompt is done: budget left over tops up the long one again
+    assert chunks(capped)["long"] == 128
     uncapped = tiny_engine(max_num_batched_tokens=128, max_prefill_chunk_tokens=None)
     uncapped.add_request("long", LONG, GREEDY)
     uncapped.add_request("short", SHORT, GREEDY)

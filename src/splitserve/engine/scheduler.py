@@ -10,7 +10,9 @@ under a token budget:
 3. a prompt's chunk is at most `max_prefill_chunk_tokens` in steps 1 and 2, so that a
    long prompt does not take the whole budget from the short ones behind it (which
    would wait for all of it); budget still left then tops up the capped chunks in
-   order, so a prompt alone in the step is not slowed down.
+   order, so a prompt alone in the step is not slowed down, unless the step completes
+   a prompt: its first token would wait for the extra chunk (a short prompt next to
+   a long one on a CPU core: 176 instead of 256 tokens, ~0.3 instead of ~0.45 s).
 When a running sequence needs a page and none is free, the most recently admitted
 running sequence of the lowest priority class is preempted: its pages are freed (full
 ones stay in the prefix cache) and it goes back to the front of its class in the
@@ -145,7 +147,10 @@ class Scheduler:
 
     def _top_up(self, out: SchedulerOutput, budget: int) -> None:
         """Hand budget left over to capped prompt chunks, in order, as far as free
-        pages allow without preempting anyone."""
+        pages allow without preempting anyone; none when a prompt completes this step."""
+        if any(item.completes and item.seq.num_computed_tokens < item.seq.num_prompt_tokens
+               for item in out.scheduled):
+            return
         for i, item in enumerate(out.scheduled):
             if budget == 0:
                 return
