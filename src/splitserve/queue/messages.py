@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from google.protobuf.message import DecodeError, Message
 
+from splitserve.engine.sampling import SamplingParams
 from splitserve.queue.errors import InvalidSubjectToken, MalformedMessage
 from splitserve.queue.subjects import validate_priority, validate_role, validate_worker_id
 from splitserve.rpc.jobs_pb2 import (
@@ -25,8 +26,27 @@ from splitserve.rpc.jobs_pb2 import (
 __all__ = [
     "KVCacheEvents", "KVReady", "PrefillJob", "WorkerStats", "decode_job", "decode_kv_events",
     "decode_kv_ready", "decode_stats", "encode_job", "encode_kv_ready", "encode_stats",
-    "job_msg_id", "validate_job",
+    "first_token_params", "job_msg_id", "job_sampling", "validate_job",
 ]
+
+
+def job_sampling(params: SamplingParams) -> PrefillJob.SamplingParams:
+    """A request's sampling, as its prefill job carries it."""
+    sampling = PrefillJob.SamplingParams(
+        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+        max_tokens=params.max_tokens, stop_token_ids=list(params.stop_token_ids))
+    if params.seed is not None:
+        sampling.seed = params.seed
+    return sampling
+
+
+def first_token_params(sampling: PrefillJob.SamplingParams) -> SamplingParams:
+    """What a prefill worker samples a job's first token with: the request's sampling,
+    one token, EOS not checked (the decode worker judges the token)."""
+    return SamplingParams(max_tokens=1, temperature=sampling.temperature,
+                          top_p=sampling.top_p, top_k=sampling.top_k,
+                          seed=sampling.seed if sampling.HasField("seed") else None,
+                          ignore_eos=True)
 
 
 def _check_request_id(type_name: str, request_id: str) -> None:

@@ -20,7 +20,7 @@ so both sides agree whenever dtype and geometry agree (checked at first contact)
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +76,20 @@ def verify_page_checksums(
         raise ChecksumCountMismatch(len(page_ids), len(expected))
     actual = page_checksums(pool_tensor, page_ids)
     return [i for i, (got, want) in enumerate(zip(actual, expected)) if got != int(want)]
+
+
+def pages_intact(expected: Sequence[int]) -> Callable[[torch.Tensor, list[int]], bool]:
+    """`(pool, page ids) -> whether every page hashes to its checksum in `expected``;
+    pages with no checksum, or for other pages, count as not intact."""
+    checksums = list(expected)
+
+    def verify(pool_tensor: torch.Tensor, page_ids: list[int]) -> bool:
+        try:
+            return not verify_page_checksums(pool_tensor, page_ids, checksums)
+        except ChecksumCountMismatch:
+            return False
+
+    return verify
 
 
 def _checked_page_ids(page_ids: Sequence[int], pool_tensor: torch.Tensor) -> list[int]:

@@ -7,7 +7,8 @@ Life cycle of a request:
 1. tokenize and validate off the event loop (typed errors → INVALID_ARGUMENT /
    RESOURCE_EXHAUSTED);
 2. on the engine thread, in one call: measure the prefix-cache hit, decide local vs
-   remote prefill (`routing.should_offload_prefill`) and, if local, queue the request.
+   remote prefill (`routing.should_offload_prefill`) and queue the request (local) or
+   reserve its landing pages (remote).
    The thresholds are the routing policy in force when the request arrives: the config
    file's `routing:` with the fields of key `routing` in `splitserve-policy` on top,
    followed live (`worker/policy.py`; GetStatus.policy_revision says which revision);
@@ -44,7 +45,12 @@ from splitserve.tasks import logged_task, stop_tasks
 from splitserve.worker.core import WorkerCore
 from splitserve.worker.kv_events import KVEventPublisher
 from splitserve.worker.observer import FirstToken
-from splitserve.worker.remote import PrefillPath, RemoteOutcome, RemotePrefillClient
+from splitserve.worker.remote import (
+    PrefillPath,
+    RemoteOutcome,
+    RemotePrefillClient,
+    RemoteStart,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +118,14 @@ class DecodeService:
             raise
         start_s = time.monotonic()
         offload = self.remote.offload_rule(request.priority)
+        reserve = self.remote.reserve_rule(request_id, prompt, request)
 
-        def admit(e: Engine) -> int | None:
-            """On the engine thread: the uncached prompt length if the request goes
+        def admit(e: Engine) -> RemoteStart | None:
+            """On the engine thread: the first remote attempt if the request goes
             remote; else None, and the request is queued for a local prefill."""
             effective_len = len(prompt) - e.cached_prefix_tokens(prompt)
             if offload(effective_len, e.stats().decode_load):
-                return effective_len
+                return reserve(e, effective_len)
             e.add_request(request_id, prompt, request.params, priority=request.priority)
             return None
 
@@ -126,13 +133,13 @@ class DecodeService:
         finished = False
         outcome = RemoteOutcome(PrefillPath.LOCAL, 1)
         try:
-            effective_len = await self.engine.call(admit)
-            if effective_len is None:
+            remote = await self.engine.call(admit)
+            if remote is None:
                 self.core.counters.num_offload_local += 1
                 self.core.counters.num_local_prefills += 1
             else:
                 self.core.counters.num_offload_remote += 1
-                outcome = await self.remote.prefill(request_id, prompt, request, effective_len)
+                outcome = await self.remote.prefill(request_id, prompt, request, remote)
             if outcome.path is PrefillPath.NONE:  # no room for landing pages: local after all
                 outcome = RemoteOutcome(PrefillPath.LOCAL, 1)
                 await self.engine.call(lambda e: e.add_request(

@@ -77,24 +77,29 @@ class LeaseDesk:
     def pool_rate(self, num_tokens: int) -> float | None:
         """The prefill pool's measured tokens/s for prompts of this length (None:
         nothing measured lately)."""
-        now = time.monotonic()
-        rates = []
-        for received, stats in self._pool.values():
-            if now - received > STATS_STALE_S:
-                continue
-            buckets = sorted(stats.prefill_rates, key=lambda r: r.min_tokens)
-            i = bisect.bisect_right([r.min_tokens for r in buckets], num_tokens) - 1
-            if i >= 0 and (buckets[i].max_tokens == 0 or num_tokens < buckets[i].max_tokens):
-                rates.append(buckets[i].tokens_per_s)
-        return sum(rates) / len(rates) if rates else None
+        return _pool_rate(self._fresh_stats(), num_tokens)
 
     def lease_s(self, num_tokens: int, queue_depth: int, num_prefill_workers: int) -> float:
         """Seconds for one attempt of a prompt with `num_tokens` uncached tokens."""
-        lease = self.core.config.lease
-        rate = self.pool_rate(num_tokens)
-        job_s = num_tokens / rate if rate else lease.per_token_ms * num_tokens / 1e3
-        queue_wait_s = queue_depth * job_s / max(1, num_prefill_workers)
-        return size_lease(lease, num_tokens, rate, queue_wait_s)
+        return self.lease_rule(queue_depth, num_prefill_workers)(num_tokens)
+
+    def lease_rule(self, queue_depth: int, num_prefill_workers: int) -> Callable[[int], float]:
+        """`lease_s` with this moment's measured rates and queue captured: a pure
+        function of the uncached prompt length, for the engine thread to evaluate."""
+        lease, pool = self.core.config.lease, self._fresh_stats()
+
+        def lease_for(num_tokens: int) -> float:
+            rate = _pool_rate(pool, num_tokens)
+            job_s = num_tokens / rate if rate else lease.per_token_ms * num_tokens / 1e3
+            queue_wait_s = queue_depth * job_s / max(1, num_prefill_workers)
+            return size_lease(lease, num_tokens, rate, queue_wait_s)
+
+        return lease_for
+
+    def _fresh_stats(self) -> list[WorkerStats]:
+        now = time.monotonic()
+        return [stats for received, stats in self._pool.values()
+                if now - received <= STATS_STALE_S]
 
     # --- renewals and declines -------------------------------------------------------
     async def answer(self, request: LeaseRequest, waiting_now: Callable[[], Waiting | None],
@@ -124,3 +129,14 @@ class LeaseDesk:
         return LeaseReply(granted=ext.granted,
                           deadline_unix_ns=now_ns + int((ext.deadline_s - now_s) * 1e9),
                           refusal=ext.refusal.name if ext.refusal else "")
+
+
+def _pool_rate(pool: list[WorkerStats], num_tokens: int) -> float | None:
+    """The mean of the workers' measured tokens/s in the bucket of `num_tokens`."""
+    rates = []
+    for stats in pool:
+        buckets = sorted(stats.prefill_rates, key=lambda r: r.min_tokens)
+        i = bisect.bisect_right([r.min_tokens for r in buckets], num_tokens) - 1
+        if i >= 0 and (buckets[i].max_tokens == 0 or num_tokens < buckets[i].max_tokens):
+            rates.append(buckets[i].tokens_per_s)
+    return sum(rates) / len(rates) if rates else None

@@ -3,7 +3,9 @@
 Life cycle of one remote prefill (the decisions are `routing.attempts.RemoteAttempts`;
 this module carries them out):
 1. attempt 1: reserve landing pages (cached prefix + the rest of the prompt + the
-   page that will own the partial last one) and publish a `PrefillJob` naming this
+   page that will own the partial last one) in the engine call that admitted the
+   request (`reserve_rule`: one wait for the engine's step in progress, not two)
+   and publish a `PrefillJob` naming this
    worker's incarnation, under a lease sized from the pool's measured prefill rate
    (worker/leases.py); Msg-Id = <internal id>:<attempt>, where the internal id is
    this worker's own (the caller's request id is only a label). While it waits, a
@@ -38,14 +40,12 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import partial
 
-import torch
-
 from splitserve.engine.async_engine import AsyncEngine
-from splitserve.engine.llm_engine import Engine, PoolVerifier
+from splitserve.engine.llm_engine import Engine
 from splitserve.engine.remote_prefill import AcceptRefusal, LandingPlan
 from splitserve.ingress import GenerateRequest
 from splitserve.queue.errors import DuplicateJob, MalformedMessage, PublishFailed
-from splitserve.queue.messages import decode_kv_ready
+from splitserve.queue.messages import decode_kv_ready, job_sampling
 from splitserve.queue.registry import parse_descriptor
 from splitserve.queue.work_queue import publish_job
 from splitserve.routing.attempts import Failure, Next, RemoteAttempts, RetryContext
@@ -53,7 +53,7 @@ from splitserve.routing.clock import ClockOffsets
 from splitserve.routing.offload import should_offload_prefill
 from splitserve.rpc.jobs_pb2 import KVReady, LeaseReply, LeaseRequest, PrefillJob
 from splitserve.tasks import logged_task, stop_tasks
-from splitserve.transfer.checksum import ChecksumCountMismatch, verify_page_checksums
+from splitserve.transfer.checksum import pages_intact
 from splitserve.worker.core import WorkerCore
 from splitserve.worker.leases import LeaseDesk, PrefillDeclined
 from splitserve.worker.policy import PolicyView
@@ -87,6 +87,16 @@ class RemoteOutcome:
     num_attempts: int
     queue_s: float = 0.0  # landed: publish to the prefill worker's dequeue
     prefill_s: float = 0.0  # landed: dequeue to accepted (prefill, transfer, notification)
+
+
+@dataclass(frozen=True)
+class RemoteStart:
+    """What admission did for a remote prefill, on the engine thread: the first
+    attempt, and its landing pages (None: no room for them now)."""
+
+    effective_len: int  # prompt tokens not in the prefix cache
+    attempts: RemoteAttempts
+    plan: LandingPlan | None
 
 
 @dataclass(frozen=True)
@@ -146,25 +156,42 @@ class RemotePrefillClient:
         return lambda effective_len, decode_load: usable and should_offload_prefill(
             routing, effective_len, depth, decode_load, priority)
 
+    def reserve_rule(self, request_id: str, prompt: list[int], request: GenerateRequest
+                     ) -> Callable[[Engine, int], RemoteStart]:
+        """`(engine, effective prompt length) -> RemoteStart`: attempt 1 and its landing
+        pages, for the engine thread to run in the admission call. The lease is sized
+        from this moment's measured rates and queue depth, and its clock starts now
+        (before the call waits for the step in progress), as the release of the pages
+        derives from it."""
+        lease_for = self.desk.lease_rule(self.queue_depth, len(self.usable_prefill_ids()))
+        max_attempts = self.policy.routing.max_remote_attempts
+        margin_s, now = self.core.config.lease.skew_margin_s, time.monotonic()
+
+        def reserve(e: Engine, effective_len: int) -> RemoteStart:
+            attempts = RemoteAttempts.start(max_attempts, now, lease_for(effective_len))
+            plan = e.reserve_remote(request_id, prompt, request.params, 1,
+                                    attempts.deadline_s + margin_s, request.priority)
+            return RemoteStart(effective_len, attempts, plan)
+
+        return reserve
+
     def should_offload(self, effective_len: int, priority: str) -> bool:
         """The offload rule on the engine's latest snapshot."""
         return self.offload_rule(priority)(effective_len, self.engine.stats.decode_load)
 
     # --- attempts --------------------------------------------------------------------
     async def prefill(self, request_id: str, prompt: list[int], request: GenerateRequest,
-                      effective_len: int) -> RemoteOutcome:
-        """`request_id` is the internal id (engine sequence, job, KVReady)."""
+                      start: RemoteStart) -> RemoteOutcome:
+        """`request_id` is the internal id (engine sequence, job, KVReady); `start` is
+        what `reserve_rule` did at admission."""
         # One clock reading per attempt: the job's deadline (deadline_s) and the landing
         # pages' release (release_at = deadline_s + margin) derive from it, so the
         # quarantine always outlasts the lease by the full margin.
-        lease_s, now = self._lease_s(effective_len), time.monotonic()
-        attempts = RemoteAttempts.start(self.policy.routing.max_remote_attempts, now,
-                                        lease_s)
-        release_at = attempts.deadline_s + self.core.config.lease.skew_margin_s
-        plan = await self._reserve(request_id, attempts, lambda e: e.reserve_remote(
-            request_id, prompt, request.params, 1, release_at, request.priority))
+        attempts, plan, effective_len = start.attempts, start.plan, start.effective_len
         if plan is None:
             return RemoteOutcome(PrefillPath.NONE, 0)
+        self._waiting[request_id] = _Waiting(attempts,
+                                             asyncio.get_running_loop().create_future())
         while True:
             failure = await self._run_attempt(request_id, prompt, request, plan)
             if isinstance(failure, _Landed):  # not a failure: the KV landed
@@ -236,7 +263,7 @@ class RemotePrefillClient:
             return Failure.DECLINED
         finally:
             self._forget(request_id)
-        verify = self._verifier(ready) if self.core.config.kv_checksum else None
+        verify = pages_intact(ready.page_checksums) if self.core.config.kv_checksum else None
         try:
             out = await self.engine.call(lambda e: e.accept_remote(
                 request_id, plan.attempt, ready.first_token, verify), dispatch=True)
@@ -284,27 +311,11 @@ class RemotePrefillClient:
             return None
         return usable[len(self._waiting) % len(usable)]
 
-    def _verifier(self, ready: KVReady) -> PoolVerifier:
-        checksums = list(ready.page_checksums)
-
-        def verify(pool: torch.Tensor, page_ids: list[int]) -> bool:
-            try:  # on the engine thread: at accept, and again before the pages are cached
-                return not verify_page_checksums(pool, page_ids, checksums)
-            except ChecksumCountMismatch:  # none sent, or for other pages: not intact
-                return False
-
-        return verify
-
     def _job(self, request_id: str, prompt: list[int], request: GenerateRequest,
              plan: LandingPlan, deadline_unix_ns: int, publish_unix_ns: int) -> PrefillJob:
-        p = request.params
-        sampling = PrefillJob.SamplingParams(
-            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=p.max_tokens,
-            stop_token_ids=list(p.stop_token_ids))
-        if p.seed is not None:
-            sampling.seed = p.seed
         return PrefillJob(
-            request_id=request_id, attempt=plan.attempt, token_ids=prompt, sampling=sampling,
+            request_id=request_id, attempt=plan.attempt, token_ids=prompt,
+            sampling=job_sampling(request.params),
             priority=request.priority, dest_worker_id=self.core.worker_id,
             dest_page_ids=plan.landing_page_ids, num_cached_tokens=plan.num_cached_tokens,
             lease_deadline_unix_ns=deadline_unix_ns, publish_time_unix_ns=publish_unix_ns,
