@@ -78,6 +78,8 @@ class Result:
     tpot_s: float = float("nan")
     num_tokens: int = 0
     error: str = ""
+    prefill: str = ""  # "local" or "remote", from the last chunk's Timing
+    queue_s: float = float("nan")  # the server's queue time (remote: publish to pickup)
 
 
 def workload(rate: float, duration_s: float, seed: int) -> list[Request]:
@@ -111,6 +113,8 @@ async def run_one(stub: generation_pb2_grpc.GenerationStub, req: Request, t0: fl
                 last = time.monotonic()
                 first = first or last
                 result.num_tokens += len(chunk.token_ids)
+            if chunk.HasField("timing"):
+                result.prefill, result.queue_s = chunk.timing.prefill, chunk.timing.queue_ms / 1e3
     except grpc.aio.AioRpcError as exc:
         result.error = f"{exc.code().name}: {exc.details()}"
         return result
@@ -169,6 +173,11 @@ def summarize(results: list[Result], wall_s: float, slo: Slo = SLO) -> dict:
         "ttft_s": pct([r.ttft_s for r in ok]), "tpot_s": pct([r.tpot_s for r in ok]),
         "short_ttft_s": pct([r.ttft_s for r in short]),
         "short_tpot_s": pct([r.tpot_s for r in short]),
+        # where the short prompts' TTFT went: by prefill path, and the queue time
+        "short_ttft_s_by_path": {path: pct([r.ttft_s for r in short if r.prefill == path])
+                                 for path in ("local", "remote")},
+        "short_queue_s_by_path": {path: pct([r.queue_s for r in short if r.prefill == path])
+                                  for path in ("local", "remote")},
         "throughput_tokens_per_s": round(sum(r.num_tokens for r in ok) / wall_s, 2),
         "goodput_req_per_s": round(sum(good(r) for r in ok) / wall_s, 4),
         "wall_s": round(wall_s, 1),
