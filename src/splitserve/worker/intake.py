@@ -79,11 +79,16 @@ class JobIntake:
             await consumer.close()
 
     # --- internals ------------------------------------------------------------------
-    def _collect(self) -> None:
-        """Take the jobs of the finished long polls, in consumer order. A poll that
-        failed re-raises here (a closed connection ends the job loop, as before)."""
+    def _collect(self) -> list[int]:
+        """Take the jobs of the finished long polls, in consumer order: the consumers
+        that brought some. A poll that failed re-raises here (a closed connection ends
+        the job loop, as before)."""
+        brought = []
         for index in sorted(i for i, task in self._polls.items() if task.done()):
-            self._held.extend(self._polls.pop(index).result())
+            if jobs := self._polls.pop(index).result():
+                self._held.extend(jobs)
+                brought.append(index)
+        return brought
 
     async def _quick_pass(self, max_jobs: int) -> None:
         for index, consumer in enumerate(self.consumers):
@@ -100,10 +105,7 @@ class JobIntake:
                     consumer.fetch_first(self.idle_poll_s), name=f"poll {consumer.name}")
         await asyncio.wait(self._polls.values(), timeout=self.idle_poll_s,
                            return_when=asyncio.FIRST_COMPLETED)
-        arrived = sorted(i for i, task in self._polls.items()
-                         if task.done() and not task.exception() and task.result())
-        self._collect()
-        for index in arrived:  # the batching window, where jobs just came from
+        for index in self._collect():  # the batching window, where jobs just came from
             room = max_jobs - len(self._held)
             if room <= 0 or window_s <= 0:
                 return

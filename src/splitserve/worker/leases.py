@@ -74,11 +74,6 @@ class LeaseDesk:
             self._pool[stats.worker_id] = (time.monotonic(), stats)
 
     # --- sizing --------------------------------------------------------------------
-    def pool_rate(self, num_tokens: int) -> float | None:
-        """The prefill pool's measured tokens/s for prompts of this length (None:
-        nothing measured lately)."""
-        return _pool_rate(self._fresh_stats(), num_tokens)
-
     def lease_s(self, num_tokens: int, queue_depth: int, num_prefill_workers: int) -> float:
         """Seconds for one attempt of a prompt with `num_tokens` uncached tokens."""
         return self.lease_rule(queue_depth, num_prefill_workers)(num_tokens)
@@ -132,7 +127,8 @@ class LeaseDesk:
 
 
 def _pool_rate(pool: list[WorkerStats], num_tokens: int) -> float | None:
-    """The mean of the workers' measured tokens/s in the bucket of `num_tokens`."""
+    """The prefill pool's measured tokens/s for prompts of this length: the mean of the
+    workers' rates in the bucket of `num_tokens` (None: nothing measured lately)."""
     rates = []
     for stats in pool:
         buckets = sorted(stats.prefill_rates, key=lambda r: r.min_tokens)

@@ -263,6 +263,7 @@ class RemotePrefillClient:
             return Failure.DECLINED
         finally:
             self._forget(request_id)
+        # run on the engine thread: at accept, and again before the pages are cached
         verify = pages_intact(ready.page_checksums) if self.core.config.kv_checksum else None
         try:
             out = await self.engine.call(lambda e: e.accept_remote(
