@@ -20,6 +20,7 @@ from splitserve.errors import ConfigError
 from splitserve.queue.cluster import NatsCluster, free_node_ports
 from splitserve.queue.connection import BrokerConnection, connect
 from splitserve.queue.errors import BrokerStartError
+from splitserve.queue.registry import WorkerRegistry
 from splitserve.queue.settings import BucketSettings, PrefillQueueSettings
 from splitserve.queue.streams import ensure_messaging, shared_consumer_config
 from splitserve.queue.subjects import BUCKET_POLICY, BUCKET_WORKERS, STREAM_PREFILL
@@ -51,29 +52,37 @@ def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
         return
 
 
-async def _leader(conn: BrokerConnection, consumer: str | None) -> str | None:
+async def _leader(conn: BrokerConnection, consumer: str | None,
+                  stream: str = STREAM_PREFILL) -> str | None:
     try:
-        info = (await conn.js.stream_info(STREAM_PREFILL) if consumer is None else
-                await conn.js.consumer_info(STREAM_PREFILL, consumer, timeout=0.5))
+        info = (await conn.js.stream_info(stream) if consumer is None else
+                await conn.js.consumer_info(stream, consumer, timeout=0.5))
     except Exception:  # noqa: BLE001 - no leader for a moment during a move
         return None
     return None if info.cluster is None else info.cluster.leader
 
 
-async def _move_leaders_to(conn: BrokerConnection, server_name: str, within_s: float) -> None:
-    """Make `server_name` lead the prefill stream and its `shared-high` consumer."""
-    for consumer in (None, "shared-high"):
-        if await _leader(conn, consumer) == server_name:
+async def _move_leaders_to(conn: BrokerConnection, server_name: str, within_s: float,
+                           stream: str = STREAM_PREFILL,
+                           consumers: tuple[str, ...] = ("shared-high",)) -> None:
+    """Make `server_name` lead `stream` and its `consumers`."""
+    for consumer in (None, *consumers):
+        if await _leader(conn, consumer, stream) == server_name:
             continue
-        subject = ("$JS.API.STREAM.LEADER.STEPDOWN." + STREAM_PREFILL if consumer is None else
-                   f"$JS.API.CONSUMER.LEADER.STEPDOWN.{STREAM_PREFILL}.{consumer}")
+        subject = ("$JS.API.STREAM.LEADER.STEPDOWN." + stream if consumer is None else
+                   f"$JS.API.CONSUMER.LEADER.STEPDOWN.{stream}.{consumer}")
         body = json.dumps({"placement": {"preferred": server_name}}).encode()
         reply = json.loads((await conn.nc.request(subject, body, timeout=5.0)).data)
         assert reply.get("success"), reply
         deadline = time.monotonic() + within_s
-        while await _leader(conn, consumer) != server_name:
-            assert time.monotonic() < deadline, f"{consumer or STREAM_PREFILL} did not move"
+        while await _leader(conn, consumer, stream) != server_name:
+            assert time.monotonic() < deadline, f"{consumer or stream} did not move"
             await asyncio.sleep(0.1)
+
+
+def _connected_node(conn: BrokerConnection, cluster: NatsCluster) -> int:
+    assert conn.nc.connected_url is not None
+    return [n.port for n in cluster.nodes].index(conn.nc.connected_url.port)
 
 
 async def _collect(consumer: JobConsumer, num_jobs: int, within_s: float) -> set[str]:
@@ -104,8 +113,7 @@ async def test_queue_survives_the_loss_of_its_leader_node(cluster: NatsCluster) 
 
         # The hardest single loss: the node leading the stream and the consumer,
         # which is also the one this client is connected to.
-        assert conn.nc.connected_url is not None
-        victim = [n.port for n in cluster.nodes].index(conn.nc.connected_url.port)
+        victim = _connected_node(conn, cluster)
         victim_name = cluster.nodes[victim].server_name
         await _move_leaders_to(conn, victim_name, within_s=10.0)
         cluster.kill(victim)
@@ -144,6 +152,30 @@ async def test_queue_survives_the_loss_of_its_leader_node(cluster: NatsCluster) 
             assert time.monotonic() < deadline, peers
             await asyncio.sleep(0.2)
         await consumer.close()
+    finally:
+        await conn.close()
+
+
+async def test_registry_lists_its_workers_through_the_loss_of_its_leader_node(
+        cluster: NatsCluster) -> None:
+    """What a registry watcher asks after its watch restarted (who left meanwhile):
+    answered once a new leader is elected, not an error the watcher would act on
+    (the decode worker used to see no prefill worker until its next restart)."""
+    conn = await connect(cluster.urls, name="test", backoff=TEST_BACKOFF, connect_timeout_s=5.0)
+    try:
+        registry = await WorkerRegistry.open(conn.js, BUCKETS)
+        await registry.register("prefill-0", b"p0")
+        await registry.register("decode-0", b"d0")
+        victim = _connected_node(conn, cluster)
+        await _move_leaders_to(conn, cluster.nodes[victim].server_name, within_s=10.0,
+                               stream=f"KV_{BUCKET_WORKERS}", consumers=())
+        cluster.kill(victim)
+        killed_at = time.monotonic()
+        live = await asyncio.wait_for(registry.live_ids(retry_s=0.2), 40.0)
+        logger.info("registry listed %.1f s after its leader's loss",
+                    time.monotonic() - killed_at)
+        assert live == {"prefill-0", "decode-0"}
+        await registry.close()
     finally:
         await conn.close()
 

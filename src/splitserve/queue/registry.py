@@ -90,6 +90,18 @@ class WorkerRegistry:
         entries = await read_bucket(self._kv)
         return {key: event.value for key, event in entries.items() if event.value}
 
+    async def live_ids(self, retry_s: float = 1.0) -> set[str]:
+        """The ids of the live workers, asked until the broker answers. After a watch
+        restart (None from `watch_forever`), whoever a watcher knew and is not among
+        them left while nobody watched; a watcher keeps its view until then (cleared,
+        it would see no worker for as long as a stream leader election lasts)."""
+        while True:
+            try:
+                return set(await self.list())
+            except TRANSIENT_BROKER_ERRORS as exc:
+                log.info("registry list failed (%r); retrying in %.1f s", exc, retry_s)
+                await asyncio.sleep(retry_s)
+
     async def watch(self) -> AsyncIterator[tuple[str, bytes | None]]:
         """Live workers first, then every change: (worker_id, descriptor) when one
         registers or changes its descriptor, (worker_id, None) when it deregisters
@@ -107,7 +119,8 @@ class WorkerRegistry:
                       ) -> AsyncIterator[tuple[str, bytes | None] | None]:
         """`watch()` that never ends (`kv_watch.restarting_watch`): restarted after an
         error and as soon as the client reconnects. None marks a restart: the events
-        that follow start again with a snapshot of the live workers."""
+        that follow start again with a snapshot of the live workers (it reports no
+        worker that left meanwhile: see `live_ids`)."""
         return restarting_watch(broker, self.watch, "registry", retry_s)
 
     async def _heartbeat(self, worker_id: str) -> None:

@@ -40,7 +40,7 @@ from splitserve.config.router import CostWeights
 from splitserve.control.generation import GENERATION_SERVICE
 from splitserve.engine.page_allocator import page_hashes
 from splitserve.queue.connection import BrokerConnection
-from splitserve.queue.errors import TRANSIENT_BROKER_ERRORS, MalformedMessage
+from splitserve.queue.errors import MalformedMessage
 from splitserve.queue.messages import WorkerStats, decode_kv_events
 from splitserve.queue.registry import WorkerRegistry, parse_descriptor
 from splitserve.queue.stats import StatsSubscription
@@ -243,12 +243,7 @@ class DecodePool:
         """Keep `backends` equal to the registry's decode workers; runs until cancelled."""
         async for event in registry.watch_forever(broker):
             if event is None:  # restarted: drop whoever left while we were not watching
-                try:
-                    live = await registry.list()
-                except TRANSIENT_BROKER_ERRORS as exc:
-                    log.info("registry list after a watch restart failed (%r)", exc)
-                    continue
-                for worker_id in set(self.backends) - set(live):
+                for worker_id in set(self.backends) - await registry.live_ids():
                     self.remove(worker_id)
                 continue
             worker_id, data = event

@@ -5,10 +5,9 @@ this module carries them out):
 1. attempt 1: reserve landing pages (cached prefix + the rest of the prompt + the
    page that will own the partial last one) in the engine call that admitted the
    request (`reserve_rule`: one wait for the engine's step in progress, not two)
-   and publish a `PrefillJob` naming this
-   worker's incarnation, under a lease sized from the pool's measured prefill rate
-   (worker/leases.py); Msg-Id = <internal id>:<attempt>, where the internal id is
-   this worker's own (the caller's request id is only a label). While it waits, a
+   and publish a `PrefillJob` naming this worker's incarnation, under a lease sized
+   from the pool's measured prefill rate (worker/leases.py); Msg-Id = <internal
+   id>:<attempt> (the internal id is ours; the caller's is a label). While it waits, a
    prefill worker may renew the lease (granted before the deadline, up to the cap;
    the pages' release moves first) or decline the job (the attempt fails at once);
 2. the `KVReady` of the current attempt arrives in time, for this incarnation: the
@@ -371,8 +370,9 @@ class RemotePrefillClient:
     async def _watch_prefill_workers(self) -> None:
         registry, broker = self.core.registry, self.core.broker
         async for event in registry.watch_forever(broker):
-            if event is None:  # restarted: a fresh snapshot follows
-                self.live_prefill_ids.clear()
+            if event is None:  # restarted: drop whoever left while we were not watching
+                for worker_id in self.live_prefill_ids - await registry.live_ids():
+                    self._prefill_worker_left(worker_id, gone=True)
                 continue
             worker_id, data = event
             descriptor = None if data is None else parse_descriptor(worker_id, data)
@@ -384,14 +384,15 @@ class RemotePrefillClient:
                     self.clocks.forget(worker_id)  # restarted: measure its clock anew
                     self._incarnations[worker_id] = descriptor.incarnation
             elif worker_id in self.live_prefill_ids:
-                self.live_prefill_ids.discard(worker_id)
-                # A worker that switched roles (Admin.SetRole) drained first and holds no
-                # job: the waiting attempts' jobs stay for the other prefill workers.
-                # Gone (or no prefill worker left): fail them now rather than at the lease.
-                if descriptor is None or not self.live_prefill_ids:
-                    self._fail_waiting(worker_id)
+                self._prefill_worker_left(worker_id, gone=descriptor is None)
 
-    def _fail_waiting(self, worker_id: str) -> None:
+    def _prefill_worker_left(self, worker_id: str, gone: bool) -> None:
+        """A worker that switched roles (Admin.SetRole) drained first and holds no job:
+        the waiting attempts' jobs stay for the other prefill workers. Gone (or no
+        prefill worker left): fail them now rather than at the lease."""
+        self.live_prefill_ids.discard(worker_id)
+        if not gone and self.live_prefill_ids:
+            return
         for waiting in self._waiting.values():
             if not waiting.kv_ready.done():
                 waiting.kv_ready.set_exception(PrefillWorkerGone(worker_id))
