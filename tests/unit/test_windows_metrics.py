@@ -3,6 +3,7 @@ worker's events and state, read back through prometheus-client's text parser."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -33,8 +34,11 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([], 0.5) == 0.0
 
 
+_STEPS = itertools.count(1)
+
+
 def _step(taken_s: float, decode: int, prefill: int, context: int, secs: float) -> EngineStats:
-    return replace(EMPTY_STATS, taken_s=taken_s, last_step=StepStats(
+    return replace(EMPTY_STATS, taken_s=taken_s, num_steps=next(_STEPS), last_step=StepStats(
         num_prefill_tokens=prefill, num_decode_tokens=decode, num_context_tokens=context,
         duration_s=secs))
 
@@ -47,7 +51,9 @@ def test_summary_buckets_prefill_rates_and_decode_steps() -> None:
     w.step(_step(1.0, decode=4, prefill=0, context=400, secs=0.02))  # batch [4, 8)
     w.step(_step(1.0, decode=5, prefill=0, context=1000, secs=0.04))
     w.step(_step(1.0, decode=4, prefill=64, context=400, secs=0.5))  # mixed: not counted
-    w.step(_step(1.0, decode=1, prefill=0, context=10, secs=0.01))  # batch [1, 2)
+    last = _step(1.0, decode=1, prefill=0, context=10, secs=0.01)  # batch [1, 2)
+    w.step(last)
+    w.step(replace(last, taken_s=1.5))  # a command's answer after the same step: once
     w.transfer(1.0, 4_000_000, 0.002)
     w.transfer(1.0, 2_000_000, 0.002)
     s = w.summary(2.0)

@@ -72,6 +72,7 @@ class Engine:
         self._trackers: dict[str, OutputTracker] = {}
         self._held: dict[str, Sequence] = {}  # finished prefills whose pages await transfer
         self.num_steps = 0
+        self.in_step = False  # a step's forward is running (mid-step commands see True)
         self.last_step = StepStats()
         self.info = EngineInfo(config, config.page_size, num_pages, config.max_num_seqs,
                                self.max_model_len, mc.vocab_size, loaded.fingerprint,
@@ -246,7 +247,11 @@ class Engine:
         if not plan.scheduled:
             return []
         work = _step_work(plan.scheduled)  # before `update` advances the sequences
-        sampled = self.runner.run(plan.scheduled)
+        self.in_step = True
+        try:
+            sampled = self.runner.run(plan.scheduled)
+        finally:
+            self.in_step = False
         self.scheduler.update(plan.scheduled)
         self.num_steps += 1
         outputs = self._postprocess(plan.scheduled, sampled)

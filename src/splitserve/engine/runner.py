@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -24,6 +25,8 @@ class ModelRunner:
         self.attention = attention
         self.page_size = attention.page_size
         self.device = model.embed_tokens.weight.device
+        # Runs after each layer of a step's forward (`AsyncEngine`'s mid-step commands).
+        self.between_layers: Callable[[], None] | None = None
 
     def run(self, scheduled: Seq[ScheduledSequence]) -> list[int | None]:
         """Compute the scheduled tokens; return a sampled token for each sequence
@@ -45,7 +48,8 @@ class ModelRunner:
     def forward(self, scheduled: Seq[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states `[T, hidden]` of the step's tokens and the rows to sample from."""
         input_ids, positions, layout, sample_rows = self._prepare(scheduled)
-        hidden = self.model(input_ids, positions, BatchAttention(self.attention, layout))
+        hidden = self.model(input_ids, positions, BatchAttention(self.attention, layout),
+                            self.between_layers)
         return hidden, sample_rows
 
     def _decode_groups(

@@ -8,6 +8,7 @@ batch; it stores each layer's new K/V into KV pages and attends over them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -129,14 +130,18 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: PagedAttention
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: PagedAttention,
+        between_layers: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: int64 `[T]` → final hidden states `[T, hidden_size]`."""
+        """input_ids, positions: int64 `[T]` → final hidden states `[T, hidden_size]`.
+        `between_layers()` runs after each layer (the engine's mid-step commands)."""
         x = self.embed_tokens(input_ids)
         angles = self.rope.cos_sin(positions, x.dtype)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, angles, attention, self.ops)
+            if between_layers is not None:
+                between_layers()
         if residual is None:  # a model without layers (tests)
             return self.ops.rms_norm(x, self.norm.weight, self.norm.eps)
         return self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]

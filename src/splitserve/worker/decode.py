@@ -121,7 +121,8 @@ class DecodeService:
         reserve = self.remote.reserve_rule(request_id, prompt, request)
 
         def admit(e: Engine) -> RemoteStart | None:
-            """On the engine thread: the first remote attempt if the request goes
+            """On the engine thread, mid-step (it adds a sequence and takes free or
+            unreferenced pages only): the first remote attempt if the request goes
             remote; else None, and the request is queued for a local prefill."""
             effective_len = len(prompt) - e.cached_prefix_tokens(prompt)
             if offload(effective_len, e.stats().decode_load):
@@ -133,7 +134,7 @@ class DecodeService:
         finished = False
         outcome = RemoteOutcome(PrefillPath.LOCAL, 1)
         try:
-            remote = await self.engine.call(admit)
+            remote = await self.engine.call(admit, mid_step=True)
             if remote is None:
                 self.core.counters.num_offload_local += 1
                 self.core.counters.num_local_prefills += 1
@@ -143,7 +144,8 @@ class DecodeService:
             if outcome.path is PrefillPath.NONE:  # no room for landing pages: local after all
                 outcome = RemoteOutcome(PrefillPath.LOCAL, 1)
                 await self.engine.call(lambda e: e.add_request(
-                    request_id, prompt, request.params, priority=request.priority))
+                    request_id, prompt, request.params, priority=request.priority),
+                    mid_step=True)
                 self.core.counters.num_local_prefills += 1  # (fallbacks count in remote.py)
             log.debug("request %s runs as %s (%s prefill)", label, request_id,
                       outcome.path.value)

@@ -4,15 +4,15 @@ Life cycle of one remote prefill (the decisions are `routing.attempts.RemoteAtte
 this module carries them out):
 1. attempt 1: reserve landing pages (cached prefix + the rest of the prompt + the
    page that will own the partial last one) in the engine call that admitted the
-   request (`reserve_rule`: one wait for the engine's step in progress, not two)
+   request (`reserve_rule`; mid-step: no wait for the engine's step in progress)
    and publish a `PrefillJob` naming this worker's incarnation, under a lease sized
    from the pool's measured prefill rate (worker/leases.py); Msg-Id = <internal
    id>:<attempt> (the internal id is ours; the caller's is a label). While it waits, a
    prefill worker may renew the lease (granted before the deadline, up to the cap;
    the pages' release moves first) or decline the job (the attempt fails at once);
 2. the `KVReady` of the current attempt arrives in time, for this incarnation: the
-   engine checks the page checksums (`kv_checksum`), copies the partial last page
-   and starts decoding after the first token;
+   engine checks the page checksums (`kv_checksum`), copies the partial last page and
+   starts decoding after the first token (mid-step: it need not wait for the step);
 3. the attempt fails: no KVReady by the deadline, a refused or duplicate publish, a
    rejected KVReady, a checksum mismatch, a failed accept, or a prefill worker
    leaving the registry while the attempt waits. Its landing pages stay quarantined
@@ -266,7 +266,8 @@ class RemotePrefillClient:
         verify = pages_intact(ready.page_checksums) if self.core.config.kv_checksum else None
         try:
             out = await self.engine.call(lambda e: e.accept_remote(
-                request_id, plan.attempt, ready.first_token, verify), dispatch=True)
+                request_id, plan.attempt, ready.first_token, verify), dispatch=True,
+                mid_step=True)
         except Exception:  # the attempt fails; its pages stay fenced
             log.exception("request %s attempt %d: accepting KVReady failed", request_id,
                           plan.attempt)

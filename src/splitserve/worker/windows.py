@@ -113,6 +113,7 @@ class WorkerWindows:
         self.prefills = [SlidingWindow(span_s) for _ in range(len(PREFILL_LENGTH_EDGES) + 1)]
         self.steps = [SlidingWindow(span_s) for _ in range(len(BATCH_EDGES) + 1)]
         self.transfers = SlidingWindow(span_s)  # (bytes, seconds)
+        self._last_step_seen = -1  # EngineStats.num_steps of the last step counted
 
     # --- observations ------------------------------------------------------------
     def prefill(self, now: float, num_tokens: int, duration_s: float) -> None:
@@ -122,7 +123,11 @@ class WorkerWindows:
             self.prefills[i].add(now, num_tokens, duration_s)
 
     def step(self, stats: EngineStats) -> None:
-        """An engine snapshot: its last step counts if it was a pure decode step."""
+        """An engine snapshot: its last step counts once (each command's answer carries
+        the latest step again, mid-step ones the one before) if it was pure decode."""
+        if stats.num_steps == self._last_step_seen:
+            return
+        self._last_step_seen = stats.num_steps
         step = stats.last_step
         if step.num_decode_tokens and not step.num_prefill_tokens and step.duration_s > 0:
             i = bisect.bisect_right(BATCH_EDGES, step.num_decode_tokens)
