@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitserve.queue.broker import find_free_port
+from splitserve.queue.broker import find_free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -22,10 +22,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def cluster_file(tmp_path: Path) -> Path:
     config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
-    config.update(state_dir=str(tmp_path / "state"), nats_port=find_free_port(),
-                  base_grpc_port=find_free_port(), base_metrics_port=find_free_port(),
-                  router_http_port=find_free_port(), router_grpc_port=find_free_port(),
-                  planner_grpc_port=find_free_port(), planner_metrics_port=find_free_port())
+    # one block of ports: worker i takes base + i, which a port picked apart could be
+    # (seen once: decode-1's /metrics port was the router's)
+    base = find_free_ports(11)
+    config.update(state_dir=str(tmp_path / "state"), nats_port=base,
+                  base_grpc_port=base + 1, base_metrics_port=base + 4,
+                  router_http_port=base + 7, router_grpc_port=base + 8,
+                  planner_grpc_port=base + 9, planner_metrics_port=base + 10)
+    assert config["num_decode_workers"] + config["num_prefill_workers"] == 3
     config["worker"]["engine"]["kv_cache_memory_mb"] = 96
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -48,6 +48,18 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def find_free_ports(count: int, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive TCP ports that nothing listens on right now.
+    For a base port and its offsets (worker i on base + i): separate `find_free_port`
+    calls can hand out base + 1 as another service's port."""
+    for _ in range(100):
+        base = find_free_port(host)
+        if base + count <= 65536 and not any(_port_in_use(host, base + i)
+                                             for i in range(1, count)):
+            return base
+    raise OSError(f"no {count} consecutive free ports on {host}")
+
+
 def _port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
