@@ -227,14 +227,14 @@ class AsyncEngine:
 
     def _drain_commands(self, block: bool) -> bool:
         """Run the queued commands (each answer carries a snapshot); with none, release
-        quarantined pages: whether any were released."""
-        _drain(self._mid_step)
+        quarantined pages: whether any were released. A mid-step command always comes
+        with a no-op in `_commands`, so the wait below ends for it too."""
         try:
             command = self._commands.get(timeout=_IDLE_WAIT_S) if block else \
                 self._commands.get_nowait()
         except queue.Empty:
             return bool(self.engine.allocator.release_quarantined(time.monotonic()))
-        _drain(self._mid_step)  # queued while it waited
+        _drain(self._mid_step)  # mid-step commands first, as within a step
         command()
         _drain(self._commands)
         return False
