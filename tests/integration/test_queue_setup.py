@@ -14,7 +14,7 @@ from nats_fixtures import TEST_BACKOFF
 from splitserve.errors import ConfigError
 from splitserve.queue import subjects
 from splitserve.queue.broker import NatsServer, find_free_port
-from splitserve.queue.connection import BrokerConnection, connect
+from splitserve.queue.connection import BrokerConnection, _cancel_until_done, connect
 from splitserve.queue.errors import (
     BrokerStartError,
     BrokerUnavailable,
@@ -118,6 +118,40 @@ async def test_connect_waits_for_a_late_broker(tmp_path: Path) -> None:
         assert conn.is_closed and not conn.is_connected
     finally:
         server.stop()
+
+
+async def test_a_connect_attempt_ends_even_when_it_swallows_a_cancel() -> None:
+    """nats.py's first-connect loop can lose one cancel (an inner wait_for whose read
+    completes as the cancel arrives); seen as a connect with wrong credentials that
+    never timed out, 1 in ~30. The attempt is cancelled until it ends."""
+    cancels = 0
+
+    async def deaf_once() -> None:  # swallows the first cancel, as that read did
+        nonlocal cancels
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancels += 1
+                if cancels > 1:
+                    raise
+
+    attempt = asyncio.ensure_future(deaf_once())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(_cancel_until_done(attempt), 2)
+    assert attempt.cancelled() and cancels == 2
+
+
+async def test_a_cancelled_connect_leaves_no_attempt_behind(tmp_path: Path) -> None:
+    server = NatsServer(find_free_port(), tmp_path / "store")  # never started
+    before = asyncio.all_tasks()
+    pending = asyncio.create_task(connect(server.url, backoff=TEST_BACKOFF, connect_timeout_s=30))
+    await asyncio.sleep(0.3)
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    await asyncio.sleep(0.05)  # the closed client's own tasks wind down
+    assert asyncio.all_tasks() - before == set()
 
 
 async def test_setup_is_idempotent_with_the_asked_settings(

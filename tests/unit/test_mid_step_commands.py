@@ -130,6 +130,29 @@ async def test_only_mid_step_calls_run_during_a_step(tiny_engine) -> None:
         await engine.stop()
 
 
+async def test_a_mid_step_call_queued_during_a_command_runs_when_idle(tiny_engine) -> None:
+    """Its no-op wake-up is taken after the command in progress: the mid-step queue is
+    drained then too, not left for a step that never comes (CI at 3c25d5d)."""
+    engine = AsyncEngine(tiny_engine())
+    inside, go_on = threading.Event(), threading.Event()
+
+    def held(_: Engine) -> None:
+        inside.set()
+        go_on.wait(10.0)
+
+    await engine.start()
+    try:
+        first = engine.call(held)
+        assert await asyncio.to_thread(inside.wait, 10.0)
+        mid = engine.call(lambda e: e.in_step, mid_step=True)
+        go_on.set()
+        await first
+        assert await asyncio.wait_for(mid, 2.0) is False
+    finally:
+        go_on.set()
+        await engine.stop()
+
+
 async def test_a_mid_step_call_that_raises_reaches_its_caller_only(tiny_engine) -> None:
     engine = AsyncEngine(tiny_engine())
     await engine.start()

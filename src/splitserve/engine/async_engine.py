@@ -227,17 +227,23 @@ class AsyncEngine:
 
     def _drain_commands(self, block: bool) -> bool:
         """Run the queued commands (each answer carries a snapshot); with none, release
-        quarantined pages: whether any were released. A mid-step command always comes
-        with a no-op in `_commands`, so the wait below ends for it too."""
+        quarantined pages: whether any were released.
+
+        A mid-step command is queued before its no-op in `_commands`, so draining the
+        mid-step queue before *each* regular command runs it whichever no-op is taken
+        (taking its no-op without draining left it queued until the next step)."""
         try:
             command = self._commands.get(timeout=_IDLE_WAIT_S) if block else \
                 self._commands.get_nowait()
         except queue.Empty:
             return bool(self.engine.allocator.release_quarantined(time.monotonic()))
-        _drain(self._mid_step)  # mid-step commands first, as within a step
-        command()
-        _drain(self._commands)
-        return False
+        while True:
+            _drain(self._mid_step)  # mid-step commands first, as within a step
+            command()
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return False
 
     def _publish_stats(self) -> None:
         assert self._loop is not None

@@ -113,6 +113,7 @@ class BrokerConnection:
 
 
 NO_AUTH = NatsAuthConfig()
+_CANCEL_RETRY_S = 0.1
 
 
 async def connect(
@@ -148,30 +149,43 @@ async def connect(
         return server, backoff.delay_s(server.reconnects)
 
     start = time.monotonic()
+    attempt = asyncio.ensure_future(nc.connect(
+        servers=server_list,
+        name=name,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        # Between attempts of the *first* connect; the handler paces reconnects.
+        reconnect_time_wait=backoff.initial_s,  # type: ignore[arg-type]
+        reconnect_to_server_handler=choose_server,
+        connect_timeout=2,
+        disconnected_cb=conn._on_disconnected,
+        reconnected_cb=conn._on_reconnected,
+        error_cb=conn._on_error,
+        closed_cb=conn._on_closed,
+        **credentials,
+    ))
     try:
-        await asyncio.wait_for(
-            nc.connect(
-                servers=server_list,
-                name=name,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                # Between attempts of the *first* connect; the handler paces reconnects.
-                reconnect_time_wait=backoff.initial_s,  # type: ignore[arg-type]
-                reconnect_to_server_handler=choose_server,
-                connect_timeout=2,
-                disconnected_cb=conn._on_disconnected,
-                reconnected_cb=conn._on_reconnected,
-                error_cb=conn._on_error,
-                closed_cb=conn._on_closed,
-                **credentials,
-            ),
-            connect_timeout_s,
-        )
-    except TimeoutError:
+        await asyncio.wait({attempt}, timeout=connect_timeout_s)
+    except asyncio.CancelledError:  # our caller gave up
+        await _cancel_until_done(attempt)
+        await conn.close()
+        raise
+    await _cancel_until_done(attempt)  # timed out (a no-op once connected)
+    if attempt.cancelled() or attempt.exception() is not None:
         await conn.close()  # as closing: no "disconnected" warning for a broker never reached
-        raise BrokerUnavailable(server_list, time.monotonic() - start) from None
+        if not attempt.cancelled():
+            raise attempt.exception()  # type: ignore[misc]
+        raise BrokerUnavailable(server_list, time.monotonic() - start)
     conn._connected.set()
     log.info("nats connection %s: connected to %s", name,
                 host_port(nc.connected_url) if nc.connected_url else "?")
     return conn
 
+
+async def _cancel_until_done(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` until it ends. nats.py's first-connect loop retries forever, and
+    one cancel can be lost in it (an inner `wait_for` whose read completes as the cancel
+    arrives returns the line and swallows the cancel): that attempt then never ended."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=_CANCEL_RETRY_S)
