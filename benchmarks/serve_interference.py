@@ -44,7 +44,7 @@ import grpc
 from splitserve.config.daemon import ClusterConfig, LeaseConfig, WorkerConfig
 from splitserve.config.schema import EngineConfig
 from splitserve.daemons.up import LocalCluster
-from splitserve.queue.broker import find_free_port
+from splitserve.queue.broker import find_free_ports
 from splitserve.routing.offload import RoutingConfig
 from splitserve.rpc import generation_pb2, generation_pb2_grpc
 
@@ -137,15 +137,22 @@ async def drive(addresses: list[str], requests: list[Request]) -> tuple[list[Res
     return list(results), wall_s
 
 
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(dtype=args.dtype, kv_cache_memory_mb=1024, max_num_seqs=32,
+                        max_num_batched_tokens=256,
+                        max_prefill_chunk_tokens=args.max_prefill_chunk_tokens or None)
+
+
 def cluster_config(mode: str, state_dir: str, routing: RoutingConfig,
-                   chunk_cap: int | None) -> ClusterConfig:
+                   engine: EngineConfig) -> ClusterConfig:
+    # one block of ports: worker i listens on base + 1 + i
+    base = find_free_ports(4)
     worker = WorkerConfig(
-        engine=EngineConfig(kv_cache_memory_mb=1024, max_num_seqs=32,
-                            max_num_batched_tokens=256, max_prefill_chunk_tokens=chunk_cap),
+        engine=engine,
         routing=replace(routing, enable_remote_prefill=mode == "disaggregated"),
         lease=LeaseConfig(base_s=20.0, per_token_ms=10.0), log_level="WARNING")
     return ClusterConfig(
-        state_dir=state_dir, nats_port=find_free_port(), base_grpc_port=find_free_port(),
+        state_dir=state_dir, nats_port=base, base_grpc_port=base + 1,
         num_decode_workers=1 if mode == "disaggregated" else 2,
         num_prefill_workers=1 if mode == "disaggregated" else 0,
         worker=worker, pin_cores=True, router=False,  # requests go to the workers directly
@@ -185,9 +192,9 @@ def summarize(results: list[Result], wall_s: float, slo: Slo = SLO) -> dict:
 
 
 def run_mode(mode: str, requests: list[Request], routing: RoutingConfig,
-             chunk_cap: int | None) -> dict:
+             engine: EngineConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"splitserve-{mode}-") as state_dir:
-        cluster = LocalCluster(cluster_config(mode, state_dir, routing, chunk_cap))
+        cluster = LocalCluster(cluster_config(mode, state_dir, routing, engine))
         cluster.start()
         try:
             addresses = [w.config.grpc_address for w in cluster.workers
@@ -212,9 +219,9 @@ RATIOS = {  # name: (summary key, percentile); the lower the better
 def seed_run(args: argparse.Namespace, routing: RoutingConfig, seed: int) -> dict:
     """Both modes on one seed's requests."""
     requests = workload(args.rate, args.duration, seed)
-    cap = args.max_prefill_chunk_tokens or None
-    disagg = run_mode("disaggregated", requests, routing, cap)
-    coloc = run_mode("colocated", requests, routing, cap)
+    engine = engine_config(args)
+    disagg = run_mode("disaggregated", requests, routing, engine)
+    coloc = run_mode("colocated", requests, routing, engine)
     ratios: dict[str, float | None] = {name: ratio(disagg, coloc, key, q)
                                        for name, (key, q) in RATIOS.items()}
     ratios["goodput"] = (round(disagg["goodput_req_per_s"] / coloc["goodput_req_per_s"], 3)
@@ -253,6 +260,8 @@ def main() -> None:
                     help="the engines' per-prompt chunk cap (0: none)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                     help="one workload per seed, both modes on each")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights, activations and KV of every worker")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     routing = RoutingConfig(prefill_length_threshold=args.threshold,
@@ -263,7 +272,7 @@ def main() -> None:
     out = {
         "benchmark": "serve_interference",
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "model": "SmolLM2-135M-Instruct fp32, one core + one torch thread per worker",
+        "model": f"SmolLM2-135M-Instruct {args.dtype}, one core + one torch thread per worker",
         "workload": {"rate_req_per_s": args.rate, "duration_s": args.duration,
                      "seeds": args.seeds, "short_prompt_tokens": "32-64",
                      "long_prompt_tokens": "1024-2048", "output_tokens": "32-128"},

@@ -1,6 +1,7 @@
 """Admin.SetRole on a real worker core in this process: SmolLM2 engine, NIXL agent, a real
 nats-server (registry, stats), the real gRPC server. Unknown roles, the role in force,
-a switch and back, two switches at once, and a grace that runs out."""
+a switch and back, two switches at once, and a grace that runs out; a worker that
+turns busy says so at once (what a planner choosing whom to flip reads)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from splitserve.config.daemon import WorkerConfig
 from splitserve.config.schema import EngineConfig
 from splitserve.control.server import GrpcServer, start_grpc_server
+from splitserve.engine.sampling import SamplingParams
 from splitserve.queue.broker import NatsServer
 from splitserve.queue.registry import WorkerRegistry, parse_descriptor
 from splitserve.queue.stats import StatsSubscription
@@ -151,7 +153,8 @@ async def test_switch_to_prefill_and_back(worker: Worker) -> None:
     assert await worker.generate(max_tokens=12) == before
     status = await worker.status()
     assert (status.role, status.counters.num_role_switches) == ("decode", 2)
-    assert len(worker.core.engine.stats_listeners) == 2  # observer + KV events once
+    # observer, busy edge, KV events once
+    assert len(worker.core.engine.stats_listeners) == 3
 
 
 async def test_one_switch_at_a_time_and_a_grace_that_runs_out(worker: Worker) -> None:
@@ -183,3 +186,27 @@ async def test_one_switch_at_a_time_and_a_grace_that_runs_out(worker: Worker) ->
     assert (resp.role, resp.outcome) == ("prefill", SWITCHED)
     assert (await worker.set_role("decode", 10)).outcome == SWITCHED
     assert await worker.generate(max_tokens=48, ignore_eos=True) == expected
+
+
+async def test_a_worker_turning_busy_publishes_its_stats_at_once(
+        nats_server: NatsServer) -> None:
+    """Not up to `stats_interval_s` later: a planner reading idle stats of a worker
+    taking a burst drained it instead of an idle one (CI)."""
+    config = WorkerConfig(role="decode", worker_id=WORKER_ID, grpc_address="127.0.0.1:0",
+                          nats_url=nats_server.url, stats_interval_s=120,
+                          engine=EngineConfig(kv_cache_memory_mb=96, max_num_seqs=16))
+    core = await start_core(config)
+    try:
+        await core.start_messaging("127.0.0.1:1")
+        subscription = await StatsSubscription.subscribe(core.broker.nc, worker_id=WORKER_ID)
+        stream = core.engine.generate("burst", list(range(20, 80)),
+                                      SamplingParams(max_tokens=64, temperature=0,
+                                                     ignore_eos=True))
+        first = asyncio.ensure_future(anext(stream))
+        stats = await subscription.next(timeout_s=10)
+        assert stats.num_running + stats.queue_depth == 1
+        await first
+        await stream.aclose()
+        await subscription.close()
+    finally:
+        await core.stop()

@@ -23,9 +23,10 @@ from splitserve.planner.model import Plan, Role, Thresholds, WorkerLoad
 T = Thresholds(128, 48, 16)
 
 
-def ref(worker_id: str, role: Role, running: int = 0, kv: float = 0.0) -> WorkerRef:
-    return WorkerRef(WorkerLoad(worker_id, role, num_running=running, kv_usage=kv),
-                     "127.0.0.1:1")
+def ref(worker_id: str, role: Role, running: int = 0, kv: float = 0.0,
+        queued: int = 0) -> WorkerRef:
+    return WorkerRef(WorkerLoad(worker_id, role, num_running=running, kv_usage=kv,
+                                queue_depth=queued), "127.0.0.1:1")
 
 
 def plan(num_prefill: int, num_decode: int) -> Plan:
@@ -149,6 +150,17 @@ def test_role_actuator_flips_the_least_loaded_worker_of_the_shrinking_role() -> 
     work.close()  # type: ignore[attr-defined]  (not run: no worker listens here)
     actions, work = actuator._actions(plan(0, 4), workers)
     assert work is None  # a flip cannot add a worker
+
+
+def test_a_worker_whose_requests_all_wait_for_a_remote_prefill_is_not_the_idle_one(
+        ) -> None:
+    """Long prompts prefilled remotely: nothing runs on d0 yet, 8 requests wait there
+    (CI: the planner drained d0, the worker taking the burst, over the idle d1)."""
+    actuator = RoleActuator(ActuatorConfig(kind="role"), Clock(), lambda _: None)
+    workers = [ref("d0", Role.DECODE, queued=8), ref("d1", Role.DECODE)]
+    actions, work = actuator._actions(plan(2, 1), workers)
+    assert actions == ("flip d1 decode -> prefill",)
+    work.close()  # type: ignore[union-attr]
 
 
 def test_role_actuator_flips_a_worker_away_from_home_back_first() -> None:

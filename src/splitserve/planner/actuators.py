@@ -5,8 +5,8 @@ targets becomes actions.
 - role: one worker at a time is drained and flipped to the role that needs it
   (Admin/SetRole on it); the one flipped is the worker most recently flipped into its
   role (undoing flips restores the layout the operator chose: which cores or devices
-  serve which role), else the least loaded of its role (fewest running sequences, then
-  least KV in use). A flip that fails, or a worker that does not report
+  serve which role), else the least loaded of its role (fewest requests running or queued,
+  then least KV in use). A flip that fails, or a worker that does not report
   its new role within `call_timeout_s` after it, is reported, and the next try waits
   out the backoff; the plan adapts on its own since it counts the roles the workers
   report;
@@ -161,8 +161,8 @@ class RoleActuator(Actuator):
         if not candidates:
             return (f"no {source.value} worker with an Admin address to flip",), None
         worker = min(candidates, key=lambda w: (-self._away.get(w.load.worker_id, -1),
-                                                w.load.num_running, w.load.kv_usage,
-                                                w.load.worker_id))
+                                                w.load.num_running + w.load.queue_depth,
+                                                w.load.kv_usage, w.load.worker_id))
         action = f"flip {worker.load.worker_id} {source.value} -> {to.value}"
         return (action,), self._flip(worker, to)
 

@@ -26,6 +26,7 @@ from splitserve.config.daemon import WorkerConfig
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.kv_pool import KVPool
 from splitserve.engine.llm_engine import Engine
+from splitserve.engine.stats import EngineStats
 from splitserve.queue.connection import BrokerConnection, connect
 from splitserve.queue.errors import TRANSIENT_BROKER_ERRORS
 from splitserve.queue.registry import WorkerRegistry, parse_descriptor
@@ -136,6 +137,11 @@ class WorkerCore:
                                       self._metrics_state)
         self.observer = Observer(self.metrics, self.windows)
         engine.stats_listeners.append(self.observer.engine_step)
+        # Idle -> busy publishes at once: a planner choosing which worker to flip sees
+        # this one loaded, not the idle stats of up to `stats_interval_s` ago.
+        self._busy = False
+        self._publish_now = asyncio.Event()
+        engine.stats_listeners.append(self._on_engine_stats)
         self.metrics_url = ""
 
     @property
@@ -268,9 +274,19 @@ class WorkerCore:
             num_transfers=transfers.num_transfers if transfers else 0,
             num_transfer_failures=transfers.num_failures if transfers else 0, role=self.role)
 
+    def _on_engine_stats(self, stats: EngineStats) -> None:
+        busy = stats.num_unfinished > 0
+        if busy and not self._busy:
+            self._publish_now.set()
+        self._busy = busy
+
     async def _publish_stats_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.config.stats_interval_s)
+            try:
+                await asyncio.wait_for(self._publish_now.wait(), self.config.stats_interval_s)
+            except TimeoutError:
+                pass
+            self._publish_now.clear()
             await publish_stats(self.broker.nc, self.stats())
 
 
