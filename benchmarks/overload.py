@@ -43,9 +43,9 @@ import openai
 from splitserve.config.daemon import ClusterConfig, WorkerConfig
 from splitserve.config.router import QosConfig, RouterConfig
 from splitserve.config.schema import EngineConfig
+from splitserve.daemons.ports import cluster_ports
 from splitserve.daemons.up import LocalCluster
 from splitserve.model.loader import default_model_path
-from splitserve.queue.broker import find_free_port
 from splitserve.routing.offload import RoutingConfig
 
 SLO_S = {"high": 2.0, "normal": 8.0, "low": 20.0}
@@ -147,10 +147,8 @@ def cluster_config(state_dir: str, admission: bool) -> ClusterConfig:
                           routing=RoutingConfig(enable_remote_prefill=False),
                           log_level="WARNING")
     return ClusterConfig(
-        state_dir=state_dir, nats_port=find_free_port(), base_grpc_port=find_free_port(),
-        base_metrics_port=0, num_decode_workers=2, num_prefill_workers=0, worker=worker,
-        pin_cores=True, secure=False, router_http_port=find_free_port(),
-        router_grpc_port=find_free_port(), router_settings=RouterConfig(
+        state_dir=state_dir, **cluster_ports(2), num_decode_workers=2, num_prefill_workers=0,
+        worker=worker, pin_cores=True, secure=False, router_settings=RouterConfig(
             qos=QosConfig(admission=admission), log_level="WARNING"))
 
 

@@ -47,8 +47,8 @@ from splitserve.config.planner import (
     ThresholdConfig,
 )
 from splitserve.config.schema import EngineConfig
+from splitserve.daemons.ports import cluster_ports
 from splitserve.daemons.up import LocalCluster
-from splitserve.queue.broker import find_free_port
 from splitserve.routing.offload import RoutingConfig
 from splitserve.rpc import generation_pb2_grpc
 
@@ -87,11 +87,9 @@ def cluster_config(state_dir: str, with_planner: bool, args: argparse.Namespace)
                               tpot_slo_ms=args.slo_tpot_s * 1e3),
         thresholds=ThresholdConfig(enabled=False))  # the split is what is compared
     return ClusterConfig(
-        state_dir=state_dir, nats_port=find_free_port(), base_grpc_port=find_free_port(),
-        base_metrics_port=0, num_decode_workers=2, num_prefill_workers=1, worker=worker,
-        pin_cores=True, secure=False, router_http_port=find_free_port(),
-        router_grpc_port=find_free_port(), planner=with_planner,
-        planner_grpc_port=find_free_port(), planner_settings=planner)
+        state_dir=state_dir, **cluster_ports(3), num_decode_workers=2, num_prefill_workers=1,
+        worker=worker, pin_cores=True, secure=False, planner=with_planner,
+        planner_settings=planner)
 
 
 async def drive(address: str, requests: list[tuple[str, Request]]) -> tuple[list[Result], float]:

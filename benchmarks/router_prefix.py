@@ -43,9 +43,9 @@ import openai
 from splitserve.config.daemon import ClusterConfig, WorkerConfig
 from splitserve.config.router import RouterConfig
 from splitserve.config.schema import EngineConfig
+from splitserve.daemons.ports import cluster_ports
 from splitserve.daemons.up import LocalCluster
 from splitserve.model.loader import default_model_path
-from splitserve.queue.broker import find_free_port
 from splitserve.routing.offload import RoutingConfig
 
 WORDS = ("river", "stone", "light", "garden", "paper", "signal", "winter", "orbit", "melody",
@@ -130,10 +130,8 @@ def cluster_config(state_dir: str, balance: str, kv_cache_mb: int) -> ClusterCon
         engine=EngineConfig(kv_cache_memory_mb=kv_cache_mb, max_num_seqs=32),
         routing=RoutingConfig(enable_remote_prefill=False), log_level="WARNING")
     return ClusterConfig(
-        state_dir=state_dir, nats_port=find_free_port(), base_grpc_port=find_free_port(),
-        base_metrics_port=0, num_decode_workers=2, num_prefill_workers=0, worker=worker,
-        pin_cores=True, secure=False, router_http_port=find_free_port(),
-        router_grpc_port=find_free_port(),
+        state_dir=state_dir, **cluster_ports(2), num_decode_workers=2, num_prefill_workers=0,
+        worker=worker, pin_cores=True, secure=False,
         router_settings=RouterConfig(balance=balance, log_level="WARNING"))  # type: ignore[arg-type]
 
 

@@ -43,8 +43,8 @@ import grpc
 
 from splitserve.config.daemon import ClusterConfig, LeaseConfig, WorkerConfig
 from splitserve.config.schema import EngineConfig
+from splitserve.daemons.ports import cluster_ports
 from splitserve.daemons.up import LocalCluster
-from splitserve.queue.broker import find_free_ports
 from splitserve.routing.offload import RoutingConfig
 from splitserve.rpc import generation_pb2, generation_pb2_grpc
 
@@ -145,14 +145,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def cluster_config(mode: str, state_dir: str, routing: RoutingConfig,
                    engine: EngineConfig) -> ClusterConfig:
-    # one block of ports: worker i listens on base + 1 + i
-    base = find_free_ports(4)
     worker = WorkerConfig(
         engine=engine,
         routing=replace(routing, enable_remote_prefill=mode == "disaggregated"),
         lease=LeaseConfig(base_s=20.0, per_token_ms=10.0), log_level="WARNING")
     return ClusterConfig(
-        state_dir=state_dir, nats_port=base, base_grpc_port=base + 1,
+        state_dir=state_dir, **cluster_ports(2),
         num_decode_workers=1 if mode == "disaggregated" else 2,
         num_prefill_workers=1 if mode == "disaggregated" else 0,
         worker=worker, pin_cores=True, router=False,  # requests go to the workers directly

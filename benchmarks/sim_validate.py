@@ -42,11 +42,11 @@ from splitserve.config.daemon import ClusterConfig, LeaseConfig, WorkerConfig
 from splitserve.config.planner import PlannerConfig
 from splitserve.config.router import RouterConfig
 from splitserve.config.schema import EngineConfig
+from splitserve.daemons.ports import cluster_ports
 from splitserve.daemons.up import LocalCluster
 from splitserve.planner.profile import Profile, load_profile
 from splitserve.planner.sim import SimSettings, simulate
 from splitserve.planner.trace import Trace, TraceScaling, load_trace, scale_trace
-from splitserve.queue.broker import find_free_port
 from splitserve.routing.offload import RoutingConfig
 from splitserve.rpc import generation_pb2_grpc
 
@@ -78,9 +78,8 @@ def live(trace: Trace, args: argparse.Namespace) -> list[Result]:
                           routing=routing(args), log_level="WARNING",
                           lease=LeaseConfig(base_s=20.0, per_token_ms=10.0))
     cluster = ClusterConfig(
-        nats_port=find_free_port(), base_grpc_port=find_free_port(), base_metrics_port=0,
-        num_decode_workers=1, num_prefill_workers=1, worker=worker, pin_cores=True,
-        secure=False, router_http_port=find_free_port(), router_grpc_port=find_free_port(),
+        **cluster_ports(2), num_decode_workers=1, num_prefill_workers=1, worker=worker,
+        pin_cores=True, secure=False,
         router_settings=RouterConfig(balance="least_loaded", log_level="WARNING"))
     with tempfile.TemporaryDirectory(prefix="splitserve-validate-") as state_dir:
         local = LocalCluster(replace(cluster, state_dir=state_dir))

@@ -1,0 +1,20 @@
+"""Ports for a local cluster (`splitserve up`, benchmarks, tests) from one free block.
+
+Worker i listens on `base_grpc_port + i`: ports picked one by one can hand out such a
+port to another service of the same cluster (seen in CI: a worker's /metrics port was
+the router's). `cluster_ports` takes every port from one block of consecutive free
+ones instead.
+"""
+
+from __future__ import annotations
+
+from splitserve.queue.broker import find_free_ports
+
+
+def cluster_ports(num_workers: int) -> dict[str, int]:
+    """ClusterConfig's port fields for `num_workers` workers (no worker /metrics)."""
+    base = find_free_ports(num_workers + 5)
+    after = base + 1 + num_workers
+    return {"nats_port": base, "base_grpc_port": base + 1, "base_metrics_port": 0,
+            "router_http_port": after, "router_grpc_port": after + 1,
+            "planner_grpc_port": after + 2, "planner_metrics_port": after + 3}
