@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitserve.queue.broker import find_free_ports
+from splitserve.daemons.ports import cluster_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -24,11 +24,7 @@ def cluster_file(tmp_path: Path) -> Path:
     config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     # one block of ports: worker i takes base + i, which a port picked apart could be
     # (seen once: decode-1's /metrics port was the router's)
-    base = find_free_ports(11)
-    config.update(state_dir=str(tmp_path / "state"), nats_port=base,
-                  base_grpc_port=base + 1, base_metrics_port=base + 4,
-                  router_http_port=base + 7, router_grpc_port=base + 8,
-                  planner_grpc_port=base + 9, planner_metrics_port=base + 10)
+    config.update(state_dir=str(tmp_path / "state"), **cluster_ports(3, worker_metrics=True))
     assert config["num_decode_workers"] + config["num_prefill_workers"] == 3
     config["worker"]["engine"]["kv_cache_memory_mb"] = 96
     path = tmp_path / "cluster.yaml"

@@ -18,6 +18,22 @@ def test_every_port_of_a_cluster_is_distinct_and_free() -> None:
         assert len(set(every)) == len(every) == num_workers + 5
         assert ports["base_metrics_port"] == 0
         for port in every:
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", port))  # free: binds
+            _assert_free(port)
+
+
+def test_worker_metrics_ports_come_from_the_same_block() -> None:
+    ports = cluster_ports(3, worker_metrics=True)
+    workers = [ports[base] + i for base in ("base_grpc_port", "base_metrics_port")
+               for i in range(3)]
+    services = [v for k, v in ports.items() if not k.startswith("base_")]
+    every = workers + services
+    assert len(set(every)) == len(every) == 3 + 3 + 5
+    assert max(every) - min(every) == len(every) - 1  # one block
+    for port in every:
+        _assert_free(port)
+
+
+def _assert_free(port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))  # free: binds

@@ -11,10 +11,13 @@ from __future__ import annotations
 from splitserve.queue.broker import find_free_ports
 
 
-def cluster_ports(num_workers: int) -> dict[str, int]:
-    """ClusterConfig's port fields for `num_workers` workers (no worker /metrics)."""
-    base = find_free_ports(num_workers + 5)
-    after = base + 1 + num_workers
-    return {"nats_port": base, "base_grpc_port": base + 1, "base_metrics_port": 0,
+def cluster_ports(num_workers: int, worker_metrics: bool = False) -> dict[str, int]:
+    """ClusterConfig's port fields for `num_workers` workers; worker /metrics ports
+    (base_metrics_port + i) only with `worker_metrics`, else 0 (none)."""
+    num_metrics = num_workers if worker_metrics else 0
+    base = find_free_ports(num_workers + num_metrics + 5)
+    after = base + 1 + num_workers + num_metrics
+    return {"nats_port": base, "base_grpc_port": base + 1,
+            "base_metrics_port": base + 1 + num_workers if worker_metrics else 0,
             "router_http_port": after, "router_grpc_port": after + 1,
             "planner_grpc_port": after + 2, "planner_metrics_port": after + 3}

@@ -171,11 +171,13 @@ async def connect(
         await conn.close()
         raise
     await _cancel_until_done(attempt)  # timed out (a no-op once connected)
-    if attempt.cancelled() or attempt.exception() is not None:
+    try:
+        attempt.result()
+    except BaseException as exc:
         await conn.close()  # as closing: no "disconnected" warning for a broker never reached
-        if not attempt.cancelled():
-            raise attempt.exception()  # type: ignore[misc]
-        raise BrokerUnavailable(server_list, time.monotonic() - start)
+        if isinstance(exc, asyncio.CancelledError):  # by us, at the timeout
+            raise BrokerUnavailable(server_list, time.monotonic() - start) from None
+        raise
     conn._connected.set()
     log.info("nats connection %s: connected to %s", name,
                 host_port(nc.connected_url) if nc.connected_url else "?")
