@@ -113,7 +113,7 @@ def copy_gbps(num_bytes: int, timer: Timer) -> float:
     return 2 * num_bytes / (ms * 1e-3) / 1e9
 
 
-def _scattered_block_tables(batch_size: int, pages_per_seq: int, device: torch.device
+def _scattered_page_tables(batch_size: int, pages_per_seq: int, device: torch.device
                             ) -> torch.Tensor:
     num_pages = batch_size * pages_per_seq
     return torch.randperm(num_pages).view(batch_size, pages_per_seq).to(device, torch.int32)
@@ -131,17 +131,17 @@ def bench_decode(shape: AttentionShape, page_size: int, context_len: int, batch_
     pages_per_seq = math.ceil(context_len / page_size)
     kv_layer = torch.randn(batch_size * pages_per_seq, 2, page_size, shape.num_kv_heads,
                            shape.head_dim, device=device, dtype=dtype)
-    block_tables = _scattered_block_tables(batch_size, pages_per_seq, device)
+    page_tables = _scattered_page_tables(batch_size, pages_per_seq, device)
     seq_lens = torch.full((batch_size,), context_len, dtype=torch.int32, device=device)
     q = torch.randn(batch_size, shape.num_heads, shape.head_dim, device=device, dtype=dtype)
     scale = shape.head_dim ** -0.5
     num_splits = default_num_splits(batch_size, shape.num_kv_heads,
-                                    block_tables.shape[1] * page_size, device)
+                                    page_tables.shape[1] * page_size, device)
 
-    out = paged_decode_attention(q, kv_layer, block_tables, seq_lens, scale)
-    kernel_ms = timer(lambda: paged_decode_attention(q, kv_layer, block_tables, seq_lens, scale))
+    out = paged_decode_attention(q, kv_layer, page_tables, seq_lens, scale)
+    kernel_ms = timer(lambda: paged_decode_attention(q, kv_layer, page_tables, seq_lens, scale))
 
-    gathered = kv_layer[block_tables.long()]  # [B, pages, 2, page, Hkv, D]
+    gathered = kv_layer[page_tables.long()]  # [B, pages, 2, page, Hkv, D]
     k = gathered[:, :, 0].flatten(1, 2)[:, :context_len].transpose(1, 2).contiguous()
     v = gathered[:, :, 1].flatten(1, 2)[:, :context_len].transpose(1, 2).contiguous()
     del gathered

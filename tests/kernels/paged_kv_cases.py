@@ -1,6 +1,6 @@
-"""Builders for paged-KV test inputs: random pools, scattered block tables, poison.
+"""Builders for paged-KV test inputs: random pools, scattered page tables, poison.
 
-Unused entries of block tables point at a page full of NaN, and the unused slots of
+Unused entries of page tables point at a page full of NaN, and the unused slots of
 each sequence's partially filled last page are NaN too, so a kernel that reads one
 token too many produces NaN and fails its comparison.
 """
@@ -22,7 +22,7 @@ def make_pool(num_pages: int, num_layers: int, page_size: int, num_kv_heads: int
 
 def assign_pages(seq_lens: list[int], page_size: int, num_pages: int, seed: int,
                  num_shared_pages: int = 0) -> torch.Tensor:
-    """int32 block tables `[B, max_pages]` with scattered pages; the last pool page is
+    """int32 page tables `[B, max_pages]` with scattered pages; the last pool page is
     the NaN poison page used as padding. With `num_shared_pages`, sequence 1 starts
     with sequence 0's first pages (a prefix-cache hit)."""
     gen = torch.Generator().manual_seed(seed)
@@ -41,21 +41,21 @@ def assign_pages(seq_lens: list[int], page_size: int, num_pages: int, seed: int,
     return table
 
 
-def poison(kv_layer: torch.Tensor, block_tables: torch.Tensor, seq_lens: list[int]) -> None:
+def poison(kv_layer: torch.Tensor, page_tables: torch.Tensor, seq_lens: list[int]) -> None:
     """NaN into the padding page and the unused tail of each sequence's last page."""
     page_size = kv_layer.shape[2]
     kv_layer[kv_layer.shape[0] - 1] = float("nan")
     for seq, seq_len in enumerate(seq_lens):
         if seq_len % page_size:
-            last = int(block_tables[seq, seq_len // page_size])
+            last = int(page_tables[seq, seq_len // page_size])
             kv_layer[last, :, seq_len % page_size:] = float("nan")
 
 
-def gather_kv(kv_layer: torch.Tensor, block_tables: torch.Tensor, seq: int,
+def gather_kv(kv_layer: torch.Tensor, page_tables: torch.Tensor, seq: int,
               seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Contiguous fp32 K and V `[seq_len, num_kv_heads, head_dim]` of one sequence."""
     page_size = kv_layer.shape[2]
-    pages = kv_layer[block_tables[seq, :math.ceil(seq_len / page_size)].long()].float()
+    pages = kv_layer[page_tables[seq, :math.ceil(seq_len / page_size)].long()].float()
     k = pages[:, 0].reshape(-1, *kv_layer.shape[3:])[:seq_len]
     v = pages[:, 1].reshape(-1, *kv_layer.shape[3:])[:seq_len]
     return k, v

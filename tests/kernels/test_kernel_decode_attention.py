@@ -39,34 +39,34 @@ def _run_case(seq_lens, num_heads, num_kv_heads, head_dim, page_size, dtype, num
     num_pages = sum(math.ceil(n / page_size) for n in seq_lens) + 4
     pool = make_pool(num_pages, 3, page_size, num_kv_heads, head_dim, dtype, device, seed)
     kv_layer = pool[:, 1]  # strided per-layer view, as the engine passes it
-    block_tables = assign_pages(seq_lens, page_size, num_pages, seed, num_shared).to(device)
-    poison(kv_layer, block_tables, seq_lens)
+    page_tables = assign_pages(seq_lens, page_size, num_pages, seed, num_shared).to(device)
+    poison(kv_layer, page_tables, seq_lens)
     gen = torch.Generator().manual_seed(seed + 1)
     # q as a strided slice of a fused projection output, like the model produces.
     qkv = torch.randn(len(seq_lens), num_heads + 2 * num_kv_heads, head_dim, generator=gen)
     q = qkv.to(device=device, dtype=dtype)[:, :num_heads]
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    return q, kv_layer, block_tables, lens
+    return q, kv_layer, page_tables, lens
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_decode_matches_reference(case, device):
     seq_lens, num_heads, num_kv_heads, head_dim, page_size, dtype, num_splits, shared = CASES[case]
-    q, kv_layer, block_tables, lens = _run_case(
+    q, kv_layer, page_tables, lens = _run_case(
         seq_lens, num_heads, num_kv_heads, head_dim, page_size, dtype, shared, device)
     scale = head_dim ** -0.5
-    out = paged_decode_attention(q, kv_layer, block_tables, lens, scale, num_splits=num_splits)
-    expected = ref_paged_decode_attention(q, kv_layer, block_tables, lens, scale)
+    out = paged_decode_attention(q, kv_layer, page_tables, lens, scale, num_splits=num_splits)
+    expected = ref_paged_decode_attention(q, kv_layer, page_tables, lens, scale)
     assert out.dtype == dtype and out.shape == q.shape
     assert not out.isnan().any()
     torch.testing.assert_close(out, expected, **TOLERANCES[dtype])
 
 
 def test_decode_split_count_does_not_change_result(device):
-    q, kv_layer, block_tables, lens = _run_case([200, 45], 6, 2, 64, 16, torch.float32, 0, device)
-    one = paged_decode_attention(q, kv_layer, block_tables, lens, 0.125, num_splits=1)
+    q, kv_layer, page_tables, lens = _run_case([200, 45], 6, 2, 64, 16, torch.float32, 0, device)
+    one = paged_decode_attention(q, kv_layer, page_tables, lens, 0.125, num_splits=1)
     for num_splits in (2, 5):
-        many = paged_decode_attention(q, kv_layer, block_tables, lens, 0.125, num_splits=num_splits)
+        many = paged_decode_attention(q, kv_layer, page_tables, lens, 0.125, num_splits=num_splits)
         torch.testing.assert_close(many, one, atol=1e-5, rtol=1e-5)
 
 
@@ -83,11 +83,11 @@ def test_default_num_splits_fills_the_device():
 @pytest.mark.parametrize("num_heads,num_kv_heads,page_size", [(8, 2, 16), (9, 3, 7)])
 def test_reference_matches_dense_sdpa(num_heads, num_kv_heads, page_size):
     seq_lens = [33, 70, 1]
-    q, kv_layer, block_tables, lens = _run_case(
+    q, kv_layer, page_tables, lens = _run_case(
         seq_lens, num_heads, num_kv_heads, 64, page_size, torch.float32, 0, torch.device("cpu"))
-    out = ref_paged_decode_attention(q, kv_layer, block_tables, lens, 0.125)
+    out = ref_paged_decode_attention(q, kv_layer, page_tables, lens, 0.125)
     for seq, seq_len in enumerate(seq_lens):
-        k, v = gather_kv(kv_layer, block_tables, seq, seq_len)
+        k, v = gather_kv(kv_layer, page_tables, seq, seq_len)
         dense = F.scaled_dot_product_attention(
             q[seq].unsqueeze(1), k.transpose(0, 1), v.transpose(0, 1), scale=0.125,
             enable_gqa=True,

@@ -33,7 +33,7 @@ def _decode_args(**overrides):
     args = {
         "q": torch.zeros(2, 4, 16),
         "kv_layer": torch.zeros(5, 3, 2, 4, 2, 16)[:, 1],
-        "block_tables": torch.zeros(2, 3, dtype=torch.int32),
+        "page_tables": torch.zeros(2, 3, dtype=torch.int32),
         "seq_lens": torch.ones(2, dtype=torch.int32),
         "scale": 0.25,
     }
@@ -62,12 +62,12 @@ def test_error_is_a_splitserve_error_with_the_argument():
      r"num_heads 4 is not a multiple of num_kv_heads 3"),
     ({"kv_layer": torch.zeros(5, 2, 4, 2, 16).transpose(3, 4).contiguous().transpose(3, 4)},
      "kv_layer", r"last dim must have stride 1"),
-    ({"block_tables": torch.zeros(2, 3)}, "block_tables", r"dtype torch.float32 not supported"),
-    ({"block_tables": torch.zeros(3, 3, dtype=torch.int32),
+    ({"page_tables": torch.zeros(2, 3)}, "page_tables", r"dtype torch.float32 not supported"),
+    ({"page_tables": torch.zeros(3, 3, dtype=torch.int32),
       "seq_lens": torch.ones(3, dtype=torch.int32)},
-     "block_tables", r"has 3 rows for a batch of 2"),
+     "page_tables", r"has 3 rows for a batch of 2"),
     ({"seq_lens": torch.ones(3, dtype=torch.int32)}, "seq_lens",
-     r"has 3 entries but block_tables has 2 rows"),
+     r"has 3 entries but page_tables has 2 rows"),
     ({"seq_lens": torch.ones(2, dtype=torch.int32, device="meta")}, "seq_lens",
      r"is on meta but q is on cpu"),
     ({"num_splits": 0}, "num_splits", r"must be >= 1, got 0"),
@@ -79,7 +79,7 @@ def test_decode_attention_errors(overrides, argument, message):
 
 def test_prefill_attention_errors():
     args = _decode_args()
-    q, kv, bt, lens = args["q"], args["kv_layer"], args["block_tables"], args["seq_lens"]
+    q, kv, bt, lens = args["q"], args["kv_layer"], args["page_tables"], args["seq_lens"]
     with _raises("cu_query_lens", r"has 2 entries for 2 sequences; expected 3"):
         paged_prefill_attention(q, kv, torch.tensor([0, 2], dtype=torch.int32), lens, bt, 0.25)
     with _raises("cu_query_lens", r"dtype torch.float32 not supported"):

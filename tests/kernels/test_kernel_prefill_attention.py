@@ -36,35 +36,35 @@ def _build(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, page_size, d
     num_pages = sum(math.ceil(n / page_size) for n in seq_lens) + 4
     pool = make_pool(num_pages, 2, page_size, num_kv_heads, head_dim, dtype, device, seed)
     kv_layer = pool[:, 1]
-    block_tables = assign_pages(seq_lens, page_size, num_pages, seed, num_shared).to(device)
-    poison(kv_layer, block_tables, seq_lens)
+    page_tables = assign_pages(seq_lens, page_size, num_pages, seed, num_shared).to(device)
+    poison(kv_layer, page_tables, seq_lens)
     gen = torch.Generator().manual_seed(seed + 1)
     qkv = torch.randn(sum(query_lens), num_heads + 2 * num_kv_heads, head_dim, generator=gen)
     q = qkv.to(device=device, dtype=dtype)[:, :num_heads]
     cu = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32,
                       device=device)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    return q, kv_layer, cu, lens, block_tables
+    return q, kv_layer, cu, lens, page_tables
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_prefill_matches_reference(case, device):
     query_lens, seq_lens, num_heads, num_kv_heads, head_dim, page_size, dtype, shared = CASES[case]
-    q, kv_layer, cu, lens, block_tables = _build(
+    q, kv_layer, cu, lens, page_tables = _build(
         query_lens, seq_lens, num_heads, num_kv_heads, head_dim, page_size, dtype, shared, device)
     scale = head_dim ** -0.5
-    out = paged_prefill_attention(q, kv_layer, cu, lens, block_tables, scale)
-    expected = ref_paged_prefill_attention(q, kv_layer, cu, lens, block_tables, scale)
+    out = paged_prefill_attention(q, kv_layer, cu, lens, page_tables, scale)
+    expected = ref_paged_prefill_attention(q, kv_layer, cu, lens, page_tables, scale)
     assert out.dtype == dtype and out.shape == q.shape
     assert not out.isnan().any()
     torch.testing.assert_close(out, expected, **TOLERANCES[dtype])
 
 
 def test_prefill_accepts_int64_metadata(device):
-    q, kv_layer, cu, lens, block_tables = _build(
+    q, kv_layer, cu, lens, page_tables = _build(
         [9, 30], [20, 30], 4, 2, 64, 16, torch.float32, 0, device)
-    out32 = paged_prefill_attention(q, kv_layer, cu, lens, block_tables, 0.125)
-    out64 = paged_prefill_attention(q, kv_layer, cu.long(), lens.long(), block_tables.long(), 0.125)
+    out32 = paged_prefill_attention(q, kv_layer, cu, lens, page_tables, 0.125)
+    out64 = paged_prefill_attention(q, kv_layer, cu.long(), lens.long(), page_tables.long(), 0.125)
     torch.testing.assert_close(out64, out32, atol=0, rtol=0)
 
 
@@ -72,23 +72,23 @@ def test_prefill_last_token_equals_decode(device):
     """The last query token of a chunk sees exactly what a decode step would."""
     from splitserve.kernels.decode_attention import paged_decode_attention
 
-    q, kv_layer, cu, lens, block_tables = _build(
+    q, kv_layer, cu, lens, page_tables = _build(
         [17, 40], [60, 40], 6, 2, 64, 16, torch.float32, 0, device)
-    out = paged_prefill_attention(q, kv_layer, cu, lens, block_tables, 0.125)
+    out = paged_prefill_attention(q, kv_layer, cu, lens, page_tables, 0.125)
     last_rows = (cu[1:] - 1).long()
-    decode = paged_decode_attention(q[last_rows], kv_layer, block_tables, lens, 0.125, num_splits=2)
+    decode = paged_decode_attention(q[last_rows], kv_layer, page_tables, lens, 0.125, num_splits=2)
     torch.testing.assert_close(out[last_rows], decode, **TOLERANCES[torch.float32])
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,page_size", [(8, 8, 16), (9, 3, 5)])
 def test_reference_matches_dense_causal_sdpa(num_heads, num_kv_heads, page_size):
     query_lens, seq_lens = [12, 30, 1], [12, 75, 9]
-    q, kv_layer, cu, lens, block_tables = _build(
+    q, kv_layer, cu, lens, page_tables = _build(
         query_lens, seq_lens, num_heads, num_kv_heads, 64, page_size, torch.float32, 0,
         torch.device("cpu"))
-    out = ref_paged_prefill_attention(q, kv_layer, cu, lens, block_tables, 0.125)
+    out = ref_paged_prefill_attention(q, kv_layer, cu, lens, page_tables, 0.125)
     for seq, (q_len, seq_len) in enumerate(zip(query_lens, seq_lens, strict=True)):
-        k, v = gather_kv(kv_layer, block_tables, seq, seq_len)
+        k, v = gather_kv(kv_layer, page_tables, seq, seq_len)
         rows = slice(int(cu[seq]), int(cu[seq + 1]))
         # Query i sits at position seq_len - q_len + i: a causal mask shifted right.
         mask = torch.ones(q_len, seq_len, dtype=torch.bool).tril(diagonal=seq_len - q_len)

@@ -31,9 +31,9 @@ from splitserve.engine.native_attention import load_paged_decode, load_store_kv
 class DecodeGroup:
     """Single-token sequences of similar length, padded to the longest member only.
 
-    rows int64 `[B]`: their rows in the flat batch; block_tables int64 `[B, max_pages]`;
+    rows int64 `[B]`: their rows in the flat batch; page_tables int64 `[B, max_pages]`;
     seq_lens int64 `[B]` (KV length incl. the new token); page_ids int64
-    `[B·max_pages]` (block_tables flattened); num_keys: keys attended per sequence after
+    `[B·max_pages]` (page_tables flattened); num_keys: keys attended per sequence after
     padding; mask bool `[B, 1, 1, num_keys]`, True where a key is attended, or None when
     all members have the same length (SDPA's masked path rounds differently from its
     unmasked one: 1 bf16 ulp, enough to change greedy tokens against Hugging Face);
@@ -41,7 +41,7 @@ class DecodeGroup:
     """
 
     rows: torch.Tensor
-    block_tables: torch.Tensor
+    page_tables: torch.Tensor
     seq_lens: torch.Tensor
     page_ids: torch.Tensor
     num_keys: int
@@ -139,9 +139,9 @@ class TorchPagedAttention:
         """
         kv = self.pool.layer_view(layer)
         if self._native_decode is not None and (self._native_for_all or group.mask is not None):
-            return self._native_decode(q, kv, group.block_tables, group.seq_lens,
+            return self._native_decode(q, kv, group.page_tables, group.seq_lens,
                                        self.scale).to(q.dtype)
-        num_seqs = group.block_tables.shape[0]
+        num_seqs = group.page_tables.shape[0]
         num_kv_heads, head_dim = kv.shape[-2], kv.shape[-1]
         k = _gather_pages(kv, 0, group.page_ids).view(num_seqs, -1, num_kv_heads, head_dim)
         v = _gather_pages(kv, 1, group.page_ids).view(num_seqs, -1, num_kv_heads, head_dim)

@@ -37,7 +37,7 @@ class TritonPagedAttention(TorchPagedAttention):
 
     def decode(self, layer: int, q: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
         return self._k.paged_decode_attention(
-            q, self.pool.layer_view(layer), group.block_tables, group.seq_lens, self.scale)
+            q, self.pool.layer_view(layer), group.page_tables, group.seq_lens, self.scale)
 
     def prefill(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                 chunk: PrefillChunk) -> torch.Tensor:

@@ -23,7 +23,7 @@ StoreKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torc
 
 
 def load_paged_decode() -> PagedDecode | None:
-    """`paged_decode(q [B, H, D], kv layer view [P, 2, page_size, KVH, D], block_tables
+    """`paged_decode(q [B, H, D], kv layer view [P, 2, page_size, KVH, D], page_tables
     int64 [B, W], seq_lens int64 [B], scale) → [B, H, D]` in the KV dtype, or None."""
     module = load_extension("paged_decode")
     if module is None:

@@ -68,9 +68,9 @@ class ModelRunner:
         dev = self.device
         for members in buckets.values():
             width = max(len(tables[i]) for i in members)
-            block_table = torch.zeros((len(members), width), dtype=torch.long)
+            page_table = torch.zeros((len(members), width), dtype=torch.long)
             for j, i in enumerate(members):
-                block_table[j, : len(tables[i])] = torch.tensor(tables[i])
+                page_table[j, : len(tables[i])] = torch.tensor(tables[i])
             member_lens = [seq_lens[i] for i in members]
             lens = torch.tensor(member_lens, dtype=torch.long)
             num_keys, mask = max(member_lens), None
@@ -78,10 +78,10 @@ class ModelRunner:
                 num_keys = width * self.page_size
                 mask = (torch.arange(num_keys)[None, :] < lens[:, None])[:, None, None, :]
             group_rows = [rows[i] for i in members]
-            block_table = block_table.to(dev)
+            page_table = page_table.to(dev)
             groups.append(DecodeGroup(
                 rows=torch.tensor(group_rows, dtype=torch.long, device=dev),
-                block_tables=block_table, seq_lens=lens.to(dev), page_ids=block_table.flatten(),
+                page_tables=page_table, seq_lens=lens.to(dev), page_ids=page_table.flatten(),
                 num_keys=num_keys, mask=None if mask is None else mask.to(dev),
                 rows_are_all=group_rows == list(range(num_rows))))
         return groups

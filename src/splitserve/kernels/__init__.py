@@ -8,11 +8,11 @@ For the engine (`attention_backend: auto | torch | triton`; auto = triton where
 `triton_available(device)`, i.e. on CUDA, and torch on CPU), the three hot-path
 wrappers and their torch equivalents are:
 
-    paged_decode_attention(q, kv_layer, block_tables, seq_lens, scale, num_splits=None) -> out
+    paged_decode_attention(q, kv_layer, page_tables, seq_lens, scale, num_splits=None) -> out
         q [B, H, D]; kv_layer = pool[:, layer] [num_pages, 2, page_size, Hkv, D];
-        block_tables int32|int64 [B, max_pages];
+        page_tables int32|int64 [B, max_pages];
         seq_lens int32|int64 [B] (incl. the current token)
-    paged_prefill_attention(q, kv_layer, cu_query_lens, seq_lens, block_tables, scale) -> out
+    paged_prefill_attention(q, kv_layer, cu_query_lens, seq_lens, page_tables, scale) -> out
         q [T, H, D]; cu_query_lens int32|int64 [B + 1];
         seq_lens int32|int64 [B] incl. the new tokens
     store_kv(k, v, kv_layer, slot_mapping) -> None

@@ -21,20 +21,20 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 def check_paged_attention_args(
     q: torch.Tensor,
     kv_layer: torch.Tensor,
-    block_tables: torch.Tensor,
+    page_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     query_ndim: int,
 ) -> None:
     """Validate shapes, dtypes and devices common to decode and prefill attention."""
     check_ndim("q", q, query_ndim, "[tokens, num_heads, head_dim]")
     check_ndim("kv_layer", kv_layer, 5, "[num_pages, 2, page_size, num_kv_heads, head_dim]")
-    check_ndim("block_tables", block_tables, 2, "[num_seqs, max_pages_per_seq]")
+    check_ndim("page_tables", page_tables, 2, "[num_seqs, max_pages_per_seq]")
     check_ndim("seq_lens", seq_lens, 1, "[num_seqs]")
     check_dtype("q", q, ATTENTION_DTYPES)
     check_dtype("kv_layer", kv_layer, ATTENTION_DTYPES)
-    check_dtype("block_tables", block_tables, INDEX_DTYPES)
+    check_dtype("page_tables", page_tables, INDEX_DTYPES)
     check_dtype("seq_lens", seq_lens, INDEX_DTYPES)
-    check_same_device([("q", q), ("kv_layer", kv_layer), ("block_tables", block_tables),
+    check_same_device([("q", q), ("kv_layer", kv_layer), ("page_tables", page_tables),
                        ("seq_lens", seq_lens)])
     check_last_dim_contiguous("kv_layer", kv_layer)
     if kv_layer.shape[1] != 2:
@@ -49,8 +49,8 @@ def check_paged_attention_args(
         raise KernelArgumentError(
             "q", f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}"
         )
-    if seq_lens.shape[0] != block_tables.shape[0]:
+    if seq_lens.shape[0] != page_tables.shape[0]:
         raise KernelArgumentError(
-            "seq_lens", f"has {seq_lens.shape[0]} entries but block_tables has "
-            f"{block_tables.shape[0]} rows"
+            "seq_lens", f"has {seq_lens.shape[0]} entries but page_tables has "
+            f"{page_tables.shape[0]} rows"
         )

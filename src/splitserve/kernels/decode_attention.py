@@ -10,7 +10,7 @@ H100's 132 SMs; splitting a 32k context 33 ways fills them.
 Layouts:
     q          [B, num_heads, head_dim]
     kv_layer   [num_pages, 2, page_size, num_kv_heads, head_dim]  (any strides)
-    block_tables int32 (or int64) [B, max_pages_per_seq]
+    page_tables int32 (or int64) [B, max_pages_per_seq]
     seq_lens   int32 (or int64) [B], KV tokens per sequence incl. the current one
     out        [B, num_heads, head_dim], dtype of q
 """
@@ -139,7 +139,7 @@ def default_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int,
     """Splits per sequence so that about two programs run per SM.
 
     Bounded by `MIN_TOKENS_PER_SPLIT` tokens per split and `MAX_NUM_SPLITS`.
-    `max_context_len` is an upper bound known on the host (block table width times
+    `max_context_len` is an upper bound known on the host (page table width times
     page size), so choosing never syncs with the device.
     """
     num_programs = batch_size * num_kv_heads
@@ -154,22 +154,22 @@ def default_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int,
 def paged_decode_attention(
     q: torch.Tensor,
     kv_layer: torch.Tensor,
-    block_tables: torch.Tensor,
+    page_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV; returns `[B, H, D]`."""
-    check_paged_attention_args(q, kv_layer, block_tables, seq_lens, query_ndim=3)
-    if q.shape[0] != block_tables.shape[0]:
+    check_paged_attention_args(q, kv_layer, page_tables, seq_lens, query_ndim=3)
+    if q.shape[0] != page_tables.shape[0]:
         raise KernelArgumentError(
-            "block_tables", f"has {block_tables.shape[0]} rows for a batch of {q.shape[0]}"
+            "page_tables", f"has {page_tables.shape[0]} rows for a batch of {q.shape[0]}"
         )
     batch_size, num_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_layer.shape[3], kv_layer.shape[2]
     if num_splits is None:
         num_splits = default_num_splits(
-            batch_size, num_kv_heads, block_tables.shape[1] * page_size, q.device
+            batch_size, num_kv_heads, page_tables.shape[1] * page_size, q.device
         )
     if num_splits < 1:
         raise KernelArgumentError("num_splits", f"must be >= 1, got {num_splits}")
@@ -189,9 +189,9 @@ def paged_decode_attention(
         lse = q.new_empty((batch_size, num_splits, num_heads), dtype=torch.float32)
 
     _paged_decode_split_kernel[(batch_size, num_kv_heads, num_splits)](
-        q, kv_layer, block_tables, seq_lens, partial, lse,
+        q, kv_layer, page_tables, seq_lens, partial, lse,
         scale * LOG2E,
-        *q.stride(), *kv_layer.stride(), *block_tables.stride(),
+        *q.stride(), *kv_layer.stride(), *page_tables.stride(),
         *partial.stride(), *lse.stride(),
         num_splits, page_size, head_dim,
         GROUP_SIZE=group_size, BLOCK_G=max(16, next_power_of_2(group_size)),
@@ -211,7 +211,7 @@ def paged_decode_attention(
 def ref_paged_decode_attention(
     q: torch.Tensor,
     kv_layer: torch.Tensor,
-    block_tables: torch.Tensor,
+    page_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
@@ -230,7 +230,7 @@ def ref_paged_decode_attention(
         if seq_len == 0:
             continue
         num_pages = math.ceil(seq_len / page_size)
-        pages = kv_layer[block_tables[seq, :num_pages].long()].float()  # [n, 2, P, Hkv, D]
+        pages = kv_layer[page_tables[seq, :num_pages].long()].float()  # [n, 2, P, Hkv, D]
         k = pages[:, 0].reshape(-1, num_kv_heads, head_dim)[:seq_len]
         v = pages[:, 1].reshape(-1, num_kv_heads, head_dim)[:seq_len]
         k = k.repeat_interleave(group_size, dim=1)  # [S, H, D]

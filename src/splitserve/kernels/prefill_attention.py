@@ -10,7 +10,7 @@ Layouts:
     kv_layer      [num_pages, 2, page_size, num_kv_heads, head_dim]  (any strides)
     cu_query_lens int32 (or int64) [B + 1]
     seq_lens      int32 (or int64) [B]
-    block_tables  int32 (or int64) [B, max_pages_per_seq]
+    page_tables  int32 (or int64) [B, max_pages_per_seq]
     out           [T, num_heads, head_dim], dtype of q
 
 The grid is sized without reading the lengths back to the host: query tile j of
@@ -128,11 +128,11 @@ def paged_prefill_attention(
     kv_layer: torch.Tensor,
     cu_query_lens: torch.Tensor,
     seq_lens: torch.Tensor,
-    block_tables: torch.Tensor,
+    page_tables: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of a varlen batch of new tokens over paged KV; returns `[T, H, D]`."""
-    check_paged_attention_args(q, kv_layer, block_tables, seq_lens, query_ndim=3)
+    check_paged_attention_args(q, kv_layer, page_tables, seq_lens, query_ndim=3)
     check_ndim("cu_query_lens", cu_query_lens, 1, "[num_seqs + 1]")
     check_dtype("cu_query_lens", cu_query_lens, INDEX_DTYPES)
     check_same_device([("q", q), ("cu_query_lens", cu_query_lens)])
@@ -154,9 +154,9 @@ def paged_prefill_attention(
     # bf16 arithmetic, so there everything is cast to fp32 (and tl.dot is exact fp32).
     dot_in_fp32 = interpreter_enabled() or q.dtype == torch.float32 or q.dtype != kv_layer.dtype
     _paged_prefill_kernel[(num_tokens // block_m + num_seqs, num_heads)](
-        q, kv_layer, cu_query_lens, seq_lens, block_tables, out,
+        q, kv_layer, cu_query_lens, seq_lens, page_tables, out,
         scale * LOG2E,
-        *q.stride(), *kv_layer.stride(), *block_tables.stride(), *out.stride(),
+        *q.stride(), *kv_layer.stride(), *page_tables.stride(), *out.stride(),
         num_seqs, page_size, head_dim,
         GROUP_SIZE=num_heads // num_kv_heads, BLOCK_M=block_m, BLOCK_N=32,
         BLOCK_D=block_d, DOT_IN_FP32=dot_in_fp32,
@@ -170,7 +170,7 @@ def ref_paged_prefill_attention(
     kv_layer: torch.Tensor,
     cu_query_lens: torch.Tensor,
     seq_lens: torch.Tensor,
-    block_tables: torch.Tensor,
+    page_tables: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
     """Plain-torch reference: gather each sequence's KV, causal softmax in fp32."""
@@ -184,7 +184,7 @@ def ref_paged_prefill_attention(
         if q_len == 0:
             continue
         num_pages = math.ceil(seq_len / page_size)
-        pages = kv_layer[block_tables[seq, :num_pages].long()].float()  # [n, 2, P, Hkv, D]
+        pages = kv_layer[page_tables[seq, :num_pages].long()].float()  # [n, 2, P, Hkv, D]
         k = pages[:, 0].reshape(-1, num_kv_heads, head_dim)[:seq_len]
         v = pages[:, 1].reshape(-1, num_kv_heads, head_dim)[:seq_len]
         k = k.repeat_interleave(group_size, dim=1)

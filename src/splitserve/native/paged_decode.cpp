@@ -3,7 +3,7 @@
 //
 // Decode attention:
 // One query token per sequence attends over its first seq_lens[b] tokens, read from
-// the pages named by its block table: no copy of K/V, math in fp32, one rounding of
+// the pages named by its page table: no copy of K/V, math in fp32, one rounding of
 // the output to the KV dtype. Work is split over (sequence, KV head) pairs; the
 // query heads of a KV head's group share each K/V row read. The common head sizes and
 // group sizes are compiled as constants, which lets the compiler keep the group's
@@ -307,20 +307,20 @@ void by_shape(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tens
 }  // namespace
 
 // q [B, H, D]; kv: one layer's view [P, 2, page_size, KVH, D] (any strides, last dim
-// contiguous); block_tables int64 [B, W]; seq_lens int64 [B] -> out [B, H, D] in kv's dtype.
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor block_tables,
+// contiguous); page_tables int64 [B, W]; seq_lens int64 [B] -> out [B, H, D] in kv's dtype.
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor page_tables,
                            torch::Tensor seq_lens, double scale) {
   TORCH_CHECK(kv.stride(4) == 1, "kv: the head dimension must be contiguous");
   q = q.to(kv.scalar_type());
   if (q.stride(2) != 1) q = q.contiguous();
-  block_tables = block_tables.contiguous();
+  page_tables = page_tables.contiguous();
   seq_lens = seq_lens.contiguous();
   auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   if (kv.scalar_type() == torch::kBFloat16) {
-    by_shape<c10::BFloat16>(q, kv, block_tables, seq_lens, out, scale);
+    by_shape<c10::BFloat16>(q, kv, page_tables, seq_lens, out, scale);
   } else {
     TORCH_CHECK(kv.scalar_type() == torch::kFloat32, "kv must be float32 or bfloat16");
-    by_shape<float>(q, kv, block_tables, seq_lens, out, scale);
+    by_shape<float>(q, kv, page_tables, seq_lens, out, scale);
   }
   return out;
 }
