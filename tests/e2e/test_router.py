@@ -311,6 +311,23 @@ def test_admission_refuses_low_priority_early_and_admits_high(cluster, tmp_path,
         assert sum(after) - sum(before) == 2  # the refused one never reached a worker
 
 
+def test_a_long_prompt_on_idle_workers_is_served_not_refused(cluster, tmp_path,
+                                                            smollm) -> None:
+    """Admission judges the load, not a prompt's length: a router whose normal class
+    accepts 1 s, having measured ~12-token prompts only, serves a ~1,500-token one on
+    idle workers (its estimate from those samples is several seconds; the router
+    answered 429 "retry later" to it at every retry)."""
+    short = smollm.tokenizer.encode("Short: " + "one two " * 4)
+    long = smollm.tokenizer.encode("Long and new: " + "alpha beta gamma delta " * 375)
+    assert len(long) > 100 * len(short) > 1000
+    with measured_router(cluster, tmp_path, QosConfig(reject_above_s=PerClass(normal=1.0)),
+                         short) as (_, client):
+        answer = client.completions.create(model=MODEL, prompt=long, max_tokens=1,
+                                           temperature=0)
+        assert answer.usage.prompt_tokens == len(long)
+        assert answer.usage.prompt_tokens_details.cached_tokens == 0
+
+
 async def _put_router_policy(url: str, value: bytes | None) -> None:
     conn = await connect(url, name="test-admin", connect_timeout_s=10)
     try:

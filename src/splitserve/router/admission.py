@@ -2,30 +2,40 @@
 it early when its priority class should not wait that long.
 
 The estimate (per worker, from what this router itself saw; no I/O, no clock of its
-own): TTFT ≈ `s_per_token` × (prompt tokens ahead of the request + its own uncached
+own) is a line over the tokens of work the request's first token needs: TTFT ≈
+`base_s` + `s_per_token` × (prompt tokens ahead of the request + its own uncached
 tokens). Ahead are the prompt tokens this router has in flight there without a first
 token yet *of the request's class or a higher one*: the worker's waiting queue orders
 high > normal > low, so a high-priority request waits for high ones only, and a
-queue of low-priority prompts does not make a normal request look late.
-`s_per_token` is a moving average over the worker's recent first tokens of TTFT /
-(the tokens that were ahead of the request + its own), so it absorbs the worker's
-prefill speed and what decoding costs it meanwhile. While a request waits, work of
-higher classes keeps arriving and goes first: with `busy` the share of the worker's
-time that this router's higher-class arrivals take (their prompt tokens per second,
-a moving rate over ~RATE_TAU_S, × `s_per_token`), the wait stretches to
-estimate / (1 − busy), as in a priority queue; a worker that higher classes keep
-busy (`busy` ≥ MAX_BUSY) has no room for the class at all (estimate MAX_ESTIMATE_S).
-Without this, a normal request admitted during a burst of high-priority traffic
-would starve past its SLO. A worker with no sample yet has no estimate: everything
-is admitted until one exists. Callers pass the time (`now`, monotonic seconds).
+queue of low-priority prompts does not make a normal request look late. The line is
+fitted to the worker's recent first tokens (exponentially weighted least squares of
+TTFT on those tokens of work, `CostFit`), so it absorbs the worker's prefill speed and
+what decoding costs it meanwhile; `base_s` is what even a one-token prompt waits (a
+step, the network). Until the samples spread over MIN_SPREAD_TOKENS the slope cannot
+be told from the base, and the line goes through zero (mean TTFT / mean tokens).
+While a request waits, work of higher classes keeps arriving and goes first: with
+`busy` the share of the worker's time that this router's higher-class arrivals take
+(their prompt tokens per second, a moving rate over ~RATE_TAU_S, × `s_per_token`),
+the TTFT stretches to estimate / (1 − busy), as in a priority queue; a worker that
+higher classes keep busy (`busy` ≥ MAX_BUSY) has no room for the class at all (wait
+MAX_ESTIMATE_S). Without this, a normal request admitted during a burst of
+high-priority traffic would starve past its SLO. A worker with no sample yet has no
+estimate: everything is admitted until one exists. Callers pass the time (`now`,
+monotonic seconds).
 
-The rule: a request whose class has a threshold in `reject_above_s` (defaults: low
-2 s, normal 8 s; high 0, none) is refused with RESOURCE_EXHAUSTED when the estimate
-exceeds it; HTTP clients get 429 with `Retry-After`. Besides, at most
-`max_in_flight` requests are open through this router at once (bounded queues).
-Graceful degradation: above `degrade_above_s` of its class (default: low, 1 s) a
-request's `max_tokens` is capped at `degraded_max_tokens`; it then ends with
-finish_reason "length" and the HTTP response carries `x-splitserve-degraded`.
+An `Estimate` has three parts: `own_s`, the request alone on an idle worker; `wait_s`,
+what the load adds; `judged_s`, what the thresholds are held against: the estimate
+with the request's own tokens capped at the typical request's (the fit's mean tokens
+of work), since a prompt's extra length is its own, not the load's. The rule: a
+request whose class has a threshold in `reject_above_s` (defaults: low 2 s, normal
+8 s; high 0, none) is refused with RESOURCE_EXHAUSTED when `judged_s` exceeds it;
+HTTP clients get 429 with `Retry-After`. So a prompt too long to meet its class's
+threshold even on an idle worker is refused only for the work ahead of it: refusing it
+on an idle cluster would tell its client to retry what no retry can change. Besides, at
+most `max_in_flight` requests are open through this router at once (bounded queues).
+Graceful degradation: above `degrade_above_s` of its class (default: low, 1 s; judged
+by `judged_s` too) a request's `max_tokens` is capped at `degraded_max_tokens`; it then
+ends with finish_reason "length" and the HTTP response carries `x-splitserve-degraded`.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from splitserve.config.router import QosConfig
 from splitserve.router.openai_api import PRIORITIES  # the order of the workers' queues
 
 EMA_WEIGHT = 0.2  # of the newest sample
+MIN_SPREAD_TOKENS = 64.0  # the samples' weighted std of tokens needed to fit a slope
 RATE_TAU_S = 5.0  # time constant of the arrival rates: a 20 s load step is seen in ~5 s
 MAX_BUSY = 0.95
 MAX_ESTIMATE_S = 3600.0
@@ -46,12 +57,72 @@ def _rank(priority: str) -> int:
     return PRIORITIES.index(priority) if priority in PRIORITIES else 1  # "": normal
 
 
+@dataclass(frozen=True)
+class Line:
+    """TTFT ≈ base_s + s_per_token × tokens of work."""
+
+    base_s: float
+    s_per_token: float
+
+    def at(self, tokens: int) -> float:
+        return self.base_s + self.s_per_token * tokens
+
+
+@dataclass
+class CostFit:
+    """Exponentially weighted means, variance and covariance of (tokens of work, TTFT)
+    over a worker's first tokens, and the line through them."""
+
+    num_samples: int = 0
+    mean_tokens: float = 0.0
+    mean_s: float = 0.0
+    var_tokens: float = 0.0
+    cov: float = 0.0
+
+    def add(self, tokens: int, ttft_s: float) -> Line:
+        if self.num_samples == 0:
+            self.mean_tokens, self.mean_s = float(tokens), ttft_s
+        else:
+            dx, dy = tokens - self.mean_tokens, ttft_s - self.mean_s
+            self.mean_tokens += EMA_WEIGHT * dx
+            self.mean_s += EMA_WEIGHT * dy
+            self.var_tokens = (1 - EMA_WEIGHT) * (self.var_tokens + EMA_WEIGHT * dx * dx)
+            self.cov = (1 - EMA_WEIGHT) * (self.cov + EMA_WEIGHT * dx * dy)
+        self.num_samples += 1
+        return self.line()
+
+    def line(self) -> Line:
+        if self.var_tokens >= MIN_SPREAD_TOKENS ** 2:
+            slope = max(0.0, self.cov / self.var_tokens)
+            return Line(max(0.0, self.mean_s - slope * self.mean_tokens), slope)
+        return Line(0.0, self.mean_s / max(1.0, self.mean_tokens))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A request's TTFT on one worker: `own_s` alone on it, idle; `wait_s` what the
+    load adds (the work ahead, and higher classes arriving meanwhile); `judged_s` the
+    same estimate for its own tokens capped at the typical request's."""
+
+    own_s: float
+    wait_s: float
+    judged_s: float
+
+    @property
+    def total_s(self) -> float:
+        return min(MAX_ESTIMATE_S, self.own_s + self.wait_s)
+
+    def over(self, limit_s: float) -> bool:
+        return bool(limit_s) and self.judged_s > limit_s
+
+
 @dataclass
 class TtftModel:
     """One worker's queue as this router sees it."""
 
     pending: list[int] = field(default_factory=lambda: [0] * len(PRIORITIES))  # by class
-    s_per_token: float | None = None  # moving average; None until the first sample
+    line: Line | None = None  # fitted to `fit`; None until the first sample
+    fit: CostFit = field(default_factory=CostFit)
     # prompt tokens a second sent there, by class, decaying with RATE_TAU_S, as of rate_at
     rates: list[float] = field(default_factory=lambda: [0.0] * len(PRIORITIES))
     rate_at: float = 0.0
@@ -67,19 +138,23 @@ class TtftModel:
 
     def busy(self, priority: str, now: float) -> float:
         """The share of the worker's time that arrivals of higher classes take."""
-        if self.s_per_token is None:
+        if self.line is None:
             return 0.0
-        return self.s_per_token * self._decay(now) * sum(self.rates[:_rank(priority)])
+        return self.line.s_per_token * self._decay(now) * sum(self.rates[:_rank(priority)])
 
-    def estimate_s(self, uncached_tokens: int, priority: str = "normal",
-                   now: float = 0.0) -> float | None:
-        if self.s_per_token is None:
+    def estimate(self, uncached_tokens: int, priority: str = "normal",
+                 now: float = 0.0) -> Estimate | None:
+        if self.line is None:
             return None
+        own = self.line.at(uncached_tokens)
         busy = self.busy(priority, now)
         if busy >= MAX_BUSY:
-            return MAX_ESTIMATE_S
-        own = self.s_per_token * (self.ahead(priority) + uncached_tokens)
-        return min(MAX_ESTIMATE_S, own / (1.0 - busy))
+            return Estimate(own, MAX_ESTIMATE_S, MAX_ESTIMATE_S)
+        ahead = self.ahead(priority)
+        typical = min(uncached_tokens, max(1, round(self.fit.mean_tokens)))
+        total = self.line.at(ahead + uncached_tokens) / (1.0 - busy)
+        judged = self.line.at(ahead + typical) / (1.0 - busy)
+        return Estimate(own, min(MAX_ESTIMATE_S, total - own), min(MAX_ESTIMATE_S, judged))
 
     def sent(self, tokens: int, priority: str = "normal", now: float = 0.0) -> int:
         """A request with `tokens` uncached tokens went out; returns the tokens ahead."""
@@ -95,9 +170,7 @@ class TtftModel:
     def first_token(self, tokens: int, ahead: int, ttft_s: float,
                     priority: str = "normal") -> None:
         self._settle(tokens, priority)
-        sample = ttft_s / max(1, ahead + tokens)
-        self.s_per_token = sample if self.s_per_token is None else (
-            (1 - EMA_WEIGHT) * self.s_per_token + EMA_WEIGHT * sample)
+        self.line = self.fit.add(ahead + tokens, ttft_s)
 
     def gave_up(self, tokens: int, priority: str = "normal") -> None:
         """Ended (error, cancel) before its first token."""
@@ -112,28 +185,28 @@ class TtftModel:
         self.pending[rank] = max(0, self.pending[rank] - tokens)
 
 
-def refusal(config: QosConfig, priority: str, estimate_s: float | None) -> str | None:
+def refusal(config: QosConfig, priority: str, estimate: Estimate | None) -> str | None:
     """Why a request of `priority` with this TTFT estimate is refused, or None."""
-    if not config.admission or estimate_s is None:
+    if not config.admission or estimate is None:
         return None
     limit = config.reject_above_s.get(priority)
-    if not limit or estimate_s <= limit:
+    if not estimate.over(limit):
         return None
-    return (f"overloaded: estimated time to first token {estimate_s:.1f} s exceeds "
-            f"{limit:g} s for priority {priority or 'normal'}; retry later")
+    return (f"overloaded: estimated time to first token {estimate.total_s:.1f} s, "
+            f"{estimate.wait_s:.1f} s of it waiting for other requests, exceeds {limit:g} s "
+            f"for priority {priority or 'normal'}; retry later")
 
 
 DEFAULT_MAX_TOKENS = 64  # the workers' default when a request names none (generation.proto)
 
 
-def degraded_max_tokens(config: QosConfig, priority: str, estimate_s: float | None,
+def degraded_max_tokens(config: QosConfig, priority: str, estimate: Estimate | None,
                         max_tokens: int | None) -> int | None:
     """The lower `max_tokens` a request of `priority` gets under this much load, or None
     when it keeps its own."""
-    if not config.admission or estimate_s is None:
+    if not config.admission or estimate is None:
         return None
-    limit = config.degrade_above_s.get(priority)
-    if not limit or estimate_s <= limit:
+    if not estimate.over(config.degrade_above_s.get(priority)):
         return None
     own = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     return config.degraded_max_tokens if own > config.degraded_max_tokens else None

@@ -32,7 +32,7 @@ import grpc
 
 from splitserve.client import ClientSecurity
 from splitserve.config.router import QosConfig
-from splitserve.router.admission import degraded_max_tokens, refusal
+from splitserve.router.admission import Estimate, degraded_max_tokens, refusal
 from splitserve.router.pool import Backend, DecodePool, PromptPages
 from splitserve.rpc import generation_pb2 as pb
 
@@ -124,14 +124,13 @@ class Forwarder:
                     raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
                                         "no decode worker is serving; retry later")
                 tokens = self.pool.uncached_tokens(backend, prompt)
-                estimate_s = backend.ttft.estimate_s(tokens, request.priority,
-                                                    time.monotonic())
-                reason = refusal(qos, request.priority, estimate_s)
+                estimate = backend.ttft.estimate(tokens, request.priority, time.monotonic())
+                reason = refusal(qos, request.priority, estimate)
                 if reason is not None:
                     self.counters.num_refused += 1
                     raise UpstreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, reason,
                                         backend.worker_id)
-                cap = degraded_max_tokens(qos, request.priority, estimate_s,
+                cap = degraded_max_tokens(qos, request.priority, estimate,
                                           request.max_tokens
                                           if request.HasField("max_tokens") else None)
                 if cap is not None:
@@ -143,7 +142,7 @@ class Forwarder:
                     self.counters.num_retries += 1
                 tried.add(backend.worker_id)
                 timeout_s = self.settings.request_timeout_s - (time.monotonic() - start)
-                hedge = self._hedge_partner(backend, request, estimate_s, tried)
+                hedge = self._hedge_partner(backend, request, estimate, tried)
                 calls = (self._call(backend, request, timeout_s, tokens) if hedge is None else
                          self._race(backend, tokens, hedge, self.pool.uncached_tokens(
                              hedge, prompt), request, timeout_s))
@@ -169,12 +168,12 @@ class Forwarder:
             self.num_in_flight -= 1
 
     def _hedge_partner(self, backend: Backend, request: pb.GenerateRequest,
-                       estimate_s: float | None, tried: set[str]) -> Backend | None:
+                       estimate: Estimate | None, tried: set[str]) -> Backend | None:
         """An idle worker to race `backend` with, when hedging applies (see QosConfig)."""
         qos = self.settings.qos
         slo = qos.ttft_slo_s.get(request.priority)
-        if (not qos.hedge or request.priority != "high" or estimate_s is None or not slo
-                or estimate_s <= slo or self.num_hedging >= qos.max_hedges):
+        if (not qos.hedge or request.priority != "high" or estimate is None
+                or not estimate.over(slo) or self.num_hedging >= qos.max_hedges):
             return None
         now = time.monotonic()
         idle = [b for b in self.pool.backends.values()
