@@ -21,7 +21,8 @@ each, remote prefill off, a router):
 A request is *good* when
 it completes with TTFT within its class's SLO (high 2 s, normal 8 s, low 20 s); refused
 (429) and unfinished requests are not. Reported per run and class: offered, good,
-refused, TTFT p50/p99 of completed requests; goodput (good / s over the arrival
+refused, late by step (admitted but not good: what admission let through too late),
+TTFT p50/p99 of completed requests; goodput (good / s over the arrival
 window; also by load step, a request counted in the step it arrived in). `--json`:
 one object with the goodput ratios of `admission` to each baseline, over the whole run
 and in the last (peak) step, and the issue's goals (high TTFT p99 within its SLO with
@@ -179,21 +180,38 @@ def good(o: Outcome) -> bool:
     return o.done and o.ttft_s is not None and o.ttft_s <= SLO_S[o.request.priority]
 
 
+def step_of(o: Outcome, args: argparse.Namespace) -> int:
+    """The load step the request arrived in."""
+    return min(int(o.request.arrival_s // args.step_s), len(args.steps) - 1)
+
+
 def per_step(outcomes: list[Outcome], args: argparse.Namespace) -> list[float]:
     """Goodput of the requests that arrived in each load step (good / step_s)."""
     good_by_step = [0] * len(args.steps)
     for o in outcomes:
-        good_by_step[min(int(o.request.arrival_s // args.step_s), len(args.steps) - 1)] += good(o)
+        good_by_step[step_of(o, args)] += good(o)
     return [round(n / args.step_s, 3) for n in good_by_step]
 
 
-def summary(outcomes: list[Outcome], window_s: float) -> dict[str, object]:
+def late_by_step(outcomes: list[Outcome], args: argparse.Namespace) -> list[int]:
+    """Requests admitted (not refused) that missed their SLO, by the step they arrived in."""
+    late = [0] * len(args.steps)
+    for o in outcomes:
+        if not o.refused and not good(o):
+            late[step_of(o, args)] += 1
+    return late
+
+
+def summary(outcomes: list[Outcome], window_s: float, args: argparse.Namespace
+            ) -> dict[str, object]:
     report: dict[str, object] = {}
     for priority in SLO_S:
         mine = [o for o in outcomes if o.request.priority == priority]
         ttft = [o.ttft_s for o in mine if o.done and o.ttft_s is not None]
         report[priority] = {"offered": len(mine), "good": sum(good(o) for o in mine),
                             "refused": sum(o.refused for o in mine),
+                            # admitted, yet not good: what admission let through too late
+                            "late_by_step": late_by_step(mine, args),
                             "unfinished": sum(not o.done and not o.refused for o in mine),
                             "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99)}
     report["goodput_rps"] = round(sum(good(o) for o in outcomes) / window_s, 4)
@@ -217,11 +235,11 @@ def main() -> None:
     args = parser.parse_args()
     capacity, on = run(True, True, None, args)
     window_s = args.step_s * len(args.steps)
-    results = {"admission": summary(on, window_s)}
+    results = {"admission": summary(on, window_s, args)}
     steps = {"admission": per_step(on, args)}
     for name, send_priority in (("admission_off", True), ("no_qos", False)):
         outcomes = run(False, send_priority, capacity, args)[1]
-        results[name], steps[name] = summary(outcomes, window_s), per_step(outcomes, args)
+        results[name], steps[name] = summary(outcomes, window_s, args), per_step(outcomes, args)
     for name, goodputs in steps.items():
         results[name]["goodput_rps_by_step"] = goodputs
     goodput = {name: float(r["goodput_rps"]) for name, r in results.items()}  # type: ignore[arg-type]
