@@ -1,5 +1,6 @@
 """A prefill worker's job intake (worker/intake.py) on a real broker: an idle worker
-polls every consumer at once, and no job a poll brings is lost or held back."""
+polls every consumer at once, no job a poll brings is lost or held back, and a held job
+goes after a higher-priority one that came since (unless held past `max_hold_s`)."""
 
 from __future__ import annotations
 
@@ -115,3 +116,40 @@ async def test_close_hands_back_the_jobs_it_holds(nats_conn: BrokerConnection) -
     finally:
         await successor.close()
     assert await num_stored(nats_conn) == 0
+
+
+async def held_then_high(conn: BrokerConnection, intake: JobIntake, hold_s: float
+                         ) -> tuple[JobDelivery, list[JobDelivery]]:
+    """A normal and a low job for one slot (one handed out, the other held), then,
+    `hold_s` later, a high one: the first fetch's job and the next two fetches' jobs."""
+    fetch = asyncio.create_task(intake.fetch(1, window_s=0.0))
+    await asyncio.sleep(0.3)  # every consumer is being long-polled now
+    await asyncio.gather(publish_job(conn.js, make_job("req-normal", priority="normal")),
+                         publish_job(conn.js, make_job("req-low", priority="low")))
+    [first] = await fetch
+    await asyncio.sleep(hold_s)
+    assert intake.num_held == 1  # the other poll's job
+    await publish_job(conn.js, make_job("req-high", priority="high"))
+    await asyncio.sleep(0.3)  # the high consumer's poll has it by now
+    then = [d for _ in range(2) for d in await intake.fetch(1, window_s=0.0)]
+    for delivery in [first, *then]:
+        await delivery.ack()
+    assert intake.num_held == 0 and await num_stored(conn) == 0
+    return first, then
+
+
+@pytest.mark.parametrize(("max_hold_s", "hold_s", "held_goes_first"), [
+    (5.0, 0.0, False),  # a held job goes after a higher-priority job that came since
+    (0.2, 0.3, True),  # unless it was held past max_hold_s
+])
+async def test_held_jobs_go_out_by_priority_until_held_too_long(
+        nats_conn: BrokerConnection, max_hold_s: float, hold_s: float,
+        held_goes_first: bool) -> None:
+    intake = JobIntake(await consumers(nats_conn), IDLE_POLL_S, max_hold_s=max_hold_s)
+    try:
+        first, then = await held_then_high(nats_conn, intake, hold_s)
+    finally:
+        await intake.close()
+    held = ({"req-normal", "req-low"} - {first.request_id}).pop()
+    expected = [held, "req-high"] if held_goes_first else ["req-high", held]
+    assert [d.request_id for d in then] == expected
