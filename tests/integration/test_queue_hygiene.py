@@ -1,5 +1,6 @@
 """Queue hygiene on a real broker: stream limits, duplicate publishes, the queue
-depth as the consumers see it, and replica settings."""
+depth as the consumers see it (and the decode worker's poll of it), and replica
+settings."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from splitserve.queue.streams import (
 )
 from splitserve.queue.subjects import BUCKET_POLICY, BUCKET_WORKERS, STREAM_PREFILL
 from splitserve.queue.work_queue import JobConsumer, publish_job
+from splitserve.worker.queue_depth import POLL_TIMEOUT_S, UNKNOWN_DEPTH, QueueDepth
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -143,6 +145,30 @@ async def test_depth_counts_direct_consumers(nats_conn: BrokerConnection) -> Non
     await publish_job(js, make_job("req-3"), prefill_worker_id="prefill-9")
     assert await num_stored(nats_conn) == 4
     assert await prefill_queue_depth(js, SHORT) == 3
+
+
+async def test_an_unanswered_depth_poll_is_given_up_within_its_timeout(
+        nats_conn: BrokerConnection) -> None:
+    """A NATS cluster without a metadata leader drops the consumer listing: the poll
+    must not wait out the client's 5 s, or every prompt stays local that long after
+    the cluster answers again. Here a JetStream API prefix that a silent subscriber
+    swallows stands in for the lost request; the next poll asks the real one."""
+    await ensure_prefill_queue(nats_conn.js, SHORT)
+    await publish_job(nats_conn.js, make_job("req-1"))
+    await nats_conn.nc.subscribe("silent.>", cb=_ignore)
+    js = [nats_conn.nc.jetstream(prefix="silent"), nats_conn.js]
+    depth = QueueDepth(lambda: prefill_queue_depth(js[0], SHORT))
+    started = time.monotonic()
+    await depth.poll()
+    assert depth.value == UNKNOWN_DEPTH
+    assert time.monotonic() - started < POLL_TIMEOUT_S + 1.0  # the client's own: 5 s
+    js.pop(0)  # the cluster answers again
+    await depth.poll()
+    assert depth.value == 1
+
+
+async def _ignore(msg: object) -> None:
+    del msg
 
 
 async def test_depth_leaves_out_jobs_past_max_deliver(nats_conn: BrokerConnection) -> None:

@@ -56,7 +56,7 @@ from splitserve.transfer.checksum import pages_intact
 from splitserve.worker.core import WorkerCore
 from splitserve.worker.leases import LeaseDesk, PrefillDeclined
 from splitserve.worker.policy import PolicyView
-from splitserve.worker.queue_depth import QueueDepth
+from splitserve.worker.queue_depth import QueueDepth, broker_depth
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class RemotePrefillClient:
     def __init__(self, core: WorkerCore, engine: AsyncEngine) -> None:
         self.core = core
         self.engine = engine
-        self.depth = QueueDepth(core)
+        self.depth = QueueDepth(broker_depth(core))
         self.live_prefill_ids: set[str] = set()  # from the registry watch
         self._incarnations: dict[str, str] = {}  # prefill worker → registered incarnation
         self.clocks = ClockOffsets()
