@@ -1,7 +1,11 @@
 """Overload: the router's admission control on vs off, offered load stepped to 5× capacity.
 
 Workload (seeded): Poisson arrivals in steps of `--step-s` seconds at `--steps` × the
-measured capacity (default 0.5, 1, 2, 3, 5); priorities 20% high, 50% normal, 30% low;
+measured capacity (default 0.5, 1, 2, 3, 5); priorities (`--mix`) 10% high, 50%
+normal, 40% low: at the 5× step the high class alone is then half the capacity. High
+is never refused, so a mix whose high share × the peak factor reaches 1 (20% at 5×,
+the default before 2026-12-05) overloads the high class by itself, and no admission
+policy can hold its SLO there (measured: high TTFT p99 4.7 s with admission on);
 prompts of 64–192 random token ids (no prefix hits), 24 output tokens (EOS ignored),
 streamed through `POST /v1/completions` with `x-priority`.
 
@@ -50,7 +54,7 @@ from splitserve.model.loader import default_model_path
 from splitserve.routing.offload import RoutingConfig
 
 SLO_S = {"high": 2.0, "normal": 8.0, "low": 20.0}
-MIX = (("high", 0.2), ("normal", 0.5), ("low", 0.3))
+PRIORITIES = ("high", "normal", "low")
 VOCAB_LOW, VOCAB_HIGH = 17, 49152
 
 
@@ -78,7 +82,7 @@ def workload(capacity_rps: float, args: argparse.Namespace) -> list[Request]:
             t += rng.expovariate(rate)
             if t >= start + args.step_s:
                 break
-            priority = rng.choices([p for p, _ in MIX], [w for _, w in MIX])[0]
+            priority = rng.choices(PRIORITIES, args.mix)[0]
             prompt = [rng.randrange(VOCAB_LOW, VOCAB_HIGH) for _ in range(rng.randint(64, 192))]
             requests.append(Request(t, priority, prompt))
         start += args.step_s
@@ -226,6 +230,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=float, nargs="+", default=[0.5, 1, 2, 3, 5])
     parser.add_argument("--step-s", type=float, default=20.0)
+    parser.add_argument("--mix", type=float, nargs=3, default=[0.1, 0.5, 0.4],
+                        metavar=("HIGH", "NORMAL", "LOW"), help="shares of the classes")
     parser.add_argument("--capacity-concurrency", type=int, default=48)
     parser.add_argument("--capacity-s", type=float, default=20.0)
     parser.add_argument("--max-tokens", type=int, default=24)
