@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -13,7 +14,7 @@ from splitserve.errors import ModelLoadError
 from splitserve.model.dequant import dequantize
 from splitserve.model.gguf_loader import unpermute_rope
 from splitserve.model.llama import dense_causal_attention
-from splitserve.model.loader import load_model
+from splitserve.model.loader import MAX_CACHE_ENTRIES, load_model
 
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32"])
@@ -45,13 +46,25 @@ def test_unpermute_inverts_llama_cpp_permutation() -> None:
 
 
 def test_converted_weights_cache_reloads_identically_and_fast(tmp_path) -> None:
+    # older conversions (another checkout, a reinstalled package), least recent first
+    stale = [tmp_path / f"old{i}" for i in range(MAX_CACHE_ENTRIES + 1)]
+    for age, entry in enumerate(reversed(stale), start=1):
+        entry.mkdir()
+        (entry / "weights.safetensors").write_bytes(b"old")
+        (entry / "meta.json").write_text("{}")
+        os.utime(entry / "meta.json", (time.time() - 3600 * age,) * 2)
+    (tmp_path / "native").mkdir()  # not a converted model: never pruned
     t0 = time.perf_counter()
     first = load_model(cache_dir=tmp_path)
     cold_s = time.perf_counter() - t0
+    [written] = [p.parent for p in tmp_path.glob("*/meta.json") if p.parent not in stale]
+    # the new entry and the most recent older ones, MAX_CACHE_ENTRIES in all
+    assert sorted(tmp_path.iterdir()) == sorted(
+        [written, tmp_path / "native", *stale[-(MAX_CACHE_ENTRIES - 1):]])
     t0 = time.perf_counter()
     second = load_model(cache_dir=tmp_path)
     warm_s = time.perf_counter() - t0
-    assert len(list(tmp_path.glob("*/weights.safetensors"))) == 1
+    assert len(list(tmp_path.glob("*/weights.safetensors"))) == MAX_CACHE_ENTRIES
     for (name, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert first.fingerprint == second.fingerprint

