@@ -16,8 +16,8 @@ its own ramp-up and tail and underrates the continuous batch by ~2×.)
 
 Three runs, each on a fresh local cluster (nats, 2 decode workers pinned to a core
 each, remote prefill off, a router):
-- `admission`: `qos.admission: true` (the defaults: low refused above an estimated 2 s
-  TTFT, normal above 8 s, high never) with the priority header;
+- `admission`: `qos.admission: true` (the defaults: low refused above an estimated 20 s
+  TTFT, normal above 8 s, high never: each class's SLO) with the priority header;
 - `admission_off`: `qos.admission: false`, still with the priority header (the engine
   still orders its queue by priority);
 - `no_qos`: `qos.admission: false` and no priority header: every request is normal to

@@ -136,9 +136,9 @@ def test_higher_class_arrivals_stretch_the_wait_of_lower_ones() -> None:
 
 
 def test_each_class_is_refused_above_its_own_limit() -> None:
-    config = QosConfig()  # low 2 s, normal 8 s, high never
-    assert refusal(config, "low", Estimate(0.1, 1.8, 1.9)) is None
-    assert "priority low" in (refusal(config, "low", Estimate(0.1, 2.4, 2.5)) or "")
+    config = QosConfig()  # low 20 s, normal 8 s, high never: their SLOs
+    assert refusal(config, "low", Estimate(0.1, 19.8, 19.9)) is None
+    assert "priority low" in (refusal(config, "low", Estimate(0.1, 20.4, 20.5)) or "")
     assert refusal(config, "", Estimate(0.5, 6.5, 7.0)) is None
     assert refusal(config, "normal", Estimate(0.5, 8.5, 9.0))
     assert refusal(config, "high", Estimate(0.5, 1e6, 1e6)) is None

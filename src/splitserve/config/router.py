@@ -83,8 +83,9 @@ class QosConfig:
     """`qos:` of the router's config."""
 
     admission: bool = True
-    # estimated TTFT above which a class is refused (0: never refused)
-    reject_above_s: PerClass = PerClass(high=0.0, normal=8.0, low=2.0)
+    # estimated TTFT above which a class is refused (0: never refused): by default its
+    # SLO, so a request that would likely meet it is never turned away (ARCHITECTURE.md)
+    reject_above_s: PerClass = PerClass(high=0.0, normal=8.0, low=20.0)
     # what each class is promised (benchmarks count goodput against these)
     ttft_slo_s: PerClass = PerClass(high=2.0, normal=8.0, low=20.0)
     # graceful degradation: above this estimated TTFT a class's max_tokens is capped at

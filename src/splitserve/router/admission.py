@@ -27,8 +27,8 @@ An `Estimate` has three parts: `own_s`, the request alone on an idle worker; `wa
 what the load adds; `judged_s`, what the thresholds are held against: the estimate
 with the request's own tokens capped at the typical request's (the fit's mean tokens
 of work), since a prompt's extra length is its own, not the load's. The rule: a
-request whose class has a threshold in `reject_above_s` (defaults: low 2 s, normal
-8 s; high 0, none) is refused with RESOURCE_EXHAUSTED when `judged_s` exceeds it;
+request whose class has a threshold in `reject_above_s` (defaults: the classes' SLOs,
+low 20 s, normal 8 s; high 0, none) is refused with RESOURCE_EXHAUSTED when `judged_s` exceeds it;
 HTTP clients get 429 with `Retry-After`. So a prompt too long to meet its class's
 threshold even on an idle worker is refused only for the work ahead of it: refusing it
 on an idle cluster would tell its client to retry what no retry can change. Besides, at
