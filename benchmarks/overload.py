@@ -53,8 +53,8 @@ from splitserve.daemons.up import LocalCluster
 from splitserve.model.loader import default_model_path
 from splitserve.routing.offload import RoutingConfig
 
-SLO_S = {"high": 2.0, "normal": 8.0, "low": 20.0}
 PRIORITIES = ("high", "normal", "low")
+SLO_S = {p: QosConfig().ttft_slo_s.get(p) for p in PRIORITIES}  # the router's defaults
 VOCAB_LOW, VOCAB_HIGH = 17, 49152
 
 

@@ -78,6 +78,9 @@ class PerClass:
                 raise ConfigError(name, f"must be in [0, 86400] s, got {value!r}")
 
 
+TTFT_SLO_S = PerClass(high=2.0, normal=8.0, low=20.0)  # the classes' default SLOs
+
+
 @dataclass(frozen=True)
 class QosConfig:
     """`qos:` of the router's config."""
@@ -85,9 +88,9 @@ class QosConfig:
     admission: bool = True
     # estimated TTFT above which a class is refused (0: never refused): by default its
     # SLO, so a request that would likely meet it is never turned away (ARCHITECTURE.md)
-    reject_above_s: PerClass = PerClass(high=0.0, normal=8.0, low=20.0)
+    reject_above_s: PerClass = PerClass(normal=TTFT_SLO_S.normal, low=TTFT_SLO_S.low)
     # what each class is promised (benchmarks count goodput against these)
-    ttft_slo_s: PerClass = PerClass(high=2.0, normal=8.0, low=20.0)
+    ttft_slo_s: PerClass = TTFT_SLO_S
     # graceful degradation: above this estimated TTFT a class's max_tokens is capped at
     # degraded_max_tokens (0: never); the HTTP response says so in x-splitserve-degraded
     degrade_above_s: PerClass = PerClass(low=1.0)

@@ -70,10 +70,8 @@ class JobIntake:
         """Up to `max_jobs` jobs: those waiting now, else the first to arrive within
         the idle poll (then `window_s` for more); [] when none came."""
         self._collect()
-        if self._held:  # only the consumers that could overtake them
-            await self._quick_pass(max_jobs, above=min(self._held).rank)
-        else:
-            await self._quick_pass(max_jobs)
+        # with jobs held, only the consumers that could overtake them
+        await self._quick_pass(max_jobs, above=min(self._held).rank if self._held else None)
         if not self._held:
             await self._long_poll(max_jobs, window_s)
         return self._hand_out(max_jobs)
@@ -121,12 +119,11 @@ class JobIntake:
         return brought
 
     async def _quick_pass(self, max_jobs: int, above: int | None = None) -> None:
-        """Take the jobs waiting on the consumers (those ranked `above` a held job's
-        rank only), up to `max_jobs` in all (counting, with `above`, only the jobs
-        taken now: they go out before the held ones)."""
+        """Take up to `max_jobs` jobs waiting on the consumers (only those ranked above
+        `above`, a held job's rank: what is taken now goes out before the held ones)."""
         taken = 0
         for index, consumer in enumerate(self.consumers[:above]):
-            room = max_jobs - (taken if above is not None else len(self._held))
+            room = max_jobs - taken
             if room <= 0:
                 return
             if index not in self._polls:  # two pulls on one subscription share its inbox
