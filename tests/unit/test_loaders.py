@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -122,3 +124,17 @@ def test_hf_directory_errors_name_the_problem(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     with pytest.raises(ModelLoadError, match="model_type 'gpt_neox' is not supported"):
         load_model(tmp_path)
+
+
+def test_building_a_model_does_not_import_dynamo() -> None:
+    # torch._dynamo's import is ~1 s of an engine's start; the meta device's Python
+    # kernels pulled it in. A fresh interpreter, since this one may have it already.
+    code = ("import sys\n"
+            "from conftest import TINY, tiny_weights\n"
+            "from splitserve.model.loader import build_model\n"
+            "build_model(TINY, tiny_weights(TINY))\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tests_dir, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip().splitlines()[-1] == "False"

@@ -9,7 +9,7 @@ batch; it stores each layer's new K/V into KV pages and attends over them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,18 +28,35 @@ class PagedAttention(Protocol):
         ...
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` without its random init: every weight comes from a checkpoint.
+    Created uninitialized on its final device and dtype, a model costs no init and no
+    copy; building it on the meta device instead runs torch's Python meta kernels,
+    which import torch._dynamo (about 1 s of each engine start)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """`nn.Embedding` without its random init (see `Linear`)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class RMSNorm(nn.Module):
     """One norm's weight and eps; the model applies it through its `ModelOps`
     (`rms_norm` / `add_rms_norm`, fused with the residual add)."""
 
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, **factory: Any) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight = nn.Parameter(torch.ones(size, **factory))
         self.eps = eps
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, **factory: Any) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads = config.num_heads
@@ -48,8 +65,9 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         # Q, K and V share one matmul: on a CPU three small GEMMs cost more than one.
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False,
+                               **factory)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False, **factory)
 
     def forward(
         self,
@@ -70,23 +88,26 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, **factory: Any) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False,
+                                   **factory)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False,
+                                **factory)
 
     def forward(self, x: torch.Tensor, ops: ModelOps) -> torch.Tensor:
         return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, **factory: Any) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
+        self.self_attn = Attention(config, layer, **factory)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                                **factory)
+        self.mlp = MLP(config, **factory)
 
     def forward(
         self,
@@ -113,18 +134,22 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     """Parameters are named like Hugging Face's `LlamaForCausalLM`, with Q/K/V and
-    gate/up fused (see `load_hf_state_dict`)."""
+    gate/up fused (see `load_hf_state_dict`). Built on `device` in `dtype` with the
+    weights uninitialized until they are loaded."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
         super().__init__()
+        factory: dict[str, Any] = {"dtype": dtype, "device": device}
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, **factory)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, **factory)
+                                    for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rope = RotaryEmbedding(config)
+        self.rope = RotaryEmbedding(config).to(device)
         # the elementwise steps: torch ops until the loader picks the native ones
         self.ops: ModelOps = TorchOps()
 

@@ -94,10 +94,7 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> LlamaModel:
-    with torch.device("meta"):
-        model = LlamaModel(config)
-    model = model.to_empty(device=device).to(dtype)
-    model.rope.reset_buffers()  # created on the meta device above; compute them for real
+    model = LlamaModel(config, dtype, device)
     model.load_hf_state_dict(weights)
     prepack_linears(model)  # CPU only; the weights are final from here on
     model.ops = model_ops(torch.device(device))  # fused native steps on a CPU

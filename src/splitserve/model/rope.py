@@ -53,7 +53,7 @@ class RotaryEmbedding(nn.Module):
 
     def reset_buffers(self) -> None:
         c = self.config
-        device = self.cos.device if self.cos.device.type != "meta" else None
+        device = self.cos.device
         inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         positions = torch.arange(c.max_position_embeddings, dtype=torch.float32)
         emb = torch.outer(positions, inv_freq).repeat(1, 2)
