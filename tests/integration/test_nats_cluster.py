@@ -86,8 +86,8 @@ def _connected_node(conn: BrokerConnection, cluster: NatsCluster) -> int:
 
 
 async def _collect(consumer: JobConsumer, num_jobs: int, within_s: float) -> set[str]:
-    """Fetch and ack until `num_jobs` distinct requests were acked. An ack lost in an
-    election returns False: that job comes back after AckWait."""
+    """Fetch and ack until `num_jobs` distinct requests were acked. An ack still
+    unanswered after its retries returns False: that job comes back after AckWait."""
     acked: set[str] = set()
     deadline = time.monotonic() + within_s
     while len(acked) < num_jobs and time.monotonic() < deadline:
@@ -224,3 +224,38 @@ async def test_a_secure_3_node_cluster_needs_a_login_on_every_node(tmp_path: Pat
             await conn.close()
     finally:
         await asyncio.to_thread(local.nats.stop)
+
+
+@pytest.mark.parametrize("retry_for_s, acked", [(0.0, False), (15.0, True)])
+async def test_an_ack_sent_while_its_consumer_elects_a_leader_is_retried(
+        cluster: NatsCluster, retry_for_s: float, acked: bool) -> None:
+    # The client's node stays up; the node leading the stream and the consumer dies.
+    # Until a new leader is elected nobody answers the ack. Unretried, the job stays
+    # ack-pending (counted in the queue depth) until AckWait redelivers it.
+    conn = await connect(cluster.urls, name="test", backoff=TEST_BACKOFF, connect_timeout_s=5.0)
+    js = conn.js
+    settings = PrefillQueueSettings(ack_wait_s=30.0, replicas=3)
+    try:
+        await ensure_messaging(js, settings, BUCKETS)
+        consumer = await JobConsumer.bind(js, shared_consumer_config("high", settings))
+        await publish_job(js, make_job("req-ack"))
+        [delivery] = await consumer.fetch(max_jobs=1, timeout_s=2.0)
+        victim = (_connected_node(conn, cluster) + 1) % 3
+        await _move_leaders_to(conn, cluster.nodes[victim].server_name, within_s=10.0)
+        cluster.kill(victim)
+        assert await delivery.ack(timeout_s=0.5, retry_for_s=retry_for_s) is acked
+
+        deadline = time.monotonic() + 15.0
+        while (info := await _consumer_info(conn)) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert info is not None and info.num_ack_pending == (0 if acked else 1)
+        await consumer.close()
+    finally:
+        await conn.close()
+
+
+async def _consumer_info(conn: BrokerConnection):  # type: ignore[no-untyped-def]
+    try:
+        return await conn.js.consumer_info(STREAM_PREFILL, "shared-high", timeout=0.5)
+    except Exception:  # noqa: BLE001 - no leader yet
+        return None

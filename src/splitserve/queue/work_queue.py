@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 _RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+# How long an ack is retried: a NATS stream leader election takes a few seconds (one
+# seen in the chaos suite: 5.3 s), well within the default AckWait (30 s).
+ACK_RETRY_S = 10.0
 _MIN_PULL_S = 0.002  # a pull request shorter than this expires before it reaches the broker
 # JSStreamStoreFailedError (code 503): "maximum messages exceeded", "maximum bytes
 # exceeded", "storage resources exceeded". A limit, not an outage: never retried.
@@ -153,9 +156,27 @@ class JobDelivery:
         """Reset the AckWait timer (heartbeat while a long prompt is prefilled)."""
         return await self._settle("in_progress", self.msg.in_progress())
 
-    async def ack(self, timeout_s: float = 2.0) -> bool:
-        """Done: the job leaves the stream. Waits for the broker to confirm."""
-        return await self._settle("ack", self.msg.ack_sync(timeout=timeout_s))
+    async def ack(self, timeout_s: float = 2.0, retry_for_s: float = ACK_RETRY_S) -> bool:
+        """Done: the job leaves the stream. Waits for the broker to confirm, and asks
+        again for `retry_for_s` while it does not (restarting, electing a stream
+        leader: NoResponders at once, or no answer): a job left unacked is redelivered
+        after AckWait, and until then counts in the queue depth that routing reads.
+        Acking twice is harmless (the broker keeps no state for an acked job)."""
+        deadline = time.monotonic() + retry_for_s
+        num_tries = 0
+        while True:
+            num_tries += 1
+            try:
+                await self.msg.ack_sync(timeout=timeout_s)
+                return True
+            except nats.errors.MsgAlreadyAckdError:
+                raise JobAlreadySettled(self.job.request_id, self.job.attempt, "ack") from None
+            except (TimeoutError, nats.errors.Error) as err:
+                delay_s = _RETRY_BACKOFF_S[min(num_tries - 1, len(_RETRY_BACKOFF_S) - 1)]
+                if (isinstance(err, nats.errors.ConnectionClosedError)
+                        or time.monotonic() + delay_s >= deadline):
+                    return self._settle_failed("ack", err, num_tries)
+            await asyncio.sleep(delay_s)
 
     async def nak(self, delay_s: float | None = None) -> bool:
         """Hand the job back; redelivered after `delay_s` (at once if None)."""
@@ -171,11 +192,14 @@ class JobDelivery:
         except nats.errors.MsgAlreadyAckdError:
             raise JobAlreadySettled(self.job.request_id, self.job.attempt, verb) from None
         except (TimeoutError, nats.errors.Error) as err:
-            log.warning("request %s attempt %d: %s failed (%s: %s); the broker redelivers "
-                           "after AckWait", self.job.request_id, self.job.attempt, verb,
-                           type(err).__name__, err)
-            return False
+            return self._settle_failed(verb, err, 1)
         return True
+
+    def _settle_failed(self, verb: str, err: BaseException, num_tries: int) -> bool:
+        log.warning("request %s attempt %d: %s failed after %d tries (%s: %s); the broker "
+                    "redelivers after AckWait", self.job.request_id, self.job.attempt, verb,
+                    num_tries, type(err).__name__, err)
+        return False
 
 
 class JobConsumer:
