@@ -108,3 +108,14 @@ def test_native_kv_store_matches_torch_path(paged_decode, dtype: torch.dtype) ->
                       prefill=[])
     with pytest.raises(RuntimeError, match="outside the pool"):
         native.store_kv(0, k, v, bad)
+
+
+def test_each_checkout_builds_into_its_own_directory(tmp_path) -> None:
+    # torch rebuilds a module whose build files name another source path: two
+    # checkouts sharing a build directory rebuilt it on every switch.
+    from splitserve.native import build_key
+
+    here, there = tmp_path / "a" / "paged_decode.cpp", tmp_path / "b" / "paged_decode.cpp"
+    assert build_key(b"src", ["-O3"], here) == build_key(b"src", ["-O3"], here)
+    assert build_key(b"src", ["-O3"], here) != build_key(b"src", ["-O3"], there)
+    assert build_key(b"src", ["-O3"], here) != build_key(b"other", ["-O3"], here)

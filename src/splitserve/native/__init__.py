@@ -5,9 +5,10 @@ KV pages in place, used by `engine/native_attention.py`) and `model_ops` (the Ll
 layer's fused elementwise steps, used by `model/ops.py`). A module is compiled once
 into the splitserve cache directory (about a minute on the 2-core box; `make setup`
 does it) and later processes load the cached library in well under a second. The
-cache key covers the source, the flags, the CPU's feature flags (`-march=native`) and
-torch's version. Where a module cannot be built (no C++ compiler, no headers),
-`load_extension` returns None once, logs why, and callers keep their torch path.
+cache key covers the source, the flags, the CPU's feature flags (`-march=native`),
+torch's version and where the source and torch lie. Where a module cannot be built (no
+C++ compiler, no headers), `load_extension` returns None once, logs why, and callers
+keep their torch path.
 """
 
 from __future__ import annotations
@@ -48,9 +49,7 @@ def _build(name: str) -> ModuleType | None:
         # the source and the headers it may include
         source = source_path.read_bytes() + b"".join(
             header.read_bytes() for header in sorted(_HERE.glob("*.h")))
-        # -march=native: a library built for another CPU (a shared cache) may not run here
-        key = hashlib.sha256(source + " ".join(flags).encode() + platform.machine().encode()
-                             + _cpu_flags() + torch.__version__.encode()).hexdigest()[:16]
+        key = build_key(source, flags, source_path)
         build_dir = default_cache_dir() / "native" / key
         build_dir.mkdir(parents=True, exist_ok=True)
         module = cpp_extension.load(
@@ -63,6 +62,17 @@ def _build(name: str) -> ModuleType | None:
         return None
     log.info("native %s loaded from %s", name, build_dir)
     return module
+
+
+def build_key(source: bytes, flags: list[str], source_path: Path) -> str:
+    """The build directory's name. -march=native: a library built for another CPU (a
+    shared cache) may not run here. The source's path and torch's install directory
+    too: torch's build files name both, so two checkouts or virtualenvs sharing one
+    directory rebuilt it each time the other had run (42 s seen)."""
+    return hashlib.sha256(
+        source + " ".join(flags).encode() + platform.machine().encode() + _cpu_flags()
+        + torch.__version__.encode() + str(source_path.resolve()).encode()
+        + str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:16]
 
 
 def build_all() -> None:
