@@ -1,11 +1,12 @@
-"""The seed offload policy (`routing.should_offload_prefill`), case by case."""
+"""The seed offload policy (`routing.should_offload_prefill`), case by case, and the
+rule the engine thread completes at admission (`OffloadRule`)."""
 
 from __future__ import annotations
 
 import pytest
 
 from splitserve.errors import ConfigError
-from splitserve.routing.offload import RoutingConfig, should_offload_prefill
+from splitserve.routing.offload import OffloadRule, RoutingConfig, should_offload_prefill
 
 CONFIG = RoutingConfig(prefill_length_threshold=128, moderate_length_threshold=48,
                        prefill_queue_max=4, moderate_queue_max=1, decode_load_threshold=0.5)
@@ -59,3 +60,22 @@ def test_low_priority_goes_remote_only_to_an_idle_pool() -> None:
 def test_invalid_thresholds_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"routing.{field}"):
         RoutingConfig(**{field: value})
+
+
+def test_prompts_admitted_together_see_each_others_remote_prefills(tiny_engine) -> None:
+    # Both rules are captured before either admission (queue idle); on the engine
+    # thread the first goes remote, and the second, moderate, must then stay local
+    # instead of queueing behind it on the prefill worker.
+    from splitserve.engine.sampling import SamplingParams
+
+    long_rule = OffloadRule(CONFIG, queue_depth=0, usable=True)
+    short_rule = OffloadRule(CONFIG, queue_depth=0, usable=True)
+    engine = tiny_engine()
+    assert long_rule(200, 1.0, engine.stats().num_remote_pending)
+    assert engine.reserve_remote("long", list(range(1, 201)), SamplingParams(max_tokens=4),
+                                 attempt=1, release_at=1e12) is not None
+    stats = engine.stats()
+    assert stats.num_remote_pending == 1
+    assert not short_rule(60, 1.0, stats.num_remote_pending)
+    assert short_rule(60, 1.0, 0)  # as the captured depth alone would have said
+    assert not OffloadRule(CONFIG, queue_depth=0, usable=False)(200, 1.0, 0)

@@ -125,7 +125,8 @@ class DecodeService:
             unreferenced pages only): the first remote attempt if the request goes
             remote; else None, and the request is queued for a local prefill."""
             effective_len = len(prompt) - e.cached_prefix_tokens(prompt)
-            if offload(effective_len, e.stats().decode_load):
+            stats = e.stats()
+            if offload(effective_len, stats.decode_load, stats.num_remote_pending):
                 return reserve(e, effective_len)
             e.add_request(request_id, prompt, request.params, priority=request.priority)
             return None

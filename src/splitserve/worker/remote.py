@@ -49,7 +49,7 @@ from splitserve.queue.registry import parse_descriptor
 from splitserve.queue.work_queue import publish_job
 from splitserve.routing.attempts import Failure, Next, RemoteAttempts, RetryContext
 from splitserve.routing.clock import ClockOffsets
-from splitserve.routing.offload import should_offload_prefill
+from splitserve.routing.offload import OffloadRule
 from splitserve.rpc.jobs_pb2 import KVReady, LeaseReply, LeaseRequest, PrefillJob
 from splitserve.tasks import logged_task, stop_tasks
 from splitserve.transfer.checksum import pages_intact
@@ -145,15 +145,12 @@ class RemotePrefillClient:
         margin_s = self.core.config.lease.skew_margin_s
         return sorted(w for w in self.live_prefill_ids if not self.clocks.is_excluded(w, margin_s))
 
-    def offload_rule(self, priority: str) -> Callable[[int, float], bool]:
-        """`(effective prompt length, decode load) -> go remote?`, with this moment's
-        routing policy, queue depth and prefill workers captured: a pure function the
-        engine thread can evaluate. Never remote while no usable prefill worker is
-        registered (the job would wait out a whole lease for nobody)."""
-        usable = bool(self.usable_prefill_ids())
-        routing, depth = self.policy.routing, self.queue_depth
-        return lambda effective_len, decode_load: usable and should_offload_prefill(
-            routing, effective_len, depth, decode_load, priority)
+    def offload_rule(self, priority: str) -> OffloadRule:
+        """This moment's routing policy, queue depth and prefill workers, for the engine
+        thread to complete at admission. Never remote while no usable prefill worker
+        is registered (the job would wait out a whole lease for nobody)."""
+        return OffloadRule(self.policy.routing, self.queue_depth,
+                           bool(self.usable_prefill_ids()), priority)
 
     def reserve_rule(self, request_id: str, prompt: list[int], request: GenerateRequest
                      ) -> Callable[[Engine, int], RemoteStart]:
@@ -176,7 +173,9 @@ class RemotePrefillClient:
 
     def should_offload(self, effective_len: int, priority: str) -> bool:
         """The offload rule on the engine's latest snapshot."""
-        return self.offload_rule(priority)(effective_len, self.engine.stats.decode_load)
+        stats = self.engine.stats
+        return self.offload_rule(priority)(effective_len, stats.decode_load,
+                                           stats.num_remote_pending)
 
     # --- attempts --------------------------------------------------------------------
     async def prefill(self, request_id: str, prompt: list[int], request: GenerateRequest,
