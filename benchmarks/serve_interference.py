@@ -140,7 +140,8 @@ async def drive(addresses: list[str], requests: list[Request]) -> tuple[list[Res
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(dtype=args.dtype, kv_cache_memory_mb=1024, max_num_seqs=32,
                         max_num_batched_tokens=256,
-                        max_prefill_chunk_tokens=args.max_prefill_chunk_tokens or None)
+                        max_prefill_chunk_tokens=args.max_prefill_chunk_tokens or None,
+                        kv_prefault=args.kv_prefault)
 
 
 def cluster_config(mode: str, state_dir: str, routing: RoutingConfig,
@@ -260,6 +261,9 @@ def main() -> None:
                     help="one workload per seed, both modes on each")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="weights, activations and KV of every worker")
+    ap.add_argument("--kv-prefault", choices=["background", "sync", "off"],
+                    default=EngineConfig.kv_prefault,
+                    help="when the workers fault their KV pools in (sync: before serving)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     routing = RoutingConfig(prefill_length_threshold=args.threshold,
@@ -276,6 +280,7 @@ def main() -> None:
                      "long_prompt_tokens": "1024-2048", "output_tokens": "32-128"},
         "routing": asdict(routing),
         "max_prefill_chunk_tokens": args.max_prefill_chunk_tokens,
+        "kv_prefault": args.kv_prefault,
         "slo": asdict(SLO),
         "runs": runs,
         "ratios_over_seeds": summary,
