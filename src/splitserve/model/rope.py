@@ -53,12 +53,11 @@ class RotaryEmbedding(nn.Module):
 
     def reset_buffers(self) -> None:
         c = self.config
-        device = self.cos.device
         inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         positions = torch.arange(c.max_position_embeddings, dtype=torch.float32)
         emb = torch.outer(positions, inv_freq).repeat(1, 2)
-        self.cos = emb.cos().to(device)
-        self.sin = emb.sin().to(device)
+        self.cos = emb.cos()
+        self.sin = emb.sin()
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeAngles:
         """cos and sin `[T, 1, D]` of `positions` `[T]`, rounded to `dtype`: computed once

@@ -45,6 +45,13 @@ log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 _RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def _backoff_s(num_tries: int) -> float:
+    """The pause after the `num_tries`-th failed try of a publish or an ack."""
+    return _RETRY_BACKOFF_S[min(num_tries - 1, len(_RETRY_BACKOFF_S) - 1)]
+
+
 # How long an ack is retried: a NATS stream leader election takes a few seconds (one
 # seen in the chaos suite: 5.3 s), well within the default AckWait (30 s).
 ACK_RETRY_S = 10.0
@@ -120,7 +127,7 @@ async def publish_job(
                          job.request_id, job.attempt, subject, ack.seq, num_tries,
                          " (an earlier try's PubAck was lost)" if ack.duplicate else "")
             return int(ack.seq)
-        delay_s = _RETRY_BACKOFF_S[min(num_tries - 1, len(_RETRY_BACKOFF_S) - 1)]
+        delay_s = _backoff_s(num_tries)
         if time.monotonic() + delay_s >= deadline:
             raise PublishFailed(job.request_id, job.attempt, subject, reason)
         log.info("request %s attempt %d: publish retry (%s)", job.request_id, job.attempt,
@@ -172,7 +179,7 @@ class JobDelivery:
             except nats.errors.MsgAlreadyAckdError:
                 raise JobAlreadySettled(self.job.request_id, self.job.attempt, "ack") from None
             except (TimeoutError, nats.errors.Error) as err:
-                delay_s = _RETRY_BACKOFF_S[min(num_tries - 1, len(_RETRY_BACKOFF_S) - 1)]
+                delay_s = _backoff_s(num_tries)
                 if (isinstance(err, nats.errors.ConnectionClosedError)
                         or time.monotonic() + delay_s >= deadline):
                     return self._settle_failed("ack", err, num_tries)
