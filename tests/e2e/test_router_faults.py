@@ -1,27 +1,34 @@
 """The router when decode workers go away and come back (real daemons, real signals):
 a draining worker's requests go to the other one and none is lost; with no worker
 left the router answers 503 with Retry-After and keeps running; a worker restarted
-under the same id gets traffic again. Counted, not read from logs."""
+under the same id gets traffic again; a frozen worker (SIGSTOP: alive to TCP, silent
+to gRPC) is found out by keepalive pings and its requests go to the other one.
+Counted, not read from logs."""
 
 from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 from cluster import (
+    Router,
+    admin_status,
     nats_server,
     router_health,
     start_daemon,
     start_router,
     stop_daemons,
     stop_router,
+    wait_no_leaks,
     wait_ready,
     wait_router,
     worker_config,
 )
+from openai.types import Completion
 
 from splitserve.model.loader import default_model_path
 
@@ -37,6 +44,18 @@ def wait_for(condition, timeout_s: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+def completer(router: Router, timeout_s: float) -> Callable[[int], Completion]:
+    """Request i: a greedy 12-token completion through the router (EOS ignored)."""
+    client = openai.OpenAI(base_url=router.base_url, api_key="none", max_retries=0,
+                           timeout=timeout_s)
+
+    def complete(i: int) -> Completion:
+        return client.completions.create(model=MODEL, prompt=f"Request {i}: the river",
+                                         max_tokens=12, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    return complete
+
+
 def test_workers_leaving_and_returning(tmp_path) -> None:
     broker = nats_server(tmp_path)
     configs = [worker_config("decode", f"decode-{i}", broker.url, drain_grace_s=20.0)
@@ -46,14 +65,12 @@ def test_workers_leaving_and_returning(tmp_path) -> None:
     try:
         wait_ready(daemons)
         wait_router(router, num_workers=2)
-        client = openai.OpenAI(base_url=router.base_url, api_key="none", max_retries=0,
-                               timeout=120)
+        request = completer(router, timeout_s=120)
 
         def complete(i: int) -> int:
-            answer = client.completions.create(
-                model=MODEL, prompt=f"Request {i}: the river", max_tokens=12,
-                temperature=0, extra_body={"ignore_eos": True})
-            return answer.usage.completion_tokens
+            usage = request(i).usage
+            assert usage is not None
+            return usage.completion_tokens
 
         # 1. decode-1 drains while requests keep coming: every one completes
         with ThreadPoolExecutor(4) as pool:
@@ -82,6 +99,62 @@ def test_workers_leaving_and_returning(tmp_path) -> None:
         wait_router(router, num_workers=1)
         assert complete(100) == 12
     finally:
+        assert stop_router(router) == 0
+        stop_daemons(daemons)
+        broker.stop()
+
+
+@pytest.mark.parametrize("keepalive_s", [1.0, 0.0], ids=["pings", "registry_ttl"])
+def test_a_frozen_worker_is_found_out_and_its_requests_go_to_the_other(tmp_path,
+                                                                       keepalive_s) -> None:
+    """Found out by unanswered pings (1 + 2 s) or, with pings off, by its registry entry
+    expiring: either way the calls waiting on it are retried on the other worker."""
+    broker = nats_server(tmp_path)
+    daemons = [start_daemon(worker_config("decode", f"decode-{i}", broker.url), tmp_path)
+               for i in range(2)]
+    router = start_router(broker.url, tmp_path, keepalive_s=keepalive_s,
+                          keepalive_timeout_s=2.0)
+    frozen = daemons[1]
+    try:
+        wait_ready(daemons)
+        wait_router(router, num_workers=2)
+        request = completer(router, timeout_s=60)
+
+        def complete(i: int) -> str:
+            return request(i).choices[0].text
+
+        prompts = range(12)
+        with ThreadPoolExecutor(4) as pool:
+            reference = list(pool.map(complete, prompts))  # both workers serving
+        served = [int(admin_status(d.address)["counters"].get("num_requests_finished", 0))
+                  for d in daemons]
+        assert min(served) > 0  # each worker had a share
+
+        frozen.signal(signal.SIGSTOP)  # its sockets stay open; nothing answers
+        started = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(complete, i) for i in prompts]
+            outcomes = []
+            for future in futures:
+                try:
+                    outcomes.append(future.result())
+                except openai.APIError as exc:
+                    outcomes.append(f"lost: {exc!r}")
+        lost = sum(o.startswith("lost") for o in outcomes)
+        wrong = sum(o != r for o, r in zip(outcomes, reference, strict=True)) - lost
+        assert (lost, wrong) == (0, 0), outcomes
+        # a request caught on the frozen worker waits for it to be found out, not for
+        # its 60 s timeout
+        assert time.monotonic() - started < (10.0 if keepalive_s else 40.0)
+        assert router_health(router).get("num_workers_serving") == 1
+
+        frozen.signal(signal.SIGCONT)  # back: served again, and what it held is freed
+        wait_router(router, num_workers=2)
+        for daemon in daemons:
+            wait_no_leaks(daemon.address)
+        assert complete(0) == reference[0]
+    finally:
+        frozen.signal(signal.SIGCONT)
         assert stop_router(router) == 0
         stop_daemons(daemons)
         broker.stop()

@@ -6,8 +6,12 @@ from __future__ import annotations
 import time
 
 import grpc
+import pytest
 
 from splitserve.client import PLAINTEXT
+from splitserve.config.router import RouterConfig
+from splitserve.config.schema import from_mapping
+from splitserve.errors import ConfigError
 from splitserve.queue.messages import WorkerStats
 from splitserve.router.pool import Backend, DecodePool, load_cost
 from splitserve.rpc import generation_pb2_grpc
@@ -60,3 +64,15 @@ async def test_ties_go_in_turn_and_unavailable_takes_a_worker_out() -> None:
     assert {pool.choose().worker_id for _ in range(4)} == {"a", "b"}
     pool.mark_unavailable(a)
     assert {pool.choose().worker_id for _ in range(4)} == {"b"}
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"keepalive_s": 0.5}, "keepalive_s: must be in \\[1, 3600\\], got 0.5"),
+    ({"keepalive_s": -1.0}, "keepalive_s: must be in"),
+    ({"keepalive_timeout_s": 0.0}, "keepalive_timeout_s: must be in \\(0, 600\\]"),
+])
+def test_keepalive_settings_are_checked(settings: dict, message: str) -> None:
+    assert RouterConfig().keepalive_s == 10.0  # on by default
+    assert from_mapping(RouterConfig, {"keepalive_s": 0.0}).keepalive_s == 0.0  # off
+    with pytest.raises(ConfigError, match=message):
+        from_mapping(RouterConfig, settings)

@@ -139,6 +139,11 @@ class RouterConfig:
     # After UNAVAILABLE from a worker (draining, gone) it gets no traffic for this long
     # unless its health says SERVING again.
     unavailable_backoff_s: float = 5.0
+    # HTTP/2 keepalive pings to each worker every keepalive_s (0: off); a worker that
+    # does not answer one within keepalive_timeout_s (frozen, its host gone) loses its
+    # connection: no traffic, and calls waiting for its first token go to another one.
+    keepalive_s: float = 10.0
+    keepalive_timeout_s: float = 5.0
     drain_grace_s: float = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -151,6 +156,10 @@ class RouterConfig:
         check_range("connect_timeout_s", self.connect_timeout_s, 0.0, 600.0, low_open=True)
         check_range("stats_max_age_s", self.stats_max_age_s, 0.0, 3600.0, low_open=True)
         check_range("unavailable_backoff_s", self.unavailable_backoff_s, 0.0, 600.0)
+        if self.keepalive_s != 0.0:  # 0: off; workers accept a ping a second at most
+            check_range("keepalive_s", self.keepalive_s, 1.0, 3600.0)
+        check_range("keepalive_timeout_s", self.keepalive_timeout_s, 0.0, 600.0,
+                    low_open=True)
         check_range("drain_grace_s", self.drain_grace_s, 0.0, 60.0)
 
     def policy(self) -> RouterPolicy:

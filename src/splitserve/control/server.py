@@ -46,6 +46,22 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """grpc.aio.server options of every daemon."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # grpc sets SO_REUSEPORT by default: a second worker configured with the same
+        # port would silently share it (the kernel splitting calls between the two).
+        ("grpc.so_reuseport", 0),
+        # A router pings its workers (RouterConfig.keepalive_s, 1 s at the most often)
+        # to find a frozen one; grpc's default answers pings on an idle stream (a health
+        # watch) more often than every 5 min with GOAWAY "too_many_pings".
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ]
+
+
 @dataclass(frozen=True)
 class ExtraService:
     """Another servicer on the same server (e.g. Planner): its full name and adder."""
@@ -155,13 +171,8 @@ async def start_grpc_server(
     tokens file cannot be read or parsed.
     """
     credentials = server_credentials(security.tls) if security.tls.enabled else None
-    server = grpc.aio.server(interceptors=security.interceptors(), options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        # grpc sets SO_REUSEPORT by default: a second worker configured with the same
-        # port would silently share it (the kernel splitting calls between the two).
-        ("grpc.so_reuseport", 0),
-    ])
+    server = grpc.aio.server(interceptors=security.interceptors(),
+                             options=server_options(max_message_bytes))
     gated, always = [], [ADMIN_SERVICE]
     if generation is not None:
         # Not generation_pb2_grpc's adder: undecodable bytes must be INVALID_ARGUMENT.

@@ -17,11 +17,11 @@ from splitserve.control.errors import BindError
 from splitserve.control.health import HealthStatus
 from splitserve.control.server import (
     HEALTH_SERVICE,
-    MAX_MESSAGE_BYTES,
     ExtraService,
     ServerSecurity,
     is_loopback,
     server_credentials,
+    server_options,
 )
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,7 @@ async def start_service_server(address: str, services: Sequence[ExtraService],
                                security: ServerSecurity) -> ServiceServer:
     """Bind `address` ("host:0": a free port), add `services`, health and reflection,
     start. Gated services follow `health.set_serving`. BindError when it cannot bind."""
-    server = grpc.aio.server(interceptors=security.interceptors(), options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 0)])  # a second daemon on the same port must fail to bind
+    server = grpc.aio.server(interceptors=security.interceptors(), options=server_options())
     for service in services:
         service.add_to_server(server)
     health = HealthStatus([s.name for s in services if s.gated],

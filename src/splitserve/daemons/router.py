@@ -81,7 +81,9 @@ async def serve(config: RouterConfig) -> int:
                                          workers.token_file)
     pool = DecodePool(security, stats_max_age_s=config.stats_max_age_s,
                       unavailable_backoff_s=config.unavailable_backoff_s,
-                      weights=config.weights, balance=config.balance)
+                      weights=config.weights, balance=config.balance,
+                      keepalive_s=config.keepalive_s,
+                      keepalive_timeout_s=config.keepalive_timeout_s)
     forwarder = Forwarder(pool, security, ForwardSettings(
         config.request_timeout_s, config.connect_timeout_s, config.qos))
     broker = await connect(config.nats_url, name="splitserve-router", auth=config.nats_auth,

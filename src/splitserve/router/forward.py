@@ -251,6 +251,15 @@ class Forwarder:
                              if isinstance(v, str))
             raise UpstreamError(exc.code(), exc.details() or "", backend.worker_id,
                                 trailing) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the caller left
+            # grpc.aio cancels the calls of a channel closed under them: the worker left
+            # the registry (pool.remove), so this is the worker's failure, not the caller's
+            raise UpstreamError(grpc.StatusCode.UNAVAILABLE,
+                                f"decode worker {backend.worker_id} left", backend.worker_id
+                                ) from None
         finally:
             backend.active -= 1
             if not first:

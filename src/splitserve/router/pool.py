@@ -9,8 +9,13 @@ Life cycle of a backend (one decode worker):
    the router's own count of requests it has open there is all that is left.
 3. A call that fails with UNAVAILABLE (draining, stopping, gone) takes it out of the
    choice for `unavailable_backoff_s`, or until its health says SERVING again.
+   A frozen worker (a stopped process, a hung host: its TCP still up) answers no
+   HTTP/2 keepalive ping (every `keepalive_s`, `keepalive_timeout_s` to answer): its
+   connection is dropped, so its health watch and its open calls end UNAVAILABLE
+   (step 3 above; forward.py retries a call that had no token yet elsewhere), and
+   the channel reconnects once it answers again.
 4. It leaves the registry (clean stop or TTL expiry): its channel is closed; calls
-   still open on it end with UNAVAILABLE.
+   still open on it end with UNAVAILABLE (forward.py: grpc cancels them).
 A new incarnation under the same worker id replaces the backend.
 
 `choose` scores the eligible backends with `load_cost` (lowest wins; ties go round
@@ -110,8 +115,19 @@ def load_cost(backend: Backend, now: float, stats_max_age_s: float,
 class DecodePool:
     def __init__(self, security: ClientSecurity, *, stats_max_age_s: float = 5.0,
                  unavailable_backoff_s: float = 5.0, weights: CostWeights = DEFAULT_WEIGHTS,
-                 balance: Balance = "kv_aware") -> None:
+                 balance: Balance = "kv_aware", keepalive_s: float = 0.0,
+                 keepalive_timeout_s: float = 5.0) -> None:
         self.security = security
+        self.channel_options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        if keepalive_s:  # 0: off
+            self.channel_options += [
+                ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
+                ("grpc.keepalive_timeout_ms", round(keepalive_timeout_s * 1000)),
+                # what actually bounds the wait for the ping's answer (grpc 1.6x+)
+                ("grpc.http2.ping_timeout_ms", round(keepalive_timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0)]  # a watch sends no data
         self.balance = balance
         self.stats_max_age_s = stats_max_age_s
         self.unavailable_backoff_s = unavailable_backoff_s
@@ -184,8 +200,7 @@ class DecodePool:
             return old
         if old is not None:
             self._close(old)
-        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        options = self.channel_options
         channel = (grpc.aio.secure_channel(address, self.security.channel_credentials(),
                                            options)
                    if self.security.tls else grpc.aio.insecure_channel(address, options))
