@@ -1,7 +1,8 @@
 """The router when decode workers go away and come back (real daemons, real signals):
 a draining worker's requests go to the other one and none is lost; with no worker
 left the router answers 503 with Retry-After and keeps running; a worker restarted
-under the same id gets traffic again; a frozen worker (SIGSTOP: alive to TCP, silent
+under the same id gets traffic again; a worker that cannot take a prompt
+(RESOURCE_EXHAUSTED) passes it to the other; a frozen worker (SIGSTOP: alive to TCP, silent
 to gRPC) is found out by keepalive pings and its requests go to the other one.
 Counted, not read from logs."""
 
@@ -17,6 +18,7 @@ import pytest
 from cluster import (
     Router,
     admin_status,
+    generate,
     nats_server,
     router_health,
     start_daemon,
@@ -30,6 +32,7 @@ from cluster import (
 )
 from openai.types import Completion
 
+from splitserve.config.schema import EngineConfig
 from splitserve.model.loader import default_model_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -155,6 +158,34 @@ def test_a_frozen_worker_is_found_out_and_its_requests_go_to_the_other(tmp_path,
         assert complete(0) == reference[0]
     finally:
         frozen.signal(signal.SIGCONT)
+        assert stop_router(router) == 0
+        stop_daemons(daemons)
+        broker.stop()
+
+
+def test_a_prompt_one_worker_cannot_take_goes_to_the_other(tmp_path) -> None:
+    """decode-1's KV pool (4 pages: 64 tokens) can never hold a 100-token prompt: it
+    answers RESOURCE_EXHAUSTED before any token, and the router tries decode-0."""
+    broker = nats_server(tmp_path)
+    daemons = [start_daemon(worker_config("decode", "decode-0", broker.url), tmp_path),
+               start_daemon(worker_config("decode", "decode-1", broker.url,
+                                          engine=EngineConfig(num_pages=4, max_num_seqs=4)),
+                            tmp_path)]
+    router = start_router(broker.url, tmp_path)
+    try:
+        wait_ready(daemons)
+        wait_router(router, num_workers=2)
+        prompts = [[1000 + 97 * i + j for j in range(100)] for i in range(4)]
+        # decode-1 holds no page and runs nothing: never costlier than decode-0, so it
+        # is the first choice at least once
+        through = [generate(router.address, p, max_tokens=8)[0] for p in prompts]
+        refused = int(admin_status(daemons[1].address)["counters"].get("num_rejects", 0))
+        assert refused >= 1  # the fault struck
+        assert through == [generate(daemons[0].address, p, max_tokens=8)[0] for p in prompts]
+        assert all(len(t) == 8 for t in through)
+        for daemon in daemons:
+            wait_no_leaks(daemon.address)
+    finally:
         assert stop_router(router) == 0
         stop_daemons(daemons)
         broker.stop()

@@ -11,10 +11,12 @@ Life cycle of a forwarded request:
    Hedging (qos.hedge, high priority only): when the estimate there exceeds the class's
    TTFT SLO and another worker is idle, both get the request; the first chunk wins and
    the other call is cancelled.
-3. UNAVAILABLE before the first chunk (draining, stopping, gone, unreachable): nothing
-   was produced, so the same request (same id) goes to the next worker; each worker is
-   tried at most once. Any other error, or one after the first chunk, ends the request
-   with the worker's status code and message (`UpstreamError`).
+3. UNAVAILABLE before the first chunk (draining, stopping, gone, unreachable), or
+   RESOURCE_EXHAUSTED from the worker (its waiting queue full, or the prompt can never
+   fit its KV pool): nothing was produced, so the same request (same id) goes to the
+   next worker; each worker is tried at most once, and the last one's error ends it.
+   Any other error, or one after the first chunk, ends the request with the worker's
+   status code and message (`UpstreamError`).
 4. The caller leaving early (HTTP client gone, gRPC cancel) closes the stream, which
    cancels the worker's call: the worker aborts the request and frees its pages.
 """
@@ -38,6 +40,9 @@ from splitserve.rpc import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+# A worker's answer before its first chunk that another worker may not give.
+NEXT_WORKER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
 
 class UpstreamError(Exception):
     """The request failed with a gRPC status (the worker's, or the router's own)."""
@@ -51,7 +56,7 @@ class UpstreamError(Exception):
 @dataclass
 class ForwardCounters:
     num_requests: int = 0
-    num_retries: int = 0  # another worker tried after UNAVAILABLE before the first chunk
+    num_retries: int = 0  # another worker tried (NEXT_WORKER_CODES before the first chunk)
     num_no_worker: int = 0  # no eligible worker within connect_timeout_s
     num_failed: int = 0  # ended with an error status
     num_cancelled: int = 0  # the caller left early
@@ -154,9 +159,10 @@ class Forwarder:
                             yield chunk
                     return
                 except UpstreamError as exc:
-                    if exc.code is not grpc.StatusCode.UNAVAILABLE or started:
+                    if started or exc.code not in NEXT_WORKER_CODES:
                         raise
-                    self.pool.mark_unavailable(backend)
+                    if exc.code is grpc.StatusCode.UNAVAILABLE:
+                        self.pool.mark_unavailable(backend)
                     last = exc
         except UpstreamError:
             self.counters.num_failed += 1
