@@ -88,14 +88,21 @@ def _read(path: str) -> str:
     return _read_bytes(path).decode(errors="replace")
 
 
+def open_channel(target: str, security: ClientSecurity = PLAINTEXT,
+                 extra_options: Sequence[tuple[str, int]] = ()) -> grpc.aio.Channel:
+    """A channel to `target` (host:port), TLS when `security` says, with the message
+    size limits and `extra_options`; it connects on first use."""
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *extra_options]
+    return (grpc.aio.secure_channel(target, security.channel_credentials(), options)
+            if security.tls else grpc.aio.insecure_channel(target, options))
+
+
 @contextlib.asynccontextmanager
 async def connect(target: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
                   security: ClientSecurity = PLAINTEXT) -> AsyncIterator[grpc.aio.Channel]:
     """A channel to `target` (host:port), ready, or RpcFailed(UNAVAILABLE)."""
-    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-    channel = (grpc.aio.secure_channel(target, security.channel_credentials(), options)
-               if security.tls else grpc.aio.insecure_channel(target, options))
+    channel = open_channel(target, security)
     try:
         try:
             await asyncio.wait_for(channel.channel_ready(), timeout_s)

@@ -40,7 +40,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.aio.msg import Msg
 
-from splitserve.client import MAX_MESSAGE_BYTES, ClientSecurity
+from splitserve.client import ClientSecurity, open_channel
 from splitserve.config.router import CostWeights
 from splitserve.control.generation import GENERATION_SERVICE
 from splitserve.engine.page_allocator import page_hashes
@@ -118,10 +118,9 @@ class DecodePool:
                  balance: Balance = "kv_aware", keepalive_s: float = 0.0,
                  keepalive_timeout_s: float = 5.0) -> None:
         self.security = security
-        self.channel_options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        self.keepalive_options: list[tuple[str, int]] = []
         if keepalive_s:  # 0: off
-            self.channel_options += [
+            self.keepalive_options = [
                 ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
                 ("grpc.keepalive_timeout_ms", round(keepalive_timeout_s * 1000)),
                 # what actually bounds the wait for the ping's answer (grpc 1.6x+)
@@ -200,10 +199,7 @@ class DecodePool:
             return old
         if old is not None:
             self._close(old)
-        options = self.channel_options
-        channel = (grpc.aio.secure_channel(address, self.security.channel_credentials(),
-                                           options)
-                   if self.security.tls else grpc.aio.insecure_channel(address, options))
+        channel = open_channel(address, self.security, self.keepalive_options)
         backend = Backend(worker_id, address, incarnation, page_size, channel,
                           generation_pb2_grpc.GenerationStub(channel))
         backend.tasks.append(asyncio.create_task(self._watch_health(backend),
