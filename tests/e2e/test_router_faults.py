@@ -178,7 +178,9 @@ def test_a_prompt_one_worker_cannot_take_goes_to_the_other(tmp_path) -> None:
         prompts = [[1000 + 97 * i + j for j in range(100)] for i in range(4)]
         # decode-1 holds no page and runs nothing: never costlier than decode-0, so it
         # is the first choice at least once
-        through = [generate(router.address, p, max_tokens=8)[0] for p in prompts]
+        with ThreadPoolExecutor(4) as pool:  # all at once, while decode-1 refuses
+            through = list(pool.map(lambda p: generate(router.address, p, max_tokens=8)[0],
+                                    prompts))
         refused = int(admin_status(daemons[1].address)["counters"].get("num_rejects", 0))
         assert refused >= 1  # the fault struck
         assert through == [generate(daemons[0].address, p, max_tokens=8)[0] for p in prompts]
