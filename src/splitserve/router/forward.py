@@ -240,17 +240,15 @@ class Forwarder:
     async def _call(self, backend: Backend, request: pb.GenerateRequest, timeout_s: float,
                     tokens: int) -> AsyncGenerator[pb.GenerateChunk, None]:
         backend.active += 1
-        priority = request.priority
         sent_s, first = time.monotonic(), False
-        ahead = backend.ttft.sent(tokens, priority, sent_s)
+        ticket = backend.ttft.sent(tokens, request.priority, sent_s)
         call = backend.stub.Generate(request, timeout=max(timeout_s, 0.001),
                                      metadata=self.security.metadata())
         try:
             async for chunk in call:
                 if not first:
                     first = True
-                    backend.ttft.first_token(tokens, ahead, time.monotonic() - sent_s,
-                                             priority)
+                    backend.ttft.first_token(ticket, time.monotonic() - sent_s)
                 yield chunk
         except grpc.aio.AioRpcError as exc:
             trailing = tuple((k, v) for k, v in (exc.trailing_metadata() or ())
@@ -269,5 +267,5 @@ class Forwarder:
         finally:
             backend.active -= 1
             if not first:
-                backend.ttft.gave_up(tokens, priority)
+                backend.ttft.gave_up(ticket)
             call.cancel()  # no-op when the call ended; else the worker aborts the request
