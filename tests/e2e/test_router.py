@@ -149,6 +149,19 @@ def test_models_health_and_metrics(cluster, client) -> None:
     ttft_count = f'splitserve:router_time_to_first_token_seconds_count{{model_name="{MODEL}"}}'
     assert after[ttft_count] == before.get(ttft_count, 0) + 1
     assert after["splitserve:router_workers_serving"] == 2
+    # the admission estimate of each worker: a line once it answered, and per class the
+    # tokens in flight (none now) and the calibration factor
+    workers = {k.split('worker="')[1].split('"')[0] for k in after
+               if k.startswith("splitserve:router_pending_prompt_tokens")}
+    assert len(workers) == 2
+    slopes = {k: v for k, v in after.items()
+              if k.startswith("splitserve:router_ttft_seconds_per_token")}
+    assert slopes and all(v > 0 for v in slopes.values())
+    for worker in workers:
+        for priority in ("high", "normal", "low"):
+            labels = f'{{priority="{priority}",worker="{worker}"}}'
+            assert after[f"splitserve:router_pending_prompt_tokens{labels}"] == 0
+            assert 0.5 <= after[f"splitserve:router_ttft_calibration{labels}"] <= 4.0
 
 
 def router_metrics(router) -> dict[str, float]:

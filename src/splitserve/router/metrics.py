@@ -5,12 +5,15 @@ clients see (request received → first token, a histogram with vLLM's
 `time_to_first_token_seconds` name under the `splitserve:router_` prefix), and, read at
 scrape time, the forwarder's counters (requests, retries, refusals, degradations,
 failures, cancellations), the requests open and the decode workers serving and the
-size of the prefix index.
+size of the prefix index; per decode worker, the admission estimate's state
+(router/admission.py): its line (fixed seconds and seconds a token of work), and by
+priority class the prompt tokens in flight without a first token and the calibration
+factor, so an operator can see why requests are refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import fields
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -19,6 +22,8 @@ from prometheus_client.registry import Collector
 
 from splitserve.control.refusals import RefusalCounter
 from splitserve.router.forward import ForwardCounters, Forwarder
+from splitserve.router.openai_api import PRIORITIES
+from splitserve.router.pool import Backend
 
 PREFIX = "splitserve:router_"
 TTFT_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
@@ -44,6 +49,30 @@ class _State(Collector):
                 ("workers_serving", "Decode workers that get traffic", pool.num_eligible()),
                 ("prefix_index_pages", "Page hashes in the prefix index", len(pool.index))):
             yield GaugeMetricFamily(f"{PREFIX}{name}", help_text, value=value)
+        yield from _estimates(pool.backends.values())
+
+
+def _estimates(backends: Iterable[Backend]) -> Iterator[Metric]:
+    base = GaugeMetricFamily(f"{PREFIX}ttft_base_seconds", "Admission estimate: TTFT of a "
+                             "one-token prompt on an idle worker", labels=["worker"])
+    slope = GaugeMetricFamily(f"{PREFIX}ttft_seconds_per_token", "Admission estimate: "
+                              "seconds a token of work adds to TTFT", labels=["worker"])
+    pending = GaugeMetricFamily(f"{PREFIX}pending_prompt_tokens", "Prompt tokens sent to "
+                                "the worker without a first token yet",
+                                labels=["worker", "priority"])
+    factor = GaugeMetricFamily(f"{PREFIX}ttft_calibration", "Admission estimate: the "
+                               "class's 0.9 quantile of actual over estimated TTFT",
+                               labels=["worker", "priority"])
+    for backend in backends:
+        model = backend.ttft
+        if model.line is not None:
+            base.add_metric([backend.worker_id], model.line.base_s)
+            slope.add_metric([backend.worker_id], model.line.s_per_token)
+        for priority, tokens, calibration in zip(PRIORITIES, model.pending,
+                                                 model.calibration, strict=True):
+            pending.add_metric([backend.worker_id, priority], tokens)
+            factor.add_metric([backend.worker_id, priority], calibration.factor)
+    yield from (base, slope, pending, factor)
 
 
 class RouterMetrics:
