@@ -36,11 +36,11 @@ a request was sent. And the requests admitted are those estimated under the thre
 so the errors left among them are the optimistic ones: at the 5× step of
 benchmarks/overload.py normal requests took 1.08× their estimate at the median and
 1.53× at p90, and 44 of the 72 admitted at an estimate of 7–8 s missed their 8 s SLO:
-work the worker did for no one's goodput. So each class's estimates on a worker are multiplied by its
-`Calibration.factor`: the QUANTILE-th quantile of actual over estimated TTFT of the
+work the worker did for no one's goodput. So each class's estimates on a worker are
+multiplied by its `Calibration.factor`: the QUANTILE-th quantile of actual over estimated TTFT of the
 class's recent first tokens there (estimates under MIN_CALIBRATED_S, mostly fixed cost,
-are not sampled). A threshold then admits a request when 9 in 10 like it met their
-estimate.
+and the no-room MAX_ESTIMATE_S are not sampled). A threshold then admits a request when
+9 in 10 like it met their estimate.
 
 An `Estimate` has three parts: `own_s`, the request alone on an idle worker; `wait_s`,
 what the load adds; `judged_s`, what the thresholds are held against: the estimate
@@ -131,8 +131,8 @@ class Calibration:
     factor: float = 1.0
 
     def add(self, estimated_s: float, actual_s: float) -> None:
-        if estimated_s < MIN_CALIBRATED_S:
-            return
+        if not MIN_CALIBRATED_S <= estimated_s < MAX_ESTIMATE_S:
+            return  # mostly fixed cost; or no room at all (admission off lets it in)
         above = actual_s > estimated_s * self.factor
         self.factor += CALIBRATION_STEP * (QUANTILE if above else QUANTILE - 1.0)
         self.factor = min(MAX_FACTOR, max(MIN_FACTOR, self.factor))
