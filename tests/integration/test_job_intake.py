@@ -127,8 +127,13 @@ async def held_then_high(conn: BrokerConnection, intake: JobIntake, hold_s: floa
     await asyncio.gather(publish_job(conn.js, make_job("req-normal", priority="normal")),
                          publish_job(conn.js, make_job("req-low", priority="low")))
     [first] = await fetch
+    # the other poll's job is held once a fetch collects it: this one, when both polls
+    # had ended, else a fetch for no jobs (it waits for the poll and takes nothing)
+    deadline = time.monotonic() + 2.0
+    while intake.num_held == 0 and time.monotonic() < deadline:
+        await intake.fetch(0, window_s=0.0)
     await asyncio.sleep(hold_s)
-    assert intake.num_held == 1  # the other poll's job
+    assert intake.num_held == 1
     await publish_job(conn.js, make_job("req-high", priority="high"))
     await asyncio.sleep(0.3)  # the high consumer's poll has it by now
     then = [d for _ in range(2) for d in await intake.fetch(1, window_s=0.0)]
