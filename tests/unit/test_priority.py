@@ -1,7 +1,8 @@
 """Priority classes in the engine (scheduler.py): the waiting queue orders high > normal >
 low (first come first within a class), preemption takes the lowest class first, a high
-request preempts low ones when pages run out, and no request loses or changes tokens.
-The waiting queue is bounded (`max_num_waiting`)."""
+request preempts low ones when pages or `max_num_seqs` places run out, running prompts
+take the step's budget by class, and no request loses or changes tokens. The waiting
+queue is bounded (`max_num_waiting`)."""
 
 from __future__ import annotations
 
@@ -90,4 +91,74 @@ def test_the_waiting_queue_is_bounded(tiny_engine) -> None:
     engine.step()  # "a" runs: one place free
     engine.add_request("c", [1, 2, 3], GREEDY, priority="high")
     order, _ = run(engine)
-    assert order == ["a", "c", "b"]  # "a" runs on (one sequence at a time), then high first
+    assert order == ["c", "a", "b"]  # "c" takes a's place; "a" resumes before "b"
+
+
+def test_a_high_request_takes_the_place_of_a_lower_one_when_none_is_free(tiny_engine) -> None:
+    """max_num_seqs sequences run: a high request does not wait for one of them to finish;
+    the most recently admitted of the lowest class gives way and resumes later."""
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    prompts = {"normal": list(range(1, 30)), "low": list(range(40, 52)),
+               "high": list(range(60, 75))}
+    roomy = dict(zip(prompts, tiny_engine().generate(list(prompts.values()), params)))
+    engine = tiny_engine(max_num_seqs=2)
+    engine.add_request("normal", prompts["normal"], params)
+    low = engine.add_request("low", prompts["low"], params, priority="low")
+    outputs = engine.step() + engine.step()
+    assert len(engine.scheduler.running) == 2
+    high = engine.add_request("high", prompts["high"], params, priority="high")
+    step = engine.step()
+    assert "high" in [o.request_id for o in step]  # at once, not after 18 more steps
+    assert [s.request_id for s in engine.scheduler.waiting] == ["low"]
+    assert (low.num_preemptions, high.num_preemptions) == (1, 0)
+    _, rest = run(engine)
+    tokens = {rid: [t for o in outputs + step if o.request_id == rid for t in o.new_token_ids]
+              + rest[rid] for rid in prompts}
+    assert tokens == roomy
+    assert engine.allocator.num_used_pages == 0
+
+
+def test_a_normal_request_waits_for_a_place_among_its_own_class(tiny_engine) -> None:
+    engine = tiny_engine(max_num_seqs=1)
+    engine.add_request("first", [1, 2, 3], SamplingParams(max_tokens=5, temperature=0.0,
+                                                          ignore_eos=True))
+    engine.step()
+    engine.add_request("second", [4, 5, 6], GREEDY)
+    engine.step()
+    assert [s.request_id for s in engine.scheduler.running] == ["first"]
+    assert engine.scheduler.num_preemptions == 0
+
+
+def test_a_high_prompt_takes_the_budget_before_lower_prompts_under_way(tiny_engine) -> None:
+    """Class by class: a high prompt that arrives while a normal one is mid-prompt gets
+    the step's budget (its capped chunk, then the top-up) before the normal one's next
+    chunk, until it is computed."""
+    engine = tiny_engine(max_num_batched_tokens=12, max_prefill_chunk_tokens=8)
+    normal = engine.add_request("normal", list(range(1, 41)), GREEDY)
+    engine.step()  # normal: 8, topped up to 12
+    high = engine.add_request("high", list(range(50, 90)), GREEDY, priority="high")
+    engine.step()
+    assert (normal.num_computed_tokens, high.num_computed_tokens) == (12, 12)
+    engine.step()
+    assert (normal.num_computed_tokens, high.num_computed_tokens) == (12, 24)
+    order, _ = run(engine)
+    assert order == ["high", "normal"]
+
+
+def test_high_requests_take_several_places_in_one_step(tiny_engine) -> None:
+    """A preemption for a place frees one without filling the pool, so the next high
+    request behind it is admitted in the same step (a preemption for pages would stop
+    admission there)."""
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    engine = tiny_engine(max_num_seqs=2)
+    for rid in ("low-1", "low-2"):
+        engine.add_request(rid, [1, 2, 3, 4], params, priority="low")
+    engine.step()
+    for rid in ("high-1", "high-2"):
+        engine.add_request(rid, [5, 6, 7, 8], params, priority="high")
+    step = engine.step()
+    assert sorted(o.request_id for o in step) == ["high-1", "high-2"]
+    assert [s.request_id for s in engine.scheduler.waiting] == ["low-1", "low-2"]
+    assert engine.scheduler.num_preemptions == 2
+    run(engine)
+    assert engine.allocator.num_used_pages == 0

@@ -243,7 +243,8 @@ class Engine:
         self.allocator.release_quarantined(started_s)
         plan = self.scheduler.schedule()
         for seq in plan.preempted:
-            log.info("request %s preempted (pool full); it will be recomputed", seq.request_id)
+            log.info("request %s preempted (%s); it will be recomputed", seq.request_id,
+                     "pool full" if plan.short_of_pages else "place for a higher class")
         if not plan.scheduled:
             return []
         work = _step_work(plan.scheduled)  # before `update` advances the sequences
