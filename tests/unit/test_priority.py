@@ -162,3 +162,21 @@ def test_high_requests_take_several_places_in_one_step(tiny_engine) -> None:
     assert engine.scheduler.num_preemptions == 2
     run(engine)
     assert engine.allocator.num_used_pages == 0
+
+
+def test_only_a_high_request_takes_a_place(tiny_engine) -> None:
+    """A normal request waits for a place even when low ones fill them (admitted lows
+    keep the places they were promised); a high one behind it takes one at once."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine = tiny_engine(max_num_seqs=1)
+    engine.add_request("low", [1, 2, 3, 4], params, priority="low")
+    engine.step()
+    engine.add_request("normal", [5, 6, 7, 8], params)
+    engine.step()
+    assert [s.request_id for s in engine.scheduler.running] == ["low"]
+    engine.add_request("high", [9, 10, 11], params, priority="high")
+    engine.step()
+    assert [s.request_id for s in engine.scheduler.running] == ["high"]
+    assert [s.request_id for s in engine.scheduler.waiting] == ["normal", "low"]
+    order, _ = run(engine)
+    assert order == ["high", "normal", "low"] and engine.allocator.num_used_pages == 0

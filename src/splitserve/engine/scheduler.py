@@ -7,11 +7,13 @@ under a token budget:
    running prompts (in admission order), then its waiting sequences (oldest first)
    while the budget, `max_num_seqs` and free pages allow, then the class's top-up (3).
    A waiting sequence first takes whatever prefix the cache holds; when
-   `max_num_seqs` are running it takes the place of one of a lower class (preempted
-   as below; such a preemption, unlike one for pages, does not stop admission). So a
-   high request that arrives while lower ones are mid-prompt or fill every place is
-   computed in the next step, not after them (`benchmarks/overload.py`, admission
-   on, seeds 0-2 pooled: high TTFT p99 3.22 s when it waited, 2.17 s with this);
+   `max_num_seqs` are running, a high one takes the place of one of a lower class
+   (preempted as below; such a preemption, unlike one for pages, does not stop
+   admission). So a high request that arrives while lower ones are mid-prompt or fill
+   every place is computed in the next step, not after them (`benchmarks/overload.py`,
+   admission on, seeds 0-2 pooled: high TTFT p99 3.22 s when it waited, 2.17 s with
+   this). A normal one waits for a place: its SLO is not that tight, and taking the
+   places of low requests already admitted (and promised theirs) starved them;
 3. a prompt's chunk is at most `max_prefill_chunk_tokens`, so that a long prompt does
    not take the whole budget from the short ones behind it (which would wait for all
    of it); budget still left after a class then tops up its capped chunks in order, so
@@ -35,7 +37,9 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from splitserve.engine.page_allocator import PageAllocator, page_hashes
-from splitserve.engine.sequence import Sequence, SequenceStatus
+from splitserve.engine.sequence import PRIORITY_RANK, Sequence, SequenceStatus
+
+_HIGH = PRIORITY_RANK["high"]  # the class that may take a lower one's place
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ class Scheduler:
                and not out.short_of_pages):
             seq = self.waiting[0]
             if len(self.running) >= self.max_num_seqs:
-                victim = self._victim(below_rank=seq.rank)
+                victim = self._victim(below_rank=seq.rank) if seq.rank == _HIGH else None
                 if victim is None:
                     break
                 budget += self._preempt_scheduled(victim, out)
