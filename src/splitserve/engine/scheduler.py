@@ -66,11 +66,6 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
-def _running_order(seq: Sequence) -> tuple[bool, int]:
-    """Decode before prefill, then by class (sorted() keeps admission order within)."""
-    return seq.num_uncomputed_tokens > 1, seq.rank
-
-
 class Scheduler:
     def __init__(
         self,
@@ -126,12 +121,13 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        running = sorted(self.running, key=_running_order)
-        decoding = [s for s in running if s.num_uncomputed_tokens <= 1]
+        # Snapshots in admission order: preemptions below change `self.running`.
+        decoding = [s for s in self.running if s.num_uncomputed_tokens <= 1]
+        prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
         budget = self._schedule_running(decoding, budget, out)
-        for rank in sorted({s.rank for s in running} | {s.rank for s in self.waiting}):
-            prefilling = [s for s in running if s.rank == rank and s not in decoding]
-            budget = self._schedule_running(prefilling, budget, out)
+        for rank in sorted({s.rank for s in self.running} | {s.rank for s in self.waiting}):
+            budget = self._schedule_running([s for s in prefilling if s.rank == rank],
+                                            budget, out)
             budget = self._admit(rank, budget, out)
             budget = self._top_up(out, budget, rank)
         return out
