@@ -24,7 +24,9 @@ and lands in the prefix cache, and a router): `balance: kv_aware` (load and cach
 prefix, from the workers' KV events) and `balance: round_robin` (the baseline).
 Reported per run: prefix-cache hit rate (cached prompt tokens / prompt tokens, from
 `usage.prompt_tokens_details.cached_tokens`), TTFT p50/p99 (request sent → first
-content chunk), throughput; `--json` prints one object with the ratios kv_aware /
+content chunk), throughput, the requests each worker finished (its /metrics: a pile on
+one worker would leave half the cluster's cache unused) and each failed request's error
+(admission refuses a normal request estimated past its 8 s SLO: a 429); `--json` prints one object with the ratios kv_aware /
 round_robin and the issue's goals (hit rate ≥ 2×, TTFT p99 ≤ 0.5×).
 """
 
@@ -36,9 +38,12 @@ import json
 import random
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
+from typing import Any
 
 import openai
+from prometheus_client.parser import text_string_to_metric_families
 
 from splitserve.config.daemon import ClusterConfig, WorkerConfig
 from splitserve.config.router import RouterConfig
@@ -65,7 +70,9 @@ class Run:
     samples: list[Sample] = field(default_factory=list)
     wall_s: float = 0.0
     errors: int = 0
+    error_messages: list[str] = field(default_factory=list)
     history_tokens: list[int] = field(default_factory=list)  # each chat's last prompt
+    requests_by_worker: list[int] = field(default_factory=list)  # from each one's /metrics
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -113,8 +120,9 @@ async def chat(client: openai.AsyncOpenAI, model: str, system: str, turns: list[
                     text.append(chunk.choices[0].delta.content)
                 if chunk.usage is not None:
                     usage = chunk.usage
-        except openai.APIError:
+        except openai.APIError as e:
             run.errors += 1
+            run.error_messages.append(f"{type(e).__name__}: {e}"[:300])
             return
         assert usage is not None
         details = usage.prompt_tokens_details
@@ -130,7 +138,7 @@ def cluster_config(state_dir: str, balance: str, kv_cache_mb: int) -> ClusterCon
         engine=EngineConfig(kv_cache_memory_mb=kv_cache_mb, max_num_seqs=32),
         routing=RoutingConfig(enable_remote_prefill=False), log_level="WARNING")
     return ClusterConfig(
-        state_dir=state_dir, **cluster_ports(2), num_decode_workers=2, num_prefill_workers=0,
+        state_dir=state_dir, **cluster_ports(2, worker_metrics=True), num_decode_workers=2, num_prefill_workers=0,
         worker=worker, pin_cores=True, secure=False,
         router_settings=RouterConfig(balance=balance, log_level="WARNING"))  # type: ignore[arg-type]
 
@@ -153,9 +161,22 @@ def measure(balance: str, args: argparse.Namespace) -> Run:
         try:
             local.start()
             assert local.router is not None
-            return asyncio.run(drive(local.router.base_url, args))
+            run = asyncio.run(drive(local.router.base_url, args))
+            run.requests_by_worker = [finished_requests(w.config.metrics_address)
+                                      for w in local.workers]
+            return run
         finally:
             local.stop()
+
+
+def finished_requests(metrics_address: str) -> int:
+    """The requests a worker finished, from its /metrics (to see how the router spread
+    the conversations: a pile on one worker uses half the cluster's cache)."""
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return round(sum(s.value for family in text_string_to_metric_families(text)
+                     if family.name == "splitserve:request_success"
+                     for s in family.samples if s.name.endswith("_total")))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -163,14 +184,16 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def summary(run: Run) -> dict[str, float]:
+def summary(run: Run) -> dict[str, Any]:
     ttft = [s.ttft_s for s in run.samples]
     prompt = sum(s.prompt_tokens for s in run.samples)
     return {"requests": len(run.samples), "errors": run.errors,
+            "error_messages": run.error_messages,
             "hit_rate": round(sum(s.cached_tokens for s in run.samples) / max(prompt, 1), 4),
             "ttft_p50_s": round(pct(ttft, 50), 4), "ttft_p99_s": round(pct(ttft, 99), 4),
             "requests_per_s": round(len(run.samples) / run.wall_s, 4),
             "working_set_tokens": sum(run.history_tokens),
+            "requests_by_worker": run.requests_by_worker,
             "wall_s": round(run.wall_s, 2)}
 
 
@@ -188,10 +211,14 @@ def main() -> None:
     parser.add_argument("--kv-cache-mb", type=int, default=128,
                         help="each decode worker's KV pool (SmolLM2 fp32: 45 KiB a token)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--balances", nargs="+", default=["kv_aware", "round_robin"],
+                        choices=["kv_aware", "round_robin"], help="runs (both: the ratios)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = {balance: summary(measure(balance, args))
-               for balance in ("kv_aware", "round_robin")}
+    results = {balance: summary(measure(balance, args)) for balance in args.balances}
+    if len(results) < 2:
+        print(json.dumps(results))
+        return
     kv, rr = results["kv_aware"], results["round_robin"]
     ratio = {"hit_rate": round(kv["hit_rate"] / max(rr["hit_rate"], 1e-9), 3),
              "ttft_p50": round(kv["ttft_p50_s"] / rr["ttft_p50_s"], 3),
