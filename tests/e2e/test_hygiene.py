@@ -1,7 +1,7 @@
 """Queue and registry hygiene over real daemons: no offload without a prefill worker, a
 garbage registry entry does not blind the decode worker, a job with invalid page ids
-is terminated once (not re-prefilled), and a prefill worker with a skewed clock gets
-no more jobs. Counters come from Admin/GetStatus (grpcurl), never from log text."""
+is terminated once (not re-prefilled), a prefill worker with a skewed clock gets
+no more jobs, and a slow ack holds no pages. Counters come from Admin/GetStatus (grpcurl), never from log text."""
 
 from __future__ import annotations
 
@@ -175,3 +175,34 @@ async def _registered(url: str) -> list[str]:
             return []
     finally:
         await broker.close()
+
+
+def test_prefill_worker_frees_a_jobs_pages_before_its_ack(tmp_path, smollm, smollm_engine
+                                                          ) -> None:
+    """An ack can retry for seconds (a broker electing a stream leader: here the
+    test-only `ack_delay_s`); the job's pages are written by then and go back at once,
+    so a slow ack holds no KV memory, only the job's slot."""
+    broker = nats_server(tmp_path)
+    daemons = [
+        start_daemon(worker_config("decode", "decode-0", broker.url, lease=LEASE), tmp_path),
+        start_daemon(worker_config("prefill", "prefill-0", broker.url, lease=LEASE,
+                                   faults=FaultConfig(ack_delay_s=4.0)), tmp_path)]
+    decode, prefill = daemons
+    try:
+        wait_ready(daemons)
+        [prompt] = long_prompts(smollm.tokenizer, 1)
+        tokens, last = generate(decode.address, prompt, 8)
+        assert tokens == expected_outputs(smollm_engine, [prompt])[0]
+        assert last.timing.prefill == "remote", decode.log_tail()
+        seen = []  # (jobs not yet acked, pages in use) while the ack waits
+        while (s := status(prefill.address)).get("num_in_flight", 0):
+            seen.append(int(s.get("num_pages_used", 0)))
+            time.sleep(0.2)
+        assert seen and set(seen) == {0}, seen  # in the ack's window, and nothing held
+        assert _counter(prefill.address, "num_remote_prefills") == 1
+        assert asyncio.run(_broker_call(broker.url, "count")) == 0  # acked: left the stream
+        wait_no_leaks(decode.address, timeout_s=30.0)
+        wait_no_leaks(prefill.address)
+    finally:
+        stop_daemons(daemons)
+        broker.stop()

@@ -96,6 +96,8 @@ class FaultConfig:
     - prefill_hold_s: the prefill worker holds every job this long (in flight, lease
       kept) before computing it, like a busy prefill machine, so that a fault can
       strike while jobs are in flight however fast the engine is (0: no hold).
+    - ack_delay_s: the prefill worker waits this long after a job's transfer before
+      acking it, as an ack retried through a broker's leader election does (0: none).
     """
 
     clock_offset_s: float = 0.0
@@ -103,9 +105,11 @@ class FaultConfig:
     corrupt_page_every: int = 0
     crash_engine_after_steps: int = 0
     prefill_hold_s: float = 0.0
+    ack_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         check_range("faults.prefill_hold_s", self.prefill_hold_s, 0.0, 60.0)
+        check_range("faults.ack_delay_s", self.ack_delay_s, 0.0, 60.0)
         if min(self.fail_transfer_every, self.corrupt_page_every,
                self.crash_engine_after_steps) < 0:
             raise ConfigError("faults", "fail_transfer_every, corrupt_page_every and "

@@ -20,10 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from splitserve.control.convert import MAX_STOP_STRINGS  # the workers' own limit
+
 Kind = Literal["completion", "chat"]
 PRIORITIES = ("high", "normal", "low")
 MAX_UINT32 = (1 << 32) - 1
-MAX_STOP_STRINGS = 16
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user",
               "assistant": "assistant"}
 # Parameter → the values that mean "off"; anything else is refused.

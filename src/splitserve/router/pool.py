@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.aio.msg import Msg
 
 from splitserve.client import ClientSecurity, open_channel
-from splitserve.config.router import CostWeights
+from splitserve.config.router import CostWeights, RouterConfig
 from splitserve.control.generation import GENERATION_SERVICE
 from splitserve.engine.page_allocator import page_hashes
 from splitserve.queue.connection import BrokerConnection
@@ -115,8 +115,8 @@ def load_cost(backend: Backend, now: float, stats_max_age_s: float,
 class DecodePool:
     def __init__(self, security: ClientSecurity, *, stats_max_age_s: float = 5.0,
                  unavailable_backoff_s: float = 5.0, weights: CostWeights = DEFAULT_WEIGHTS,
-                 balance: Balance = "kv_aware", keepalive_s: float = 0.0,
-                 keepalive_timeout_s: float = 5.0) -> None:
+                 balance: Balance = "kv_aware", keepalive_s: float = RouterConfig.keepalive_s,
+                 keepalive_timeout_s: float = RouterConfig.keepalive_timeout_s) -> None:
         self.security = security
         self.keepalive_options: list[tuple[str, int]] = []
         if keepalive_s:  # 0: off

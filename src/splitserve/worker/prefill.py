@@ -26,10 +26,10 @@ Life cycle of a job:
    per contiguous page run carrying a
    `KVReady` notification that arrives after the data, with page checksums when the
    job asks; `in_progress` heartbeats meanwhile;
-6. `ack` after the transfer completed; `nak` with delay for a retryable failure
-   while the lease lasts; `term` for a permanent one (a bad job, page ids outside
-   the destination's pool) or when the lease is too short. Pages go back to the
-   prefix cache.
+6. once the transfer completed, the pages go back (to the prefix cache) and the job
+   is `ack`-ed; `nak` with delay for a retryable failure while the lease lasts; `term`
+   for a permanent one (a bad job, page ids outside the destination's pool) or when
+   the lease is too short; the pages go back then too.
 """
 
 from __future__ import annotations
@@ -300,7 +300,12 @@ class PrefillService:
                 if isinstance(exc, _PERMANENT):
                     raise
                 raise _Retry(f"transfer failed: {exc}") from exc
+        # The pages are written: free them now, not after the ack, which may retry for
+        # seconds through a broker election (the job keeps only its slot meanwhile).
+        engine.call(lambda e: e.release_held(local_id))
         self.core.counters.num_remote_prefills += 1
+        if delay_s := self.core.config.faults.ack_delay_s:  # test-only: a slow ack
+            await asyncio.sleep(delay_s)
         await delivery.ack()
         log.info("job %s:%d (%s): %d tokens prefilled, pages %s → %s on %s", job.request_id,
                  job.attempt, job.label, len(job.token_ids), local_pages,
