@@ -11,6 +11,7 @@ import pytest
 from splitserve.engine.errors import QueueFull
 from splitserve.engine.llm_engine import Engine
 from splitserve.engine.sampling import SamplingParams
+from splitserve.engine.scheduler import PreemptReason
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
 
@@ -180,3 +181,25 @@ def test_only_a_high_request_takes_a_place(tiny_engine) -> None:
     assert [s.request_id for s in engine.scheduler.waiting] == ["normal", "low"]
     order, _ = run(engine)
     assert order == ["high", "normal", "low"] and engine.allocator.num_used_pages == 0
+
+
+def test_each_preemption_says_why(tiny_engine) -> None:
+    """A step may preempt for a place and for pages; each preemption carries its own
+    reason (the engine logs it per request)."""
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    engine = tiny_engine(max_num_seqs=2)
+    for rid in ("low-1", "low-2"):
+        engine.add_request(rid, [1, 2, 3, 4], params, priority="low")
+    engine.step()
+    engine.add_request("high", [5, 6, 7, 8], params, priority="high")
+    plan = engine.scheduler.schedule()
+    assert [(p.seq.request_id, p.reason) for p in plan.preempted] == [
+        ("low-2", PreemptReason.PLACE)]
+
+    engine = tiny_engine(num_pages=25)  # 100 tokens: 61 + 40 do not fit together
+    engine.add_request("low", list(range(1, 61)), params, priority="low")
+    engine.step()
+    engine.add_request("high", list(range(60, 100)), params, priority="high")
+    plan = engine.scheduler.schedule()
+    assert [(p.seq.request_id, p.reason) for p in plan.preempted] == [
+        ("low", PreemptReason.PAGES)]

@@ -242,9 +242,9 @@ class Engine:
         started_s = time.monotonic()
         self.allocator.release_quarantined(started_s)
         plan = self.scheduler.schedule()
-        for seq in plan.preempted:
-            log.info("request %s preempted (%s); it will be recomputed", seq.request_id,
-                     "pool full" if plan.short_of_pages else "place for a higher class")
+        for preempted in plan.preempted:
+            log.info("request %s preempted (%s); it will be recomputed",
+                     preempted.seq.request_id, preempted.reason.value)
         if not plan.scheduled:
             return []
         work = _step_work(plan.scheduled)  # before `update` advances the sequences

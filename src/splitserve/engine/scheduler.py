@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from enum import Enum
 
 from splitserve.engine.page_allocator import PageAllocator, page_hashes
 from splitserve.engine.sequence import PRIORITY_RANK, Sequence, SequenceStatus
@@ -53,10 +54,21 @@ class ScheduledSequence:
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
+class PreemptReason(Enum):
+    PAGES = "pool full"
+    PLACE = "place for a higher class"  # max_num_seqs running; a high request came
+
+
+@dataclass(frozen=True)
+class Preempted:
+    seq: Sequence
+    reason: PreemptReason
+
+
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
+    preempted: list[Preempted] = field(default_factory=list)
     # A sequence was preempted for pages: the pool is full, so admitting more this
     # step would only thrash (a preemption for a place frees one; others may follow).
     short_of_pages: bool = False
@@ -155,7 +167,7 @@ class Scheduler:
                 victim = self._victim(below_rank=seq.rank) if seq.rank == _HIGH else None
                 if victim is None:
                     break
-                budget += self._preempt_scheduled(victim, out)
+                budget += self._preempt_scheduled(victim, out, PreemptReason.PLACE)
             self.take_cached_prefix(seq)
             num_new = min(seq.num_uncomputed_tokens, budget, self.chunk_cap)
             num_pages = self._num_pages_needed(seq, num_new)
@@ -236,10 +248,11 @@ class Scheduler:
         seq.page_ids += self.allocator.allocate(num_pages)
         return True
 
-    def _preempt_scheduled(self, victim: Sequence, out: SchedulerOutput) -> int:
+    def _preempt_scheduled(self, victim: Sequence, out: SchedulerOutput,
+                           reason: PreemptReason = PreemptReason.PAGES) -> int:
         """Preempt `victim`, also out of this step; returns the budget it had taken."""
         self._preempt(victim)
-        out.preempted.append(victim)
+        out.preempted.append(Preempted(victim, reason))
         freed = sum(s.num_new_tokens for s in out.scheduled if s.seq is victim)
         out.scheduled = [s for s in out.scheduled if s.seq is not victim]
         return freed
