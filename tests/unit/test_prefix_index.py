@@ -98,13 +98,13 @@ def test_memory_is_bounded() -> None:
 async def test_the_choice_follows_the_prefix_until_load_outweighs_it() -> None:
     prompt = list(range(40))  # 10 pages of 4
     hashes = page_hashes(prompt, 4)
-    holder, idle = backend("holder", active=2), backend("idle")
+    holder, idle = backend("holder", open_by_class=[0, 2, 0]), backend("idle")
     pool = pool_of(holder, idle)
     pool.index.apply(events("holder", 1, stored=hashes))
     assert pool.choose(prompt=prompt).worker_id == "holder"  # 2 - 10 < 0
-    holder.active = 12
+    holder.open_by_class = [0, 12, 0]
     assert pool.choose(prompt=prompt).worker_id == "idle"
-    holder.active = 0
+    holder.open_by_class = [0, 0, 0]
     assert {pool.choose().worker_id for _ in range(2)} == {"holder", "idle"}  # load alone
 
 

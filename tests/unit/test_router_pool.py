@@ -39,14 +39,14 @@ def stats(queue_depth: int, used: int, free: int) -> WorkerStats:
 
 async def test_cost_uses_fresh_stats_and_ignores_stale_ones() -> None:
     now = time.monotonic()
-    b = backend("a", active=1, stats=stats(4, 50, 50), stats_at=now)
+    b = backend("a", open_by_class=[0, 1, 0], stats=stats(4, 50, 50), stats_at=now)
     assert load_cost(b, now, 5.0) == 4 + 3 * 0.5
     assert load_cost(b, now + 6.0, 5.0) == 1.0  # stale: only the router's count
 
 
 async def test_the_cheapest_eligible_worker_wins() -> None:
     now = time.monotonic()
-    busy = backend("busy", active=3)
+    busy = backend("busy", open_by_class=[0, 3, 0])
     full = backend("full", stats=stats(0, 90, 10), stats_at=now)  # cost 2.7
     idle = backend("idle")
     down = backend("down", serving=False)
@@ -56,6 +56,43 @@ async def test_the_cheapest_eligible_worker_wins() -> None:
     assert pool.choose(exclude={"idle"}).worker_id == "full"
     assert pool.choose(exclude={"idle", "full", "busy"}) is None
     assert pool.num_eligible() == 3
+
+
+async def test_a_request_counts_the_requests_it_would_queue_behind() -> None:
+    """As the workers' engines order them: a high request overtakes every lower-class
+    one (it takes a running one's place), a normal one only the low ones not started
+    (waiting), a low one nobody; a queue deeper than the router's own count (other
+    routers' requests, class unknown) counts for every class."""
+    now = time.monotonic()
+    lows = backend("lows", open_by_class=[0, 0, 6])  # six low requests decoding there
+    highs = backend("highs", open_by_class=[2, 0, 0])  # two high ones
+    pool = pool_of(lows, highs)
+    assert pool.choose(priority="high").worker_id == "lows"
+    assert pool.choose(priority="normal").worker_id == "highs"  # lows hold their places
+    assert pool.choose(priority="low").worker_id == "highs"
+    assert load_cost(lows, now, 5.0, priority="high") == 0.0
+    assert load_cost(lows, now, 5.0, priority="normal") == 6.0
+    lows.unstarted_by_class = [0, 0, 5]  # five of them still wait for their first token
+    assert load_cost(lows, now, 5.0, priority="normal") == 1.0
+    assert pool.choose(priority="normal").worker_id == "lows"
+    assert load_cost(lows, now, 5.0, priority="low") == 6.0
+    lows.stats, lows.stats_at = stats(9, 0, 100), now  # 3 more than this router's 6
+    assert load_cost(lows, now, 5.0, priority="high") == 3.0
+    assert pool.choose(priority="high").worker_id == "highs"
+
+
+async def test_a_calls_counts_follow_it_from_sending_to_its_end() -> None:
+    b = backend("a")
+    b.sent("high")
+    b.sent("")  # no priority: normal
+    b.sent("low")
+    assert (b.active, b.open_by_class, b.unstarted_by_class) == (3, [1, 1, 1], [1, 1, 1])
+    assert b.open_ahead("normal") == 2  # overtakes the low one while it waits ...
+    b.started("low")
+    assert b.open_ahead("normal") == 3  # ... not once it runs: it keeps its place
+    b.ended("low", started=True)
+    b.ended("high", started=False)  # failed or cancelled before its first token
+    assert (b.active, b.open_by_class, b.unstarted_by_class) == (1, [0, 1, 0], [0, 1, 0])
 
 
 async def test_ties_go_in_turn_and_unavailable_takes_a_worker_out() -> None:

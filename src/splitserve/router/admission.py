@@ -76,7 +76,8 @@ MIN_FACTOR, MAX_FACTOR = 0.5, 4.0
 MIN_CALIBRATED_S = 0.5
 
 
-def _rank(priority: str) -> int:
+def class_rank(priority: str) -> int:
+    """0 for high, 1 for normal (or none given), 2 for low: the workers' queue order."""
     return PRIORITIES.index(priority) if priority in PRIORITIES else 1  # "": normal
 
 
@@ -187,19 +188,19 @@ class TtftModel:
 
     def ahead(self, priority: str) -> int:
         """Pending tokens a request of `priority` waits for: its class and higher ones."""
-        return sum(self.pending[:_rank(priority) + 1])
+        return sum(self.pending[:class_rank(priority) + 1])
 
     def busy(self, priority: str, now: float) -> float:
         """The share of the worker's time that arrivals of higher classes take."""
         if self.line is None:
             return 0.0
-        return self.line.s_per_token * self._decay(now) * sum(self.rates[:_rank(priority)])
+        return self.line.s_per_token * self._decay(now) * sum(self.rates[:class_rank(priority)])
 
     def estimate(self, uncached_tokens: int, priority: str = "normal",
                  now: float = 0.0, calibrated: bool = True) -> Estimate | None:
         if self.line is None:
             return None
-        factor = self.calibration[_rank(priority)].factor if calibrated else 1.0
+        factor = self.calibration[class_rank(priority)].factor if calibrated else 1.0
         own = factor * self.line.at(uncached_tokens)
         busy = self.busy(priority, now)
         if busy >= MAX_BUSY:
@@ -213,7 +214,7 @@ class TtftModel:
     def sent(self, tokens: int, priority: str = "normal", now: float = 0.0) -> Ticket:
         """A request with `tokens` uncached tokens went out."""
         estimate = self.estimate(tokens, priority, now, calibrated=False)
-        rank = _rank(priority)
+        rank = class_rank(priority)
         self.pending[rank] += tokens
         decay = self._decay(now)
         self.rates = [r * decay for r in self.rates]
@@ -228,7 +229,7 @@ class TtftModel:
         self.served += ticket.tokens
         self.line = self.fit.add(self.served - ticket.mark, ttft_s)
         if ticket.estimated_s is not None:
-            self.calibration[_rank(ticket.priority)].add(ticket.estimated_s, ttft_s)
+            self.calibration[class_rank(ticket.priority)].add(ticket.estimated_s, ttft_s)
 
     def gave_up(self, ticket: Ticket) -> None:
         """Ended (error, cancel) before its first token."""
@@ -239,7 +240,7 @@ class TtftModel:
         return math.exp(-max(0.0, now - self.rate_at) / RATE_TAU_S)
 
     def _settle(self, ticket: Ticket) -> None:
-        rank = _rank(ticket.priority)
+        rank = class_rank(ticket.priority)
         self.pending[rank] = max(0, self.pending[rank] - ticket.tokens)
 
 

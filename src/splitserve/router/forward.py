@@ -91,10 +91,10 @@ class Forwarder:
         self.num_in_flight = 0
         self.num_hedging = 0
 
-    async def _next_backend(self, tried: set[str], deadline: float, prompt: PromptPages
-                            ) -> Backend | None:
+    async def _next_backend(self, tried: set[str], deadline: float, prompt: PromptPages,
+                            priority: str) -> Backend | None:
         while True:
-            backend = self.pool.choose(tried, prompt)
+            backend = self.pool.choose(tried, prompt, priority)
             left = deadline - time.monotonic()
             if backend is not None or left <= 0 or tried:
                 return backend
@@ -121,7 +121,7 @@ class Forwarder:
         try:
             while True:
                 backend = await self._next_backend(
-                    tried, start + self.settings.connect_timeout_s, prompt)
+                    tried, start + self.settings.connect_timeout_s, prompt, request.priority)
                 if backend is None:
                     if last is not None:
                         raise last
@@ -239,7 +239,7 @@ class Forwarder:
 
     async def _call(self, backend: Backend, request: pb.GenerateRequest, timeout_s: float,
                     tokens: int) -> AsyncGenerator[pb.GenerateChunk, None]:
-        backend.active += 1
+        backend.sent(request.priority)
         sent_s, first = time.monotonic(), False
         ticket = backend.ttft.sent(tokens, request.priority, sent_s)
         call = backend.stub.Generate(request, timeout=max(timeout_s, 0.001),
@@ -248,6 +248,7 @@ class Forwarder:
             async for chunk in call:
                 if not first:
                     first = True
+                    backend.started(request.priority)
                     backend.ttft.first_token(ticket, time.monotonic() - sent_s)
                 yield chunk
         except grpc.aio.AioRpcError as exc:
@@ -265,7 +266,7 @@ class Forwarder:
                                 f"decode worker {backend.worker_id} left", backend.worker_id
                                 ) from None
         finally:
-            backend.active -= 1
+            backend.ended(request.priority, first)
             if not first:
                 backend.ttft.gave_up(ticket)
             call.cancel()  # no-op when the call ended; else the worker aborts the request

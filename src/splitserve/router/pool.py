@@ -50,7 +50,8 @@ from splitserve.queue.messages import WorkerStats, decode_kv_events
 from splitserve.queue.registry import WorkerRegistry, parse_descriptor
 from splitserve.queue.stats import StatsSubscription
 from splitserve.queue.subjects import KV_EVENTS_PREFIX
-from splitserve.router.admission import TtftModel
+from splitserve.router.admission import TtftModel, class_rank
+from splitserve.router.openai_api import PRIORITIES
 from splitserve.router.prefix_index import PrefixIndex, RecentRoutes
 from splitserve.rpc import generation_pb2_grpc
 from splitserve.tasks import stop_tasks
@@ -84,7 +85,10 @@ class Backend:
     page_size: int
     channel: grpc.aio.Channel
     stub: generation_pb2_grpc.GenerationStub
-    active: int = 0  # Generate calls this router has open on it
+    # Generate calls this router has open on it, by priority class (high, normal, low),
+    # and those of them with no first token back yet
+    open_by_class: list[int] = field(default_factory=lambda: [0] * len(PRIORITIES))
+    unstarted_by_class: list[int] = field(default_factory=lambda: [0] * len(PRIORITIES))
     serving: bool = False  # its health, as last seen
     unavailable_until: float = 0.0  # monotonic
     stats: WorkerStats | None = None
@@ -95,17 +99,54 @@ class Backend:
     def eligible(self, now: float) -> bool:
         return self.serving and now >= self.unavailable_until
 
+    @property
+    def active(self) -> int:
+        """Generate calls this router has open on it."""
+        return sum(self.open_by_class)
+
+    def open_ahead(self, priority: str) -> int:
+        """The calls open on it that a request of `priority` would wait for there: all
+        but those of lower classes it overtakes. The worker's waiting queue orders high >
+        normal > low, so it overtakes lower classes' requests not yet started; a high
+        one also takes a running lower one's place (engine/scheduler.py), so it
+        overtakes every lower-class request."""
+        rank = class_rank(priority)
+        lower = self.open_by_class if rank == 0 else self.unstarted_by_class
+        return self.active - sum(lower[rank + 1:])
+
+    def sent(self, priority: str) -> None:
+        rank = class_rank(priority)
+        self.open_by_class[rank] += 1
+        self.unstarted_by_class[rank] += 1
+
+    def started(self, priority: str) -> None:
+        """The call's first token came back."""
+        self.unstarted_by_class[class_rank(priority)] -= 1
+
+    def ended(self, priority: str, started: bool) -> None:
+        rank = class_rank(priority)
+        self.open_by_class[rank] -= 1
+        if not started:
+            self.unstarted_by_class[rank] -= 1
+
 
 def load_cost(backend: Backend, now: float, stats_max_age_s: float,
               weights: CostWeights = DEFAULT_WEIGHTS, cached: float = 0.0,
-              recent: float = 0.0) -> float:
-    """`active` × (its open requests, or its queue depth when fresh stats say more) +
+              recent: float = 0.0, priority: str = "normal") -> float:
+    """`active` × the requests a request of `priority` queues behind there +
     `kv_occupancy` × the used fraction of its KV pages − `cached_prefix` × `cached` −
-    `recent_prefix` × `recent` (the fractions of the prompt's pages it holds)."""
-    active, kv = float(backend.active), 0.0
+    `recent_prefix` × `recent` (the fractions of the prompt's pages it holds).
+
+    The requests ahead: those this router has open there that the request would not
+    overtake (`Backend.open_ahead`: a burst of high-priority requests then spreads over
+    the workers however many lower-class ones each holds), plus, when fresh stats report
+    a queue deeper than all this router has open there, the rest: other routers'
+    requests, of classes unknown. With a single class this is the larger of the two
+    counts."""
+    active, kv = float(backend.open_ahead(priority)), 0.0
     stats = backend.stats
     if stats is not None and now - backend.stats_at <= stats_max_age_s:
-        active = max(active, float(stats.queue_depth))
+        active += max(0, stats.queue_depth - backend.active)
         total = stats.num_kv_pages_used + stats.num_kv_pages_free
         kv = stats.num_kv_pages_used / total if total else 0.0
     return (weights.active * active + weights.kv_occupancy * kv
@@ -140,11 +181,12 @@ class DecodePool:
 
     # -- choice --------------------------------------------------------------------
 
-    def choose(self, exclude: Iterable[str] = (), prompt: Sequence[int] | PromptPages = ()
-               ) -> Backend | None:
+    def choose(self, exclude: Iterable[str] = (), prompt: Sequence[int] | PromptPages = (),
+               priority: str = "normal") -> Backend | None:
         """The eligible backend with the lowest cost for `prompt` (its token ids, or its
-        PromptPages to hash them once per request; empty: by load alone), not in
-        `exclude`, or None. The choice is remembered for the prompt's pages (`recent`)."""
+        PromptPages to hash them once per request; empty: by load alone) of `priority`,
+        not in `exclude`, or None. The choice is remembered for the prompt's pages
+        (`recent`)."""
         pages = prompt if isinstance(prompt, PromptPages) else PromptPages(prompt)
         now = time.monotonic()
         skip = set(exclude)
@@ -164,7 +206,8 @@ class DecodePool:
                 held = self.index.matched_pages(mine, [b.worker_id])[b.worker_id]
                 cached = held / len(mine)
                 recent = self.recent.matched_pages(mine, b.worker_id) / len(mine)
-            costs.append(load_cost(b, now, self.stats_max_age_s, self.weights, cached, recent))
+            costs.append(load_cost(b, now, self.stats_max_age_s, self.weights, cached, recent,
+                                   priority))
         best = min(costs)
         tied = [b for b, c in zip(candidates, costs, strict=True) if c <= best + 1e-9]
         chosen = tied[next(self._turn) % len(tied)]
