@@ -14,7 +14,8 @@ requests kept in flight (closed loop) for `--capacity-s` seconds after a warm-up
 requests per second the 2 workers complete when saturated. (A single burst measures
 its own ramp-up and tail and underrates the continuous batch by ~2×.)
 
-Three runs, each on a fresh local cluster (nats, 2 decode workers pinned to a core
+Three runs (`--admission-only`: the first alone; `--capacity`: a given capacity, not
+measured), each on a fresh local cluster (nats, 2 decode workers pinned to a core
 each, remote prefill off, a router):
 - `admission`: `qos.admission: true` (the defaults: low refused above an estimated 20 s
   TTFT, normal above 8 s, high never: each class's SLO) with the priority header;
@@ -237,12 +238,23 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--timeout-s", type=float, default=180.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--capacity", type=float, default=None, metavar="RPS",
+                        help="use this capacity instead of measuring it (to compare "
+                             "commits on the same offered load)")
+    parser.add_argument("--admission-only", action="store_true",
+                        help="only the admission run (no baselines, no ratios): for "
+                             "pooling many seeds of two commits, alternated")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    capacity, on = run(True, True, None, args)
+    capacity, on = run(True, True, args.capacity, args)
     window_s = args.step_s * len(args.steps)
     results = {"admission": summary(on, window_s, args)}
     steps = {"admission": per_step(on, args)}
+    if args.admission_only:
+        report = {"capacity_rps": round(capacity, 4), "workload": vars(args) | {"json": None},
+                  "admission": results["admission"] | {"goodput_rps_by_step": steps["admission"]}}
+        print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+        return
     for name, send_priority in (("admission_off", True), ("no_qos", False)):
         outcomes = run(False, send_priority, capacity, args)[1]
         results[name], steps[name] = summary(outcomes, window_s, args), per_step(outcomes, args)
