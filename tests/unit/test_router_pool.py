@@ -83,16 +83,19 @@ async def test_a_request_counts_the_requests_it_would_queue_behind() -> None:
 
 async def test_a_calls_counts_follow_it_from_sending_to_its_end() -> None:
     b = backend("a")
-    b.sent("high")
-    b.sent("")  # no priority: normal
-    b.sent("low")
+    high, normal = b.sent(10, "high", 0.0), b.sent(20, "", 0.0)  # no priority: normal
+    low = b.sent(30, "low", 0.0)
     assert (b.active, b.open_by_class, b.unstarted_by_class) == (3, [1, 1, 1], [1, 1, 1])
+    assert b.ttft.pending == [10, 20, 30]
     assert b.open_ahead("normal") == 2  # overtakes the low one while it waits ...
-    b.started("low")
+    b.first_token(low, 0.5)
     assert b.open_ahead("normal") == 3  # ... not once it runs: it keeps its place
-    b.ended("low", started=True)
-    b.ended("high", started=False)  # failed or cancelled before its first token
+    b.ended(low, started=True)
+    b.ended(high, started=False)  # failed or cancelled before its first token
     assert (b.active, b.open_by_class, b.unstarted_by_class) == (1, [0, 1, 0], [0, 1, 0])
+    assert b.ttft.pending == [0, 20, 0]
+    b.ended(normal, started=False)
+    assert (b.active, b.ttft.pending) == (0, [0, 0, 0])
 
 
 async def test_ties_go_in_turn_and_unavailable_takes_a_worker_out() -> None:

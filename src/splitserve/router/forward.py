@@ -239,17 +239,15 @@ class Forwarder:
 
     async def _call(self, backend: Backend, request: pb.GenerateRequest, timeout_s: float,
                     tokens: int) -> AsyncGenerator[pb.GenerateChunk, None]:
-        backend.sent(request.priority)
         sent_s, first = time.monotonic(), False
-        ticket = backend.ttft.sent(tokens, request.priority, sent_s)
+        ticket = backend.sent(tokens, request.priority, sent_s)
         call = backend.stub.Generate(request, timeout=max(timeout_s, 0.001),
                                      metadata=self.security.metadata())
         try:
             async for chunk in call:
                 if not first:
                     first = True
-                    backend.started(request.priority)
-                    backend.ttft.first_token(ticket, time.monotonic() - sent_s)
+                    backend.first_token(ticket, time.monotonic() - sent_s)
                 yield chunk
         except grpc.aio.AioRpcError as exc:
             trailing = tuple((k, v) for k, v in (exc.trailing_metadata() or ())
@@ -266,7 +264,5 @@ class Forwarder:
                                 f"decode worker {backend.worker_id} left", backend.worker_id
                                 ) from None
         finally:
-            backend.ended(request.priority, first)
-            if not first:
-                backend.ttft.gave_up(ticket)
+            backend.ended(ticket, started=first)
             call.cancel()  # no-op when the call ended; else the worker aborts the request

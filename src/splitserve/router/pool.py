@@ -50,7 +50,7 @@ from splitserve.queue.messages import WorkerStats, decode_kv_events
 from splitserve.queue.registry import WorkerRegistry, parse_descriptor
 from splitserve.queue.stats import StatsSubscription
 from splitserve.queue.subjects import KV_EVENTS_PREFIX
-from splitserve.router.admission import TtftModel, class_rank
+from splitserve.router.admission import Ticket, TtftModel, class_rank
 from splitserve.router.openai_api import PRIORITIES
 from splitserve.router.prefix_index import PrefixIndex, RecentRoutes
 from splitserve.rpc import generation_pb2_grpc
@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 HEALTH_RETRY_S = 1.0
 Balance = Literal["kv_aware", "least_loaded", "round_robin"]
 DEFAULT_WEIGHTS = CostWeights()
+_HIGH = class_rank("high")  # overtakes running requests too: it takes their places
 
 
 class PromptPages:
@@ -111,23 +112,28 @@ class Backend:
         one also takes a running lower one's place (engine/scheduler.py), so it
         overtakes every lower-class request."""
         rank = class_rank(priority)
-        lower = self.open_by_class if rank == 0 else self.unstarted_by_class
+        lower = self.open_by_class if rank == _HIGH else self.unstarted_by_class
         return self.active - sum(lower[rank + 1:])
 
-    def sent(self, priority: str) -> None:
+    # A call's life here, counted by class and in the TTFT model (admission.py) at once.
+    def sent(self, tokens: int, priority: str, now: float) -> Ticket:
+        """A call with `tokens` uncached prompt tokens went out."""
         rank = class_rank(priority)
         self.open_by_class[rank] += 1
         self.unstarted_by_class[rank] += 1
+        return self.ttft.sent(tokens, priority, now)
 
-    def started(self, priority: str) -> None:
-        """The call's first token came back."""
-        self.unstarted_by_class[class_rank(priority)] -= 1
+    def first_token(self, ticket: Ticket, ttft_s: float) -> None:
+        self.unstarted_by_class[class_rank(ticket.priority)] -= 1
+        self.ttft.first_token(ticket, ttft_s)
 
-    def ended(self, priority: str, started: bool) -> None:
-        rank = class_rank(priority)
+    def ended(self, ticket: Ticket, started: bool) -> None:
+        """The call ended, after its first token (`started`) or before it."""
+        rank = class_rank(ticket.priority)
         self.open_by_class[rank] -= 1
         if not started:
             self.unstarted_by_class[rank] -= 1
+            self.ttft.gave_up(ticket)
 
 
 def load_cost(backend: Backend, now: float, stats_max_age_s: float,
