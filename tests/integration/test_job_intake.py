@@ -54,6 +54,15 @@ async def two_jobs_for_one_slot(conn: BrokerConnection, intake: JobIntake) -> li
     return await fetch
 
 
+async def collect_the_other_poll(intake: JobIntake) -> None:
+    """The other poll's job is held once a fetch collects it: at once when that poll had
+    ended by the first fetch's return, else a fetch for no jobs (it waits for the poll
+    and takes nothing) picks it up."""
+    deadline = time.monotonic() + 2.0
+    while intake.num_held == 0 and time.monotonic() < deadline:
+        await intake.fetch(0, window_s=0.0)
+
+
 async def num_stored(conn: BrokerConnection) -> int:
     return int((await conn.js.stream_info(STREAM_PREFILL)).state.messages)
 
@@ -104,7 +113,7 @@ async def test_settle_and_close_hand_back_what_was_pulled(
 async def test_close_hands_back_the_jobs_it_holds(nats_conn: BrokerConnection) -> None:
     intake = JobIntake(await consumers(nats_conn), IDLE_POLL_S)
     [taken] = await two_jobs_for_one_slot(nats_conn, intake)
-    await asyncio.sleep(0.3)
+    await collect_the_other_poll(intake)
     assert intake.num_held == 1  # the other poll's job, pulled and not handed out
     await intake.close()
     await taken.ack()
@@ -127,11 +136,7 @@ async def held_then_high(conn: BrokerConnection, intake: JobIntake, hold_s: floa
     await asyncio.gather(publish_job(conn.js, make_job("req-normal", priority="normal")),
                          publish_job(conn.js, make_job("req-low", priority="low")))
     [first] = await fetch
-    # the other poll's job is held once a fetch collects it: this one, when both polls
-    # had ended, else a fetch for no jobs (it waits for the poll and takes nothing)
-    deadline = time.monotonic() + 2.0
-    while intake.num_held == 0 and time.monotonic() < deadline:
-        await intake.fetch(0, window_s=0.0)
+    await collect_the_other_poll(intake)
     await asyncio.sleep(hold_s)
     assert intake.num_held == 1
     await publish_job(conn.js, make_job("req-high", priority="high"))
