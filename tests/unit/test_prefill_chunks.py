@@ -1,7 +1,9 @@
 """The per-prompt chunk cap (scheduler.py, `max_prefill_chunk_tokens`): a short prompt
 behind a long one is prefilled in the same step instead of after the whole long one;
 budget left over still goes to the long prompt (work-conserving) unless the step
-completes a prompt (its first token would wait for the extra chunk); tokens unchanged."""
+completes a prompt (its first token would wait for the extra chunk); a prompt's rest
+within a chunk and a half is taken whole when it fits the budget (its first token a
+step sooner); tokens unchanged."""
 
 from __future__ import annotations
 
@@ -45,3 +47,24 @@ def test_the_cap_changes_no_token(tiny_engine) -> None:
     free = tiny_engine(max_num_batched_tokens=96, max_prefill_chunk_tokens=None)
     capped = tiny_engine(max_num_batched_tokens=96, max_prefill_chunk_tokens=16)
     assert capped.generate(prompts, GREEDY) == free.generate(prompts, GREEDY)
+
+
+def test_a_rest_within_a_chunk_and_a_half_is_taken_whole(tiny_engine) -> None:
+    engine = tiny_engine(max_num_batched_tokens=256, max_prefill_chunk_tokens=64)
+    engine.add_request("long", LONG, GREEDY)  # 300 tokens: capped
+    engine.add_request("medium", LONG[:90], GREEDY)  # within 96: whole, its first token now
+    engine.add_request("short", SHORT, GREEDY)
+    assert chunks(engine) == {"long": 64, "medium": 90, "short": 20}
+    # the long prompt's rest (236) is capped, then topped up: it is the only prompt left
+    assert chunks(engine)["long"] == 236
+
+
+def test_a_whole_rest_must_fit_the_budget(tiny_engine) -> None:
+    engine = tiny_engine(max_num_batched_tokens=100, max_prefill_chunk_tokens=64)
+    engine.add_request("first", LONG[:60], GREEDY)
+    engine.add_request("second", LONG[:90], GREEDY)  # 90 > the 40 left: capped as before
+    assert chunks(engine) == {"first": 60, "second": 40}
+    engine2 = tiny_engine(max_num_batched_tokens=100, max_prefill_chunk_tokens=64)
+    engine2.add_request("one", LONG[:90], GREEDY)
+    engine2.add_request("two", SHORT, GREEDY)
+    assert chunks(engine2) == {"one": 90, "two": 10}

@@ -38,7 +38,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 256
     # A prompt's chunk per step while others compete for the budget (budget left over
     # still goes to it): a short prompt behind a long one is prefilled in the next
-    # step, not after the whole long prompt. None: no cap (first come takes it all).
+    # step, not after the whole long prompt. A rest within 1.5x the cap is taken whole
+    # when it fits (no tail left to cost its first token a step). None: no cap.
     max_prefill_chunk_tokens: int | None = 128
     max_model_len: int | None = None  # None = the model's context length
     enable_prefix_cache: bool = True
