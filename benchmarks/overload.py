@@ -52,9 +52,9 @@ from splitserve.config.schema import EngineConfig
 from splitserve.daemons.ports import cluster_ports
 from splitserve.daemons.up import LocalCluster
 from splitserve.model.loader import default_model_path
+from splitserve.priority import PRIORITIES
 from splitserve.routing.offload import RoutingConfig
 
-PRIORITIES = ("high", "normal", "low")
 SLO_S = {p: QosConfig().ttft_slo_s.get(p) for p in PRIORITIES}  # the router's defaults
 VOCAB_LOW, VOCAB_HIGH = 17, 49152
 

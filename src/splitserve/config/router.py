@@ -32,6 +32,7 @@ from splitserve.config.schema import (
 )
 from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
 from splitserve.errors import ConfigError
+from splitserve.priority import DEFAULT_PRIORITY, PRIORITIES
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,10 @@ class PerClass:
     low: float = 0.0
 
     def get(self, priority: str) -> float:
-        return float(getattr(self, priority or "normal"))
+        return float(getattr(self, priority or DEFAULT_PRIORITY))
 
     def __post_init__(self) -> None:
-        for name in ("high", "normal", "low"):
+        for name in PRIORITIES:
             value = getattr(self, name)
             if not 0 <= value <= 86400:
                 raise ConfigError(name, f"must be in [0, 86400] s, got {value!r}")

@@ -17,11 +17,10 @@ from splitserve.engine.errors import InvalidRequest
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.sequence import FinishReason
 from splitserve.ingress import GenerateRequest, GenerationChunk
-from splitserve.queue.settings import DEFAULT_PRIORITIES
+from splitserve.priority import DEFAULT_PRIORITY, PRIORITIES
 from splitserve.rpc import generation_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 64
-DEFAULT_PRIORITY = "normal"
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # the detokenizer holds back len(longest stop) - 1 characters
 MAX_STOP_TOKEN_IDS = 256
@@ -114,10 +113,10 @@ def sampling_from_proto(msg: pb.GenerateRequest) -> SamplingParams:
 def _priority(priority: str) -> str:
     if not priority:
         return DEFAULT_PRIORITY
-    if priority not in DEFAULT_PRIORITIES:
+    if priority not in PRIORITIES:
         shown = priority if len(priority) <= 32 else f"{priority[:32]}..."
         raise InvalidRequest("priority", f"unknown priority {shown!r}; known classes: "
-                             f"{', '.join(DEFAULT_PRIORITIES)} (empty: {DEFAULT_PRIORITY})")
+                             f"{', '.join(PRIORITIES)} (empty: {DEFAULT_PRIORITY})")
     return priority
 
 

@@ -31,9 +31,10 @@ from splitserve.engine.runner import ModelRunner
 from splitserve.engine.sampler import skip_draw
 from splitserve.engine.sampling import SamplingParams
 from splitserve.engine.scheduler import ScheduledSequence, Scheduler
-from splitserve.engine.sequence import PRIORITY_RANK, Sequence
+from splitserve.engine.sequence import Sequence
 from splitserve.engine.stats import EngineInfo, EngineStats, StepStats
 from splitserve.model.loader import LoadedModel, load_model
+from splitserve.priority import class_rank
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class Engine:
         `hold_pages` its pages outlive it until `release_held`."""
         seq = self._new_sequence(request_id, prompt_token_ids, params)
         seq.hold_pages = hold_pages
-        seq.rank = PRIORITY_RANK.get(priority, PRIORITY_RANK["normal"])
+        seq.rank = class_rank(priority)
         self.scheduler.add(seq)
         log.debug("request %s admitted: %d prompt tokens", request_id, len(prompt_token_ids))
         return seq
@@ -151,7 +152,7 @@ class Engine:
     ) -> LandingPlan | None:
         """Landing pages for a remote prefill, or None if the pool has no room now."""
         seq = self._new_sequence(request_id, prompt_token_ids, params)
-        seq.rank = PRIORITY_RANK.get(priority, PRIORITY_RANK["normal"])
+        seq.rank = class_rank(priority)
         plan = self.remote.reserve(seq, attempt, release_at)
         if plan is None:
             del self._trackers[request_id]

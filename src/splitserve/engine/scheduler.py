@@ -42,9 +42,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from splitserve.engine.page_allocator import PageAllocator, page_hashes
-from splitserve.engine.sequence import PRIORITY_RANK, Sequence, SequenceStatus
-
-_HIGH = PRIORITY_RANK["high"]  # the class that may take a lower one's place
+from splitserve.engine.sequence import Sequence, SequenceStatus
+from splitserve.priority import HIGH
 
 
 @dataclass(frozen=True)
@@ -168,7 +167,7 @@ class Scheduler:
                and not out.short_of_pages):
             seq = self.waiting[0]
             if len(self.running) >= self.max_num_seqs:
-                victim = self._victim(below_rank=seq.rank) if seq.rank == _HIGH else None
+                victim = self._victim(below_rank=seq.rank) if seq.rank == HIGH else None
                 if victim is None:
                     break
                 budget += self._preempt_scheduled(victim, out, PreemptReason.PLACE)

@@ -16,7 +16,6 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 
 
 class FinishReason(str, enum.Enum):
@@ -51,7 +50,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     first_scheduled_s: float | None = None  # first admitted to a step (local prefill)
     first_token_s: float | None = None
-    rank: int = 1  # priority class: 0 high, 1 normal, 2 low (PRIORITY_RANK)
+    rank: int = 1  # priority class: 0 high, 1 normal, 2 low (splitserve.priority)
 
     @property
     def num_tokens(self) -> int:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from splitserve.errors import ConfigError
+from splitserve.priority import PRIORITIES
 from splitserve.queue.subjects import validate_priority
 
-DEFAULT_PRIORITIES = ("high", "normal", "low")
 REPLICA_COUNTS = (1, 3, 5)  # Raft needs an odd group; 3 survives one lost node, 5 two
 
 
@@ -43,7 +43,7 @@ class PrefillQueueSettings:
       single server, 3 or 5 in a cluster (a majority must stay up).
     """
 
-    priorities: tuple[str, ...] = DEFAULT_PRIORITIES
+    priorities: tuple[str, ...] = PRIORITIES
     duplicate_window_s: float = 120.0
     max_age_s: float = 900.0
     max_msgs: int = 10_000

@@ -63,7 +63,7 @@ import math
 from dataclasses import dataclass, field
 
 from splitserve.config.router import QosConfig
-from splitserve.router.openai_api import PRIORITIES  # the order of the workers' queues
+from splitserve.priority import PRIORITIES, class_rank
 
 EMA_WEIGHT = 0.2  # of the newest sample
 MIN_SPREAD_TOKENS = 64.0  # the samples' weighted std of tokens needed to fit a slope
@@ -74,11 +74,6 @@ QUANTILE = 0.9  # of actual / estimated TTFT, that the estimates are scaled to
 CALIBRATION_STEP = 0.05  # of the factor, per sample above it (× QUANTILE) or below
 MIN_FACTOR, MAX_FACTOR = 0.5, 4.0
 MIN_CALIBRATED_S = 0.5
-
-
-def class_rank(priority: str) -> int:
-    """0 for high, 1 for normal (or none given), 2 for low: the workers' queue order."""
-    return PRIORITIES.index(priority) if priority in PRIORITIES else 1  # "": normal
 
 
 @dataclass(frozen=True)

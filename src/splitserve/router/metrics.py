@@ -21,8 +21,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from splitserve.control.refusals import RefusalCounter
+from splitserve.priority import PRIORITIES
 from splitserve.router.forward import ForwardCounters, Forwarder
-from splitserve.router.openai_api import PRIORITIES
 from splitserve.router.pool import Backend
 
 PREFIX = "splitserve:router_"

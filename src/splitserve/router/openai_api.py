@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from splitserve.control.convert import MAX_STOP_STRINGS  # the workers' own limit
+from splitserve.priority import PRIORITIES
 
 Kind = Literal["completion", "chat"]
-PRIORITIES = ("high", "normal", "low")
 MAX_UINT32 = (1 << 32) - 1
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user",
               "assistant": "assistant"}

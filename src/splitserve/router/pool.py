@@ -44,14 +44,14 @@ from splitserve.client import ClientSecurity, open_channel
 from splitserve.config.router import CostWeights, RouterConfig
 from splitserve.control.generation import GENERATION_SERVICE
 from splitserve.engine.page_allocator import page_hashes
+from splitserve.priority import HIGH, PRIORITIES, class_rank
 from splitserve.queue.connection import BrokerConnection
 from splitserve.queue.errors import MalformedMessage
 from splitserve.queue.messages import WorkerStats, decode_kv_events
 from splitserve.queue.registry import WorkerRegistry, parse_descriptor
 from splitserve.queue.stats import StatsSubscription
 from splitserve.queue.subjects import KV_EVENTS_PREFIX
-from splitserve.router.admission import Ticket, TtftModel, class_rank
-from splitserve.router.openai_api import PRIORITIES
+from splitserve.router.admission import Ticket, TtftModel
 from splitserve.router.prefix_index import PrefixIndex, RecentRoutes
 from splitserve.rpc import generation_pb2_grpc
 from splitserve.tasks import stop_tasks
@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 HEALTH_RETRY_S = 1.0
 Balance = Literal["kv_aware", "least_loaded", "round_robin"]
 DEFAULT_WEIGHTS = CostWeights()
-_HIGH = class_rank("high")  # overtakes running requests too: it takes their places
 
 
 class PromptPages:
@@ -112,7 +111,7 @@ class Backend:
         one also takes a running lower one's place (engine/scheduler.py), so it
         overtakes every lower-class request."""
         rank = class_rank(priority)
-        lower = self.open_by_class if rank == _HIGH else self.unstarted_by_class
+        lower = self.open_by_class if rank == HIGH else self.unstarted_by_class
         return self.active - sum(lower[rank + 1:])
 
     # A call's life here, counted by class and in the TTFT model (admission.py) at once.
