@@ -8,8 +8,9 @@ What happens to a request here:
    its prompt fits the KV capacity;
 3. a local prompt is prefilled in chunks: each step's budget (`max_num_batched_tokens`)
    goes first to one decode token per running sequence, then to the prompts in
-   admission order, at most `max_prefill_chunk_tokens` each, with budget left over
-   topping the capped chunks up (engine/scheduler.py). The step that computes a
+   admission order, at most `max_prefill_chunk_tokens` each (a rest within 1.5× that,
+   fitting the budget, whole), with budget left over topping the capped chunks up
+   (engine/scheduler.py). The step that computes a
    prompt's last chunk samples its first token (the TTFT);
 4. in decode each step adds one token to every running sequence; the request finishes
    at the end of the step that produces its last token.
@@ -263,7 +264,9 @@ class DecodeInstance:
         for seq in self.prefilling:
             if budget <= 0:
                 break
-            n = min(seq.prompt - seq.offset, budget, cap)
+            rest = seq.prompt - seq.offset
+            whole = rest <= budget and rest <= cap + cap // 2  # no short tail left over
+            n = rest if whole else min(rest, budget, cap)
             chunks.append((seq, n))
             budget -= n
         for i, (seq, n) in enumerate(chunks):  # top up the capped chunks, in order
