@@ -11,7 +11,7 @@ from __future__ import annotations
 
 PRIORITIES = ("high", "normal", "low")  # served in this order
 DEFAULT_PRIORITY = "normal"  # a request that names none
-HIGH = 0  # the rank of "high": the class that may take a lower one's place
+HIGH = PRIORITIES.index("high")  # the class that may take a lower one's place
 
 
 def class_rank(priority: str) -> int:

@@ -41,6 +41,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from enum import Enum
 
+from splitserve.engine.chunking import prefill_chunk
 from splitserve.engine.page_allocator import PageAllocator, page_hashes
 from splitserve.engine.sequence import Sequence, SequenceStatus
 from splitserve.priority import HIGH
@@ -154,7 +155,7 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this step
-            num_new = self._chunk(seq, budget)
+            num_new = prefill_chunk(seq.num_uncomputed_tokens, budget, self.chunk_cap)
             if not self._reserve_pages(seq, num_new, out):
                 continue
             out.scheduled.append(ScheduledSequence(seq, num_new))
@@ -172,7 +173,7 @@ class Scheduler:
                     break
                 budget += self._preempt_scheduled(victim, out, PreemptReason.PLACE)
             self.take_cached_prefix(seq)
-            num_new = self._chunk(seq, budget)
+            num_new = prefill_chunk(seq.num_uncomputed_tokens, budget, self.chunk_cap)
             num_pages = self._num_pages_needed(seq, num_new)
             if not self.allocator.can_allocate(num_pages) and self._could_make_room(
                     seq.rank, num_pages):
@@ -235,14 +236,6 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
 
     # --- internals ----------------------------------------------------------------
-    def _chunk(self, seq: Sequence, budget: int) -> int:
-        """The tokens of `seq` to compute this step, within `budget`: its rest, capped at
-        `chunk_cap` unless the rest is within a chunk and a half and fits the budget."""
-        rest = seq.num_uncomputed_tokens
-        if rest <= budget and rest <= self.chunk_cap + self.chunk_cap // 2:
-            return rest
-        return min(rest, budget, self.chunk_cap)
-
     def _num_pages_needed(self, seq: Sequence, num_new: int) -> int:
         total = -(-(seq.num_computed_tokens + num_new) // self.page_size)
         return max(0, total - len(seq.page_ids))

@@ -8,14 +8,13 @@ from dataclasses import dataclass, field
 import torch
 
 from splitserve.engine.sampling import SamplingParams
+from splitserve.priority import DEFAULT_PRIORITY, class_rank
 
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
 
 
 class FinishReason(str, enum.Enum):
@@ -50,7 +49,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     first_scheduled_s: float | None = None  # first admitted to a step (local prefill)
     first_token_s: float | None = None
-    rank: int = 1  # priority class: 0 high, 1 normal, 2 low (splitserve.priority)
+    rank: int = class_rank(DEFAULT_PRIORITY)  # 0 high, 1 normal, 2 low (splitserve.priority)
 
     @property
     def num_tokens(self) -> int:

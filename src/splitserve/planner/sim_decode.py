@@ -9,9 +9,9 @@ What happens to a request here:
 3. a local prompt is prefilled in chunks: each step's budget (`max_num_batched_tokens`)
    goes first to one decode token per running sequence, then to the prompts in
    admission order, at most `max_prefill_chunk_tokens` each (a rest within 1.5× that,
-   fitting the budget, whole), with budget left over topping the capped chunks up
-   (engine/scheduler.py). The step that computes a
-   prompt's last chunk samples its first token (the TTFT);
+   fitting the budget, whole: engine/chunking.py), with budget left over topping the
+   capped chunks up (engine/scheduler.py). The step that computes a prompt's last
+   chunk samples its first token (the TTFT);
 4. in decode each step adds one token to every running sequence; the request finishes
    at the end of the step that produces its last token.
 While no prompt is being prefilled the batch is constant between arrivals and finishes,
@@ -32,6 +32,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from splitserve.engine.chunking import prefill_chunk
 from splitserve.planner.profile import Profile
 
 INF = math.inf
@@ -264,9 +265,7 @@ class DecodeInstance:
         for seq in self.prefilling:
             if budget <= 0:
                 break
-            rest = seq.prompt - seq.offset
-            whole = rest <= budget and rest <= cap + cap // 2  # no short tail left over
-            n = rest if whole else min(rest, budget, cap)
+            n = prefill_chunk(seq.prompt - seq.offset, budget, cap)
             chunks.append((seq, n))
             budget -= n
         for i, (seq, n) in enumerate(chunks):  # top up the capped chunks, in order
