@@ -17,11 +17,12 @@ Measured on the 2-core box (SmolLM2-135M shapes, 2 threads, µs per call, best o
 | gate_up 3072×576, packed | 51 | 65 | 151 | 196 | 266 |
 
 bf16 results are bit-identical to `F.linear`; fp32 ones differ in the last bits
-(~1e-4 absolute on these layers). fp32 layers keep their plain weight too: calls with
-up to 16 rows (a decode step) go to the native `small_linear` kernel, which reads each
-weight row once as it lies and dots it with every input row (native/small_linear.cpp:
-8 rows, 1 thread, weights streamed from memory: 12.2 GB/s against 9.3 for the packed
-weight and 5.7 for MKL; the decode step of 8 sequences 70 → 58 ms). Without it, at most
+(~1e-4 absolute on these layers). fp32 layers keep a second copy of the weight for
+calls with up to 128 rows (a decode step, a short prefill chunk): the native
+`small_linear` kernel's panels of 16 output rows, K-major, each streamed once and
+multiplied by every input row's broadcast inputs (native/small_linear.cpp: SmolLM2's
+121 linears, one thread, 16 rows 61 → 46-48 ms against the dot-product kernel it
+replaced, 64 rows 151 → 140 ms against the packed weight). Without it, at most
 `FP32_PLAIN_MAX_ROWS` rows go to MKL's own small-M path, which beats the packed weight.
 """
 
@@ -47,9 +48,10 @@ FP32_PLAIN_MAX_ROWS = 3
 class PackedLinear(nn.Module):
     """y `[..., out]` = x `[..., in]` · Wᵀ with W `[out, in]` held in oneDNN's layout.
 
-    bf16 keeps only the packed weight; fp32 keeps the plain one as well for calls with
-    few rows: `small` (the native kernel, up to its `max_rows`) where it was built, else
-    MKL up to `FP32_PLAIN_MAX_ROWS`. No bias: the Llama layers have none.
+    bf16 keeps only the packed weight; fp32 keeps a second copy for calls with few rows:
+    the native kernel's panels (`small`, up to its `max_rows`) where it was built, else
+    the plain weight for MKL, up to `FP32_PLAIN_MAX_ROWS`. No bias: the Llama layers
+    have none.
     """
 
     def __init__(self, weight: torch.Tensor, small: ModuleType | None = None) -> None:
@@ -57,19 +59,21 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.dtype = weight.dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        self.plain = weight.detach() if weight.dtype == torch.float32 else None
-        self.small = small if self.plain is not None else None
+        fp32 = weight.dtype == torch.float32
+        self.small = small if fp32 else None
         self.small_max_rows = 0 if self.small is None else int(self.small.max_rows)
+        self.panels = None if self.small is None else self.small.pack(weight.detach())
+        self.plain = weight.detach() if fp32 and self.small is None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plain is not None:
-            rows = x.numel() // self.in_features
-            if self.small is not None and rows <= self.small_max_rows:
-                y: torch.Tensor = self.small.linear(
-                    x.reshape(rows, self.in_features).contiguous(), self.plain)
-                return y.view(*x.shape[:-1], self.out_features)
-            if rows <= FP32_PLAIN_MAX_ROWS:
-                return F.linear(x, self.plain)
+        rows = x.numel() // self.in_features
+        if self.small is not None and rows <= self.small_max_rows:
+            y: torch.Tensor = self.small.linear(
+                x.reshape(rows, self.in_features).contiguous(), self.panels,
+                self.out_features)
+            return y.view(*x.shape[:-1], self.out_features)
+        if self.plain is not None and rows <= FP32_PLAIN_MAX_ROWS:
+            return F.linear(x, self.plain)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
     def extra_repr(self) -> str:

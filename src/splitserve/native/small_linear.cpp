@@ -1,21 +1,32 @@
-// y [M, N] = x [M, K] · W [N, K]ᵀ in fp32 for a few rows M (a decode step's tokens):
-// splitserve.model.packed_linear's path for 1..kMaxRows rows.
+// y [M, N] = x [M, K] · W [N, K]ᵀ in fp32 for up to kMaxRows rows (a decode step's
+// tokens, a short prefill chunk): splitserve.model.packed_linear's path for them.
 //
 // A decode step's linears are bound by reading the weights, once per step (540 MB for
-// SmolLM2-135M in fp32). On one core of the 2-core box, 8 rows, weights streamed from
-// memory: MKL reads them at 5.7 GB/s, oneDNN's packed layout at 9.3, this kernel at
-// 12.2 (17 for one row). Each pair of weight rows is read once, as it lies in memory,
-// and dotted with up to 8 input rows while in registers (16 accumulators of 16 lanes;
-// rows 9..16 take the same pair again, from L1); the inputs come from L1/L2. The rows
-// 8 ahead are prefetched into L2: without it the core waits for each pair, and the
-// memory time and the compute time add up (8.5 GB/s).
+// SmolLM2-135M in fp32). The weight is packed once into panels of 16 output rows,
+// K-major (`pack`: panel p is W[16p : 16p + 16, :]ᵀ, contiguous, the last one padded
+// with zeros), so a panel streams from memory as one run of K × 64 bytes. For each k,
+// a few panels' vectors (T of them) are loaded once and multiplied by every input row's
+// x[m, k], broadcast: G × T accumulators of 16 outputs, no horizontal sums, and the
+// inputs are read as scalars from L1 (one line serves 16 k). Rows come in groups of at
+// most 8 (G × T <= 24 of the 32 vector registers); the groups take turns on each block
+// of KBLK k, so a block of weights is read from memory by the first group and from L1
+// by the others. Each panel's stream is prefetched kPrefetchK k ahead into L1.
 //
-// Rounding: each output is its own dot product, in the same order whatever M or the
-// other rows are (lane-wise fused multiply-adds over K in steps of 16, the last partial
-// step masked, then the 16 lanes added as _mm512_reduce_add_ps does). So a sequence's
-// logits do not depend on which sequences share its step. They differ from MKL's in
-// the last bits, as oneDNN's do. Without AVX-512 the module reports itself unavailable
-// and the caller keeps oneDNN.
+// SmolLM2's 121 linears on the 2-core box (Sapphire Rapids, weights streamed from
+// memory), ms for 1 / 8 / 12 / 16 / 24 / 32 / 64 / 128 / 256 rows, one thread: this
+// kernel 34 / 38 / 41 / 46-48 / 62 / 77 / 140 / 262 / 574; the dot-product kernel it
+// replaced (each pair of weight rows dotted with up to 8 rows, a 16-lane sum per output;
+// 16 rows at most) 34 / 46 / 51 / 61; oneDNN's packed weight from 24 rows on
+// 85 / 99 / 151 / 291 / 496. Two threads, 8 / 16 / 64 / 128 rows: 20 / 25 / 73 / 141
+// against 24 / 32 (dot product) and 88 / 149 (oneDNN). Hence kMaxRows: from 256 rows on
+// oneDNN is faster.
+//
+// Rounding: each output is its own sum, in the same order whatever M or the other rows
+// are: within a block of KBLK k, lane-wise fused multiply-adds in k order from zero;
+// the blocks' sums added in k order. So a sequence's logits do not depend on which
+// sequences share its step; the blocking keeps the error near MKL's (a single running
+// sum over K = 1536 had 7× its error). Without AVX-512 the module reports itself
+// unavailable and the caller keeps oneDNN.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -28,74 +39,89 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 16;
-constexpr int64_t kGrainRows = 64;  // weight rows per parallel task
+constexpr int64_t kMaxRows = 128;
+constexpr int64_t kLanes = 16;  // outputs per panel: one vector
+constexpr int64_t kGrainPanels = 12;  // panels per parallel task
 
 #ifdef __AVX512F__
-constexpr int kChunk = 8;  // input rows per pass over a pair of weight rows
-constexpr int64_t kPrefetchRows = 8;  // weight rows ahead, prefetched into L2
+constexpr int kGroupRows = 8;
+constexpr int64_t kBlockK = 64;
+constexpr int64_t kPrefetchK = 32;
 
-// Rows [n, n + R) of the weight dotted with input rows [0, M): R weight vectors and M
-// input vectors per step of K, M * R accumulators (<= 16 + 2 + 8 of 32 registers).
-template <int M, int R>
-inline void dot_block(const float* x, int64_t K, const float* w, float* y, int64_t N,
-                      int64_t n, __mmask16 tail_mask, bool prefetch) {
-  __m512 acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  const float* row = w + n * K;
-  const float* ahead = row + kPrefetchRows * K;
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    if (prefetch)
-      for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + r * K + k), _MM_HINT_T1);
-    __m512 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(row + r * K + k);
-    for (int m = 0; m < M; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(xv, wv[r], acc[r][m]);
+// Input rows [0, G) (row stride K) times panels [p, p + T) over k in [k0, k1): the
+// block's sums are stored into y (the first block) or added to it.
+template <int G, int T>
+void tile(const float* x, int64_t K, const float* panels, float* y, int64_t N, int64_t p,
+          int64_t k0, int64_t k1) {
+  __m512 acc[G][T];
+  for (int m = 0; m < G; ++m)
+    for (int t = 0; t < T; ++t) acc[m][t] = _mm512_setzero_ps();
+  const float* w = panels + p * K * kLanes;
+  for (int64_t k = k0; k < k1; ++k) {
+    __m512 wv[T];
+    for (int t = 0; t < T; ++t) {
+      const float* at = w + (t * K + k) * kLanes;
+      _mm_prefetch(reinterpret_cast<const char*>(at + kPrefetchK * kLanes), _MM_HINT_T0);
+      wv[t] = _mm512_loadu_ps(at);
+    }
+    for (int m = 0; m < G; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[m * K + k]);
+      for (int t = 0; t < T; ++t) acc[m][t] = _mm512_fmadd_ps(xv, wv[t], acc[m][t]);
     }
   }
-  if (k < K) {
-    __m512 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_ps(tail_mask, row + r * K + k);
-    for (int m = 0; m < M; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail_mask, x + m * K + k);
-      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(xv, wv[r], acc[r][m]);
+  for (int t = 0; t < T; ++t) {
+    const int64_t n = (p + t) * kLanes;
+    const __mmask16 mask = N - n >= kLanes ? static_cast<__mmask16>(0xffff)
+                                           : static_cast<__mmask16>((1u << (N - n)) - 1u);
+    for (int m = 0; m < G; ++m) {
+      float* out = y + m * N + n;
+      const __m512 sum = k0 == 0 ? acc[m][t]
+                                 : _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), acc[m][t]);
+      _mm512_mask_storeu_ps(out, mask, sum);
     }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
-}
-
-// Input rows [0, M) in chunks of kChunk, over weight rows [n_begin, n_end): a pair of
-// weight rows is read from memory by the first chunk and from cache by the others.
-template <int M>
-void dot_rows(const float* x, int64_t K, const float* w, float* y, int64_t N,
-              int64_t n_begin, int64_t n_end) {
-  constexpr int kFirst = M < kChunk ? M : kChunk;
-  const __mmask16 tail_mask = static_cast<__mmask16>((1u << (K % 16)) - 1u);
-  int64_t n = n_begin;
-  for (; n + 2 <= n_end; n += 2) {
-    dot_block<kFirst, 2>(x, K, w, y, N, n, tail_mask, n + kPrefetchRows + 2 <= N);
-    if constexpr (M > kChunk)
-      dot_block<M - kChunk, 2>(x + kChunk * K, K, w, y + kChunk * N, N, n, tail_mask, false);
-  }
-  for (; n < n_end; ++n) {
-    dot_block<kFirst, 1>(x, K, w, y, N, n, tail_mask, false);
-    if constexpr (M > kChunk)
-      dot_block<M - kChunk, 1>(x + kChunk * K, K, w, y + kChunk * N, N, n, tail_mask, false);
   }
 }
 
-using DotRows = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t,
-                         int64_t);
+using Tile = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t,
+                      int64_t, int64_t);
 
-template <int... Ms>
-constexpr DotRows pick(int64_t rows, std::integer_sequence<int, Ms...>) {
-  DotRows table[] = {&dot_rows<Ms + 1>...};
+// Panels per tile for groups of G rows: G × T accumulators, at most 24.
+constexpr int tile_panels(int G) { return G <= 4 ? 4 : 3; }
+
+template <int T, int... Gs>
+constexpr Tile pick_tile(int rows, std::integer_sequence<int, Gs...>) {
+  Tile table[] = {&tile<Gs + 1, T>...};
   return table[rows - 1];
+}
+
+Tile tile_for(int rows, int panels) {
+  constexpr auto groups = std::make_integer_sequence<int, kGroupRows>{};
+  switch (panels) {
+    case 1: return pick_tile<1>(rows, groups);
+    case 2: return pick_tile<2>(rows, groups);
+    case 3: return pick_tile<3>(rows, groups);
+    default: return pick_tile<4>(rows, groups);
+  }
+}
+
+// All M rows over panels [p_begin, p_end): tiles of T panels (the rest one by one), each
+// in blocks of kBlockK k, each block taken by every group of rows in turn.
+void run(const float* x, int64_t M, int64_t K, const float* panels, float* y, int64_t N,
+         int64_t p_begin, int64_t p_end) {
+  const int64_t num_groups = (M + kGroupRows - 1) / kGroupRows;
+  const int rows = static_cast<int>((M + num_groups - 1) / num_groups);
+  const int T = tile_panels(rows);
+  for (int64_t p = p_begin; p < p_end;) {
+    const int panels_here = p + T <= p_end ? T : 1;
+    for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+      const int64_t k1 = k0 + kBlockK < K ? k0 + kBlockK : K;
+      for (int64_t m = 0; m < M; m += rows) {
+        const int here = static_cast<int>(M - m < rows ? M - m : rows);
+        tile_for(here, panels_here)(x + m * K, K, panels, y + m * N, N, p, k0, k1);
+      }
+    }
+    p += panels_here;
+  }
 }
 #endif
 
@@ -107,25 +133,38 @@ bool available() {
 #endif
 }
 
-// x [M, K] contiguous fp32 with 1 <= M <= kMaxRows, weight [N, K] contiguous fp32.
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight) {
+// weight [N, K] fp32 -> panels [ceil(N / 16), K, 16]
+torch::Tensor pack(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat,
+              "small_linear.pack: a 2-D fp32 weight");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const int64_t P = (N + kLanes - 1) / kLanes;
+  auto padded = torch::zeros({P * kLanes, K}, weight.options());
+  padded.narrow(0, 0, N).copy_(weight);
+  return padded.view({P, kLanes, K}).transpose(1, 2).contiguous();
+}
+
+// x [M, K] contiguous fp32 with 1 <= M <= kMaxRows, panels from `pack` of an [N, K]
+// weight.
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t N) {
   TORCH_CHECK(available(), "small_linear: built without AVX-512");
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "small_linear: 2-D operands");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat,
+  TORCH_CHECK(x.dim() == 2 && panels.dim() == 3, "small_linear: x [M, K], panels [P, K, 16]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && panels.scalar_type() == torch::kFloat,
               "small_linear: fp32 only");
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "small_linear: contiguous");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "small_linear: x has ", K, " columns, weight ",
-              weight.size(1));
+  TORCH_CHECK(x.is_contiguous() && panels.is_contiguous(), "small_linear: contiguous");
+  const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
+  TORCH_CHECK(panels.size(1) == K && panels.size(2) == kLanes, "small_linear: x has ", K,
+              " columns, panels are [", P, ", ", panels.size(1), ", ", panels.size(2), "]");
+  TORCH_CHECK(N > (P - 1) * kLanes && N <= P * kLanes, "small_linear: ", N,
+              " outputs do not fit ", P, " panels");
   TORCH_CHECK(M >= 1 && M <= kMaxRows, "small_linear: 1..", kMaxRows, " rows, got ", M);
   auto y = torch::empty({M, N}, x.options());
 #ifdef __AVX512F__
-  const DotRows run = pick(M, std::make_integer_sequence<int, kMaxRows>{});
   const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
+  const float* wp = panels.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, kGrainRows, [&](int64_t begin, int64_t end) {
-    run(xp, K, wp, yp, N, begin, end);
+  at::parallel_for(0, P, kGrainPanels, [&](int64_t begin, int64_t end) {
+    run(xp, M, K, wp, yp, N, begin, end);
   });
 #endif
   return y;
@@ -135,6 +174,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "whether this build has the AVX-512 kernel");
-  m.def("linear", &linear, "x [M, K] · weight [N, K]ᵀ for M <= max_rows (fp32)");
+  m.def("pack", &pack, "weight [N, K] -> panels [ceil(N / 16), K, 16] for `linear`");
+  m.def("linear", &linear, "x [M, K] · weightᵀ for M <= max_rows, from its panels (fp32)");
   m.attr("max_rows") = kMaxRows;
 }
