@@ -166,6 +166,21 @@ inline __m512 sum_lanes16(const __m512* v) {
   return _mm512_permutexvar_ps(order, r);
 }
 
+// Brings one K or V row (kHeadDim values) into L1 ahead of its use: a sequence's pages
+// lie anywhere in the pool, so the hardware prefetcher loses the stream at each page.
+// The walks below prefetch each row's counterpart kPrefetchPages pages on. One fp32
+// core inside the engine's decode step (SmolLM2, 30 layers' pages streamed from
+// memory), ms per call: 16 sequences of ~310 tokens 1.25 -> 0.87, 6 of ~1210 1.6 ->
+// 1.2 (one page ahead: 0.91 / 1.24; the first two pages prefetched too: no change).
+constexpr int64_t kPrefetchPages = 2;
+
+template <int64_t kHeadDim, typename scalar_t>
+inline void prefetch_row(const scalar_t* row) {
+  constexpr int64_t kBytes = kHeadDim * static_cast<int64_t>(sizeof(scalar_t));
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < kBytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
 // The compiled shapes with AVX-512 (kHeadDim a multiple of 16, kGroup > 0): K rows 16 at
 // a time (bf16 widened once into a buffer), one transposed sum per 16 tokens and query
 // head instead of a horizontal sum per token; the softmax's exp over whole vectors
@@ -188,6 +203,7 @@ void decode_kernel_avx512(const torch::Tensor& q, const torch::Tensor& kv,
       const int64_t seq_len = call.len_ptr[b];
       const int64_t* pages = call.pages(b);
       const int64_t padded = (seq_len + 15) / 16 * 16;
+      const int64_t num_pages = (seq_len + page_size - 1) / page_size;
       scores.resize(kGroup * padded);
       for (int64_t g = 0; g < kGroup; ++g)
         call.load_query(b, h * kGroup + g, kHeadDim, qf.data() + g * kHeadDim);
@@ -196,6 +212,9 @@ void decode_kernel_avx512(const torch::Tensor& q, const torch::Tensor& kv,
       const scalar_t* page_base = call.page_rows(pages[0], h, false);
       auto next_row = [&]() {
         const scalar_t* row = page_base + offset * tok_s;
+        if (page + kPrefetchPages < num_pages)  // the same row, kPrefetchPages pages on
+          prefetch_row<kHeadDim>(call.page_rows(pages[page + kPrefetchPages], h, false) +
+                                 offset * tok_s);
         if (++offset == page_size) {
           offset = 0;
           if (++page < call.width) page_base = call.page_rows(pages[page], h, false);
@@ -253,8 +272,15 @@ void decode_kernel_avx512(const torch::Tensor& q, const torch::Tensor& kv,
         for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
       for (int64_t t = 0, pg = 0; t < seq_len; ++pg) {
         const scalar_t* v = call.page_rows(pages[pg], h, true);
+        const scalar_t* ahead = pg + kPrefetchPages < num_pages
+                                    ? call.page_rows(pages[pg + kPrefetchPages], h, true)
+                                    : nullptr;
         for (const int64_t page_end = std::min(seq_len, t + page_size); t < page_end;
              ++t, v += tok_s) {
+          if (ahead != nullptr) {
+            prefetch_row<kHeadDim>(ahead);
+            ahead += tok_s;
+          }
           __m512 vv[C];
           for (int64_t c = 0; c < C; ++c) vv[c] = load16(v + 16 * c);
           for (int64_t g = 0; g < kGroup; ++g) {
