@@ -9,7 +9,7 @@
 // x[m, k], broadcast: G × T accumulators of 16 outputs, no horizontal sums, and the
 // inputs are read as scalars from L1 (one line serves 16 k). Rows come in groups of at
 // most 8 (G × T <= 24 of the 32 vector registers); the groups take turns on each block
-// of KBLK k, so a block of weights is read from memory by the first group and from L1
+// of kBlockK k, so a block of weights is read from memory by the first group and from L1
 // by the others. Each panel's stream is prefetched kPrefetchK k ahead into L1.
 //
 // SmolLM2's 121 linears on the 2-core box (Sapphire Rapids, weights streamed from
@@ -22,7 +22,7 @@
 // oneDNN is faster.
 //
 // Rounding: each output is its own sum, in the same order whatever M or the other rows
-// are: within a block of KBLK k, lane-wise fused multiply-adds in k order from zero;
+// are: within a block of kBlockK k, lane-wise fused multiply-adds in k order from zero;
 // the blocks' sums added in k order. So a sequence's logits do not depend on which
 // sequences share its step; the blocking keeps the error near MKL's (a single running
 // sum over K = 1536 had 7× its error). Without AVX-512 the module reports itself
