@@ -1,7 +1,8 @@
 """The native few-row fp32 linear (native/small_linear.cpp) against plain torch: close to
 a float64 matmul and to MKL, the same bits for a row whatever rows share the call, and
 used by `PackedLinear` for up to 128 rows (a decode step, a short prefill chunk),
-oneDNN's packed weight above."""
+oneDNN's packed weight above; `PanelLinear` (the fp32 lm_head) takes larger calls in
+slices of 128 rows."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from splitserve.model.packed_linear import PackedLinear, small_linear_kernel
+from splitserve.model.config import ModelConfig
+from splitserve.model.llama import LlamaModel
+from splitserve.model.packed_linear import (
+    PackedLinear,
+    PanelLinear,
+    prepack_linears,
+    small_linear_kernel,
+)
 
 SMALL = small_linear_kernel()
 pytestmark = pytest.mark.skipif(SMALL is None, reason="no AVX-512 here: oneDNN path only")
@@ -76,3 +84,33 @@ def test_packed_linear_takes_the_kernel_for_a_decode_steps_rows_only() -> None:
     torch.testing.assert_close(layer(prefill), F.linear(prefill, weight), rtol=1e-4, atol=1e-4)
     # bf16 keeps only oneDNN's packed weight
     assert PackedLinear(weight.bfloat16(), SMALL).small is None
+
+
+def test_panel_linear_slices_large_calls_into_the_same_bits_as_rows_alone() -> None:
+    weight = _weight(1000, 576)
+    layer = PanelLinear(weight, SMALL)
+    x = torch.randn(300, 576, generator=torch.Generator().manual_seed(5))  # 128 + 128 + 44
+    alone = torch.cat([_linear(x[i:i + 1].contiguous(), weight) for i in range(300)])
+    assert torch.equal(layer(x), alone)
+    assert torch.equal(layer(x.view(3, 100, 576)), alone.view(3, 100, 1000))
+    assert torch.equal(layer(x[7:9]), alone[7:9])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_prepack_gives_the_fp32_lm_head_the_panels_alone(tied: bool) -> None:
+    config = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=tied)
+    for dtype, lm_head_type in [(torch.float32, PanelLinear), (torch.bfloat16, PackedLinear)]:
+        model = LlamaModel(config, dtype)
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for param in model.parameters():  # created empty
+                param.copy_(torch.randn(param.shape, generator=generator))
+        weight = model.lm_head.weight.detach().clone()
+        assert prepack_linears(model, few_rows={"lm_head"}) == 2 * 4 + 1  # qkv, o, gate_up, down; lm_head
+        assert type(model.lm_head) is lm_head_type
+        assert all(type(m) is PackedLinear for name, m in model.named_modules()
+                   if name.startswith("layers.") and isinstance(m, (PackedLinear, PanelLinear)))
+        hidden = torch.randn(3, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
+        torch.testing.assert_close(model.compute_logits(hidden), F.linear(hidden, weight).float(),
+                                   rtol=2e-2, atol=2e-2)

@@ -96,7 +96,9 @@ def build_model(
 ) -> LlamaModel:
     model = LlamaModel(config, dtype, device)
     model.load_hf_state_dict(weights)
-    prepack_linears(model)  # CPU only; the weights are final from here on
+    # CPU only; the weights are final from here on. The lm_head sees one row per
+    # sampled sequence (compute_logits).
+    prepack_linears(model, few_rows={"lm_head"})
     model.ops = model_ops(torch.device(device))  # fused native steps on a CPU
     return model.eval()
 

@@ -24,11 +24,17 @@ multiplied by every input row's broadcast inputs (native/small_linear.cpp: SmolL
 121 linears, one thread, 16 rows 61 → 46-48 ms against the dot-product kernel it
 replaced, 64 rows 151 → 140 ms against the packed weight). Without it, at most
 `FP32_PLAIN_MAX_ROWS` rows go to MKL's own small-M path, which beats the packed weight.
+
+A layer that only ever sees a step's sampled rows (the lm_head: `compute_logits` gets
+one row per sequence) keeps the panels alone in fp32 (`PanelLinear`): calls of more
+rows than the kernel takes go through it in slices. For SmolLM2, whose lm_head is the
+embedding (tied), that is 113 MB less per fp32 worker than panels plus oneDNN's copy.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from types import ModuleType
 
 import torch
@@ -80,6 +86,30 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
 
 
+class PanelLinear(nn.Module):
+    """fp32 y `[..., out]` = x `[..., in]` · Wᵀ from the native kernel's panels alone,
+    for layers called with few rows (the lm_head); larger calls go through in slices of
+    the kernel's `max_rows`. A row's bits do not depend on the call's other rows."""
+
+    def __init__(self, weight: torch.Tensor, small: ModuleType) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.small = small
+        self.max_rows = int(small.max_rows)
+        self.panels = small.pack(weight.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        flat = x.reshape(rows, self.in_features).contiguous()
+        slices = [self.small.linear(flat[i:i + self.max_rows], self.panels, self.out_features)
+                  for i in range(0, rows, self.max_rows)]
+        y = slices[0] if len(slices) == 1 else torch.cat(slices)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, panels"
+
+
 def can_prepack(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available()
@@ -93,17 +123,28 @@ def small_linear_kernel() -> ModuleType | None:
     return module if module is not None and module.available() else None
 
 
-def prepack_linears(model: nn.Module) -> int:
-    """Replace every bias-free `nn.Linear` under `model` by a `PackedLinear` (in place);
-    return how many were replaced. The model's weights must be final: a later
-    `load_state_dict` does not reach the packed copies."""
+def prepack_linears(model: nn.Module, few_rows: Collection[str] = ()) -> int:
+    """Replace every bias-free `nn.Linear` under `model` by a `PackedLinear` (in place),
+    or, for the fp32 ones named in `few_rows` (called with a step's sampled rows only)
+    where the native kernel is built, by a `PanelLinear`; return how many were replaced.
+    The model's weights must be final: a later `load_state_dict` does not reach the
+    packed copies."""
     small = small_linear_kernel() if any(
         p.dtype == torch.float32 for p in model.parameters()) else None
+    names = {id(module): name for name, module in model.named_modules()}
     num_packed = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.bias is None and can_prepack(child.weight):
-                setattr(parent, name, PackedLinear(child.weight, small))
-                num_packed += 1
+            if not (isinstance(child, nn.Linear) and child.bias is None
+                    and can_prepack(child.weight)):
+                continue
+            layer: nn.Module
+            if (small is not None and child.weight.dtype == torch.float32
+                    and names[id(child)] in few_rows):
+                layer = PanelLinear(child.weight, small)
+            else:
+                layer = PackedLinear(child.weight, small)
+            setattr(parent, name, layer)
+            num_packed += 1
     log.debug("prepacked %d linear layers", num_packed)
     return num_packed
