@@ -10,7 +10,11 @@
 // inputs are read as scalars from L1 (one line serves 16 k). Rows come in groups of at
 // most 8 (G × T <= 24 of the 32 vector registers); the groups take turns on each block
 // of kBlockK k, so a block of weights is read from memory by the first group and from L1
-// by the others. Each panel's stream is prefetched kPrefetchK k ahead into L1.
+// by the others. Each panel's stream is prefetched kPrefetchK k ahead into L1, except
+// with 2 to kAheadMaxGroups groups: then each group prefetches its share of the next
+// block, so that the stream goes on while the groups after the first compute (the same
+// bits either way). 121 linears, one thread, 16 / 32 / 64 rows: 46.7 / 69.5 / 118.4 ->
+// 40.2 / 61.6 / 111.6 ms; with more groups it was no better (128 rows 232 -> 252).
 //
 // SmolLM2's 121 linears on the 2-core box (Sapphire Rapids, weights streamed from
 // memory), ms for 1 / 8 / 12 / 16 / 24 / 32 / 64 / 128 / 256 rows, one thread: this
@@ -47,21 +51,42 @@ constexpr int64_t kGrainPanels = 12;  // panels per parallel task
 constexpr int kGroupRows = 8;
 constexpr int64_t kBlockK = 64;
 constexpr int64_t kPrefetchK = 32;
+// Row groups up to which the groups share the next block's prefetch (beyond, their
+// inputs fill most of L1 and the block would crowd it: 128 rows are 32 KB a block)
+constexpr int64_t kAheadMaxGroups = 8;
+
+// The prefetch a tile makes: with kAhead false, each panel's stream kPrefetchK k ahead
+// (one group of rows, or many); with kAhead true, this group's share of the next block
+// (`rows` k rows of `panels` panels from `ahead`), spread over its k, so that the weights
+// stream in while every group computes, not only while the first one does.
+struct Ahead {
+  const float* ahead;
+  int64_t rows, panels;
+};
 
 // Input rows [0, G) (row stride K) times panels [p, p + T) over k in [k0, k1): the
 // block's sums are stored into y (the first block) or added to it.
-template <int G, int T>
+template <int G, int T, bool kAhead>
 void tile(const float* x, int64_t K, const float* panels, float* y, int64_t N, int64_t p,
-          int64_t k0, int64_t k1) {
+          int64_t k0, int64_t k1, Ahead next) {
   __m512 acc[G][T];
   for (int m = 0; m < G; ++m)
     for (int t = 0; t < T; ++t) acc[m][t] = _mm512_setzero_ps();
   const float* w = panels + p * K * kLanes;
-  for (int64_t k = k0; k < k1; ++k) {
+  const int64_t every = kAhead && next.rows > 0 && next.rows < k1 - k0
+                            ? (k1 - k0) / next.rows : 1;
+  for (int64_t k = k0, done = 0; k < k1; ++k) {
+    if (kAhead && done < next.rows && k - k0 == done * every) {
+      for (int64_t t = 0; t < next.panels; ++t)
+        _mm_prefetch(reinterpret_cast<const char*>(next.ahead + (t * K + done) * kLanes),
+                     _MM_HINT_T0);
+      ++done;
+    }
     __m512 wv[T];
     for (int t = 0; t < T; ++t) {
       const float* at = w + (t * K + k) * kLanes;
-      _mm_prefetch(reinterpret_cast<const char*>(at + kPrefetchK * kLanes), _MM_HINT_T0);
+      if (!kAhead)
+        _mm_prefetch(reinterpret_cast<const char*>(at + kPrefetchK * kLanes), _MM_HINT_T0);
       wv[t] = _mm512_loadu_ps(at);
     }
     for (int m = 0; m < G; ++m) {
@@ -83,24 +108,25 @@ void tile(const float* x, int64_t K, const float* panels, float* y, int64_t N, i
 }
 
 using Tile = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t,
-                      int64_t, int64_t);
+                      int64_t, int64_t, Ahead);
 
 // Panels per tile for groups of G rows: G × T accumulators, at most 24.
 constexpr int tile_panels(int G) { return G <= 4 ? 4 : 3; }
 
-template <int T, int... Gs>
+template <int T, bool kAhead, int... Gs>
 constexpr Tile pick_tile(int rows, std::integer_sequence<int, Gs...>) {
-  Tile table[] = {&tile<Gs + 1, T>...};
+  Tile table[] = {&tile<Gs + 1, T, kAhead>...};
   return table[rows - 1];
 }
 
+template <bool kAhead>
 Tile tile_for(int rows, int panels) {
   constexpr auto groups = std::make_integer_sequence<int, kGroupRows>{};
   switch (panels) {
-    case 1: return pick_tile<1>(rows, groups);
-    case 2: return pick_tile<2>(rows, groups);
-    case 3: return pick_tile<3>(rows, groups);
-    default: return pick_tile<4>(rows, groups);
+    case 1: return pick_tile<1, kAhead>(rows, groups);
+    case 2: return pick_tile<2, kAhead>(rows, groups);
+    case 3: return pick_tile<3, kAhead>(rows, groups);
+    default: return pick_tile<4, kAhead>(rows, groups);
   }
 }
 
@@ -111,13 +137,29 @@ void run(const float* x, int64_t M, int64_t K, const float* panels, float* y, in
   const int64_t num_groups = (M + kGroupRows - 1) / kGroupRows;
   const int rows = static_cast<int>((M + num_groups - 1) / num_groups);
   const int T = tile_panels(rows);
+  const bool ahead = num_groups > 1 && num_groups <= kAheadMaxGroups;
   for (int64_t p = p_begin; p < p_end;) {
     const int panels_here = p + T <= p_end ? T : 1;
     for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
       const int64_t k1 = k0 + kBlockK < K ? k0 + kBlockK : K;
-      for (int64_t m = 0; m < M; m += rows) {
+      if (!ahead) {
+        for (int64_t m = 0; m < M; m += rows) {
+          const int here = static_cast<int>(M - m < rows ? M - m : rows);
+          tile_for<false>(here, panels_here)(x + m * K, K, panels, y + m * N, N, p, k0, k1,
+                                             Ahead{nullptr, 0, 0});
+        }
+        continue;
+      }
+      // the next block: these panels' next k, or the next panels' first
+      const int64_t np = k1 < K ? p : p + panels_here, nk0 = k1 < K ? k1 : 0;
+      const int64_t nk = (nk0 + kBlockK < K ? nk0 + kBlockK : K) - nk0;
+      const int64_t next_panels = np >= p_end ? 0 : np + T <= p_end ? T : 1;
+      for (int64_t m = 0, g = 0; m < M; m += rows, ++g) {
         const int here = static_cast<int>(M - m < rows ? M - m : rows);
-        tile_for(here, panels_here)(x + m * K, K, panels, y + m * N, N, p, k0, k1);
+        const int64_t r0 = nk * g / num_groups, r1 = nk * (g + 1) / num_groups;
+        const Ahead next{panels + (np * K + nk0 + r0) * kLanes, next_panels ? r1 - r0 : 0,
+                         next_panels};
+        tile_for<true>(here, panels_here)(x + m * K, K, panels, y + m * N, N, p, k0, k1, next);
       }
     }
     p += panels_here;
