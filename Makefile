@@ -28,7 +28,7 @@ run: $(STAMP)
 	$(VENV)/bin/splitserve up --config configs/local.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS) tests
 
 # Regenerate src/splitserve/rpc/ from proto/. The -I mapping makes the generated
 # modules importable as splitserve.rpc.*; the proto package stays splitserve.v1.
