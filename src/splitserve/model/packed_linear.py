@@ -51,6 +51,19 @@ log = logging.getLogger(__name__)
 FP32_PLAIN_MAX_ROWS = 3
 
 
+def panel_linear(small: ModuleType, panels: torch.Tensor, out_features: int,
+                 x: torch.Tensor) -> torch.Tensor:
+    """x `[..., in]` · Wᵀ through the native kernel from W's `panels`, in slices of the
+    kernel's `max_rows` rows (one call where x has no more)."""
+    in_features = x.shape[-1]
+    rows = x.numel() // in_features
+    flat = x.reshape(rows, in_features).contiguous()
+    step = int(small.max_rows)
+    slices = [small.linear(flat[i:i + step], panels, out_features) for i in range(0, rows, step)]
+    y = slices[0] if len(slices) == 1 else torch.cat(slices)
+    return y.view(*x.shape[:-1], out_features)
+
+
 class PackedLinear(nn.Module):
     """y `[..., out]` = x `[..., in]` · Wᵀ with W `[out, in]` held in oneDNN's layout.
 
@@ -73,11 +86,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.small is not None and rows <= self.small_max_rows:
-            y: torch.Tensor = self.small.linear(
-                x.reshape(rows, self.in_features).contiguous(), self.panels,
-                self.out_features)
-            return y.view(*x.shape[:-1], self.out_features)
+        if self.small is not None and self.panels is not None and rows <= self.small_max_rows:
+            return panel_linear(self.small, self.panels, self.out_features, x)
         if self.plain is not None and rows <= FP32_PLAIN_MAX_ROWS:
             return F.linear(x, self.plain)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
@@ -95,16 +105,10 @@ class PanelLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.small = small
-        self.max_rows = int(small.max_rows)
         self.panels = small.pack(weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        flat = x.reshape(rows, self.in_features).contiguous()
-        slices = [self.small.linear(flat[i:i + self.max_rows], self.panels, self.out_features)
-                  for i in range(0, rows, self.max_rows)]
-        y = slices[0] if len(slices) == 1 else torch.cat(slices)
-        return y.view(*x.shape[:-1], self.out_features)
+        return panel_linear(self.small, self.panels, self.out_features, x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, panels"
