@@ -60,8 +60,8 @@ constexpr int64_t kAheadMaxGroups = 8;
 // (`rows` k rows of `panels` panels from `ahead`), spread over its k, so that the weights
 // stream in while every group computes, not only while the first one does.
 struct Ahead {
-  const float* ahead;
-  int64_t rows, panels;
+  const float* ahead = nullptr;
+  int64_t rows = 0, panels = 0;
 };
 
 // Input rows [0, G) (row stride K) times panels [p, p + T) over k in [k0, k1): the
@@ -142,24 +142,23 @@ void run(const float* x, int64_t M, int64_t K, const float* panels, float* y, in
     const int panels_here = p + T <= p_end ? T : 1;
     for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
       const int64_t k1 = k0 + kBlockK < K ? k0 + kBlockK : K;
-      if (!ahead) {
-        for (int64_t m = 0; m < M; m += rows) {
-          const int here = static_cast<int>(M - m < rows ? M - m : rows);
-          tile_for<false>(here, panels_here)(x + m * K, K, panels, y + m * N, N, p, k0, k1,
-                                             Ahead{nullptr, 0, 0});
-        }
-        continue;
-      }
-      // the next block: these panels' next k, or the next panels' first
+      // the next block (shared out with `ahead`): these panels' next k, or the next
+      // panels' first
       const int64_t np = k1 < K ? p : p + panels_here, nk0 = k1 < K ? k1 : 0;
       const int64_t nk = (nk0 + kBlockK < K ? nk0 + kBlockK : K) - nk0;
       const int64_t next_panels = np >= p_end ? 0 : np + T <= p_end ? T : 1;
       for (int64_t m = 0, g = 0; m < M; m += rows, ++g) {
         const int here = static_cast<int>(M - m < rows ? M - m : rows);
+        const float* xm = x + m * K;
+        float* ym = y + m * N;
+        if (!ahead) {
+          tile_for<false>(here, panels_here)(xm, K, panels, ym, N, p, k0, k1, Ahead{});
+          continue;
+        }
         const int64_t r0 = nk * g / num_groups, r1 = nk * (g + 1) / num_groups;
         const Ahead next{panels + (np * K + nk0 + r0) * kLanes, next_panels ? r1 - r0 : 0,
                          next_panels};
-        tile_for<true>(here, panels_here)(x + m * K, K, panels, y + m * N, N, p, k0, k1, next);
+        tile_for<true>(here, panels_here)(xm, K, panels, ym, N, p, k0, k1, next);
       }
     }
     p += panels_here;
