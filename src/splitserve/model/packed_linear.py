@@ -25,8 +25,15 @@ multiplied by every input row's broadcast inputs (native/small_linear.cpp: SmolL
 replaced, 64 rows 151 → 140 ms against the packed weight). Without it, at most
 `FP32_PLAIN_MAX_ROWS` rows go to MKL's own small-M path, which beats the packed weight.
 
+Where the weight comes from a GGUF file's Q4_1 or Q8_0 blocks (the default model: all
+121 linears), the few-row path reads those blocks instead of fp32 panels
+(`QuantPanels`, model/quant.py): the same output bits from a fifth of the bytes, so a
+decode step's linears are no longer bound by streaming 540 MB of fp32 weights (121
+linears, one thread, 1 / 8 / 16 / 64 / 128 rows: 33.0 / 37.0 / 40.5 / 115.7 / 238.5 ms
+from fp32 panels, 11.8 / 20.6 / 31.8 / 104.4 / 216.9 ms from the blocks).
+
 A layer that only ever sees a step's sampled rows (the lm_head: `compute_logits` gets
-one row per sequence) keeps the panels alone in fp32 (`PanelLinear`): calls of more
+one row per sequence) keeps the few-row path alone in fp32 (`PanelLinear`): calls of more
 rows than the kernel takes go through it in slices. For SmolLM2, whose lm_head is the
 embedding (tied), that is 113 MB less per fp32 worker than panels plus oneDNN's copy.
 """
@@ -34,13 +41,16 @@ embedding (tied), that is 113 MB less per fp32 worker than panels plus oneDNN's 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitserve.model.quant import KINDS, QuantizedWeight, qpack
 from splitserve.native import load_extension
 
 log = logging.getLogger(__name__)
@@ -51,67 +61,125 @@ log = logging.getLogger(__name__)
 FP32_PLAIN_MAX_ROWS = 3
 
 
-def panel_linear(small: ModuleType, panels: torch.Tensor, out_features: int,
-                 x: torch.Tensor) -> torch.Tensor:
-    """x `[..., in]` · Wᵀ through the native kernel from W's `panels`, in slices of the
-    kernel's `max_rows` rows (one call where x has no more)."""
+class FewRows(Protocol):
+    """A weight's path for calls of up to `max_rows` rows: flat x `[rows, in]` →
+    `[rows, out]`."""
+
+    @property
+    def max_rows(self) -> int: ...
+
+    def __call__(self, flat: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True, eq=False)
+class Panels:
+    """The native kernel's fp32 panels of the weight (`small.pack`)."""
+
+    small: ModuleType
+    panels: torch.Tensor
+    out_features: int
+
+    @property
+    def max_rows(self) -> int:
+        return int(self.small.max_rows)
+
+    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.small.linear(flat, self.panels, self.out_features)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantPanels:
+    """The weight as its GGUF file quantized it, in the native kernel's layout (`qpack`):
+    the same bits as `Panels` of the dequantized weight, from a fifth of the bytes."""
+
+    small: ModuleType
+    qpanels: torch.Tensor
+    kind: int
+    out_features: int
+
+    @property
+    def max_rows(self) -> int:
+        return int(self.small.max_rows)
+
+    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.small.qlinear(flat, self.qpanels, self.kind, self.out_features)
+
+
+@dataclass(frozen=True, eq=False)
+class PlainWeight:
+    """The plain fp32 weight for MKL's small-M path, where the kernel is not built."""
+
+    weight: torch.Tensor
+    max_rows: int = FP32_PLAIN_MAX_ROWS
+
+    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
+        return F.linear(flat, self.weight)
+
+
+def few_rows_path(weight: torch.Tensor, small: ModuleType | None,
+                  quantized: QuantizedWeight | None = None) -> FewRows:
+    """The fp32 weight's few-row path: its quantized blocks where the file kept them,
+    else its fp32 panels, through the kernel where it was built; else MKL's."""
+    if small is None:
+        return PlainWeight(weight.detach())
+    out_features = weight.shape[0]
+    if quantized is not None and quantized.shape == tuple(weight.shape):
+        return QuantPanels(small, qpack(quantized), KINDS[quantized.kind][0], out_features)
+    return Panels(small, small.pack(weight.detach()), out_features)
+
+
+def in_slices(few: FewRows, x: torch.Tensor) -> torch.Tensor:
+    """x `[..., in]` · Wᵀ through `few`, in slices of its `max_rows` rows (one call where
+    x has no more)."""
     in_features = x.shape[-1]
     rows = x.numel() // in_features
     flat = x.reshape(rows, in_features).contiguous()
-    step = int(small.max_rows)
-    slices = [small.linear(flat[i:i + step], panels, out_features) for i in range(0, rows, step)]
+    step = few.max_rows
+    slices = [few(flat[i:i + step]) for i in range(0, rows, step)]
     y = slices[0] if len(slices) == 1 else torch.cat(slices)
-    return y.view(*x.shape[:-1], out_features)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class PackedLinear(nn.Module):
     """y `[..., out]` = x `[..., in]` · Wᵀ with W `[out, in]` held in oneDNN's layout.
 
-    bf16 keeps only the packed weight; fp32 keeps a second copy for calls with few rows:
-    the native kernel's panels (`small`, up to its `max_rows`) where it was built, else
-    the plain weight for MKL, up to `FP32_PLAIN_MAX_ROWS`. No bias: the Llama layers
-    have none.
+    bf16 keeps only the packed weight; fp32 keeps a second form for calls with few rows
+    (`few`, see `few_rows_path`). No bias: the Llama layers have none.
     """
 
-    def __init__(self, weight: torch.Tensor, small: ModuleType | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, few: FewRows | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.dtype = weight.dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        fp32 = weight.dtype == torch.float32
-        self.small = small if fp32 else None
-        self.small_max_rows = 0 if self.small is None else int(self.small.max_rows)
-        self.panels = None if self.small is None else self.small.pack(weight.detach())
-        self.plain = weight.detach() if fp32 and self.small is None else None
+        self.few = few
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if self.small is not None and self.panels is not None and rows <= self.small_max_rows:
-            return panel_linear(self.small, self.panels, self.out_features, x)
-        if self.plain is not None and rows <= FP32_PLAIN_MAX_ROWS:
-            return F.linear(x, self.plain)
+        if self.few is not None and x.numel() // self.in_features <= self.few.max_rows:
+            return in_slices(self.few, x)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+        few = "" if self.few is None else f" + {type(self.few).__name__}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed{few}"
 
 
 class PanelLinear(nn.Module):
-    """fp32 y `[..., out]` = x `[..., in]` · Wᵀ from the native kernel's panels alone,
-    for layers called with few rows (the lm_head); larger calls go through in slices of
-    the kernel's `max_rows`. A row's bits do not depend on the call's other rows."""
+    """fp32 y `[..., out]` = x `[..., in]` · Wᵀ from the native kernel's (quantized)
+    panels alone, for layers called with few rows (the lm_head); larger calls go
+    through in slices of the kernel's `max_rows`. A row's bits do not depend on the
+    call's other rows."""
 
-    def __init__(self, weight: torch.Tensor, small: ModuleType) -> None:
+    def __init__(self, weight: torch.Tensor, few: Panels | QuantPanels) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.small = small
-        self.panels = small.pack(weight.detach())
+        self.few = few
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return panel_linear(self.small, self.panels, self.out_features, x)
+        return in_slices(self.few, x)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, panels"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{type(self.few).__name__}")
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
@@ -127,14 +195,17 @@ def small_linear_kernel() -> ModuleType | None:
     return module if module is not None and module.available() else None
 
 
-def prepack_linears(model: nn.Module, few_rows: Collection[str] = ()) -> int:
+def prepack_linears(model: nn.Module, few_rows: Collection[str] = (),
+                    quantized: Mapping[str, QuantizedWeight] | None = None) -> int:
     """Replace every bias-free `nn.Linear` under `model` by a `PackedLinear` (in place),
     or, for the fp32 ones named in `few_rows` (called with a step's sampled rows only)
     where the native kernel is built, by a `PanelLinear`; return how many were replaced.
-    The model's weights must be final: a later `load_state_dict` does not reach the
-    packed copies."""
+    `quantized`: layers' GGUF blocks by module name (fp32 layers named there take them
+    for their few-row path). The model's weights must be final: a later
+    `load_state_dict` does not reach the packed copies."""
     small = small_linear_kernel() if any(
         p.dtype == torch.float32 for p in model.parameters()) else None
+    quantized = quantized or {}
     names = {id(module): name for name, module in model.named_modules()}
     num_packed = 0
     for parent in list(model.modules()):
@@ -142,12 +213,12 @@ def prepack_linears(model: nn.Module, few_rows: Collection[str] = ()) -> int:
             if not (isinstance(child, nn.Linear) and child.bias is None
                     and can_prepack(child.weight)):
                 continue
-            layer: nn.Module
-            if (small is not None and child.weight.dtype == torch.float32
-                    and names[id(child)] in few_rows):
-                layer = PanelLinear(child.weight, small)
-            else:
-                layer = PackedLinear(child.weight, small)
+            full, weight = names[id(child)], child.weight
+            few = (few_rows_path(weight, small, quantized.get(full))
+                   if weight.dtype == torch.float32 else None)
+            layer: nn.Module = (PanelLinear(weight, few)
+                                if isinstance(few, (Panels, QuantPanels)) and full in few_rows
+                                else PackedLinear(weight, few))
             setattr(parent, name, layer)
             num_packed += 1
     log.debug("prepacked %d linear layers", num_packed)
