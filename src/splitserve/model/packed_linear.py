@@ -121,7 +121,7 @@ def few_rows_path(weight: torch.Tensor, small: ModuleType | None,
     """The fp32 weight's few-row path: its quantized blocks where the file kept them,
     else its fp32 panels, through the kernel where it was built; else MKL's."""
     if small is None:
-        return PlainWeight(weight.detach())
+        return PlainWeight(weight.detach(), FP32_PLAIN_MAX_ROWS)
     out_features = weight.shape[0]
     if quantized is not None and quantized.shape == tuple(weight.shape):
         return QuantPanels(small, qpack(quantized), KINDS[quantized.kind][0], out_features)
