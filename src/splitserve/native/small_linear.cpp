@@ -46,6 +46,10 @@ namespace {
 constexpr int64_t kMaxRows = 128;
 constexpr int64_t kLanes = 16;  // outputs per panel: one vector
 constexpr int64_t kGrainPanels = 12;  // panels per parallel task
+// quantized panels (`qlinear`): inputs per GGUF block, and bytes per panel block (16
+// rows × 32 inputs) by kind: Q4_1, Q8_0
+constexpr int64_t kQBlock = 32;
+constexpr int64_t kQuantBytes[] = {320, 544};
 
 #ifdef __AVX512F__
 constexpr int kGroupRows = 8;
@@ -179,8 +183,6 @@ void run(const float* x, int64_t M, int64_t K, const float* panels, float* y, in
 //   Q4_1 (kind 0, 320 B): d[16], m[16] fp16, then for i in [0, 16) 16 bytes (one per
 //        row) whose low nibble is q at k = i and high nibble at k = i + 16;
 //   Q8_0 (kind 1, 544 B): d[16] fp16, then for k in [0, 32) 16 int8 q (one per row).
-constexpr int64_t kQBlock = 32;
-
 inline __m512 halves(const uint8_t* b) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
 }
@@ -212,7 +214,8 @@ struct QuantKind {
   int64_t bytes;  // per panel block
   void (*dequant)(const uint8_t*, float*);
 };
-constexpr QuantKind kQuantKinds[] = {{320, &dequant_q4_1}, {544, &dequant_q8_0}};
+constexpr QuantKind kQuantKinds[] = {{kQuantBytes[0], &dequant_q4_1},
+                                     {kQuantBytes[1], &dequant_q8_0}};
 
 // As `run`, from quantized panels: each block of kBlockK k of the tile's panels is
 // dequantized into `buf` once and taken by every group of rows from there; the next
@@ -255,6 +258,16 @@ bool available() {
 #endif
 }
 
+// y [M, N] for x's M rows over P panels of 16 outputs, after the checks `linear` and
+// `qlinear` share
+torch::Tensor output_for(const torch::Tensor& x, int64_t P, int64_t N) {
+  const int64_t M = x.size(0);
+  TORCH_CHECK(N > (P - 1) * kLanes && N <= P * kLanes, "small_linear: ", N,
+              " outputs do not fit ", P, " panels");
+  TORCH_CHECK(M >= 1 && M <= kMaxRows, "small_linear: 1..", kMaxRows, " rows, got ", M);
+  return torch::empty({M, N}, x.options());
+}
+
 // weight [N, K] fp32 -> panels [ceil(N / 16), K, 16]
 torch::Tensor pack(const torch::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat,
@@ -277,10 +290,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& panels, int64_
   const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
   TORCH_CHECK(panels.size(1) == K && panels.size(2) == kLanes, "small_linear: x has ", K,
               " columns, panels are [", P, ", ", panels.size(1), ", ", panels.size(2), "]");
-  TORCH_CHECK(N > (P - 1) * kLanes && N <= P * kLanes, "small_linear: ", N,
-              " outputs do not fit ", P, " panels");
-  TORCH_CHECK(M >= 1 && M <= kMaxRows, "small_linear: 1..", kMaxRows, " rows, got ", M);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = output_for(x, P, N);
 #ifdef __AVX512F__
   const float* xp = x.data_ptr<float>();
   const float* wp = panels.data_ptr<float>();
@@ -304,14 +314,10 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& qpanels, int6
                   qpanels.is_contiguous(),
               "small_linear.qlinear: qpanels [P, K / 32, bytes] contiguous uint8");
   const int64_t M = x.size(0), K = x.size(1), P = qpanels.size(0);
-  const int64_t bytes = kind == 0 ? 320 : 544;
-  TORCH_CHECK(qpanels.size(1) * 32 == K && qpanels.size(2) == bytes, "small_linear.qlinear: x has ",
-              K, " columns, qpanels are [", P, ", ", qpanels.size(1), ", ", qpanels.size(2),
-              "]");
-  TORCH_CHECK(N > (P - 1) * kLanes && N <= P * kLanes, "small_linear: ", N,
-              " outputs do not fit ", P, " panels");
-  TORCH_CHECK(M >= 1 && M <= kMaxRows, "small_linear: 1..", kMaxRows, " rows, got ", M);
-  auto y = torch::empty({M, N}, x.options());
+  TORCH_CHECK(qpanels.size(1) * kQBlock == K && qpanels.size(2) == kQuantBytes[kind],
+              "small_linear.qlinear: x has ", K, " columns, qpanels are [", P, ", ",
+              qpanels.size(1), ", ", qpanels.size(2), "]");
+  auto y = output_for(x, P, N);
 #ifdef __AVX512F__
   const float* xp = x.data_ptr<float>();
   const uint8_t* qp = qpanels.data_ptr<uint8_t>();
