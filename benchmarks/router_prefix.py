@@ -19,7 +19,7 @@ only the turns since a conversation last visited a worker) and the gap is small;
 does a long shared system prompt (`--system-words`), which both always hit.
 
 Two runs, one after the other, each on a fresh local cluster (`LocalCluster`: nats,
-2 decode workers pinned to a core each, remote prefill off, so every prefill is local
+`--workers` decode workers (2) pinned to the cores in turn, remote prefill off, so every prefill is local
 and lands in the prefix cache, and a router): `balance: kv_aware` (load and cached
 prefix, from the workers' KV events) and `balance: round_robin` (the baseline).
 Reported per run: prefix-cache hit rate (cached prompt tokens / prompt tokens, from
@@ -133,12 +133,13 @@ async def chat(client: openai.AsyncOpenAI, model: str, system: str, turns: list[
     run.history_tokens.append(history_tokens)
 
 
-def cluster_config(state_dir: str, balance: str, kv_cache_mb: int) -> ClusterConfig:
+def cluster_config(state_dir: str, balance: str, kv_cache_mb: int, workers: int) -> ClusterConfig:
     worker = WorkerConfig(
         engine=EngineConfig(kv_cache_memory_mb=kv_cache_mb, max_num_seqs=32),
         routing=RoutingConfig(enable_remote_prefill=False), log_level="WARNING")
     return ClusterConfig(
-        state_dir=state_dir, **cluster_ports(2, worker_metrics=True), num_decode_workers=2, num_prefill_workers=0,
+        state_dir=state_dir, **cluster_ports(workers, worker_metrics=True),
+        num_decode_workers=workers, num_prefill_workers=0,
         worker=worker, pin_cores=True, secure=False,
         router_settings=RouterConfig(balance=balance, log_level="WARNING"))  # type: ignore[arg-type]
 
@@ -157,7 +158,7 @@ async def drive(base_url: str, args: argparse.Namespace) -> Run:
 
 def measure(balance: str, args: argparse.Namespace) -> Run:
     with tempfile.TemporaryDirectory() as state:
-        local = LocalCluster(cluster_config(state, balance, args.kv_cache_mb))
+        local = LocalCluster(cluster_config(state, balance, args.kv_cache_mb, args.workers))
         try:
             local.start()
             assert local.router is not None
@@ -197,8 +198,8 @@ def summary(run: Run) -> dict[str, Any]:
             "wall_s": round(run.wall_s, 2)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The workload's options (`conversations()`), shared with router_prefix_model.py."""
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--arrival-rate", type=float, default=1.0,
@@ -207,9 +208,17 @@ def main() -> None:
                         help="mean pause before each later turn (exponential)")
     parser.add_argument("--system-prompts", type=int, default=2)
     parser.add_argument("--system-words", type=int, default=40)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_args(parser)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--kv-cache-mb", type=int, default=128,
                         help="each decode worker's KV pool (SmolLM2 fp32: 45 KiB a token)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="decode workers (the issue's goals are for 2; more share the "
+                             "2 cores here, so their TTFTs are not comparable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--balances", nargs="+", default=["kv_aware", "round_robin"],
                         choices=["kv_aware", "round_robin"], help="runs (both: the ratios)")
