@@ -24,8 +24,11 @@ each, remote prefill off, a router):
 - `no_qos`: `qos.admission: false` and no priority header: every request is normal to
   the server, as before QoS existed (the classes still judge the outcome).
 A request is *good* when
-it completes with TTFT within its class's SLO (high 2 s, normal 8 s, low 20 s); refused
-(429) and unfinished requests are not. Reported per run and class: offered, good,
+it completes with TTFT and TPOT within its class's SLOs (the router's defaults: high 2 s
+and 0.2 s a token, normal 8 s and 0.2 s, low 20 s and none; TPOT from the stream's
+timing and usage: the time after the first token over the tokens after it); refused
+(429) and unfinished requests are not. Before 2026-12-06 only TTFT was judged
+(`goodput_ttft_only_rps`; `tpot_missed`: requests good but for their TPOT). Reported per run and class: offered, good,
 refused, late by step (admitted but not good: what admission let through too late),
 TTFT p50/p99 of completed requests; goodput (good / s over the arrival
 window; also by load step, a request counted in the step it arrived in). `--json`:
@@ -56,6 +59,7 @@ from splitserve.priority import PRIORITIES
 from splitserve.routing.offload import RoutingConfig
 
 SLO_S = {p: QosConfig().ttft_slo_s.get(p) for p in PRIORITIES}  # the router's defaults
+TPOT_SLO_S = {p: QosConfig().tpot_slo_s.get(p) for p in PRIORITIES}  # 0: none
 VOCAB_LOW, VOCAB_HIGH = 17, 49152
 
 
@@ -70,6 +74,7 @@ class Request:
 class Outcome:
     request: Request
     ttft_s: float | None = None
+    tpot_s: float | None = None  # after the first token; None: one token or unfinished
     done: bool = False
     refused: bool = False
 
@@ -94,16 +99,21 @@ async def send(client: openai.AsyncOpenAI, model: str, request: Request, t0: flo
                max_tokens: int, send_priority: bool = True) -> Outcome:
     await asyncio.sleep(max(0.0, t0 + request.arrival_s - time.monotonic()))
     outcome, sent = Outcome(request), time.monotonic()
+    last_s, tokens = sent, 0
     try:
         stream = await client.completions.create(
             model=model, prompt=request.prompt, max_tokens=max_tokens, temperature=0,
-            stream=True, extra_body={"ignore_eos": True},
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
             extra_headers={"x-priority": request.priority} if send_priority else None)
         async for chunk in stream:
             if outcome.ttft_s is None and chunk.choices and chunk.choices[0].text:
                 outcome.ttft_s = time.monotonic() - sent
             if chunk.choices and chunk.choices[0].finish_reason:
-                outcome.done = True
+                outcome.done, last_s = True, time.monotonic()
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        if outcome.done and outcome.ttft_s is not None and tokens > 1:
+            outcome.tpot_s = (last_s - sent - outcome.ttft_s) / (tokens - 1)
     except openai.RateLimitError:
         outcome.refused = True
     except (TimeoutError, openai.APIError):
@@ -181,8 +191,15 @@ def pct(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))], 3)
 
 
-def good(o: Outcome) -> bool:
-    return o.done and o.ttft_s is not None and o.ttft_s <= SLO_S[o.request.priority]
+def good(o: Outcome, tpot: bool = True) -> bool:
+    """Completed within its class's TTFT SLO and (with `tpot`) its TPOT SLO."""
+    return (o.done and o.ttft_s is not None and o.ttft_s <= SLO_S[o.request.priority]
+            and not (tpot and tpot_missed(o)))
+
+
+def tpot_missed(o: Outcome) -> bool:
+    slo = TPOT_SLO_S[o.request.priority]
+    return bool(slo) and o.tpot_s is not None and o.tpot_s > slo
 
 
 def step_of(o: Outcome, args: argparse.Namespace) -> int:
@@ -199,10 +216,11 @@ def per_step(outcomes: list[Outcome], args: argparse.Namespace) -> list[float]:
 
 
 def late_by_step(outcomes: list[Outcome], args: argparse.Namespace) -> list[int]:
-    """Requests admitted (not refused) that missed their SLO, by the step they arrived in."""
+    """Requests admitted (not refused) that missed their TTFT SLO or did not finish, by
+    the step they arrived in (those that missed only their TPOT SLO: `tpot_missed`)."""
     late = [0] * len(args.steps)
     for o in outcomes:
-        if not o.refused and not good(o):
+        if not o.refused and not good(o, tpot=False):
             late[step_of(o, args)] += 1
     return late
 
@@ -213,13 +231,20 @@ def summary(outcomes: list[Outcome], window_s: float, args: argparse.Namespace
     for priority in SLO_S:
         mine = [o for o in outcomes if o.request.priority == priority]
         ttft = [o.ttft_s for o in mine if o.done and o.ttft_s is not None]
+        tpot = [o.tpot_s for o in mine if o.tpot_s is not None]
         report[priority] = {"offered": len(mine), "good": sum(good(o) for o in mine),
                             "refused": sum(o.refused for o in mine),
                             # admitted, yet not good: what admission let through too late
                             "late_by_step": late_by_step(mine, args),
+                            "tpot_missed": sum(good(o, tpot=False) and tpot_missed(o)
+                                               for o in mine),
                             "unfinished": sum(not o.done and not o.refused for o in mine),
-                            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99)}
+                            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+                            "tpot_p50_s": pct(tpot, 50), "tpot_p99_s": pct(tpot, 99)}
     report["goodput_rps"] = round(sum(good(o) for o in outcomes) / window_s, 4)
+    # as judged before TPOT SLOs existed (2026-12-06), to compare with earlier results
+    report["goodput_ttft_only_rps"] = round(
+        sum(good(o, tpot=False) for o in outcomes) / window_s, 4)
     return report
 
 

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from splitserve.config.daemon import WorkerConfig
 from splitserve.config.router import RouterConfig
@@ -205,6 +206,20 @@ def router_health(router: Router) -> dict:
         return json.loads(exc.read())
     except OSError:
         return {}
+
+
+def router_metrics(router: Router) -> dict[str, float]:
+    """GET /metrics: `name{labels}` (labels sorted) → value."""
+    with urllib.request.urlopen(f"http://{router.config.http_address}/metrics",
+                                timeout=10) as reply:
+        text = reply.read().decode()
+    return {f"{s.name}{_labels(s.labels)}": s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels \
+        else ""
 
 
 def wait_router(router: Router, num_workers: int, timeout_s: float = 120.0) -> None:

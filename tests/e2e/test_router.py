@@ -11,7 +11,6 @@ import contextlib
 import json
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +23,7 @@ from cluster import (
     generate,
     nats_server,
     router_health,
+    router_metrics,
     start_daemon,
     start_router,
     stop_daemons,
@@ -33,7 +33,6 @@ from cluster import (
     wait_router,
     worker_config,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from splitserve.config.router import PerClass, QosConfig
 from splitserve.engine.sampling import SamplingParams
@@ -148,6 +147,8 @@ def test_models_health_and_metrics(cluster, client) -> None:
         before['splitserve:router_requests_total{outcome="requests"}'] + 1)
     ttft_count = f'splitserve:router_time_to_first_token_seconds_count{{model_name="{MODEL}"}}'
     assert after[ttft_count] == before.get(ttft_count, 0) + 1
+    met = 'splitserve:router_slo_requests_total{outcome="met",priority="normal"}'
+    assert after[met] == before[met] + 1  # 2 tokens, well within 8 s and 0.2 s a token
     assert after["splitserve:router_workers_serving"] == 2
     # the admission estimate of each worker: a line once it answered, and per class the
     # tokens in flight (none now) and the calibration factor
@@ -162,20 +163,6 @@ def test_models_health_and_metrics(cluster, client) -> None:
             labels = f'{{priority="{priority}",worker="{worker}"}}'
             assert after[f"splitserve:router_pending_prompt_tokens{labels}"] == 0
             assert 0.5 <= after[f"splitserve:router_ttft_calibration{labels}"] <= 4.0
-
-
-def router_metrics(router) -> dict[str, float]:
-    """GET /metrics: `name{labels}` → value."""
-    with urllib.request.urlopen(f"http://{router.config.http_address}/metrics",
-                                timeout=10) as reply:
-        text = reply.read().decode()
-    return {f"{s.name}{_labels(s.labels)}": s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def _labels(labels: dict[str, str]) -> str:
-    return "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels \
-        else ""
 
 
 def test_grpc_through_the_router_equals_direct(cluster, smollm) -> None:
@@ -298,9 +285,11 @@ def test_admission_refuses_low_priority_early_and_admits_high(cluster, tmp_path,
     a low request is refused with 429 and Retry-After before any worker sees it; high and
     normal ones are served, normal ones with max_tokens capped (graceful degradation)."""
     strict = QosConfig(reject_above_s=PerClass(normal=60.0, low=0.001),
-                       degrade_above_s=PerClass(normal=0.001), degraded_max_tokens=3)
+                       degrade_above_s=PerClass(normal=0.001), degraded_max_tokens=3,
+                       ttft_slo_s=PerClass(high=60, normal=60, low=60),
+                       tpot_slo_s=PerClass(high=1e-6))  # no high request meets it
     prompt = smollm.tokenizer.encode("Priorities: " + "first things first " * 8)
-    with measured_router(cluster, tmp_path, strict, prompt) as (_, client):
+    with measured_router(cluster, tmp_path, strict, prompt) as (router, client):
         before = [int(admin_status(d.address)["counters"].get("num_requests_finished", 0))
                   for d in cluster["decode"]]
         with pytest.raises(openai.RateLimitError) as refused:
@@ -322,6 +311,10 @@ def test_admission_refuses_low_priority_early_and_admits_high(cluster, tmp_path,
         after = [int(admin_status(d.address)["counters"].get("num_requests_finished", 0))
                  for d in cluster["decode"]]
         assert sum(after) - sum(before) == 2  # the refused one never reached a worker
+        judged = {k.split("{")[1]: v for k, v in router_metrics(router).items()
+                  if k.startswith("splitserve:router_slo_requests_total") and v}
+        assert judged == {'outcome="tpot_missed",priority="high"}': 1,  # 5 tokens
+                          'outcome="met",priority="normal"}': 3}  # 2 measuring + 1; low: 0
 
 
 def test_a_long_prompt_on_idle_workers_is_served_not_refused(cluster, tmp_path,

@@ -80,6 +80,9 @@ class PerClass:
 
 
 TTFT_SLO_S = PerClass(high=2.0, normal=8.0, low=20.0)  # the classes' default SLOs
+# time per output token after the first: the interactive classes are promised reading
+# pace (the planner's scaling.tpot_slo_ms, 200 ms); low, the class degraded first, none
+TPOT_SLO_S = PerClass(high=0.2, normal=0.2)
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,11 @@ class QosConfig:
     # estimated TTFT above which a class is refused (0: never refused): by default its
     # SLO, so a request that would likely meet it is never turned away (ARCHITECTURE.md)
     reject_above_s: PerClass = PerClass(normal=TTFT_SLO_S.normal, low=TTFT_SLO_S.low)
-    # what each class is promised (benchmarks count goodput against these)
+    # what each class is promised: the router counts each completed request as met or
+    # not (router/slo.py, splitserve:router_slo_requests_total); benchmarks count
+    # goodput against these
     ttft_slo_s: PerClass = TTFT_SLO_S
+    tpot_slo_s: PerClass = TPOT_SLO_S
     # graceful degradation: above this estimated TTFT a class's max_tokens is capped at
     # degraded_max_tokens (0: never); the HTTP response says so in x-splitserve-degraded
     degrade_above_s: PerClass = PerClass(low=1.0)

@@ -19,6 +19,8 @@ Life cycle of a forwarded request:
    status code and message (`UpstreamError`).
 4. The caller leaving early (HTTP client gone, gRPC cancel) closes the stream, which
    cancels the worker's call: the worker aborts the request and frees its pages.
+5. A request that completes (its last chunk says stop or length) is judged against its
+   class's TTFT and TPOT SLOs from its arrival (slo.py) and counted by outcome.
 """
 
 from __future__ import annotations
@@ -36,12 +38,15 @@ from splitserve.client import ClientSecurity
 from splitserve.config.router import QosConfig
 from splitserve.router.admission import Estimate, degraded_max_tokens, refusal
 from splitserve.router.pool import Backend, DecodePool, PromptPages
+from splitserve.router.slo import SloClock, SloCounters
 from splitserve.rpc import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 # A worker's answer before its first chunk that another worker may not give.
 NEXT_WORKER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# The last chunk of a request that completed, to be judged against its class's SLOs.
+COMPLETED = frozenset({pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH})
 
 
 class UpstreamError(Exception):
@@ -88,6 +93,7 @@ class Forwarder:
         self.security = security
         self.settings = settings
         self.counters = ForwardCounters()
+        self.slo = SloCounters()
         self.num_in_flight = 0
         self.num_hedging = 0
 
@@ -102,13 +108,15 @@ class Forwarder:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.pool.changed.wait(), left)
 
-    async def stream(self, request: pb.GenerateRequest, note: ForwardNote | None = None
-                     ) -> AsyncGenerator[pb.GenerateChunk, None]:
+    async def stream(self, request: pb.GenerateRequest, note: ForwardNote | None = None,
+                     arrived_s: float | None = None) -> AsyncGenerator[pb.GenerateChunk, None]:
         """The chunks of `request` (which carries its request id), from one worker;
-        `note` learns what was changed on the way."""
+        `note` learns what was changed on the way. A request that completes is judged
+        against its class's SLOs (slo.py) from `arrived_s` (monotonic; default: now)."""
         note = note if note is not None else ForwardNote()
         self.counters.num_requests += 1
         start = time.monotonic()
+        clock = SloClock(start if arrived_s is None else arrived_s)
         tried: set[str] = set()
         prompt = PromptPages(request.token_ids)
         last: UpstreamError | None = None
@@ -156,6 +164,9 @@ class Forwarder:
                     async with contextlib.aclosing(calls):  # closed at once if we are
                         async for chunk in calls:
                             started = True
+                            clock.chunk(len(chunk.token_ids), time.monotonic())
+                            if chunk.finish_reason in COMPLETED:
+                                self._judge(clock, request.priority)
                             yield chunk
                     return
                 except UpstreamError as exc:
@@ -172,6 +183,11 @@ class Forwarder:
             raise
         finally:
             self.num_in_flight -= 1
+
+    def _judge(self, clock: SloClock, priority: str) -> None:
+        judged = clock.judged(self.settings.qos, priority)
+        if judged is not None:
+            self.slo.add(priority, judged.outcome)
 
     def _hedge_partner(self, backend: Backend, request: pb.GenerateRequest,
                        estimate: Estimate | None, tried: set[str]) -> Backend | None:

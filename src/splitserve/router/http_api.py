@@ -177,7 +177,7 @@ class HttpApi:
             raise OpenAIError(400, str(exc), param="x-request-id") from None
         proto = await asyncio.to_thread(self._to_proto, parsed, request_id)
         note = ForwardNote()
-        async with contextlib.aclosing(self.forwarder.stream(proto, note)) as chunks:
+        async with contextlib.aclosing(self.forwarder.stream(proto, note, received_s)) as chunks:
             try:
                 first = await anext(chunks, None)
             except UpstreamError as exc:

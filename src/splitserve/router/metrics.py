@@ -4,8 +4,9 @@ prometheus-client, as on the workers (worker/metrics.py): the TTFT the router's
 clients see (request received → first token, a histogram with vLLM's
 `time_to_first_token_seconds` name under the `splitserve:router_` prefix), and, read at
 scrape time, the forwarder's counters (requests, retries, refusals, degradations,
-failures, cancellations), the requests open and the decode workers serving and the
-size of the prefix index; per decode worker, the admission estimate's state
+failures, cancellations), the completed requests by class and SLO outcome (slo.py:
+goodput is the rate of outcome "met"), the requests open and the decode workers
+serving and the size of the prefix index; per decode worker, the admission estimate's state
 (router/admission.py): its line (fixed seconds and seconds a token of work), and by
 priority class the prompt tokens in flight without a first token and the calibration
 factor, so an operator can see why requests are refused.
@@ -42,6 +43,13 @@ class _State(Collector):
         for field in fields(ForwardCounters):
             family.add_metric([field.name.removeprefix("num_")], getattr(counters, field.name))
         yield family
+        slo = CounterMetricFamily(f"{PREFIX}slo_requests", "Completed requests by priority "
+                                  "class and whether they met its TTFT and TPOT SLOs "
+                                  "(met, ttft_missed, tpot_missed)",
+                                  labels=["priority", "outcome"])
+        for priority, outcome, count in self.forwarder.slo.rows():
+            slo.add_metric([priority, outcome.value], count)
+        yield slo
         pool = self.forwarder.pool
         for name, help_text, value in (
                 ("requests_open", "Requests open through this router",
