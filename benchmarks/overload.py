@@ -33,8 +33,9 @@ refused, late by step (admitted but not good: what admission let through too lat
 TTFT p50/p99 of completed requests; goodput (good / s over the arrival
 window; also by load step, a request counted in the step it arrived in). `--json`:
 one object with the goodput ratios of `admission` to each baseline, over the whole run
-and in the last (peak) step, and the issue's goals (high TTFT p99 within its SLO with
-admission on, goodput ratio ≥ 3× over the whole run), judged against each baseline.
+and in the last (peak) step, each judged on TTFT and TPOT and on TTFT alone
+(`_ttft_only`), and the issue's goals (high TTFT p99 within its SLO with admission on,
+goodput ratio ≥ 3× over the whole run), judged against each baseline both ways.
 """
 
 from __future__ import annotations
@@ -207,11 +208,12 @@ def step_of(o: Outcome, args: argparse.Namespace) -> int:
     return min(int(o.request.arrival_s // args.step_s), len(args.steps) - 1)
 
 
-def per_step(outcomes: list[Outcome], args: argparse.Namespace) -> list[float]:
+def per_step(outcomes: list[Outcome], args: argparse.Namespace, tpot: bool = True
+             ) -> list[float]:
     """Goodput of the requests that arrived in each load step (good / step_s)."""
     good_by_step = [0] * len(args.steps)
     for o in outcomes:
-        good_by_step[step_of(o, args)] += good(o)
+        good_by_step[step_of(o, args)] += good(o, tpot)
     return [round(n / args.step_s, 3) for n in good_by_step]
 
 
@@ -248,6 +250,9 @@ def summary(outcomes: list[Outcome], window_s: float, args: argparse.Namespace
     return report
 
 
+JUDGED = {"": True, "_ttft_only": False}  # goodput key suffix → TPOT judged too
+
+
 def _ratio(value: float, baseline: float) -> float | None:
     return round(value / baseline, 3) if baseline > 0 else None
 
@@ -273,24 +278,29 @@ def main() -> None:
     args = parser.parse_args()
     capacity, on = run(True, True, args.capacity, args)
     window_s = args.step_s * len(args.steps)
-    results = {"admission": summary(on, window_s, args)}
-    steps = {"admission": per_step(on, args)}
+    outcomes = {"admission": on}
+    if not args.admission_only:
+        for name, send_priority in (("admission_off", True), ("no_qos", False)):
+            outcomes[name] = run(False, send_priority, capacity, args)[1]
+    results = {name: summary(mine, window_s, args) for name, mine in outcomes.items()}
+    # goodput judged on TTFT and TPOT (""), and on TTFT alone, as before 2026-12-06
+    steps = {(name, suffix): per_step(mine, args, tpot)
+             for name, mine in outcomes.items() for suffix, tpot in JUDGED.items()}
+    for (name, suffix), goodputs in steps.items():
+        results[name][f"goodput{suffix}_rps_by_step"] = goodputs
     if args.admission_only:
         report = {"capacity_rps": round(capacity, 4), "workload": vars(args) | {"json": None},
-                  "admission": results["admission"] | {"goodput_rps_by_step": steps["admission"]}}
+                  "admission": results["admission"]}
         print(json.dumps(report) if args.json else json.dumps(report, indent=2))
         return
-    for name, send_priority in (("admission_off", True), ("no_qos", False)):
-        outcomes = run(False, send_priority, capacity, args)[1]
-        results[name], steps[name] = summary(outcomes, window_s, args), per_step(outcomes, args)
-    for name, goodputs in steps.items():
-        results[name]["goodput_rps_by_step"] = goodputs
-    goodput = {name: float(r["goodput_rps"]) for name, r in results.items()}  # type: ignore[arg-type]
     baselines = ("admission_off", "no_qos")
-    ratio = {f"goodput_vs_{name}": _ratio(goodput["admission"], goodput[name])
-             for name in baselines}
-    peak = {f"peak_step_goodput_vs_{name}": _ratio(steps["admission"][-1], steps[name][-1])
-            for name in baselines}  # None: the baseline had no good request at the peak
+    ratio = {f"goodput{suffix}_vs_{name}": _ratio(
+        float(results["admission"][f"goodput{suffix}_rps"]),  # type: ignore[arg-type]
+        float(results[name][f"goodput{suffix}_rps"]))  # type: ignore[arg-type]
+        for name in baselines for suffix in JUDGED}
+    peak = {f"peak_step_goodput{suffix}_vs_{name}": _ratio(
+        steps[("admission", suffix)][-1], steps[(name, suffix)][-1])
+        for name in baselines for suffix in JUDGED}  # None: the baseline had no good one
     high_p99 = results["admission"]["high"]["ttft_p99_s"]  # type: ignore[index]
     high_ok = high_p99 is not None and high_p99 <= SLO_S["high"]
     report = {"capacity_rps": round(capacity, 4), "workload": vars(args) | {"json": None},
