@@ -168,8 +168,13 @@ def test_models_health_and_metrics(cluster, client) -> None:
 def test_grpc_through_the_router_equals_direct(cluster, smollm) -> None:
     prompt = smollm.tokenizer.encode("Stone, paper and")
     direct, _ = generate(cluster["decode"][0].address, prompt, max_tokens=10)
+    before = router_metrics(cluster["router"])
     routed, last = generate(cluster["router"].config.grpc_address, prompt, max_tokens=10)
     assert routed == direct and last.timing.num_output_tokens == 10
+    after = router_metrics(cluster["router"])  # gRPC calls are timed and judged as HTTP's
+    for name in (f'splitserve:router_time_to_first_token_seconds_count{{model_name="{MODEL}"}}',
+                 'splitserve:router_slo_requests_total{outcome="met",priority="normal"}'):
+        assert after[name] == before.get(name, 0) + 1
     with pytest.raises(grpc.RpcError) as err:
         generate(cluster["router"].config.grpc_address, prompt, max_tokens=0)
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # the worker's, relayed

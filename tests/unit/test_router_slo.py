@@ -32,11 +32,11 @@ def test_a_request_is_judged_against_its_own_class(priority, ttft_s, tpot_s,
 
 def test_the_clock_times_the_first_tokens_and_those_after() -> None:
     clock = SloClock(arrived_s=10.0)
-    clock.chunk(0, 10.5)  # a chunk without tokens (e.g. text held back) starts nothing
-    clock.chunk(2, 11.0)  # the first tokens, 1 s after arrival
-    clock.chunk(1, 11.3)
+    assert clock.chunk(0, 10.5) is None  # a chunk without tokens (text held back) starts nothing
+    assert clock.chunk(2, 11.0) == 1.0  # the first tokens, 1 s after arrival: the TTFT
+    assert clock.chunk(1, 11.3) is None
     clock.chunk(0, 11.4)
-    clock.chunk(3, 11.9)  # 4 tokens after the first chunk's, 0.9 s later
+    assert clock.chunk(3, 11.9) is None  # 4 tokens after the first chunk's, 0.9 s later
     judged = clock.judged(QOS, "high")
     assert judged == Judged(SloOutcome.TPOT_MISSED, 1.0, pytest.approx(0.225))
     assert clock.judged(QOS, "normal") == Judged(SloOutcome.TPOT_MISSED, 1.0,

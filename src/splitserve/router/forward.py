@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -94,6 +94,8 @@ class Forwarder:
         self.settings = settings
         self.counters = ForwardCounters()
         self.slo = SloCounters()
+        # called with each request's TTFT (arrival → first tokens), HTTP and gRPC alike
+        self.first_token_listeners: list[Callable[[float], None]] = []
         self.num_in_flight = 0
         self.num_hedging = 0
 
@@ -164,7 +166,10 @@ class Forwarder:
                     async with contextlib.aclosing(calls):  # closed at once if we are
                         async for chunk in calls:
                             started = True
-                            clock.chunk(len(chunk.token_ids), time.monotonic())
+                            ttft_s = clock.chunk(len(chunk.token_ids), time.monotonic())
+                            if ttft_s is not None:
+                                for listener in self.first_token_listeners:
+                                    listener(ttft_s)
                             if chunk.finish_reason in COMPLETED:
                                 self._judge(clock, request.priority)
                             yield chunk

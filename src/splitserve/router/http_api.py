@@ -182,8 +182,6 @@ class HttpApi:
                 first = await anext(chunks, None)
             except UpstreamError as exc:
                 raise upstream_error(exc) from None
-            if first is not None:
-                self.metrics.first_token(time.monotonic() - received_s)
             headers = {"x-request-id": request_id}
             if note.degraded_max_tokens is not None:
                 headers[DEGRADED_HEADER] = f"max_tokens={note.degraded_max_tokens}"

@@ -1,7 +1,7 @@
 """Prometheus metrics of a router, served at `GET /metrics` on its HTTP port.
 
 prometheus-client, as on the workers (worker/metrics.py): the TTFT the router's
-clients see (request received → first token, a histogram with vLLM's
+clients see, HTTP and gRPC (request received → first tokens, a histogram with vLLM's
 `time_to_first_token_seconds` name under the `splitserve:router_` prefix), and, read at
 scrape time, the forwarder's counters (requests, retries, refusals, degradations,
 failures, cancellations), the completed requests by class and SLO outcome (slo.py:
@@ -94,6 +94,7 @@ class RouterMetrics:
             f"{PREFIX}auth_refusals", self.registry, "Calls refused by auth (HTTP 401/403, "
             "gRPC), by code (unauthenticated, permission_denied)")
         self.registry.register(_State(forwarder))
+        forwarder.first_token_listeners.append(self.first_token)
 
     def first_token(self, seconds: float) -> None:
         self.ttft.labels(self.model_name).observe(seconds)

@@ -53,13 +53,17 @@ class SloClock:
     first_tokens: int = 0
     tokens: int = 0
 
-    def chunk(self, num_tokens: int, now: float) -> None:
+    def chunk(self, num_tokens: int, now: float) -> float | None:
+        """Count a chunk; the request's TTFT when it brought the first tokens, else None."""
         if not num_tokens:
-            return
+            return None
+        ttft_s = None
         if self.first_s is None:
             self.first_s, self.first_tokens = now, num_tokens
+            ttft_s = now - self.arrived_s
         self.tokens += num_tokens
         self.last_s = now
+        return ttft_s
 
     def judged(self, qos: QosConfig, priority: str) -> Judged | None:
         """The verdict once the request completed; None when no token came."""
