@@ -27,9 +27,9 @@ A request is *good* when
 it completes with TTFT and TPOT within its class's SLOs (the router's defaults: high 2 s
 and 0.2 s a token, normal 8 s and 0.2 s, low 20 s and none; TPOT from the stream's
 timing and usage: the time after the first token over the tokens after it); refused
-(429) and unfinished requests are not. Before 2026-12-06 only TTFT was judged
-(`goodput_ttft_only_rps`; `tpot_missed`: requests good but for their TPOT). Reported per run and class: offered, good,
-refused, late by step (admitted but not good: what admission let through too late),
+(429) and unfinished requests are not: the router's own verdict (router/slo.py). Before
+2026-12-06 only TTFT was judged (`goodput_ttft_only_rps`; `tpot_missed`: requests good
+but for their TPOT). Reported per run and class: offered, good, refused, late by step (admitted but not good: what admission let through too late),
 TTFT p50/p99 of completed requests; goodput (good / s over the arrival
 window; also by load step, a request counted in the step it arrived in). `--json`:
 one object with the goodput ratios of `admission` to each baseline, over the whole run
@@ -57,10 +57,10 @@ from splitserve.daemons.ports import cluster_ports
 from splitserve.daemons.up import LocalCluster
 from splitserve.model.loader import default_model_path
 from splitserve.priority import PRIORITIES
+from splitserve.router.slo import SloOutcome, judge
 from splitserve.routing.offload import RoutingConfig
 
-SLO_S = {p: QosConfig().ttft_slo_s.get(p) for p in PRIORITIES}  # the router's defaults
-TPOT_SLO_S = {p: QosConfig().tpot_slo_s.get(p) for p in PRIORITIES}  # 0: none
+QOS = QosConfig()  # the router's defaults: the SLOs requests are judged against
 VOCAB_LOW, VOCAB_HIGH = 17, 49152
 
 
@@ -192,15 +192,17 @@ def pct(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))], 3)
 
 
+def verdict(o: Outcome, tpot: bool = True) -> SloOutcome | None:
+    """The router's verdict (router/slo.py) on a completed request, under its default
+    SLOs, with its TPOT judged or (`tpot` false) not; None: it did not complete."""
+    if not o.done or o.ttft_s is None:
+        return None
+    return judge(QOS, o.request.priority, o.ttft_s, o.tpot_s if tpot else None)
+
+
 def good(o: Outcome, tpot: bool = True) -> bool:
     """Completed within its class's TTFT SLO and (with `tpot`) its TPOT SLO."""
-    return (o.done and o.ttft_s is not None and o.ttft_s <= SLO_S[o.request.priority]
-            and not (tpot and tpot_missed(o)))
-
-
-def tpot_missed(o: Outcome) -> bool:
-    slo = TPOT_SLO_S[o.request.priority]
-    return bool(slo) and o.tpot_s is not None and o.tpot_s > slo
+    return verdict(o, tpot) is SloOutcome.MET
 
 
 def step_of(o: Outcome, args: argparse.Namespace) -> int:
@@ -230,7 +232,7 @@ def late_by_step(outcomes: list[Outcome], args: argparse.Namespace) -> list[int]
 def summary(outcomes: list[Outcome], window_s: float, args: argparse.Namespace
             ) -> dict[str, object]:
     report: dict[str, object] = {}
-    for priority in SLO_S:
+    for priority in PRIORITIES:
         mine = [o for o in outcomes if o.request.priority == priority]
         ttft = [o.ttft_s for o in mine if o.done and o.ttft_s is not None]
         tpot = [o.tpot_s for o in mine if o.tpot_s is not None]
@@ -238,7 +240,7 @@ def summary(outcomes: list[Outcome], window_s: float, args: argparse.Namespace
                             "refused": sum(o.refused for o in mine),
                             # admitted, yet not good: what admission let through too late
                             "late_by_step": late_by_step(mine, args),
-                            "tpot_missed": sum(good(o, tpot=False) and tpot_missed(o)
+                            "tpot_missed": sum(verdict(o) is SloOutcome.TPOT_MISSED
                                                for o in mine),
                             "unfinished": sum(not o.done and not o.refused for o in mine),
                             "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
@@ -302,7 +304,7 @@ def main() -> None:
         steps[("admission", suffix)][-1], steps[(name, suffix)][-1])
         for name in baselines for suffix in JUDGED}  # None: the baseline had no good one
     high_p99 = results["admission"]["high"]["ttft_p99_s"]  # type: ignore[index]
-    high_ok = high_p99 is not None and high_p99 <= SLO_S["high"]
+    high_ok = high_p99 is not None and high_p99 <= QOS.ttft_slo_s.high
     report = {"capacity_rps": round(capacity, 4), "workload": vars(args) | {"json": None},
               **results, "ratio": ratio | peak,
               "goals": {"high_ttft_p99_within_slo": high_ok, "goodput_ratio_min": 3.0},

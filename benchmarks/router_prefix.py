@@ -19,8 +19,8 @@ only the turns since a conversation last visited a worker) and the gap is small;
 does a long shared system prompt (`--system-words`), which both always hit.
 
 Two runs, one after the other, each on a fresh local cluster (`LocalCluster`: nats,
-`--workers` decode workers (2) pinned to the cores in turn, remote prefill off, so every prefill is local
-and lands in the prefix cache, and a router): `balance: kv_aware` (load and cached
+`--workers` decode workers (2) pinned to the cores in turn, remote prefill off, so every
+prefill is local and lands in the prefix cache, and a router): `balance: kv_aware` (load and cached
 prefix, from the workers' KV events) and `balance: round_robin` (the baseline).
 Reported per run: prefix-cache hit rate (cached prompt tokens / prompt tokens, from
 `usage.prompt_tokens_details.cached_tokens`), TTFT p50/p99 (request sent → first

@@ -6,8 +6,8 @@ clients see, HTTP and gRPC (request received → first tokens, a histogram with 
 scrape time, the forwarder's counters (requests, retries, refusals, degradations,
 failures, cancellations), the completed requests by class and SLO outcome (slo.py:
 goodput is the rate of outcome "met"), the requests open and the decode workers
-serving and the size of the prefix index; per decode worker, the admission estimate's state
-(router/admission.py): its line (fixed seconds and seconds a token of work), and by
+serving and the size of the prefix index; per decode worker, the admission estimate's
+state (router/admission.py): its line (fixed seconds and seconds a token of work), and by
 priority class the prompt tokens in flight without a first token and the calibration
 factor, so an operator can see why requests are refused.
 """

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from splitserve.config.router import QosConfig
-from splitserve.priority import DEFAULT_PRIORITY, PRIORITIES
+from splitserve.priority import PRIORITIES, class_rank
 
 
 class SloOutcome(enum.Enum):
@@ -83,7 +83,7 @@ class SloCounters:
     counts: Counter[tuple[str, SloOutcome]] = field(default_factory=Counter)
 
     def add(self, priority: str, outcome: SloOutcome) -> None:
-        self.counts[(priority if priority in PRIORITIES else DEFAULT_PRIORITY, outcome)] += 1
+        self.counts[(PRIORITIES[class_rank(priority)], outcome)] += 1
 
     def rows(self) -> list[tuple[str, SloOutcome, int]]:
         """Every (class, outcome) with its count, zeros included (a scrape sees each
