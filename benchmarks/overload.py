@@ -14,15 +14,20 @@ requests kept in flight (closed loop) for `--capacity-s` seconds after a warm-up
 requests per second the 2 workers complete when saturated. (A single burst measures
 its own ramp-up and tail and underrates the continuous batch by ~2×.)
 
-Three runs (`--admission-only`: the first alone; `--capacity`: a given capacity, not
-measured), each on a fresh local cluster (nats, 2 decode workers pinned to a core
-each, remote prefill off, a router):
+Up to four runs (`--admission-only`: the first alone; `--baselines`: which others;
+`--capacity`: a given capacity, not measured), each on a fresh local cluster (nats, 2
+decode workers pinned to a core each, remote prefill off, a router):
 - `admission`: `qos.admission: true` (the defaults: low refused above an estimated 20 s
-  TTFT, normal above 8 s, high never: each class's SLO) with the priority header;
+  TTFT, normal above 8 s, high never: each class's SLO) with the priority header, and
+  the workers' engines pacing their steps to the TPOT SLOs (`engine.tpot_slo_s`, the
+  defaults: high and normal 0.2 s);
+- `admission_unpaced`: the same with no pacing (`engine.tpot_slo_s` 0 for every class:
+  every step may take `max_num_batched_tokens`, as before 2026-12-07);
 - `admission_off`: `qos.admission: false`, still with the priority header (the engine
-  still orders its queue by priority);
+  still orders its queue by priority and paces its steps);
 - `no_qos`: `qos.admission: false` and no priority header: every request is normal to
-  the server, as before QoS existed (the classes still judge the outcome).
+  the server, as before QoS existed (paced to the normal class's TPOT SLO; the classes
+  still judge the outcome).
 A request is *good* when
 it completes with TTFT and TPOT within its class's SLOs (the router's defaults: high 2 s
 and 0.2 s a token, normal 8 s and 0.2 s, low 20 s and none; TPOT from the stream's
@@ -52,7 +57,7 @@ import openai
 
 from splitserve.config.daemon import ClusterConfig, WorkerConfig
 from splitserve.config.router import QosConfig, RouterConfig
-from splitserve.config.schema import EngineConfig
+from splitserve.config.schema import TPOT_SLO_S, EngineConfig, PerClass
 from splitserve.daemons.ports import cluster_ports
 from splitserve.daemons.up import LocalCluster
 from splitserve.model.loader import default_model_path
@@ -159,20 +164,36 @@ async def measure_capacity(base_url: str, args: argparse.Namespace) -> float:
     return sum(warm_until <= t <= end for t in done_at) / args.capacity_s
 
 
-def cluster_config(state_dir: str, admission: bool) -> ClusterConfig:
-    worker = WorkerConfig(engine=EngineConfig(kv_cache_memory_mb=1024, max_num_seqs=32),
+@dataclass(frozen=True)
+class Mode:
+    admission: bool  # the router's qos.admission
+    send_priority: bool  # the x-priority header (else every request is normal)
+    paced: bool  # the engines' TPOT pacing (engine.tpot_slo_s)
+
+
+MODES = {"admission": Mode(True, True, True),
+         "admission_unpaced": Mode(True, True, False),
+         "admission_off": Mode(False, True, True),
+         "no_qos": Mode(False, False, True)}
+BASELINES = tuple(MODES)[1:]
+
+
+def cluster_config(state_dir: str, mode: Mode) -> ClusterConfig:
+    engine = EngineConfig(kv_cache_memory_mb=1024, max_num_seqs=32,
+                          tpot_slo_s=TPOT_SLO_S if mode.paced else PerClass())
+    worker = WorkerConfig(engine=engine,
                           routing=RoutingConfig(enable_remote_prefill=False),
                           log_level="WARNING")
     return ClusterConfig(
         state_dir=state_dir, **cluster_ports(2), num_decode_workers=2, num_prefill_workers=0,
         worker=worker, pin_cores=True, secure=False, router_settings=RouterConfig(
-            qos=QosConfig(admission=admission), log_level="WARNING"))
+            qos=QosConfig(admission=mode.admission), log_level="WARNING"))
 
 
-def run(admission: bool, send_priority: bool, capacity: float | None,
+def run(mode: Mode, capacity: float | None,
         args: argparse.Namespace) -> tuple[float, list[Outcome]]:
     with tempfile.TemporaryDirectory() as state:
-        local = LocalCluster(cluster_config(state, admission))
+        local = LocalCluster(cluster_config(state, mode))
         try:
             local.start()
             assert local.router is not None
@@ -180,7 +201,7 @@ def run(admission: bool, send_priority: bool, capacity: float | None,
             if capacity is None:
                 capacity = asyncio.run(measure_capacity(url, args))
             return capacity, asyncio.run(drive(url, workload(capacity, args), args,
-                                               send_priority))
+                                               mode.send_priority))
         finally:
             local.stop()
 
@@ -276,14 +297,15 @@ def main() -> None:
     parser.add_argument("--admission-only", action="store_true",
                         help="only the admission run (no baselines, no ratios): for "
                              "pooling many seeds of two commits, alternated")
+    parser.add_argument("--baselines", nargs="+", choices=BASELINES, default=BASELINES)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    capacity, on = run(True, True, args.capacity, args)
+    capacity, on = run(MODES["admission"], args.capacity, args)
     window_s = args.step_s * len(args.steps)
     outcomes = {"admission": on}
-    if not args.admission_only:
-        for name, send_priority in (("admission_off", True), ("no_qos", False)):
-            outcomes[name] = run(False, send_priority, capacity, args)[1]
+    baselines = () if args.admission_only else tuple(args.baselines)
+    for name in baselines:
+        outcomes[name] = run(MODES[name], capacity, args)[1]
     results = {name: summary(mine, window_s, args) for name, mine in outcomes.items()}
     # goodput judged on TTFT and TPOT (""), and on TTFT alone, as before 2026-12-06
     steps = {(name, suffix): per_step(mine, args, tpot)
@@ -295,7 +317,6 @@ def main() -> None:
                   "admission": results["admission"]}
         print(json.dumps(report) if args.json else json.dumps(report, indent=2))
         return
-    baselines = ("admission_off", "no_qos")
     ratio = {f"goodput{suffix}_vs_{name}": _ratio(
         float(results["admission"][f"goodput{suffix}_rps"]),  # type: ignore[arg-type]
         float(results[name][f"goodput{suffix}_rps"]))  # type: ignore[arg-type]
@@ -309,7 +330,7 @@ def main() -> None:
               **results, "ratio": ratio | peak,
               "goals": {"high_ttft_p99_within_slo": high_ok, "goodput_ratio_min": 3.0},
               "goals_met": {name: bool(high_ok and value is not None and value >= 3.0)
-                            for name, value in ratio.items()}}
+                            for name, value in ratio.items() if "unpaced" not in name}}
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))
 
 

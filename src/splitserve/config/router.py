@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Literal
 
 from splitserve.config.schema import (
+    TPOT_SLO_S,
+    TTFT_SLO_S,
     NatsConfig,
+    PerClass,
     check_address,
     check_range,
     from_mapping,
@@ -32,7 +35,6 @@ from splitserve.config.schema import (
 )
 from splitserve.config.security import AuthConfig, NatsAuthConfig, TlsConfig
 from splitserve.errors import ConfigError
-from splitserve.priority import DEFAULT_PRIORITY, PRIORITIES
 
 
 @dataclass(frozen=True)
@@ -59,30 +61,6 @@ class CostWeights:
     active: float = 1.0  # × requests open on it (the router's count, or its queue)
     cached_prefix: float = 10.0  # × the fraction of the prompt's pages it has cached
     recent_prefix: float = 1.0  # × the fraction this router sent it lately
-
-
-@dataclass(frozen=True)
-class PerClass:
-    """Seconds per priority class; 0: none (no limit)."""
-
-    high: float = 0.0
-    normal: float = 0.0
-    low: float = 0.0
-
-    def get(self, priority: str) -> float:
-        return float(getattr(self, priority or DEFAULT_PRIORITY))
-
-    def __post_init__(self) -> None:
-        for name in PRIORITIES:
-            value = getattr(self, name)
-            if not 0 <= value <= 86400:
-                raise ConfigError(name, f"must be in [0, 86400] s, got {value!r}")
-
-
-TTFT_SLO_S = PerClass(high=2.0, normal=8.0, low=20.0)  # the classes' default SLOs
-# time per output token after the first: the interactive classes are promised reading
-# pace (the planner's scaling.tpot_slo_ms, 200 ms); low, the class degraded first, none
-TPOT_SLO_S = PerClass(high=0.2, normal=0.2)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,31 @@ from typing import Any, Literal
 import yaml
 
 from splitserve.errors import ConfigError
+from splitserve.priority import DEFAULT_PRIORITY, PRIORITIES
+
+
+@dataclass(frozen=True)
+class PerClass:
+    """Seconds per priority class; 0: none (no limit)."""
+
+    high: float = 0.0
+    normal: float = 0.0
+    low: float = 0.0
+
+    def get(self, priority: str) -> float:
+        return float(getattr(self, priority or DEFAULT_PRIORITY))
+
+    def __post_init__(self) -> None:
+        for name in PRIORITIES:
+            value = getattr(self, name)
+            if not 0 <= value <= 86400:
+                raise ConfigError(name, f"must be in [0, 86400] s, got {value!r}")
+
+
+TTFT_SLO_S = PerClass(high=2.0, normal=8.0, low=20.0)  # the classes' default SLOs
+# time per output token after the first: the interactive classes are promised reading
+# pace (the planner's scaling.tpot_slo_ms, 200 ms); low, the class degraded first, none
+TPOT_SLO_S = PerClass(high=0.2, normal=0.2)
 
 
 @dataclass(frozen=True)
@@ -41,6 +66,11 @@ class EngineConfig:
     # step, not after the whole long prompt. A rest within 1.5x the cap is taken whole
     # when it fits (no tail left to cost its first token a step). None: no cap.
     max_prefill_chunk_tokens: int | None = 128
+    # The time per output token each class is promised (as the router's qos.tpot_slo_s,
+    # same defaults): while a sequence of a class with one decodes, a step's prompt
+    # chunks are trimmed so that the step keeps it at the pace this engine measured
+    # (engine/pace.py). 0 for every class: every step may take max_num_batched_tokens.
+    tpot_slo_s: PerClass = TPOT_SLO_S
     max_model_len: int | None = None  # None = the model's context length
     enable_prefix_cache: bool = True
     # Fault the KV pool's memory in at start (engine/kv_pool.py `prefault`): in a

@@ -34,7 +34,7 @@ from splitserve.engine.scheduler import ScheduledSequence, Scheduler
 from splitserve.engine.sequence import Sequence
 from splitserve.engine.stats import EngineInfo, EngineStats, StepStats
 from splitserve.model.loader import LoadedModel, load_model
-from splitserve.priority import class_rank
+from splitserve.priority import PRIORITIES, class_rank
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ class Engine:
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs,
                                    config.max_num_batched_tokens,
-                                   config.max_prefill_chunk_tokens)
+                                   config.max_prefill_chunk_tokens,
+                                   [config.tpot_slo_s.get(name) for name in PRIORITIES])
         attention = make_attention(config.attention_backend, self.pool, mc.head_dim**-0.5)
         self.runner = ModelRunner(loaded.model, attention)
         self.remote = RemotePrefills(self.allocator, self.scheduler, self._copy_page)
@@ -257,8 +258,10 @@ class Engine:
         self.scheduler.update(plan.scheduled)
         self.num_steps += 1
         outputs = self._postprocess(plan.scheduled, sampled)
+        duration_s = time.monotonic() - started_s
+        self.scheduler.pace.observe(plan.num_tokens, duration_s)
         self.last_step = StepStats(*work, num_preempted=len(plan.preempted),
-                                   duration_s=time.monotonic() - started_s)
+                                   duration_s=duration_s, token_budget=plan.budget)
         return outputs
 
     def _postprocess(self, scheduled, sampled) -> list[RequestOutput]:  # type: ignore[no-untyped-def]

@@ -25,6 +25,9 @@ under a token budget:
    down, unless the step completes a prompt of that class or a higher one: its first
    token would wait for the extra chunk (a short prompt next to a long one on a CPU
    core: 176 instead of 256 tokens, ~0.3 instead of ~0.45 s).
+While a sequence of a class with a TPOT SLO decodes, the budget is what fits in that
+SLO at the pace the engine measured (engine/pace.py), not `max_num_batched_tokens`:
+its next token does not wait for a full step of prompt chunks.
 When a running sequence needs a page and none is free, the most recently admitted
 running sequence of the lowest priority class is preempted: its pages are freed (full
 ones stay in the prefix cache) and it goes back to the front of its class in the
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from splitserve.engine.chunking import prefill_chunk
+from splitserve.engine.pace import MARGIN, MIN_PREFILL_TOKENS, StepPace
 from splitserve.engine.page_allocator import PageAllocator, page_hashes
 from splitserve.engine.sequence import Sequence, SequenceStatus
 from splitserve.priority import HIGH
@@ -76,6 +80,7 @@ class SchedulerOutput:
     # A sequence was preempted for pages: the pool is full, so admitting more this
     # step would only thrash (a preemption for a place frees one; others may follow).
     short_of_pages: bool = False
+    budget: int = 0  # the step's token budget (less than the most while paced)
 
     @property
     def num_tokens(self) -> int:
@@ -89,12 +94,16 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_prefill_chunk_tokens: int | None = None,
+        tpot_slo_s: Seq[float] = (),
     ) -> None:
+        """`tpot_slo_s`: each class's TPOT SLO by rank (0 or none: no pacing)."""
         self.allocator = allocator
         self.page_size = allocator.page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunk_cap = max_prefill_chunk_tokens or max_num_batched_tokens
+        self.tpot_slo_s = tuple(tpot_slo_s)
+        self.pace = StepPace()  # the engine tells it each step's tokens and duration
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -135,11 +144,11 @@ class Scheduler:
         return bool(lower) and self.allocator.num_free_pages + freeable >= num_pages
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
         # Snapshots in admission order: preemptions below change `self.running`.
         decoding = [s for s in self.running if s.num_uncomputed_tokens <= 1]
         prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        budget = self._paced_budget(decoding)
+        out = SchedulerOutput(budget=budget)
         budget = self._schedule_running(decoding, budget, out)
         for rank in sorted({s.rank for s in self.running} | {s.rank for s in self.waiting}):
             budget = self._schedule_running([s for s in prefilling if s.rank == rank],
@@ -147,6 +156,16 @@ class Scheduler:
             budget = self._admit(rank, budget, out)
             budget = self._top_up(out, budget, rank)
         return out
+
+    def _paced_budget(self, decoding: list[Sequence]) -> int:
+        """The tokens that keep the tightest TPOT SLO among `decoding`'s classes."""
+        slos = [self.tpot_slo_s[s.rank] for s in decoding
+                if s.rank < len(self.tpot_slo_s) and self.tpot_slo_s[s.rank] > 0]
+        fits = self.pace.tokens_within(MARGIN * min(slos)) if slos else None
+        if fits is None:
+            return self.max_num_batched_tokens
+        return min(self.max_num_batched_tokens,
+                   max(fits, len(decoding) + MIN_PREFILL_TOKENS))
 
     def _schedule_running(self, seqs: list[Sequence], budget: int,
                           out: SchedulerOutput) -> int:

@@ -44,6 +44,7 @@ class StepStats:
     num_context_tokens: int = 0  # K/V the decode sequences attended to, summed
     num_preempted: int = 0
     duration_s: float = 0.0
+    token_budget: int = 0  # the most it could take (below the maximum while paced)
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,9 @@ class _StateCollector(Collector):
         yield counter("num_preemptions", "Sequences preempted for lack of pages",
                       e.num_preemptions)
         yield counter("engine_steps", "Engine steps run", e.num_steps)
+        yield gauge("engine_step_token_budget", "Tokens the last step could compute "
+                    "(below max_num_batched_tokens while its prompt chunks were trimmed "
+                    "to keep a decoding class's TPOT SLO)", e.last_step.token_budget)
         yield counter("kv_transfers", "KV writes completed", s.num_transfers)
         yield counter("kv_transfer_failures", "KV writes failed", s.num_transfer_failures)
         if s.role:
