@@ -25,9 +25,8 @@ decode workers pinned to a core each, remote prefill off, a router):
   every step may take `max_num_batched_tokens`, as before 2026-12-07);
 - `admission_off`: `qos.admission: false`, still with the priority header (the engine
   still orders its queue by priority and paces its steps);
-- `no_qos`: `qos.admission: false` and no priority header: every request is normal to
-  the server, as before QoS existed (paced to the normal class's TPOT SLO; the classes
-  still judge the outcome).
+- `no_qos`: `qos.admission: false`, no priority header and no pacing: every request
+  is normal to the server, as before QoS existed (the classes still judge the outcome).
 A request is *good* when
 it completes with TTFT and TPOT within its class's SLOs (the router's defaults: high 2 s
 and 0.2 s a token, normal 8 s and 0.2 s, low 20 s and none; TPOT from the stream's
@@ -174,7 +173,7 @@ class Mode:
 MODES = {"admission": Mode(True, True, True),
          "admission_unpaced": Mode(True, True, False),
          "admission_off": Mode(False, True, True),
-         "no_qos": Mode(False, False, True)}
+         "no_qos": Mode(False, False, False)}
 BASELINES = tuple(MODES)[1:]
 
 
