@@ -22,7 +22,7 @@ decode workers pinned to a core each, remote prefill off, a router):
   the workers' engines pacing their steps to the TPOT SLOs (`engine.tpot_slo_s`, the
   defaults: high and normal 0.2 s);
 - `admission_unpaced`: the same with no pacing (`engine.tpot_slo_s` 0 for every class:
-  every step may take `max_num_batched_tokens`, as before 2026-12-07);
+  every step may take `max_num_batched_tokens`, as before a7c34d1);
 - `admission_off`: `qos.admission: false`, still with the priority header (the engine
   still orders its queue by priority and paces its steps);
 - `no_qos`: `qos.admission: false`, no priority header and no pacing: every request

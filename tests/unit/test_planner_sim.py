@@ -3,6 +3,8 @@ instance, the remote path, conservation, and `--static` parsing."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -58,6 +60,21 @@ def test_long_prompt_is_chunked_and_shares_the_budget() -> None:
     # 300 tokens: steps of 256 (budget, alone: capped 128 then topped up) and 44 tokens
     ttft, _, _ = _run([(0.0, 300, 1)])
     assert ttft == pytest.approx([0.300])
+
+
+def test_tpot_pacing_trims_the_chunks_beside_a_decoding_sequence() -> None:
+    # A promised 100 ms a token, paced at 85: A's prefill 10 ms (first token 0.010); B
+    # (200 tokens) joins at 0.010 beside A's decode (10 ms), so each step takes 75 of
+    # its tokens (85 ms): 0.095, 0.180, then its last 50 (60 ms) with its first token
+    # at 0.240 (unpaced: all 200 in one 210 ms step, 0.220); A's last token 0.250.
+    paced = dataclasses.replace(PROFILE, tpot_slo_ms=100.0)
+    result = simulate(_trace([(0.0, 10, 5), (0.005, 200, 1)]),
+                      SimSettings(LOCAL, paced, static=(0, 1)))
+    ttft, tpot, e2e = latencies(result)
+    assert ttft == pytest.approx([0.010, 0.235])
+    assert tpot == pytest.approx([0.060, 0.0])
+    assert e2e == pytest.approx([0.250, 0.235])
+    assert _run([(0.0, 10, 5), (0.005, 200, 1)])[0] == pytest.approx([0.010, 0.215])
 
 
 def test_remote_prefill_path() -> None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from splitserve.config.schema import EngineConfig
 from splitserve.planner.profile import Profile, profile_to_dict
+from splitserve.priority import DEFAULT_PRIORITY
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def measure(settings: MeasureSettings) -> tuple[Profile, dict[str, object]]:
         max_num_batched_tokens=settings.engine.max_num_batched_tokens,
         max_prefill_chunk_tokens=(settings.engine.max_prefill_chunk_tokens
                                   or settings.engine.max_num_batched_tokens),
-        kv_capacity_tokens=info.num_pages * info.page_size)
+        kv_capacity_tokens=info.num_pages * info.page_size,
+        tpot_slo_ms=1e3 * settings.engine.tpot_slo_s.get(DEFAULT_PRIORITY))
     raw: dict[str, object] = {
         "prefill_ms": {str(k): round(v, 2) for k, v in prefill.items()},
         "decode_step_ms": {f"{b}x{c}": round(v, 2) for (b, c), v in decode.items()},

@@ -59,6 +59,8 @@ class Profile:
     max_num_batched_tokens: int = 256
     max_prefill_chunk_tokens: int = 128
     kv_capacity_tokens: int = 11648
+    # the engine's TPOT pacing (engine.tpot_slo_s of the default class; 0: none)
+    tpot_slo_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.prefill_tokens) != len(self.prefill_ms_points):
@@ -73,7 +75,7 @@ class Profile:
         for name in ("prefill_base_ms", "prefill_ms_per_token", "prefill_ms_per_token_sq",
                      "decode_base_ms", "decode_ms_per_seq", "decode_ms_per_context_token",
                      "remote_overhead_ms", "queue_overhead_ms", "startup_prefill_s",
-                     "startup_decode_s", "role_flip_s"):
+                     "startup_decode_s", "role_flip_s", "tpot_slo_ms"):
             check_range(name, getattr(self, name), 0.0, 1e9)
         check_range("transfer_bytes_per_s", self.transfer_bytes_per_s, 0.0, 1e15, low_open=True)
         check_range("kv_bytes_per_token", self.kv_bytes_per_token, 0, 1 << 40)

@@ -10,8 +10,10 @@ What happens to a request here:
    goes first to one decode token per running sequence, then to the prompts in
    admission order, at most `max_prefill_chunk_tokens` each (a rest within 1.5× that,
    fitting the budget, whole: engine/chunking.py), with budget left over topping the
-   capped chunks up (engine/scheduler.py). The step that computes a prompt's last
-   chunk samples its first token (the TTFT);
+   capped chunks up (engine/scheduler.py); while sequences decode under TPOT pacing
+   (`tpot_slo_ms`), the budget is the largest whose step keeps it (engine/pace.py,
+   with the profile's costs for the engine's fitted line). The step that computes a
+   prompt's last chunk samples its first token (the TTFT);
 4. in decode each step adds one token to every running sequence; the request finishes
    at the end of the step that produces its last token.
 While no prompt is being prefilled the batch is constant between arrivals and finishes,
@@ -33,6 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from splitserve.engine.chunking import prefill_chunk
+from splitserve.engine.pace import MARGIN, MIN_PREFILL_TOKENS
 from splitserve.planner.profile import Profile
 
 INF = math.inf
@@ -242,12 +245,7 @@ class DecodeInstance:
     def _plan(self, now: float) -> None:
         b = len(self.decoding)
         if self.prefilling:
-            self.chunks = self._chunks(self.profile.max_num_batched_tokens - b)
-            dt_ms = sum(self.profile.chunk_ms(s.offset, n) for s, n in self.chunks)
-            if b:
-                dt_ms += self.profile.decode_step_ms(b, self.sum_pk / b + self.step + 1)
-            dt_ms -= self.profile.shared_step_ms(
-                sum(1 for s, _ in self.chunks if s.offset == 0), b)
+            self.chunks, dt_ms = self._mixed_step(b)
             self.phase, self.epoch = Phase.MIXED, (now, self.step, dt_ms / 1e3)
             self.wake_s = now + dt_ms / 1e3
         elif b:
@@ -258,6 +256,33 @@ class DecodeInstance:
             self.wake_s = now + (next_fs - s0) * dt
         else:
             self.phase, self.wake_s = Phase.IDLE, INF
+
+    def _mixed_step(self, b: int) -> tuple[list[tuple[Seq, int]], float]:
+        """The next step's prompt chunks beside `b` decoding sequences, and its ms: the
+        whole budget, or under TPOT pacing while sequences decode the largest budget
+        whose step keeps MARGIN × the SLO (engine/pace.py; at least MIN_PREFILL_TOKENS
+        of prompt)."""
+        most = self.profile.max_num_batched_tokens
+        chunks = self._chunks(most - b)
+        dt_ms = self._step_ms(chunks, b)
+        target_ms = MARGIN * self.profile.tpot_slo_ms
+        if not b or not target_ms or dt_ms <= target_ms:
+            return chunks, dt_ms
+        fits, over = min(most, b + MIN_PREFILL_TOKENS), most  # a step's time grows with it
+        while over - fits > 1:
+            mid = (fits + over) // 2
+            if self._step_ms(self._chunks(mid - b), b) <= target_ms:
+                fits = mid
+            else:
+                over = mid
+        chunks = self._chunks(fits - b)
+        return chunks, self._step_ms(chunks, b)
+
+    def _step_ms(self, chunks: list[tuple[Seq, int]], b: int) -> float:
+        dt_ms = sum(self.profile.chunk_ms(s.offset, n) for s, n in chunks)
+        if b:
+            dt_ms += self.profile.decode_step_ms(b, self.sum_pk / b + self.step + 1)
+        return dt_ms - self.profile.shared_step_ms(sum(1 for s, _ in chunks if s.offset == 0), b)
 
     def _chunks(self, budget: int) -> list[tuple[Seq, int]]:
         cap = self.profile.max_prefill_chunk_tokens
