@@ -87,7 +87,9 @@ def _families(metrics: RequestMetrics) -> dict[str, dict[tuple, float]]:
 def test_events_and_state_reach_the_exposition() -> None:
     engine = replace(EMPTY_STATS, num_running=3, num_waiting=2, num_remote_pending=1,
                      num_pages_used=30, num_pages_free=60, num_pages_quarantined=10,
-                     num_pages_total=100, num_preemptions=4, max_num_seqs=8)
+                     num_pages_total=100, num_preemptions=4, max_num_seqs=8,
+                     last_step=StepStats(num_prefill_tokens=40, num_decode_tokens=3,
+                                         token_budget=45))
     counters = dict.fromkeys(COUNTERS, 0) | {"num_offload_remote": 5, "num_fallbacks": 2}
     metrics = RequestMetrics("tiny", lambda: WorkerState(engine, counters, 7, 11, 1))
     windows = WorkerWindows()
@@ -120,6 +122,7 @@ def test_events_and_state_reach_the_exposition() -> None:
     assert f["splitserve:kv_pages"][(("state", "quarantined"),)] == 10
     assert f["splitserve:remote_queue_depth"][()] == 7
     assert f["splitserve:num_preemptions_total"][()] == 4
+    assert f["splitserve:engine_step_token_budget"][()] == 45  # a paced step (engine/pace.py)
     assert f["splitserve:offload_decisions_remote_total"][()] == 5
     assert f["splitserve:remote_fallbacks_total"][()] == 2
     assert f["splitserve:kv_transfers_total"][()] == 11
