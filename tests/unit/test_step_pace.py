@@ -92,6 +92,25 @@ def test_a_decoding_class_with_a_tpot_slo_trims_the_prompt_chunks(tiny_engine) -
         "short": 1, "long": fits - 1}
 
 
+def test_a_paced_step_still_has_room_for_a_short_prompt_behind_a_long_one(tiny_engine) -> None:
+    """The cap shrinks with the budget (128 of 256 → 30 of 60): the long prompt, already
+    running, leaves the rest to the short one queued behind it."""
+    engine = tiny_engine(max_num_batched_tokens=256, max_prefill_chunk_tokens=128,
+                         tpot_slo_s=PerClass(high=0.2, normal=0.2))
+    engine.add_request("decoding", SHORT, GREEDY, priority="high")
+    engine.add_request("long", LONG, GREEDY, priority="low")
+    engine.step()  # the short prompt whole, the long one's first chunk
+    other = [t + 1 for t in SHORT]  # not in the prefix cache
+    engine.add_request("short", other, GREEDY, priority="low")
+    engine.scheduler.pace = StepPace()
+    linear(engine.scheduler.pace, 0.05, 0.002)  # ~60 tokens in 0.17 s
+    plan = engine.scheduler.schedule()
+    chunks = {s.seq.request_id: s.num_new_tokens for s in plan.scheduled}
+    cap = 128 * plan.budget // 256
+    assert 28 <= cap <= 30
+    assert chunks == {"decoding": 1, "long": cap, "short": len(other)}
+
+
 def test_a_class_without_a_tpot_slo_takes_the_whole_budget(tiny_engine) -> None:
     assert decode_then_long(paced(tiny_engine, 0.05, 0.002), "low") == {
         "short": 1, "long": 255}

@@ -261,9 +261,9 @@ class DecodeInstance:
         """The next step's prompt chunks beside `b` decoding sequences, and its ms: the
         whole budget, or under TPOT pacing while sequences decode the largest budget
         whose step keeps MARGIN × the SLO (engine/pace.py; at least MIN_PREFILL_TOKENS
-        of prompt)."""
+        of prompt), its chunk cap shrunk in proportion."""
         most = self.profile.max_num_batched_tokens
-        chunks = self._chunks(most - b)
+        chunks = self._chunks(most, b)
         dt_ms = self._step_ms(chunks, b)
         target_ms = MARGIN * self.profile.tpot_slo_ms
         if not b or not target_ms or dt_ms <= target_ms:
@@ -271,11 +271,11 @@ class DecodeInstance:
         fits, over = min(most, b + MIN_PREFILL_TOKENS), most  # a step's time grows with it
         while over - fits > 1:
             mid = (fits + over) // 2
-            if self._step_ms(self._chunks(mid - b), b) <= target_ms:
+            if self._step_ms(self._chunks(mid, b), b) <= target_ms:
                 fits = mid
             else:
                 over = mid
-        chunks = self._chunks(fits - b)
+        chunks = self._chunks(fits, b)
         return chunks, self._step_ms(chunks, b)
 
     def _step_ms(self, chunks: list[tuple[Seq, int]], b: int) -> float:
@@ -284,8 +284,12 @@ class DecodeInstance:
             dt_ms += self.profile.decode_step_ms(b, self.sum_pk / b + self.step + 1)
         return dt_ms - self.profile.shared_step_ms(sum(1 for s, _ in chunks if s.offset == 0), b)
 
-    def _chunks(self, budget: int) -> list[tuple[Seq, int]]:
-        cap = self.profile.max_prefill_chunk_tokens
+    def _chunks(self, step_budget: int, b: int) -> list[tuple[Seq, int]]:
+        """Prompt chunks in a step of `step_budget` tokens beside `b` decodes (the cap
+        shrinks with a paced budget, as in engine/scheduler.py)."""
+        most = self.profile.max_num_batched_tokens
+        cap = max(1, min(self.profile.max_prefill_chunk_tokens, most) * step_budget // most)
+        budget = step_budget - b
         chunks: list[tuple[Seq, int]] = []
         for seq in self.prefilling:
             if budget <= 0:
