@@ -72,12 +72,12 @@ def paced(tiny_engine, fixed: float, per_token: float, slo=PerClass(high=0.2, no
 def decode_then_long(engine, priority: str) -> dict[str, int]:
     """A short request decoding, then a long prompt: the tokens of the next step, at
     the pace `engine.pace_as` (not the tiny model's few milliseconds)."""
-    engine.add_request("short", SHORT, GREEDY, priority=priority)
+    short = engine.add_request("short", SHORT, GREEDY, priority=priority)
     engine.step()  # prefilled, first token
     engine.scheduler.pace = StepPace()
     linear(engine.scheduler.pace, *engine.pace_as)
     engine.add_request("long", LONG, GREEDY, priority="low")
-    plan = engine.scheduler.schedule()
+    plan = engine.scheduler.schedule(now=short.first_token_s)  # no time saved yet
     engine.scheduler.update(plan.scheduled)
     return {s.seq.request_id: s.num_new_tokens for s in plan.scheduled}
 
@@ -97,18 +97,36 @@ def test_a_paced_step_still_has_room_for_a_short_prompt_behind_a_long_one(tiny_e
     running, leaves the rest to the short one queued behind it."""
     engine = tiny_engine(max_num_batched_tokens=256, max_prefill_chunk_tokens=128,
                          tpot_slo_s=PerClass(high=0.2, normal=0.2))
-    engine.add_request("decoding", SHORT, GREEDY, priority="high")
+    decoding = engine.add_request("decoding", SHORT, GREEDY, priority="high")
     engine.add_request("long", LONG, GREEDY, priority="low")
     engine.step()  # the short prompt whole, the long one's first chunk
     other = [t + 1 for t in SHORT]  # not in the prefix cache
     engine.add_request("short", other, GREEDY, priority="low")
     engine.scheduler.pace = StepPace()
     linear(engine.scheduler.pace, 0.05, 0.002)  # ~60 tokens in 0.17 s
-    plan = engine.scheduler.schedule()
+    plan = engine.scheduler.schedule(now=decoding.first_token_s)
     chunks = {s.seq.request_id: s.num_new_tokens for s in plan.scheduled}
     cap = 128 * plan.budget // 256
     assert 28 <= cap <= 30
     assert chunks == {"decoding": 1, "long": cap, "short": len(other)}
+
+
+def test_time_saved_in_faster_steps_buys_a_bigger_step_and_time_lost_a_smaller(
+        tiny_engine) -> None:
+    """The budget keeps each sequence's mean time per token since its first within
+    0.85 × its SLO: 10 tokens after the first in 1 s at 0.2 s promised leave 0.87 s."""
+    engine = paced(tiny_engine, 0.05, 0.002)
+    short = engine.add_request("short", SHORT, GREEDY, priority="high")
+    for _ in range(11):
+        engine.step()  # its first token and 10 more
+    engine.scheduler.pace = StepPace()
+    linear(engine.scheduler.pace, 0.05, 0.002)
+    engine.add_request("long", LONG, GREEDY, priority="low")
+    ahead = engine.scheduler.schedule(now=short.first_token_s + 1.0)
+    assert ahead.budget == 256  # (0.85 × 0.2 × 11 - 1.0 - 0.05) / 0.002 > 256
+    engine.scheduler.update(ahead.scheduled)
+    behind = engine.scheduler.schedule(now=short.first_token_s + 3.0)
+    assert behind.budget == 1 + MIN_PREFILL_TOKENS  # 2.04 s allowed, 3 s gone: the floor
 
 
 def test_a_class_without_a_tpot_slo_takes_the_whole_budget(tiny_engine) -> None:

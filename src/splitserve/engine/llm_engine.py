@@ -243,7 +243,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         started_s = time.monotonic()
         self.allocator.release_quarantined(started_s)
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(started_s)
         for preempted in plan.preempted:
             log.info("request %s preempted (%s); it will be recomputed",
                      preempted.seq.request_id, preempted.reason.value)

@@ -25,9 +25,12 @@ under a token budget:
    down, unless the step completes a prompt of that class or a higher one: its first
    token would wait for the extra chunk (a short prompt next to a long one on a CPU
    core: 176 instead of 256 tokens, ~0.3 instead of ~0.45 s).
-While a sequence of a class with a TPOT SLO decodes, the budget is what fits in that
-SLO at the pace the engine measured (engine/pace.py), not `max_num_batched_tokens`:
-its next token does not wait for a full step of prompt chunks. The chunk cap shrinks
+While sequences of a class with a TPOT SLO decode, the budget is what keeps each one's
+mean time per token (after its first, as TPOT is judged) within 0.85 × that SLO at the
+pace the engine measured (engine/pace.py), not `max_num_batched_tokens`: a sequence
+that has just started gets a step of ~0.85 × its SLO; one that has saved time in
+faster steps may spend it on a bigger one (a long prompt's chunk then stalls it for
+a step, within its SLO, instead of slowing each of its tokens for many steps). The chunk cap shrinks
 in proportion, so a long prompt still leaves room for the short ones behind it (with
 the whole cap, a 1-2k-token prompt took all of a ~50-token paced step for ~40 steps:
 `benchmarks/serve_interference.py` colocated, short prompts' TTFT p99 10.4 s).
@@ -147,11 +150,12 @@ class Scheduler:
         freeable = sum(1 for s in lower for p in s.page_ids if self.allocator.ref_count(p) == 1)
         return bool(lower) and self.allocator.num_free_pages + freeable >= num_pages
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
+        """The next step's work; `now` (monotonic, default the clock) paces it."""
         # Snapshots in admission order: preemptions below change `self.running`.
         decoding = [s for s in self.running if s.num_uncomputed_tokens <= 1]
         prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
-        budget = self._paced_budget(decoding)
+        budget = self._paced_budget(decoding, time.monotonic() if now is None else now)
         # a paced step keeps the cap's share of it: a prompt still leaves room behind it
         self.step_cap = max(1, self.chunk_cap * budget // self.max_num_batched_tokens)
         out = SchedulerOutput(budget=budget)
@@ -163,15 +167,25 @@ class Scheduler:
             budget = self._top_up(out, budget, rank)
         return out
 
-    def _paced_budget(self, decoding: list[Sequence]) -> int:
-        """The tokens that keep the tightest TPOT SLO among `decoding`'s classes."""
-        slos = [self.tpot_slo_s[s.rank] for s in decoding
-                if s.rank < len(self.tpot_slo_s) and self.tpot_slo_s[s.rank] > 0]
-        fits = self.pace.tokens_within(MARGIN * min(slos)) if slos else None
+    def _paced_budget(self, decoding: list[Sequence], now: float) -> int:
+        """The tokens of a step that keeps every decoding sequence's mean time per
+        token since its first within MARGIN × its class's TPOT SLO."""
+        allowed = [self._slack_s(s, MARGIN * self.tpot_slo_s[s.rank], now) for s in decoding
+                   if s.rank < len(self.tpot_slo_s) and self.tpot_slo_s[s.rank] > 0]
+        fits = self.pace.tokens_within(max(0.0, min(allowed))) if allowed else None
         if fits is None:
             return self.max_num_batched_tokens
         return min(self.max_num_batched_tokens,
                    max(fits, len(decoding) + MIN_PREFILL_TOKENS))
+
+    @staticmethod
+    def _slack_s(seq: Sequence, target_s: float, now: float) -> float:
+        """How long the next step may take with `seq`'s mean time per token after its
+        first still within `target_s`: what it saved in faster steps, plus one step's
+        worth (only that for a sequence that has just got its first token)."""
+        if seq.first_token_s is None:
+            return target_s
+        return target_s * seq.num_output_tokens - (now - seq.first_token_s)
 
     def _schedule_running(self, seqs: list[Sequence], budget: int,
                           out: SchedulerOutput) -> int:
