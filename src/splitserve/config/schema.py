@@ -67,9 +67,10 @@ class EngineConfig:
     # when it fits (no tail left to cost its first token a step). None: no cap.
     max_prefill_chunk_tokens: int | None = 128
     # The time per output token each class is promised (as the router's qos.tpot_slo_s,
-    # same defaults): while a sequence of a class with one decodes, a step's prompt
-    # chunks are trimmed so that the step keeps it at the pace this engine measured
-    # (engine/pace.py). 0 for every class: every step may take max_num_batched_tokens.
+    # same defaults): while sequences of a class with one decode, a step's prompt chunks
+    # are trimmed so that each one's mean time per token stays within it at the pace
+    # this engine measured (engine/pace.py, engine/scheduler.py). 0 for every class:
+    # every step may take max_num_batched_tokens.
     tpot_slo_s: PerClass = TPOT_SLO_S
     max_model_len: int | None = None  # None = the model's context length
     enable_prefix_cache: bool = True

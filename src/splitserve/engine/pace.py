@@ -8,15 +8,19 @@ decoding sequence plus the prompt chunks beside them (on one CPU core with SmolL
 
     duration ≈ fixed + per_token × tokens
 
-over the last `WINDOW` steps, robustly (`_robust_fit`), and inverts it: `tokens_within(s)` is
-the tokens a step can take in `s` seconds. The scheduler (engine/scheduler.py) asks
-it, while a sequence of a class with a TPOT SLO decodes, for the tokens that fit in
-`MARGIN` × the tightest such SLO, and trims the step's prompt chunks to that (never
-below `MIN_PREFILL_TOKENS`, so prompts progress even when decoding alone is slower).
+over the last `WINDOW` steps, robustly (`_robust_fit`), and inverts it:
+`tokens_within(s)` is the tokens a step can take in `s` seconds. The scheduler
+(engine/scheduler.py) asks it, while sequences of a class with a TPOT SLO decode,
+for the tokens of a step that keeps each one's mean time per token since its first
+within `MARGIN` × its SLO (one just started: a step of `MARGIN` × the SLO; one that
+saved time in faster steps: a bigger one), and trims the step's prompt chunks to
+that (never below `MIN_PREFILL_TOKENS`, so prompts progress even when decoding alone
+is slower).
 
 Before it has seen two step sizes there is no slope to fit: it scales the median pace
-(no fixed cost) instead, which errs towards small steps (a step has a fixed cost). A budget it hands out is a new step size, so the fit gets the
-spread it needs from its own use. Everything here runs on the engine's thread.
+(no fixed cost) instead, which errs towards small steps (a step has a fixed cost). A
+budget it hands out is a new step size, so the fit gets the spread it needs from its
+own use. Everything here runs on the engine's thread.
 """
 
 from __future__ import annotations

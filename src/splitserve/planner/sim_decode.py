@@ -11,9 +11,11 @@ What happens to a request here:
    admission order, at most `max_prefill_chunk_tokens` each (a rest within 1.5× that,
    fitting the budget, whole: engine/chunking.py), with budget left over topping the
    capped chunks up (engine/scheduler.py); while sequences decode under TPOT pacing
-   (`tpot_slo_ms`), the budget is the largest whose step keeps it (engine/pace.py,
-   with the profile's costs for the engine's fitted line). The step that computes a
-   prompt's last chunk samples its first token (the TTFT);
+   (`tpot_slo_ms`), the budget is the largest whose step keeps 0.85 × it (engine/pace.py,
+   with the profile's costs for the engine's fitted line): each step, where the engine
+   lets a sequence that saved time in faster steps take a bigger one (not modelled,
+   so mixed steps here are as small as the engine's smallest). The step that computes
+   a prompt's last chunk samples its first token (the TTFT);
 4. in decode each step adds one token to every running sequence; the request finishes
    at the end of the step that produces its last token.
 While no prompt is being prefilled the batch is constant between arrivals and finishes,
