@@ -12,8 +12,8 @@ over the last `WINDOW` steps, robustly (`_robust_fit`), and inverts it:
 `tokens_within(s)` is the tokens a step can take in `s` seconds. The scheduler
 (engine/scheduler.py) asks it, while sequences of a class with a TPOT SLO decode,
 for the tokens of a step that keeps each one's mean time per token since its first
-within `MARGIN` × its SLO (one just started: a step of `MARGIN` × the SLO; one that
-saved time in faster steps: a bigger one), and trims the step's prompt chunks to
+within `MARGIN` × its SLO (one just started or behind: a step of `MARGIN` × the SLO;
+one that saved time in faster steps: a bigger one), and trims the step's prompt chunks to
 that (never below `MIN_PREFILL_TOKENS`, so prompts progress even when decoding alone
 is slower).
 

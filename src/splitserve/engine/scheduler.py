@@ -28,9 +28,10 @@ under a token budget:
 While sequences of a class with a TPOT SLO decode, the budget is what keeps each one's
 mean time per token (after its first, as TPOT is judged) within 0.85 × that SLO at the
 pace the engine measured (engine/pace.py), not `max_num_batched_tokens`: a sequence
-that has just started gets a step of ~0.85 × its SLO; one that has saved time in
-faster steps may spend it on a bigger one (a long prompt's chunk then stalls it for
-a step, within its SLO, instead of slowing each of its tokens for many steps). The chunk cap shrinks
+that has just started, or is behind, gets a step of ~0.85 × its SLO; one that has
+saved time in faster steps may spend it on a bigger one (a long prompt's chunk then
+stalls it for a step, within its SLO, instead of slowing each of its tokens for many
+steps). The chunk cap shrinks
 in proportion, so a long prompt still leaves room for the short ones behind it (with
 the whole cap, a 1-2k-token prompt took all of a ~50-token paced step for ~40 steps:
 `benchmarks/serve_interference.py` colocated, short prompts' TTFT p99 10.4 s).
@@ -172,7 +173,7 @@ class Scheduler:
         token since its first within MARGIN × its class's TPOT SLO."""
         allowed = [self._slack_s(s, MARGIN * self.tpot_slo_s[s.rank], now) for s in decoding
                    if s.rank < len(self.tpot_slo_s) and self.tpot_slo_s[s.rank] > 0]
-        fits = self.pace.tokens_within(max(0.0, min(allowed))) if allowed else None
+        fits = self.pace.tokens_within(min(allowed)) if allowed else None
         if fits is None:
             return self.max_num_batched_tokens
         return min(self.max_num_batched_tokens,
@@ -180,12 +181,14 @@ class Scheduler:
 
     @staticmethod
     def _slack_s(seq: Sequence, target_s: float, now: float) -> float:
-        """How long the next step may take with `seq`'s mean time per token after its
-        first still within `target_s`: what it saved in faster steps, plus one step's
-        worth (only that for a sequence that has just got its first token)."""
+        """How long the next step may take: `target_s` plus what `seq` saved in faster
+        steps (its mean time per token after its first stays within `target_s`). A
+        sequence behind (preempted, stalled) gets `target_s`, as if just started: it
+        does not hold every step to the floor until it has caught up."""
         if seq.first_token_s is None:
             return target_s
-        return target_s * seq.num_output_tokens - (now - seq.first_token_s)
+        saved = target_s * (seq.num_output_tokens - 1) - (now - seq.first_token_s)
+        return target_s + max(0.0, saved)
 
     def _schedule_running(self, seqs: list[Sequence], budget: int,
                           out: SchedulerOutput) -> int:
