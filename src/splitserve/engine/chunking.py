@@ -13,3 +13,9 @@ def prefill_chunk(rest: int, budget: int, cap: int) -> int:
     if rest <= budget and rest <= cap + cap // 2:
         return rest
     return min(rest, budget, cap)
+
+
+def paced_cap(cap: int, budget: int, most: int) -> int:
+    """A chunk cap for a step of `budget` tokens, out of `most` unpaced: the cap's
+    share of the step, so a paced step still leaves room behind a long prompt."""
+    return max(1, min(cap, most) * budget // most)

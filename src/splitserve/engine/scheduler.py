@@ -31,9 +31,8 @@ pace the engine measured (engine/pace.py), not `max_num_batched_tokens`: a seque
 that has just started, or is behind, gets a step of ~0.85 × its SLO; one that has
 saved time in faster steps may spend it on a bigger one (a long prompt's chunk then
 stalls it for a step, within its SLO, instead of slowing each of its tokens for many
-steps). The chunk cap shrinks
-in proportion, so a long prompt still leaves room for the short ones behind it (with
-the whole cap, a 1-2k-token prompt took all of a ~50-token paced step for ~40 steps:
+steps). The chunk cap shrinks in proportion, so a long prompt still leaves room for
+the short ones behind it (with the whole cap, a 1-2k-token prompt took all of a ~50-token paced step for ~40 steps:
 `benchmarks/serve_interference.py` colocated, short prompts' TTFT p99 10.4 s).
 When a running sequence needs a page and none is free, the most recently admitted
 running sequence of the lowest priority class is preempted: its pages are freed (full
@@ -51,7 +50,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from enum import Enum
 
-from splitserve.engine.chunking import prefill_chunk
+from splitserve.engine.chunking import paced_cap, prefill_chunk
 from splitserve.engine.pace import MARGIN, MIN_PREFILL_TOKENS, StepPace
 from splitserve.engine.page_allocator import PageAllocator, page_hashes
 from splitserve.engine.sequence import Sequence, SequenceStatus
@@ -157,8 +156,7 @@ class Scheduler:
         decoding = [s for s in self.running if s.num_uncomputed_tokens <= 1]
         prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
         budget = self._paced_budget(decoding, time.monotonic() if now is None else now)
-        # a paced step keeps the cap's share of it: a prompt still leaves room behind it
-        self.step_cap = max(1, self.chunk_cap * budget // self.max_num_batched_tokens)
+        self.step_cap = paced_cap(self.chunk_cap, budget, self.max_num_batched_tokens)
         out = SchedulerOutput(budget=budget)
         budget = self._schedule_running(decoding, budget, out)
         for rank in sorted({s.rank for s in self.running} | {s.rank for s in self.waiting}):

@@ -36,7 +36,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from splitserve.engine.chunking import prefill_chunk
+from splitserve.engine.chunking import paced_cap, prefill_chunk
 from splitserve.engine.pace import MARGIN, MIN_PREFILL_TOKENS
 from splitserve.planner.profile import Profile
 
@@ -290,7 +290,7 @@ class DecodeInstance:
         """Prompt chunks in a step of `step_budget` tokens beside `b` decodes (the cap
         shrinks with a paced budget, as in engine/scheduler.py)."""
         most = self.profile.max_num_batched_tokens
-        cap = max(1, min(self.profile.max_prefill_chunk_tokens, most) * step_budget // most)
+        cap = paced_cap(self.profile.max_prefill_chunk_tokens, step_budget, most)
         budget = step_budget - b
         chunks: list[tuple[Seq, int]] = []
         for seq in self.prefilling:
